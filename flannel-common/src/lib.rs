@@ -1,5 +1,147 @@
 //! Types shared by the eBPF programs and the user-space agent.
 //!
 //! Everything here is `#[repr(C)]`, `no_std` and free of padding surprises so both sides agree
-//! on the byte layout of map keys and values.
+//! on the byte layout of map keys and values. IPv4 addresses are `[u8; 4]` in packet (network)
+//! order: the programs compare them with packet bytes directly, and `bpftool map dump` shows
+//! them as readable `[10,244,1,0]`.
 #![no_std]
+
+/// Kernel names of the maps (and file names of their pins in the pin directory).
+pub mod map_names {
+    /// Peer table: subnet network address -> peer public IP ([`crate::PeerKey`] -> [`crate::PeerValue`]).
+    pub const PEERS: &str = "flannel_peers";
+    /// Public IPs of peers -> number of subnets they own ([`crate::SenderKey`] -> [`crate::SenderValue`]).
+    pub const SENDERS: &str = "flannel_senders";
+    /// One [`crate::Config`] at index 0.
+    pub const CONFIG: &str = "flannel_config";
+    /// Per-CPU [`crate::Stats`] at index 0.
+    pub const STATS: &str = "flannel_stats";
+    /// All maps, for pinning and uninstalling.
+    pub const ALL: [&str; 4] = [PEERS, SENDERS, CONFIG, STATS];
+}
+
+/// Kernel names of the programs.
+pub mod prog_names {
+    /// TC egress on the overlay device (`flannel0`): encapsulates.
+    pub const ENCAP: &str = "flannel_encap";
+    /// TC ingress on the external (underlay) device: decapsulates.
+    pub const DECAP: &str = "flannel_decap";
+}
+
+/// Capacity of the peer table (a /16 network split into /24s has 256 subnets; /8 into /24s
+/// has 65536).
+pub const MAX_PEERS: u32 = 65536;
+
+/// Key of the peer table: the network address of a peer's subnet (host bits zero).
+///
+/// All subnets of a flannel network have the same length (`SubnetLen`), so the programs mask
+/// an address with [`Config::subnet_mask`] and do one exact hash lookup: cheaper than an LPM
+/// trie walk, which visits one node per prefix bit that differs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PeerKey {
+    pub subnet: [u8; 4],
+}
+
+/// Value of the peer table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PeerValue {
+    /// The peer's public (underlay) IPv4 address: outer destination on encap, required outer
+    /// source on decap.
+    pub public_ip: [u8; 4],
+}
+
+/// Key of the sender table (only read on the drop path, to tell an unknown sender from a
+/// known peer that sends a source address outside its subnet).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SenderKey {
+    pub public_ip: [u8; 4],
+}
+
+/// Value of the sender table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SenderValue {
+    /// How many peer subnets have this public IP.
+    pub subnets: u32,
+}
+
+/// Data-plane configuration, written by the agent before it attaches the programs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Config {
+    /// Our public (underlay) IPv4 address: outer source on encap, required outer destination
+    /// on decap.
+    pub public_ip: [u8; 4],
+    /// The overlay network address (e.g. 10.244.0.0), for information.
+    pub network: [u8; 4],
+    /// The overlay network mask (e.g. 255.255.0.0), for information.
+    pub network_mask: [u8; 4],
+    /// Mask of one subnet (e.g. 255.255.255.0 for SubnetLen 24): the peer table key is
+    /// `address & subnet_mask`.
+    pub subnet_mask: [u8; 4],
+    /// The external (underlay) device encapsulated packets leave through.
+    pub ext_ifindex: u32,
+    /// Decapsulated packets are redirected to the ingress of this device (the overlay TUN),
+    /// so the host sees them arrive on `flannel0` exactly as with upstream's TUN proxy and
+    /// strict rp_filter holds. 0: hand them to the stack on the external device instead
+    /// (TC_ACT_OK; needs rp_filter 0 or 2 there).
+    pub decap_ifindex: u32,
+    /// UDP port, host byte order; both source and destination port of the outer header.
+    pub port: u16,
+    /// Non-zero once the agent has written this entry; programs pass/drop until then.
+    pub ready: u16,
+}
+
+/// Counters, one copy per CPU (the agent sums them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Stats {
+    /// Packets (GSO super-packets count once) and inner-packet bytes encapsulated.
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    /// Packets and inner-packet bytes decapsulated and delivered.
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    /// Encap: no peer owns the destination subnet.
+    pub drop_no_peer: u64,
+    /// Encap: a non-IPv4 packet on the overlay device.
+    pub drop_not_ipv4: u64,
+    /// Bad headers: encap input too short or not a valid IPv4 header; decap (our IP and port)
+    /// with truncated/inconsistent outer or inner headers, or an outer fragment.
+    pub drop_malformed: u64,
+    /// Decap: outer source is not a peer's public IP.
+    pub drop_unknown_sender: u64,
+    /// Decap: outer source is a peer, but the inner source is not in that peer's subnet.
+    pub drop_spoofed_source: u64,
+    /// Encap: inner TTL would reach 0 (upstream's proxy drops those silently too).
+    pub drop_ttl_exceeded: u64,
+    /// A kernel helper failed (resizing the packet or redirecting it).
+    pub drop_helper_error: u64,
+    /// Either program ran before the agent wrote the configuration.
+    pub drop_not_configured: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)], Copy, and made of integers with no padding.
+    unsafe impl aya::Pod for super::PeerKey {}
+    unsafe impl aya::Pod for super::PeerValue {}
+    unsafe impl aya::Pod for super::SenderKey {}
+    unsafe impl aya::Pod for super::SenderValue {}
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::Stats {}
+}
+
+// The layouts are part of the pinned-map ABI: a change must be deliberate (the loader
+// recreates pinned maps whose sizes differ).
+const _: () = {
+    assert!(core::mem::size_of::<PeerKey>() == 4);
+    assert!(core::mem::size_of::<PeerValue>() == 4);
+    assert!(core::mem::size_of::<SenderKey>() == 4);
+    assert!(core::mem::size_of::<SenderValue>() == 4);
+    assert!(core::mem::size_of::<Config>() == 28);
+    assert!(core::mem::size_of::<Stats>() == 12 * 8);
+};
