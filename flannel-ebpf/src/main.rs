@@ -28,9 +28,7 @@ use aya_ebpf::{
     macros::{btf_map, classifier},
     programs::TcContext,
 };
-use flannel_common::{
-    Config, PeerKey, PeerValue, SenderKey, SenderValue, Stats, MAX_PEERS,
-};
+use flannel_common::{Config, PeerKey, PeerValue, SenderKey, SenderValue, Stats, MAX_PEERS};
 
 #[btf_map(name = "flannel_peers")]
 static PEERS: HashMap<PeerKey, PeerValue, { MAX_PEERS as usize }> = HashMap::new();
