@@ -1,0 +1,11 @@
+//! flanneld: the overlay-network agent, as a library so tests and tools can reuse its parts.
+
+pub mod backend;
+pub mod cli;
+pub mod config;
+pub mod health;
+pub mod iface;
+pub mod lease;
+pub mod notify;
+pub mod subnet;
+pub mod subnet_env;

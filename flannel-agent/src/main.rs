@@ -1,1 +1,328 @@
-fn main() {}
+//! flanneld: acquires this host's subnet lease in etcd, runs the configured backend, follows
+//! peer leases and keeps subnet.env up to date.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use flannel_agent::backend::{AnyBackend, Backend, BackendOptions};
+use flannel_agent::cli::Flags;
+use flannel_agent::config::NetworkConfig;
+use flannel_agent::health::{self, AgentState};
+use flannel_agent::iface::{lookup_external_interface, IfaceSelector};
+use flannel_agent::lease::Lease;
+use flannel_agent::notify;
+use flannel_agent::subnet::manager::RenewOutcome;
+use flannel_agent::subnet::registry::EtcdSettings;
+use flannel_agent::subnet::{EtcdRegistry, LeaseManager, PeerEvent, PeerWatcher, WatchUpdate};
+use flannel_agent::subnet_env::{PreviousSubnetEnv, SubnetEnv};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
+
+const RESYNC_INTERVAL: Duration = Duration::from_secs(10);
+const RETRY_MIN: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+fn main() -> ExitCode {
+    let flags = match Flags::parse_go_style(std::env::args()) {
+        Ok(f) => f,
+        Err(e) => e.exit(),
+    };
+    init_logging(flags.verbosity);
+    if flags.kube_subnet_mgr {
+        log::error!(
+            "--kube-subnet-mgr is not supported by this flanneld: it manages subnets in etcd only"
+        );
+        return ExitCode::from(1);
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            log::error!("starting the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = rt.block_on(run(flags));
+    // Never wait for stuck background work on the way out: exit within a second.
+    rt.shutdown_timeout(Duration::from_millis(300));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_logging(verbosity: u8) {
+    let default = match verbosity {
+        0 => "info",
+        1..=3 => "debug",
+        _ => "trace",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default))
+        .format_timestamp_millis()
+        .init();
+}
+
+async fn run(flags: Flags) -> anyhow::Result<()> {
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    tokio::select! {
+        r = agent(flags) => r,
+        _ = sigterm.recv() => { log::info!("SIGTERM: exiting"); notify::stopping(); Ok(()) }
+        _ = sigint.recv() => { log::info!("SIGINT: exiting"); notify::stopping(); Ok(()) }
+    }
+}
+
+/// Retry `op` with capped exponential backoff until it succeeds (etcd may not be up yet).
+async fn with_retry<T, E: std::fmt::Display, F, Fut>(what: &str, mut op: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let mut delay = RETRY_MIN;
+    loop {
+        match op().await {
+            Ok(v) => return v,
+            Err(e) => {
+                log::warn!("{what}: {e}; retrying in {delay:?}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(RETRY_MAX);
+            }
+        }
+    }
+}
+
+/// The network config; waits (log once, then watch) while it does not exist yet.
+async fn wait_for_config(registry: &EtcdRegistry) -> anyhow::Result<NetworkConfig> {
+    let mut logged = false;
+    loop {
+        let (config, revision) = match registry.get_config().await {
+            Ok(r) => r,
+            Err(e @ flannel_agent::subnet::RegistryError::Config { .. }) => return Err(e.into()),
+            Err(e) => {
+                log::warn!("reading network config: {e}; retrying");
+                tokio::time::sleep(RETRY_MAX).await;
+                continue;
+            }
+        };
+        if let Some(c) = config {
+            return Ok(c);
+        }
+        if !logged {
+            log::info!("waiting for the network config at {}", registry.config_key());
+            logged = true;
+        }
+        // Block until the key changes (or the watch breaks), then read again.
+        if let Ok(mut stream) = registry.watch_config(revision + 1).await {
+            let _ = stream.message().await;
+        } else {
+            tokio::time::sleep(RETRY_MAX).await;
+        }
+    }
+}
+
+async fn agent(flags: Flags) -> anyhow::Result<()> {
+    let state = Arc::new(AgentState::default());
+    if flags.healthz_port != 0 {
+        let addr = SocketAddr::new(flags.healthz_ip, flags.healthz_port);
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening on --healthz-ip/--healthz-port {addr}"))?;
+        tokio::spawn(health::serve(listener, state.clone()));
+    }
+
+    let settings = EtcdSettings {
+        endpoints: flags.etcd_endpoint_list(),
+        prefix: flags.etcd_prefix.clone(),
+        keyfile: flags.etcd_keyfile.clone(),
+        certfile: flags.etcd_certfile.clone(),
+        cafile: flags.etcd_cafile.clone(),
+        username: flags.etcd_username.clone(),
+        password: flags.etcd_password.clone(),
+    };
+    let registry = with_retry("connecting to etcd", || EtcdRegistry::connect(&settings)).await;
+    let config = wait_for_config(&registry).await?;
+    if config.enable_ipv6 {
+        bail!("EnableIPv6 is set in the network config, but this flanneld supports IPv4 only");
+    }
+    log::info!(
+        "network {} subnets /{} from {} to {}, backend {}",
+        config.network,
+        config.subnet_len,
+        config.subnet_min,
+        config.subnet_max,
+        config.backend.backend_type
+    );
+
+    let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
+    tokio::spawn(conn);
+    let selector = IfaceSelector {
+        ifaces: flags.iface.clone(),
+        regexes: flags.iface_regex.clone(),
+        can_reach: flags.iface_can_reach,
+        public_ip: flags.public_ip,
+    };
+    let ext = lookup_external_interface(&handle, &selector)
+        .await
+        .context("finding the external interface")?;
+    log::info!(
+        "using interface {} (index {}, mtu {}), address {}, public address {}",
+        ext.name,
+        ext.index,
+        ext.mtu,
+        ext.iface_addr,
+        ext.ext_addr
+    );
+
+    let opts = BackendOptions {
+        udp_dataplane: flags.udp_dataplane,
+        bpf_pin_dir: flags.bpf_pin_dir.clone(),
+    };
+    let mut backend = AnyBackend::new(&config, &ext, &opts)?;
+    let manager = LeaseManager::new(
+        registry.clone(),
+        config.clone(),
+        backend.lease_attrs(ext.ext_addr),
+        flags.subnet_lease_ttl,
+        Duration::from_secs(u64::from(flags.subnet_lease_renew_margin) * 60),
+    );
+    let previous = PreviousSubnetEnv::read(&flags.subnet_file);
+    let mut own = with_retry("acquiring a subnet lease", || async {
+        match manager.acquire(previous.subnet).await {
+            Err(e @ flannel_agent::subnet::manager::ManagerError::NoFreeSubnet { .. }) => {
+                Ok(Err(e))
+            }
+            Err(e) => Err(e),
+            Ok(l) => Ok(Ok(l)),
+        }
+    })
+    .await?;
+    log::info!("lease acquired: {}", own.subnet());
+    *state.own.write().unwrap_or_else(|e| e.into_inner()) = Some(own.clone());
+
+    backend
+        .start(&own, &config)
+        .await
+        .with_context(|| format!("starting the {} backend", backend.name()))?;
+    let env = SubnetEnv {
+        network: config.network,
+        subnet: own.subnet(),
+        mtu: backend.mtu(),
+        ip_masq: flags.ip_masq,
+    };
+    env.write(&flags.subnet_file)
+        .with_context(|| format!("writing {}", flags.subnet_file.display()))?;
+
+    let (tx, mut rx) = mpsc::channel(64);
+    let watcher = PeerWatcher::new(registry.clone(), own.key, state.watch.clone());
+    tokio::spawn(watcher.run(tx));
+
+    let mut renew_at = tokio::time::Instant::now() + manager.renew_interval();
+    let mut resync = tokio::time::interval(RESYNC_INTERVAL);
+    let mut announced = false;
+    loop {
+        tokio::select! {
+            update = rx.recv() => {
+                let Some(update) = update else { bail!("lease watch ended") };
+                match update {
+                    WatchUpdate::Peers(events) => {
+                        apply_peer_events(&mut backend, &state, &events).await;
+                        if !announced {
+                            announced = true;
+                            state.ready.store(true, Ordering::Relaxed);
+                            notify::ready();
+                            log::info!("running: subnet {}, {} peers", own.subnet(), state.peers.read().map(|p| p.len()).unwrap_or(0));
+                        }
+                    }
+                    WatchUpdate::OwnKey(None) => {
+                        own = handle_own_key_gone(&manager, &registry, &own).await?;
+                    }
+                    WatchUpdate::OwnKey(Some(current)) => {
+                        if current.attrs.public_ip != own.attrs.public_ip {
+                            bail!("our subnet {} is now leased to {}: exiting rather than using it", own.subnet(), current.attrs.public_ip);
+                        }
+                        own = current;
+                    }
+                }
+                *state.own.write().unwrap_or_else(|e| e.into_inner()) = Some(own.clone());
+            }
+            _ = tokio::time::sleep_until(renew_at) => {
+                renew_at = tokio::time::Instant::now() + match manager.renew(&own).await {
+                    Ok(RenewOutcome::Renewed) => manager.renew_interval(),
+                    Ok(RenewOutcome::Lost) => {
+                        log::warn!("our etcd lease for {} expired", own.subnet());
+                        own = manager.reclaim(&own).await?;
+                        manager.renew_interval()
+                    }
+                    Err(e) => {
+                        log::warn!("renewing lease {}: {e}; retrying", own.subnet());
+                        Duration::from_secs(1)
+                    }
+                };
+            }
+            _ = resync.tick() => {
+                if let Err(e) = backend.resync().await {
+                    log::warn!("backend resync: {e:#}");
+                }
+            }
+        }
+    }
+}
+
+/// Our key is gone. Deleted by hand while our etcd lease lives: the operator wants us off it,
+/// so exit as upstream does (a restart acquires afresh). Expired: put it back if still free.
+async fn handle_own_key_gone(
+    manager: &LeaseManager,
+    registry: &EtcdRegistry,
+    own: &Lease,
+) -> anyhow::Result<Lease> {
+    if !own.is_reservation() && registry.keep_alive_once(own.etcd_lease).await.unwrap_or(0) > 0 {
+        if let Err(e) = manager.release(own).await {
+            log::warn!("revoking our etcd lease: {e}");
+        }
+        bail!(
+            "our subnet lease {} was deleted from etcd: exiting so that a restart acquires a lease afresh",
+            own.subnet()
+        );
+    }
+    Ok(manager.reclaim(own).await?)
+}
+
+async fn apply_peer_events(backend: &mut AnyBackend, state: &AgentState, events: &[PeerEvent]) {
+    for ev in events {
+        match ev {
+            PeerEvent::Added(l) => log::info!(
+                "peer {} at {} {}",
+                l.subnet(),
+                l.attrs.public_ip,
+                if l.is_reservation() { "(reservation)" } else { "" }
+            ),
+            PeerEvent::Removed(l) => log::info!("peer {} at {} removed", l.subnet(), l.attrs.public_ip),
+        }
+    }
+    // The backend logs and counts its own failures; the view follows etcd regardless, and the
+    // periodic resync repairs what could not be applied.
+    if let Err(e) = backend.handle_events(events).await {
+        log::warn!("applying peer changes: {e:#}");
+    }
+    let mut peers = state.peers.write().unwrap_or_else(|e| e.into_inner());
+    for ev in events {
+        match ev {
+            PeerEvent::Added(l) => {
+                peers.insert(l.subnet(), l.clone());
+            }
+            PeerEvent::Removed(l) => {
+                peers.remove(&l.subnet());
+            }
+        }
+    }
+}

@@ -36,3 +36,77 @@ pub trait UdpDataplane: Send {
     fn sync_peers(&mut self, peers: &BTreeMap<Ipv4Network, Ipv4Addr>) -> anyhow::Result<()>;
     fn stats(&self) -> anyhow::Result<DataplaneStats>;
 }
+
+/// Default udp port, as upstream.
+pub const DEFAULT_PORT: u16 = 8285;
+/// Outer IPv4 (20) + UDP (8) headers.
+pub const ENCAP_OVERHEAD: u32 = 28;
+
+pub struct UdpBackend {
+    port: u16,
+    ext: crate::iface::ExternalInterface,
+    opts: super::BackendOptions,
+    dataplane: Option<Box<dyn UdpDataplane>>,
+}
+
+impl UdpBackend {
+    pub fn new(
+        cfg: &crate::config::BackendConfig,
+        ext: &crate::iface::ExternalInterface,
+        opts: &super::BackendOptions,
+    ) -> Result<Self, super::BackendError> {
+        let port = match cfg.get("Port") {
+            None => DEFAULT_PORT,
+            Some(v) => match v.as_u64() {
+                Some(0) => DEFAULT_PORT,
+                Some(p) if p <= u64::from(u16::MAX) => p as u16,
+                _ => {
+                    return Err(super::BackendError::BadOption {
+                        backend: "udp",
+                        option: "Port",
+                        message: format!("{v} is not a port number"),
+                    })
+                }
+            },
+        };
+        Ok(UdpBackend {
+            port,
+            ext: ext.clone(),
+            opts: opts.clone(),
+            dataplane: None,
+        })
+    }
+}
+
+impl super::Backend for UdpBackend {
+    fn lease_attrs(&self, public_ip: Ipv4Addr) -> crate::lease::LeaseAttrs {
+        // Upstream's udp backend never sets BackendType.
+        crate::lease::LeaseAttrs::new(public_ip)
+    }
+    fn mtu(&self) -> u32 {
+        self.ext.mtu.saturating_sub(ENCAP_OVERHEAD)
+    }
+    async fn start(
+        &mut self,
+        _own: &crate::lease::Lease,
+        _config: &crate::config::NetworkConfig,
+    ) -> anyhow::Result<()> {
+        let _ = (&self.port, &self.opts);
+        anyhow::bail!("udp data plane not wired yet")
+    }
+    async fn handle_events(&mut self, events: &[crate::subnet::PeerEvent]) -> anyhow::Result<()> {
+        let Some(dp) = self.dataplane.as_mut() else {
+            return Ok(());
+        };
+        for ev in events {
+            match ev {
+                crate::subnet::PeerEvent::Added(l) => dp.set_peer(l.subnet(), l.attrs.public_ip)?,
+                crate::subnet::PeerEvent::Removed(l) => dp.remove_peer(l.subnet())?,
+            }
+        }
+        Ok(())
+    }
+    fn stats(&self) -> Option<DataplaneStats> {
+        self.dataplane.as_ref().and_then(|d| d.stats().ok())
+    }
+}

@@ -1,0 +1,32 @@
+//! The `alloc` backend: leases only, no data path (upstream's, for external routing setups).
+
+use super::Backend;
+use crate::config::NetworkConfig;
+use crate::iface::ExternalInterface;
+use crate::lease::{Lease, LeaseAttrs};
+use crate::subnet::PeerEvent;
+
+pub struct AllocBackend {
+    mtu: u32,
+}
+
+impl AllocBackend {
+    pub fn new(ext: &ExternalInterface) -> Self {
+        AllocBackend { mtu: ext.mtu }
+    }
+}
+
+impl Backend for AllocBackend {
+    fn lease_attrs(&self, public_ip: std::net::Ipv4Addr) -> LeaseAttrs {
+        LeaseAttrs::new(public_ip)
+    }
+    fn mtu(&self) -> u32 {
+        self.mtu
+    }
+    async fn start(&mut self, _own: &Lease, _config: &NetworkConfig) -> anyhow::Result<()> {
+        Ok(())
+    }
+    async fn handle_events(&mut self, _events: &[PeerEvent]) -> anyhow::Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,112 @@
+//! Backends behind one trait, as in flannel: each publishes its lease attributes, sets up its
+//! devices once our lease is known, and follows peer lease events.
+
+use crate::config::NetworkConfig;
+use crate::iface::ExternalInterface;
+use crate::lease::{Lease, LeaseAttrs};
+use crate::subnet::PeerEvent;
+
+pub mod alloc;
+pub mod udp;
+
+pub use udp::DataplaneStats;
+
+/// Settings from flags that backends need.
+#[derive(Debug, Clone)]
+pub struct BackendOptions {
+    pub udp_dataplane: crate::cli::UdpDataplaneKind,
+    pub bpf_pin_dir: std::path::PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("unknown backend type {0:?} (supported: udp, alloc)")]
+    Unknown(String),
+    #[error("backend {backend}: option {option}: {message}")]
+    BadOption {
+        backend: &'static str,
+        option: &'static str,
+        message: String,
+    },
+}
+
+#[allow(async_fn_in_trait)]
+pub trait Backend {
+    /// What goes into our lease (BackendType, BackendData) for `public_ip`.
+    fn lease_attrs(&self, public_ip: std::net::Ipv4Addr) -> LeaseAttrs;
+    /// FLANNEL_MTU for subnet.env.
+    fn mtu(&self) -> u32;
+    /// Set up devices and routes once our lease is known.
+    async fn start(&mut self, own: &Lease, config: &NetworkConfig) -> anyhow::Result<()>;
+    /// Follow peer lease changes.
+    async fn handle_events(&mut self, events: &[PeerEvent]) -> anyhow::Result<()>;
+    /// Periodic repair of what the backend installed (devices, routes).
+    async fn resync(&mut self) -> anyhow::Result<()> {
+        Ok(())
+    }
+    /// Data-plane counters, where the backend has a data plane of its own.
+    fn stats(&self) -> Option<DataplaneStats> {
+        None
+    }
+}
+
+/// The configured backend (enum dispatch: async trait methods are not object safe).
+pub enum AnyBackend {
+    Alloc(alloc::AllocBackend),
+    Udp(Box<udp::UdpBackend>),
+}
+
+impl AnyBackend {
+    pub fn new(
+        config: &NetworkConfig,
+        ext: &ExternalInterface,
+        opts: &BackendOptions,
+    ) -> Result<Self, BackendError> {
+        match config.backend.backend_type.as_str() {
+            "alloc" => Ok(AnyBackend::Alloc(alloc::AllocBackend::new(ext))),
+            "udp" => Ok(AnyBackend::Udp(Box::new(udp::UdpBackend::new(
+                &config.backend,
+                ext,
+                opts,
+            )?))),
+            other => Err(BackendError::Unknown(other.to_owned())),
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            AnyBackend::Alloc(_) => "alloc",
+            AnyBackend::Udp(_) => "udp",
+        }
+    }
+}
+
+macro_rules! dispatch {
+    ($self:ident, $b:ident => $e:expr) => {
+        match $self {
+            AnyBackend::Alloc($b) => $e,
+            AnyBackend::Udp($b) => $e,
+        }
+    };
+}
+
+impl Backend for AnyBackend {
+    fn lease_attrs(&self, public_ip: std::net::Ipv4Addr) -> LeaseAttrs {
+        dispatch!(self, b => b.lease_attrs(public_ip))
+    }
+    fn mtu(&self) -> u32 {
+        dispatch!(self, b => b.mtu())
+    }
+    async fn start(&mut self, own: &Lease, config: &NetworkConfig) -> anyhow::Result<()> {
+        dispatch!(self, b => b.start(own, config).await)
+    }
+    async fn handle_events(&mut self, events: &[PeerEvent]) -> anyhow::Result<()> {
+        dispatch!(self, b => b.handle_events(events).await)
+    }
+    async fn resync(&mut self) -> anyhow::Result<()> {
+        dispatch!(self, b => b.resync().await)
+    }
+    fn stats(&self) -> Option<DataplaneStats> {
+        dispatch!(self, b => b.stats())
+    }
+}

@@ -1,0 +1,137 @@
+//! Choosing a subnet, as upstream does: our own lease (by PublicIP), then the subnet of the
+//! previous subnet.env if free, then a random free one among the first 100 free.
+
+use std::collections::HashSet;
+use std::net::Ipv4Addr;
+
+use ipnetwork::Ipv4Network;
+use rand::seq::SliceRandom;
+use rand::Rng;
+
+use crate::config::NetworkConfig;
+use crate::lease::Lease;
+
+/// How many free subnets the random pick chooses among (upstream's number).
+const RANDOM_POOL: usize = 100;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Choice {
+    /// A key in etcd that already names our PublicIP (a lease of ours, or a reservation).
+    Existing(Lease),
+    /// A subnet nobody holds: create it.
+    Free(Ipv4Network),
+}
+
+/// Does `lease` belong to us and fit the current config?
+fn is_ours(config: &NetworkConfig, lease: &Lease, public_ip: Ipv4Addr) -> bool {
+    lease.attrs.public_ip == public_ip
+        && lease.subnet().prefix() == config.subnet_len
+        && config.network.contains(lease.subnet().network())
+}
+
+pub fn choose(
+    config: &NetworkConfig,
+    leases: &[Lease],
+    public_ip: Ipv4Addr,
+    previous: Option<Ipv4Network>,
+    rng: &mut impl Rng,
+) -> Option<Choice> {
+    // A reservation for us beats a dynamic lease of ours.
+    let mut ours: Vec<&Lease> = leases.iter().filter(|l| is_ours(config, l, public_ip)).collect();
+    ours.sort_by_key(|l| (!l.is_reservation(), l.subnet()));
+    if let Some(l) = ours.first() {
+        return Some(Choice::Existing((*l).clone()));
+    }
+
+    // Every key in etcd (leases and reservations, any owner) is taken.
+    let taken: HashSet<Ipv4Network> = leases.iter().map(|l| l.subnet()).collect();
+    if let Some(prev) = previous {
+        if config.contains_subnet(prev) && !taken.contains(&prev) {
+            return Some(Choice::Free(prev));
+        }
+    }
+
+    let mut pool = Vec::with_capacity(RANDOM_POOL);
+    let mut i = 0;
+    while pool.len() < RANDOM_POOL {
+        let Some(subnet) = config.nth_subnet(i) else {
+            break;
+        };
+        if !taken.contains(&subnet) {
+            pool.push(subnet);
+        }
+        i += 1;
+    }
+    pool.choose(rng).copied().map(Choice::Free)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lease::{LeaseAttrs, SubnetKey};
+
+    fn config() -> NetworkConfig {
+        NetworkConfig::parse(br#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.1.0","SubnetMax":"10.244.3.0"}"#).unwrap()
+    }
+
+    fn lease(subnet: &str, ip: &str, etcd_lease: i64) -> Lease {
+        Lease {
+            key: SubnetKey::new(subnet.parse().unwrap()),
+            attrs: LeaseAttrs::new(ip.parse().unwrap()),
+            etcd_lease,
+            mod_revision: 1,
+        }
+    }
+
+    #[test]
+    fn own_lease_then_previous_then_random_free() {
+        let mut rng = rand::thread_rng();
+        let me: Ipv4Addr = "192.0.2.10".parse().unwrap();
+        let leases = vec![lease("10.244.1.0/24", "192.0.2.11", 5), lease("10.244.2.0/24", "192.0.2.10", 6)];
+        assert_eq!(
+            choose(&config(), &leases, me, None, &mut rng),
+            Some(Choice::Existing(leases[1].clone()))
+        );
+        let others = vec![lease("10.244.1.0/24", "192.0.2.11", 5)];
+        assert_eq!(
+            choose(&config(), &others, me, Some("10.244.3.0/24".parse().unwrap()), &mut rng),
+            Some(Choice::Free("10.244.3.0/24".parse().unwrap()))
+        );
+        // previous subnet taken by someone else: pick a free one.
+        for _ in 0..20 {
+            let c = choose(&config(), &others, me, Some("10.244.1.0/24".parse().unwrap()), &mut rng);
+            assert!(matches!(c, Some(Choice::Free(n)) if n != "10.244.1.0/24".parse().unwrap()));
+        }
+    }
+
+    #[test]
+    fn reservations_are_never_handed_out_and_win_for_their_owner() {
+        let mut rng = rand::thread_rng();
+        let leases = vec![
+            lease("10.244.1.0/24", "192.0.2.50", 0),
+            lease("10.244.2.0/24", "192.0.2.51", 0),
+        ];
+        for _ in 0..20 {
+            assert_eq!(
+                choose(&config(), &leases, "192.0.2.10".parse().unwrap(), Some("10.244.1.0/24".parse().unwrap()), &mut rng),
+                Some(Choice::Free("10.244.3.0/24".parse().unwrap()))
+            );
+        }
+        let mut with_dynamic = leases.clone();
+        with_dynamic.push(lease("10.244.3.0/24", "192.0.2.51", 9));
+        assert_eq!(
+            choose(&config(), &with_dynamic, "192.0.2.51".parse().unwrap(), None, &mut rng),
+            Some(Choice::Existing(leases[1].clone()))
+        );
+    }
+
+    #[test]
+    fn full_network_gives_none() {
+        let leases = vec![
+            lease("10.244.1.0/24", "192.0.2.1", 1),
+            lease("10.244.2.0/24", "192.0.2.2", 1),
+            lease("10.244.3.0/24", "192.0.2.3", 1),
+        ];
+        assert_eq!(choose(&config(), &leases, "192.0.2.9".parse().unwrap(), None, &mut rand::thread_rng()), None);
+    }
+}

@@ -1,0 +1,121 @@
+//! `subnet.env`, the file the flannel CNI plugin reads: written atomically in upstream's format.
+
+use std::fs;
+use std::io::{self, Write};
+use std::net::Ipv4Addr;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::Path;
+
+use ipnetwork::Ipv4Network;
+
+/// What a previous run left in subnet.env (both fields optional: the file may be partial).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PreviousSubnetEnv {
+    pub network: Option<Ipv4Network>,
+    pub subnet: Option<Ipv4Network>,
+}
+
+/// Contents to write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubnetEnv {
+    pub network: Ipv4Network,
+    pub subnet: Ipv4Network,
+    pub mtu: u32,
+    pub ip_masq: bool,
+}
+
+impl SubnetEnv {
+    pub fn render(&self) -> String {
+        // FLANNEL_SUBNET is the subnet's first host address with the subnet length.
+        let first_host = Ipv4Addr::from(u32::from(self.subnet.network()).wrapping_add(1));
+        format!(
+            "FLANNEL_NETWORK={}\nFLANNEL_SUBNET={}/{}\nFLANNEL_MTU={}\nFLANNEL_IPMASQ={}\n",
+            self.network,
+            first_host,
+            self.subnet.prefix(),
+            self.mtu,
+            self.ip_masq
+        )
+    }
+
+    /// Write via a temporary file and rename, so readers never see half a file.
+    pub fn write(&self, path: &Path) -> io::Result<()> {
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        fs::DirBuilder::new().recursive(true).mode(0o755).create(dir)?;
+        let name = path
+            .file_name()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "subnet file has no name"))?;
+        let tmp = dir.join(format!(".{}", name.to_string_lossy()));
+        {
+            let mut f = fs::File::create(&tmp)?;
+            f.write_all(self.render().as_bytes())?;
+            f.sync_all()?;
+        }
+        fs::rename(&tmp, path)
+    }
+}
+
+impl PreviousSubnetEnv {
+    /// Read what a previous run wrote; a missing or garbled file is simply "nothing known".
+    pub fn read(path: &Path) -> Self {
+        let Ok(text) = fs::read_to_string(path) else {
+            return Self::default();
+        };
+        let mut prev = Self::default();
+        for line in text.lines() {
+            let Some((k, v)) = line.trim().split_once('=') else {
+                continue;
+            };
+            let v = v.trim().trim_matches('"');
+            match k.trim() {
+                "FLANNEL_NETWORK" => prev.network = v.parse().ok(),
+                "FLANNEL_SUBNET" => {
+                    prev.subnet = v
+                        .parse::<Ipv4Network>()
+                        .ok()
+                        .and_then(|n| Ipv4Network::new(n.network(), n.prefix()).ok())
+                }
+                _ => {}
+            }
+        }
+        prev
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_upstream_format_and_reads_back() {
+        let env = SubnetEnv {
+            network: "10.244.0.0/16".parse().unwrap(),
+            subnet: "10.244.58.0/24".parse().unwrap(),
+            mtu: 1472,
+            ip_masq: false,
+        };
+        assert_eq!(
+            env.render(),
+            "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.58.1/24\nFLANNEL_MTU=1472\nFLANNEL_IPMASQ=false\n"
+        );
+        let dir = std::env::temp_dir().join(format!("fl-subnetenv-{}", std::process::id()));
+        let path = dir.join("deep/subnet.env");
+        env.write(&path).unwrap();
+        let prev = PreviousSubnetEnv::read(&path);
+        assert_eq!(prev.subnet, Some("10.244.58.0/24".parse().unwrap()));
+        assert_eq!(prev.network, Some("10.244.0.0/16".parse().unwrap()));
+        assert!(!dir.join("deep/.subnet.env").exists());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn garbage_reads_as_nothing() {
+        let dir = std::env::temp_dir().join(format!("fl-subnetenv-bad-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("subnet.env");
+        fs::write(&path, "FLANNEL_SUBNET=banana\n\0\0 junk").unwrap();
+        assert_eq!(PreviousSubnetEnv::read(&path), PreviousSubnetEnv::default());
+        assert_eq!(PreviousSubnetEnv::read(&dir.join("missing")), PreviousSubnetEnv::default());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
