@@ -1,0 +1,199 @@
+//! A flanneld process running in a host namespace, with its log, subnet.env and HTTP endpoints.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::cluster::Host;
+use crate::netns::Netns;
+use crate::{wait_for, Result};
+
+pub const HEALTH_PORT: u16 = 8471;
+
+pub struct Agent {
+    child: Option<Child>,
+    pub ns_path: PathBuf,
+    ns_name: String,
+    pub ip: std::net::Ipv4Addr,
+    pub subnet_file: PathBuf,
+    pub log_file: PathBuf,
+    status: Option<ExitStatus>,
+}
+
+impl Agent {
+    pub fn start(host: &Host, etcd_endpoint: &str, extra: &[&str]) -> Result<Self> {
+        Self::start_with_env(host, etcd_endpoint, extra, &[])
+    }
+
+    pub fn start_with_env(host: &Host, etcd_endpoint: &str, extra: &[&str], env: &[(&str, &str)]) -> Result<Self> {
+        let subnet_file = host.dir.join("subnet.env");
+        let log_file = host.dir.join("flanneld.log");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_file)?;
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", host.ns.path().display()))
+            .arg(crate::flanneld_bin())
+            .arg(format!("--etcd-endpoints={etcd_endpoint}"))
+            .arg("--iface=eth0")
+            .arg(format!("--subnet-file={}", subnet_file.display()))
+            .arg(format!("--healthz-ip={}", host.ip))
+            .arg(format!("--healthz-port={HEALTH_PORT}"))
+            .arg(format!("--bpf-pin-dir=/sys/fs/bpf/{}", host.ns.name))
+            .args(extra)
+            .envs(env.iter().copied())
+            .env("RUST_LOG", std::env::var("FLANNELD_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let child = cmd.spawn().context("starting flanneld")?;
+        Ok(Agent {
+            child: Some(child),
+            ns_path: host.ns.path(),
+            ns_name: host.ns.name.clone(),
+            ip: host.ip,
+            subnet_file,
+            log_file,
+            status: None,
+        })
+    }
+
+    pub fn pid(&self) -> Option<i32> {
+        self.child.as_ref().map(|c| c.id() as i32)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_file).unwrap_or_default()
+    }
+
+    /// Wait until /readyz says ready (fails early if the process exits).
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let mut exited = None;
+        let r = wait_for(timeout, "flanneld /readyz", || {
+            if let Ok(Some(st)) = self.try_wait() {
+                exited = Some(st);
+                return Some(false);
+            }
+            matches!(self.http_get("/readyz"), Ok((200, _))).then_some(true)
+        });
+        match (r, exited) {
+            (_, Some(st)) => bail!("flanneld exited ({st}) before ready:\n{}", self.log()),
+            (Err(e), _) => bail!("{e}\n--- flanneld log ---\n{}", self.log()),
+            (Ok(_), None) => Ok(()),
+        }
+    }
+
+    /// GET a path on the agent's health listener: (status, body).
+    pub fn http_get(&self, path: &str) -> Result<(u16, String)> {
+        let ns = Netns { name: self.ns_name.clone() };
+        let addr = SocketAddr::from((self.ip, HEALTH_PORT));
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        let r = ns.run_in(move || -> Result<String> {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            s.write_all(req.as_bytes())?;
+            let mut buf = String::new();
+            s.read_to_string(&mut buf)?;
+            Ok(buf)
+        });
+        // The namespace belongs to the cluster; do not delete it when this handle goes.
+        std::mem::forget(ns);
+        let resp = r??;
+        let status = resp
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .context("bad HTTP response")?;
+        let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        // Undo chunked encoding if present (axum streams small bodies with a length, usually).
+        Ok((status, body))
+    }
+
+    /// This agent's view of its peers: sorted (subnet, public IP).
+    pub fn peers(&self) -> Result<Vec<(String, String)>> {
+        let (status, body) = self.http_get("/peers")?;
+        if status != 200 {
+            bail!("/peers returned {status}");
+        }
+        let v: serde_json::Value = serde_json::from_str(body.trim()).context("parsing /peers")?;
+        let mut peers: Vec<(String, String)> = v
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| {
+                (
+                    p["Subnet"].as_str().unwrap_or("").to_owned(),
+                    p["Lease"]["PublicIP"].as_str().unwrap_or("").to_owned(),
+                )
+            })
+            .collect();
+        peers.sort();
+        Ok(peers)
+    }
+
+    /// FLANNEL_SUBNET from subnet.env, as the network address (e.g. 10.244.5.0/24).
+    pub fn subnet(&self) -> Option<String> {
+        let text = std::fs::read_to_string(&self.subnet_file).ok()?;
+        let line = text.lines().find_map(|l| l.strip_prefix("FLANNEL_SUBNET="))?;
+        let (ip, len) = line.split_once('/')?;
+        let ip: std::net::Ipv4Addr = ip.parse().ok()?;
+        let len: u32 = len.parse().ok()?;
+        let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
+        Some(format!("{}/{len}", std::net::Ipv4Addr::from(u32::from(ip) & mask)))
+    }
+
+    pub fn signal(&self, sig: Signal) -> Result<()> {
+        let pid = self.pid().context("agent not running")?;
+        kill(Pid::from_raw(pid), sig)?;
+        Ok(())
+    }
+
+    pub fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
+        if let Some(st) = self.status {
+            return Ok(Some(st));
+        }
+        match self.child.as_mut() {
+            None => Ok(None),
+            Some(c) => {
+                let st = c.try_wait()?;
+                self.status = st;
+                Ok(st)
+            }
+        }
+    }
+
+    /// Wait for the process to exit, at most `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        wait_for(timeout, "flanneld to exit", || self.try_wait().ok().flatten())
+    }
+
+    /// Stop with SIGTERM (SIGKILL if it does not exit within 2 s).
+    pub fn stop(&mut self) -> Result<ExitStatus> {
+        if let Some(st) = self.try_wait()? {
+            return Ok(st);
+        }
+        self.signal(Signal::SIGTERM)?;
+        match self.wait_exit(Duration::from_secs(2)) {
+            Ok(st) => Ok(st),
+            Err(_) => {
+                self.signal(Signal::SIGKILL)?;
+                self.wait_exit(Duration::from_secs(2))
+            }
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.try_wait() {
+            let _ = self.signal(Signal::SIGKILL);
+            if let Some(c) = self.child.as_mut() {
+                let _ = c.wait();
+            }
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! A small cluster: a "switch" namespace with a bridge on the underlay 192.0.2.0/24 and etcd at
+//! 192.0.2.1, and N host namespaces each joined to the bridge by a veth (`eth0`, 192.0.2.10+i).
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+use crate::agent::Agent;
+use crate::etcd::Etcd;
+use crate::netns::{self, Netns};
+use crate::{Result, TempDir};
+
+pub const ETCD_IP: &str = "192.0.2.1";
+pub const DEFAULT_PREFIX: &str = "/coreos.com/network";
+
+pub struct Host {
+    pub index: usize,
+    pub ns: Netns,
+    pub ip: Ipv4Addr,
+    /// Per-host scratch dir (subnet.env, logs).
+    pub dir: PathBuf,
+}
+
+pub struct Cluster {
+    pub tag: String,
+    // Field order is drop order: hosts and etcd go before the switch and the temp dir.
+    pub hosts: Vec<Host>,
+    pub etcd: Etcd,
+    pub switch: Netns,
+    pub dir: TempDir,
+}
+
+impl Cluster {
+    /// Bring up etcd and `n` hosts (n <= 200).
+    pub fn new(n: usize) -> Result<Self> {
+        crate::require_root();
+        netns::remove_stale();
+        let tag = netns::unique_tag();
+        let dir = TempDir::new(&tag)?;
+        let switch = Netns::create(&format!("{tag}-sw"))?;
+        switch.ip(&["link", "add", "br0", "type", "bridge"])?;
+        switch.ip(&["addr", "add", &format!("{ETCD_IP}/24"), "dev", "br0"])?;
+        switch.ip(&["link", "set", "br0", "up"])?;
+        let etcd = Etcd::start(&switch, ETCD_IP, dir.0.join("etcd"))?;
+        let mut cluster = Cluster {
+            tag,
+            hosts: Vec::new(),
+            etcd,
+            switch,
+            dir,
+        };
+        for _ in 0..n {
+            cluster.add_host()?;
+        }
+        Ok(cluster)
+    }
+
+    pub fn add_host(&mut self) -> Result<&Host> {
+        let index = self.hosts.len();
+        let ip = Ipv4Addr::new(192, 0, 2, 10 + index as u8);
+        let ns = Netns::create(&format!("{}-h{index}", self.tag))?;
+        let port = format!("h{index}");
+        // Create the pair in the switch namespace, then move one end into the host.
+        self.switch.ip(&["link", "add", &port, "type", "veth", "peer", "name", "eth0"])?;
+        self.switch.ip(&["link", "set", "eth0", "netns", &ns.path().to_string_lossy()])?;
+        self.switch.ip(&["link", "set", &port, "master", "br0", "up"])?;
+        ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        ns.ip(&["link", "set", "eth0", "up"])?;
+        ns.ip(&["route", "add", "default", "via", ETCD_IP])?;
+        ns.sysctl("net.ipv4.ip_forward", "1")?;
+        let dir = self.dir.0.join(format!("h{index}"));
+        std::fs::create_dir_all(&dir)?;
+        self.hosts.push(Host { index, ns, ip, dir });
+        self.hosts.last().context("host just added")
+    }
+
+    /// Write the network config.
+    pub fn set_config(&self, json: &str) -> Result<()> {
+        self.etcd.put(&format!("{DEFAULT_PREFIX}/config"), json)
+    }
+
+    /// Start flanneld on host `i` with the harness defaults plus `extra` flags.
+    pub fn start_agent(&self, i: usize, extra: &[&str]) -> Result<Agent> {
+        Agent::start(&self.hosts[i], &self.etcd.endpoint(), extra)
+    }
+
+    /// Subnet keys in etcd: (subnet key suffix, value, lease id).
+    pub fn leases(&self) -> Result<Vec<crate::etcd::KeyValue>> {
+        self.etcd.list(&format!("{DEFAULT_PREFIX}/subnets/"))
+    }
+}

@@ -1,0 +1,172 @@
+//! A real etcd server running inside a namespace, and etcdctl against it.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine;
+
+use crate::netns::Netns;
+use crate::{wait_for, Result};
+
+pub struct Etcd {
+    ns_path: PathBuf,
+    pub ip: String,
+    pub data_dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Etcd {
+    /// Start etcd in `ns` listening on `ip:2379`, with its data under `data_dir`.
+    pub fn start(ns: &Netns, ip: &str, data_dir: PathBuf) -> Result<Self> {
+        for tool in ["etcd", "etcdctl"] {
+            if Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().map(|o| !o.status.success()).unwrap_or(true) {
+                bail!("{tool} is not installed: run `cargo xtask setup` (installs etcd-server and etcd-client)");
+            }
+        }
+        let mut etcd = Etcd {
+            ns_path: ns.path(),
+            ip: ip.to_owned(),
+            data_dir,
+            child: None,
+        };
+        etcd.resume()?;
+        Ok(etcd)
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}:2379", self.ip)
+    }
+
+    /// (Re)start the server on the same data directory and wait until it answers.
+    pub fn resume(&mut self) -> Result<()> {
+        if self.child.is_some() {
+            bail!("etcd already running");
+        }
+        std::fs::create_dir_all(&self.data_dir)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.data_dir.with_extension("log"))?;
+        let peer = "http://127.0.0.1:2380";
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", self.ns_path.display()))
+            .arg("etcd")
+            .args(["--name", "fltest", "--data-dir"])
+            .arg(&self.data_dir)
+            .args(["--listen-client-urls", &self.endpoint()])
+            .args(["--advertise-client-urls", &self.endpoint()])
+            .args(["--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer])
+            .args(["--initial-cluster", &format!("fltest={peer}")])
+            .args(["--log-level", "error", "--logger", "zap", "--unsafe-no-fsync"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting etcd")?;
+        self.child = Some(child);
+        wait_for(Duration::from_secs(20), "etcd to answer", || {
+            self.ctl(&["endpoint", "health"]).ok()
+        })?;
+        Ok(())
+    }
+
+    /// Stop the server (simulating an outage); `resume` brings it back with its data.
+    pub fn stop(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Run etcdctl (v3 API) against this server; returns stdout.
+    pub fn ctl(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new("nsenter")
+            .arg(format!("--net={}", self.ns_path.display()))
+            .arg("etcdctl")
+            .args(["--endpoints", &self.endpoint(), "--dial-timeout", "2s", "--command-timeout", "5s"])
+            .args(args)
+            .env("ETCDCTL_API", "3")
+            .stdin(Stdio::null())
+            .output()
+            .context("running etcdctl")?;
+        if !out.status.success() {
+            bail!("etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    pub fn put(&self, key: &str, value: &str) -> Result<()> {
+        self.ctl(&["put", key, value]).map(|_| ())
+    }
+
+    pub fn del(&self, key: &str) -> Result<()> {
+        self.ctl(&["del", key]).map(|_| ())
+    }
+
+    /// Value of `key`, if any.
+    pub fn get(&self, key: &str) -> Result<Option<String>> {
+        let out = self.ctl(&["get", key, "--print-value-only"])?;
+        let v = out.strip_suffix('\n').unwrap_or(&out);
+        Ok((!out.is_empty()).then(|| v.to_owned()))
+    }
+
+    /// All keys under `prefix` with their values, their etcd lease IDs and mod revisions.
+    pub fn list(&self, prefix: &str) -> Result<Vec<KeyValue>> {
+        let out = self.ctl(&["get", prefix, "--prefix", "-w", "json"])?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        let b64 = |s: &serde_json::Value| -> Result<String> {
+            let s = s.as_str().unwrap_or("");
+            Ok(String::from_utf8(BASE64.decode(s)?)?)
+        };
+        let mut kvs = Vec::new();
+        for kv in v["kvs"].as_array().into_iter().flatten() {
+            kvs.push(KeyValue {
+                key: b64(&kv["key"])?,
+                value: b64(&kv["value"])?,
+                lease: kv["lease"].as_i64().unwrap_or(0),
+                mod_revision: kv["mod_revision"].as_i64().unwrap_or(0),
+            });
+        }
+        Ok(kvs)
+    }
+
+    /// The current revision of the store.
+    pub fn revision(&self) -> Result<i64> {
+        let out = self.ctl(&["get", "/", "--prefix", "--keys-only", "--limit", "1", "-w", "json"])?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        v["header"]["revision"].as_i64().context("no revision in etcdctl output")
+    }
+
+    /// IDs of all live etcd leases.
+    pub fn lease_ids(&self) -> Result<Vec<String>> {
+        let out = self.ctl(&["lease", "list"])?;
+        Ok(out
+            .lines()
+            .skip(1)
+            .map(|l| l.trim().to_owned())
+            .filter(|l| !l.is_empty())
+            .collect())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyValue {
+    pub key: String,
+    pub value: String,
+    pub lease: i64,
+    pub mod_revision: i64,
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
