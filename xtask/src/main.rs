@@ -1,1 +1,107 @@
-fn main() {}
+//! Project commands: `cargo xtask <setup|build-ebpf|build|test|demo>`.
+//!
+//! `test` and `demo` set up a fresh machine themselves (apt packages, bpffs, rust-src,
+//! bpf-linker), idempotently, then build and run.
+
+mod build_ebpf;
+mod demo;
+mod setup;
+mod setup_ebpf;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building and testing need (apt packages, bpffs, rust-src, bpf-linker).
+    Setup,
+    /// Build the eBPF object (nightly, build-std=core, bpf-linker, BTF).
+    BuildEbpf {
+        /// Debug profile instead of release.
+        #[arg(long)]
+        debug: bool,
+    },
+    /// Build the eBPF object and `target/release/flanneld` with it embedded.
+    Build,
+    /// Set up, build, then run every test (unit, BPF_PROG_TEST_RUN, netns + etcd integration).
+    Test {
+        /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build, then bring up a demo cluster (etcd + three hosts in namespaces).
+    Demo,
+}
+
+pub fn workspace_root() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    dir.parent().map(PathBuf::from).unwrap_or(dir)
+}
+
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+pub fn flanneld_release() -> PathBuf {
+    target_dir().join("release/flanneld")
+}
+
+pub fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("+ {cmd:?}");
+    let st = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} failed: {st}");
+    }
+    Ok(())
+}
+
+fn build_all() -> Result<()> {
+    build_ebpf::run(true)?;
+    run(Command::new("cargo")
+        .current_dir(workspace_root())
+        .args(["build", "--release", "-p", "flannel-agent"]))
+}
+
+fn test(args: &[String]) -> Result<()> {
+    setup::ensure()?;
+    build_all()?;
+    let root = workspace_root();
+    run(Command::new("cargo").current_dir(&root).args(["fmt", "--all", "--check"]))?;
+    run(Command::new("cargo")
+        .current_dir(&root)
+        .args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+    run(Command::new("cargo")
+        .current_dir(&root)
+        .env("FLANNELD_BIN", flanneld_release())
+        .args(["test", "--release"])
+        .args(args))
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Setup => setup::ensure(),
+        Cmd::BuildEbpf { debug } => build_ebpf::run(!debug),
+        Cmd::Build => {
+            setup::ensure()?;
+            build_all()
+        }
+        Cmd::Test { args } => test(&args),
+        Cmd::Demo => {
+            setup::ensure()?;
+            build_all()?;
+            demo::run(&flanneld_release())
+        }
+    }
+}
