@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod cluster;
+pub mod container;
 pub mod etcd;
 pub mod netns;
 
@@ -11,6 +12,7 @@ use std::time::{Duration, Instant};
 
 pub use agent::Agent;
 pub use cluster::{Cluster, Host};
+pub use container::Container;
 pub use etcd::Etcd;
 pub use netns::Netns;
 

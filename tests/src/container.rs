@@ -1,0 +1,47 @@
+//! A "container" behind a host: its own namespace joined to the host by a veth, with the
+//! host's flannel subnet on the link (host side .1, container side .2), as the flannel CNI
+//! bridge would give it.
+
+use std::net::Ipv4Addr;
+
+use anyhow::Context;
+
+use crate::cluster::Host;
+use crate::netns::Netns;
+use crate::Result;
+
+pub struct Container {
+    pub ns: Netns,
+    pub ip: Ipv4Addr,
+}
+
+impl Container {
+    /// Create a container for `host` in `subnet` (e.g. "10.244.5.0/24"), with `mtu` on its link.
+    pub fn create(host: &Host, subnet: &str, mtu: u32) -> Result<Self> {
+        let (net, len) = subnet.split_once('/').context("subnet without length")?;
+        let net: Ipv4Addr = net.parse()?;
+        let gw = Ipv4Addr::from(u32::from(net) + 1);
+        let ip = Ipv4Addr::from(u32::from(net) + 2);
+        let ns = Netns::create(&format!("{}-c", host.ns.name))?;
+        let mtu = mtu.to_string();
+        host.ns.ip(&["link", "add", "veth-c", "mtu", &mtu, "type", "veth", "peer", "name", "eth0", "mtu", &mtu])?;
+        host.ns.ip(&["link", "set", "eth0", "netns", &ns.path().to_string_lossy()])?;
+        host.ns.ip(&["addr", "add", &format!("{gw}/{len}"), "dev", "veth-c"])?;
+        host.ns.ip(&["link", "set", "veth-c", "up"])?;
+        ns.ip(&["addr", "add", &format!("{ip}/{len}"), "dev", "eth0"])?;
+        ns.ip(&["link", "set", "eth0", "up"])?;
+        ns.ip(&["route", "add", "default", "via", &gw.to_string()])?;
+        Ok(Container { ns, ip })
+    }
+
+    /// `ping -c count` to `dst`; Ok(true) when every reply came back.
+    pub fn ping(&self, dst: Ipv4Addr, count: u32, timeout_s: u32) -> Result<bool> {
+        let out = self
+            .ns
+            .command("ping")
+            .args(["-n", "-q", "-c", &count.to_string(), "-i", "0.01", "-W", &timeout_s.to_string()])
+            .arg(dst.to_string())
+            .output()?;
+        Ok(out.status.success())
+    }
+}
