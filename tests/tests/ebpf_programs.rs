@@ -1,0 +1,812 @@
+//! The udp backend's eBPF programs, loaded for real inside namespaces this test creates.
+//!
+//! Verdicts and counters come from BPF_PROG_TEST_RUN on crafted packets; the encapsulated
+//! bytes and the delivery of decapsulated packets (with strict rp_filter) come from real
+//! traffic between two namespaces joined by a veth pair.
+//!
+//! Needs root and the eBPF object compiled into flannel-agent (`cargo xtask build-ebpf`
+//! before building the tests); fails loudly otherwise.
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::io;
+use std::net::{Ipv4Addr, UdpSocket};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use flannel_agent::backend::udp::ebpf::{read_pinned_stats, EbpfDataplane, EbpfOptions};
+use flannel_agent::backend::udp::UdpDataplane;
+use aya::programs::{SchedClassifier, TcAttachType};
+use flannel_common::Stats;
+use ipnetwork::Ipv4Network;
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+const PORT: u16 = 8285;
+
+const OUR_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+const PEER_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+const STRANGER_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 99);
+const OUR_SUBNET: &str = "10.244.1.0/24";
+const PEER_SUBNET: &str = "10.244.2.0/24";
+const OTHER_PEER_SUBNET: &str = "10.244.3.0/24";
+const OTHER_PEER_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 3);
+
+fn net(s: &str) -> Ipv4Network {
+    s.parse().expect("test constant")
+}
+
+fn require_object() {
+    assert!(
+        EbpfDataplane::embedded(),
+        "the eBPF object is not compiled into flannel-agent: run `cargo xtask build-ebpf`, then rebuild the tests"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Namespaces and devices
+
+static NEXT_NS: AtomicU32 = AtomicU32::new(0);
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A network namespace `fl-ebpf-<pid>-<n>`, deleted on drop.
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn new() -> Netns {
+        let name = format!(
+            "fl-ebpf-{}-{}",
+            std::process::id(),
+            NEXT_NS.fetch_add(1, Ordering::SeqCst)
+        );
+        run(Command::new("ip").args(["netns", "add", &name]));
+        let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    fn ip(&self, args: &[&str]) {
+        run(Command::new("ip").arg("-n").arg(&self.name).args(args));
+    }
+
+    fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    fn sysctl(&self, key: &str, value: &str) {
+        run(Command::new("nsenter")
+            .arg(format!("--net={}", self.path().display()))
+            .args(["sysctl", "-q", "-w", &format!("{key}={value}")]));
+    }
+
+    /// Runs `f` on a thread that lives in this namespace.
+    fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = self.path();
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).expect("open netns");
+            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            f()
+        })
+        .join()
+        .expect("thread in netns panicked")
+    }
+
+    fn ifindex(&self, name: &str) -> u32 {
+        let name = name.to_string();
+        self.enter(move || {
+            let c = CString::new(name.clone()).expect("name");
+            // SAFETY: NUL-terminated name.
+            let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+            assert!(idx != 0, "no interface {name}");
+            idx
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// One "host": a namespace with a `flannel0` TUN (overlay route through it) and an external
+/// veth end `ext0` at `ip`, plus its own pin directory.
+struct Host {
+    /// Keeps `flannel0` attached (a TUN without a reader has no carrier and sends nothing),
+    /// as the agent does.
+    _tun: OwnedFd,
+    ns: Netns,
+    pin_dir: PathBuf,
+    ip: Ipv4Addr,
+    subnet: Ipv4Network,
+}
+
+impl Host {
+    fn new(ip: Ipv4Addr, subnet: &str) -> Host {
+        let ns = Netns::new();
+        let subnet = net(subnet);
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", ns.name));
+        let tun = ns.enter(open_tun);
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("{}/32", subnet.network()),
+            "dev",
+            "flannel0",
+        ]);
+        ns.ip(&["link", "set", "flannel0", "mtu", "1472", "up"]);
+        ns.ip(&["route", "add", "10.244.0.0/16", "dev", "flannel0"]);
+        Host {
+            _tun: tun,
+            ns,
+            pin_dir,
+            ip,
+            subnet,
+        }
+    }
+
+    /// A standalone host whose `ext0` peer end (`ext1`) stays in the same namespace.
+    fn alone() -> Host {
+        let host = Host::new(OUR_IP, OUR_SUBNET);
+        host.ns
+            .ip(&["link", "add", "ext0", "type", "veth", "peer", "name", "ext1"]);
+        host.ns.ip(&["addr", "add", "192.0.2.1/24", "dev", "ext0"]);
+        host.ns.ip(&["link", "set", "ext0", "up"]);
+        host.ns.ip(&["link", "set", "ext1", "up"]);
+        host
+    }
+
+    fn options(&self) -> EbpfOptions {
+        EbpfOptions {
+            pin_dir: self.pin_dir.clone(),
+            overlay_ifindex: self.ns.ifindex("flannel0"),
+            ext_ifindex: self.ns.ifindex("ext0"),
+            ext_ip: self.ip,
+            port: PORT,
+            network: net("10.244.0.0/16"),
+            own_subnet: self.subnet,
+        }
+    }
+
+    fn load(&self) -> EbpfDataplane {
+        let opts = self.options();
+        self.ns
+            .enter(move || EbpfDataplane::load(&opts))
+            .expect("load eBPF data plane")
+    }
+
+    fn stats(&self) -> Stats {
+        read_pinned_stats(&self.pin_dir).expect("read stats")
+    }
+
+    fn prog(&self, name: &str) -> OwnedFd {
+        obj_get(&self.pin_dir.join(name)).expect("pinned program")
+    }
+
+    /// [`test_run`] from inside this host's namespace, where `ifindex` means its devices.
+    fn test_run(&self, prog: &OwnedFd, packet: &[u8], ifindex: Option<u32>) -> (u32, Vec<u8>) {
+        let prog = prog.try_clone().expect("dup fd");
+        let packet = packet.to_vec();
+        self.ns.enter(move || test_run(&prog, &packet, ifindex))
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        if let Err(e) = EbpfDataplane::unload(&self.pin_dir) {
+            eprintln!("unload {}: {e}", self.pin_dir.display());
+        }
+    }
+}
+
+/// Creates `flannel0` (IFF_TUN | IFF_NO_PI) in the current namespace.
+fn open_tun() -> OwnedFd {
+    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+    let path = CString::new("/dev/net/tun").expect("path");
+    // SAFETY: plain open of a NUL-terminated path.
+    let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    assert!(fd >= 0, "open /dev/net/tun: {}", io::Error::last_os_error());
+    // SAFETY: fd was just opened and is owned here.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut ifr = [0u8; 40]; // struct ifreq: name[16], flags
+    ifr[..8].copy_from_slice(b"flannel0");
+    let flags = (libc::IFF_TUN | libc::IFF_NO_PI) as u16;
+    ifr[16..18].copy_from_slice(&flags.to_ne_bytes());
+    // SAFETY: TUNSETIFF reads an ifreq, which ifr is large enough to be.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, ifr.as_mut_ptr()) };
+    assert!(rc == 0, "TUNSETIFF: {}", io::Error::last_os_error());
+    fd
+}
+
+/// Two hosts whose `ext0` devices are the two ends of one veth pair.
+fn two_hosts() -> (Host, Host) {
+    let a = Host::new(OUR_IP, OUR_SUBNET);
+    let b = Host::new(PEER_IP, PEER_SUBNET);
+    a.ns.ip(&[
+        "link",
+        "add",
+        "ext0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "ext0",
+        "netns",
+        &b.ns.name,
+    ]);
+    for (h, addr) in [(&a, "192.0.2.1/24"), (&b, "192.0.2.2/24")] {
+        h.ns.ip(&["addr", "add", addr, "dev", "ext0"]);
+        h.ns.ip(&["link", "set", "ext0", "up"]);
+    }
+    (a, b)
+}
+
+// ---------------------------------------------------------------------------------------------
+// bpf(2): open pins and BPF_PROG_TEST_RUN
+
+#[repr(C, align(8))]
+struct BpfAttr([u8; 128]);
+
+impl BpfAttr {
+    fn put_u32(&mut self, at: usize, v: u32) {
+        self.0[at..at + 4].copy_from_slice(&v.to_ne_bytes());
+    }
+    fn put_u64(&mut self, at: usize, v: u64) {
+        self.0[at..at + 8].copy_from_slice(&v.to_ne_bytes());
+    }
+    fn get_u32(&self, at: usize) -> u32 {
+        u32::from_ne_bytes([self.0[at], self.0[at + 1], self.0[at + 2], self.0[at + 3]])
+    }
+}
+
+fn sys_bpf(cmd: libc::c_long, attr: &mut BpfAttr) -> io::Result<libc::c_long> {
+    // SAFETY: attr is a bpf_attr-sized, zero-filled buffer set up for `cmd`.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut BpfAttr,
+            std::mem::size_of::<BpfAttr>(),
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let c = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let mut attr = BpfAttr([0; 128]);
+    attr.put_u64(0, c.as_ptr() as u64);
+    let fd = sys_bpf(7, &mut attr)?; // BPF_OBJ_GET
+    // SAFETY: a fresh fd owned by us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Runs a TC program once on `packet` (which starts with an Ethernet header, as the kernel
+/// requires). With `ifindex`, the skb's device is that one: for a TUN, the program then sees
+/// the packet from the IPv4 header on, as on the real device. Returns (verdict, packet out).
+fn test_run(prog: &OwnedFd, packet: &[u8], ifindex: Option<u32>) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; packet.len() + 256];
+    let mut ctx = [0u8; 192]; // struct __sk_buff
+    if let Some(idx) = ifindex {
+        ctx[40..44].copy_from_slice(&idx.to_ne_bytes());
+    }
+    let mut attr = BpfAttr([0; 128]);
+    attr.put_u32(0, prog.as_raw_fd() as u32);
+    attr.put_u32(8, packet.len() as u32);
+    attr.put_u32(12, out.len() as u32);
+    attr.put_u64(16, packet.as_ptr() as u64);
+    attr.put_u64(24, out.as_mut_ptr() as u64);
+    attr.put_u32(32, 1); // repeat
+    attr.put_u32(40, ctx.len() as u32);
+    attr.put_u64(48, ctx.as_ptr() as u64);
+    sys_bpf(10, &mut attr).expect("BPF_PROG_TEST_RUN"); // BPF_PROG_TEST_RUN
+    let retval = attr.get_u32(4);
+    let out_len = attr.get_u32(12) as usize;
+    out.truncate(out_len);
+    (retval, out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Packet building
+
+fn checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    for chunk in bytes.chunks(2) {
+        let word = u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]);
+        sum += u32::from(word);
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An IPv4 packet with a valid header checksum; `options` must be a multiple of 4 bytes.
+fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, ttl: u8, proto: u8, options: &[u8], payload: &[u8]) -> Vec<u8> {
+    assert_eq!(options.len() % 4, 0);
+    let hlen = 20 + options.len();
+    let total = hlen + payload.len();
+    let mut p = vec![0u8; hlen];
+    p[0] = 0x40 | (hlen / 4) as u8;
+    p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    p[4..6].copy_from_slice(&0x1234u16.to_be_bytes());
+    p[8] = ttl;
+    p[9] = proto;
+    p[12..16].copy_from_slice(&src.octets());
+    p[16..20].copy_from_slice(&dst.octets());
+    p[20..hlen].copy_from_slice(options);
+    let c = checksum(&p);
+    p[10..12].copy_from_slice(&c.to_be_bytes());
+    p.extend_from_slice(payload);
+    p
+}
+
+fn set_frag(packet: &mut [u8], frag: u16) {
+    packet[6..8].copy_from_slice(&frag.to_be_bytes());
+    packet[10..12].copy_from_slice(&[0, 0]);
+    let hlen = usize::from(packet[0] & 0x0f) * 4;
+    let c = checksum(&packet[..hlen]);
+    packet[10..12].copy_from_slice(&c.to_be_bytes());
+}
+
+fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut u = Vec::with_capacity(8 + payload.len());
+    u.extend_from_slice(&sport.to_be_bytes());
+    u.extend_from_slice(&dport.to_be_bytes());
+    u.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    u.extend_from_slice(&[0, 0]);
+    u.extend_from_slice(payload);
+    u
+}
+
+fn ether(ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02];
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// A small inner packet: UDP from `src` to `dst` with a recognisable payload.
+fn inner(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
+    ipv4(src, dst, 64, 17, &[], &udp(40000, 7777, b"flannel-rs inner payload"))
+}
+
+/// What a peer at `from` sends us: Ethernet + outer IPv4 + UDP (our port) + `inner`.
+fn tunnelled(from: Ipv4Addr, to: Ipv4Addr, port: u16, inner: &[u8]) -> Vec<u8> {
+    let mut outer = ipv4(from, to, 64, 17, &[], &udp(port, port, inner));
+    set_frag(&mut outer, 0x4000);
+    ether(0x0800, &outer)
+}
+
+fn a(s: &str) -> Ipv4Addr {
+    s.parse().expect("test constant")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests: encapsulation verdicts (BPF_PROG_TEST_RUN on the TUN's egress program)
+
+#[test]
+fn encap_drops_and_counts_what_it_cannot_send() {
+    require_object();
+    let host = Host::alone();
+    let mut dp = host.load();
+    dp.set_peer(net(PEER_SUBNET), PEER_IP).expect("set peer");
+    let prog = host.prog("flannel_encap");
+    let tun = Some(host.ns.ifindex("flannel0"));
+
+    // No peer owns 10.244.9.0/24.
+    let pkt = ether(0x0800, &inner(a("10.244.1.5"), a("10.244.9.9")));
+    assert_eq!(host.test_run(&prog, &pkt, tun).0, TC_ACT_SHOT);
+    // IPv6 on the overlay device.
+    let mut v6 = vec![0x60, 0, 0, 0, 0, 8, 17, 64];
+    v6.extend_from_slice(&[0u8; 32]);
+    v6.extend_from_slice(&udp(1, 2, b""));
+    assert_eq!(host.test_run(&prog, &ether(0x86dd, &v6), tun).0, TC_ACT_SHOT);
+    // TTL 1 would reach 0 at the tunnel hop.
+    let mut last_hop = inner(a("10.244.1.5"), a("10.244.2.7"));
+    last_hop[8] = 1;
+    assert_eq!(host.test_run(&prog, &ether(0x0800, &last_hop), tun).0, TC_ACT_SHOT);
+    // A header length below 5 words.
+    let mut bad_ihl = inner(a("10.244.1.5"), a("10.244.2.7"));
+    bad_ihl[0] = 0x44;
+    assert_eq!(host.test_run(&prog, &ether(0x0800, &bad_ihl), tun).0, TC_ACT_SHOT);
+
+    let s = host.stats();
+    assert_eq!(s.drop_no_peer, 1, "{s:?}");
+    assert_eq!(s.drop_not_ipv4, 1, "{s:?}");
+    assert_eq!(s.drop_ttl_exceeded, 1, "{s:?}");
+    assert_eq!(s.drop_malformed, 1, "{s:?}");
+    assert_eq!(s.tx_packets, 0, "{s:?}");
+    let summed = dp.stats().expect("stats");
+    assert_eq!(summed.drop_no_peer, 1);
+    assert_eq!(summed.drop_not_ipv4, 1);
+}
+
+#[test]
+fn encap_output_is_byte_exact() {
+    require_object();
+    let host = Host::alone();
+    let mut dp = host.load();
+    dp.set_peer(net(PEER_SUBNET), PEER_IP).expect("set peer");
+    let prog = host.prog("flannel_encap");
+    let tun = Some(host.ns.ifindex("flannel0"));
+
+    // Inner packet with IP options (record route, padded): forwarded intact but for the TTL.
+    let options = [7, 7, 4, 0, 0, 0, 0, 1];
+    let input = ipv4(
+        a("10.244.1.5"),
+        a("10.244.2.7"),
+        64,
+        17,
+        &options,
+        &udp(40000, 7777, b"payload"),
+    );
+    let (verdict, out) = host.test_run(&prog, &ether(0x0800, &input), tun);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+
+    let mut expected_inner = ipv4(
+        a("10.244.1.5"),
+        a("10.244.2.7"),
+        63,
+        17,
+        &options,
+        &udp(40000, 7777, b"payload"),
+    );
+    expected_inner[4..6].copy_from_slice(&0x1234u16.to_be_bytes());
+    let mut outer_ip = ipv4(OUR_IP, PEER_IP, 64, 17, &[], &udp(PORT, PORT, &expected_inner));
+    outer_ip[4..6].copy_from_slice(&[0, 0]); // id 0
+    set_frag(&mut outer_ip, 0x4000); // DF, recomputes the checksum
+    let mut expected = vec![0u8; 12];
+    expected.extend_from_slice(&[0x08, 0x00]);
+    expected.extend_from_slice(&outer_ip);
+    assert_eq!(out, expected, "encapsulated frame");
+    // The outer IPv4 checksum verifies.
+    assert_eq!(checksum(&out[14..34]), 0);
+
+    let s = host.stats();
+    assert_eq!((s.tx_packets, s.tx_bytes), (1, input.len() as u64), "{s:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests: decapsulation verdicts (BPF_PROG_TEST_RUN on the external device's ingress program)
+
+struct DecapCase {
+    name: &'static str,
+    frame: Vec<u8>,
+    verdict: u32,
+}
+
+#[test]
+fn decap_accepts_peers_and_strips_exactly_the_outer_headers() {
+    require_object();
+    let host = Host::alone();
+    let mut dp = host.load();
+    dp.set_peer(net(PEER_SUBNET), PEER_IP).expect("set peer");
+    let prog = host.prog("flannel_decap");
+
+    let plain = inner(a("10.244.2.7"), a("10.244.1.5"));
+    let with_options = ipv4(
+        a("10.244.2.7"),
+        a("10.244.1.5"),
+        17,
+        6,
+        &[1, 1, 1, 0],
+        b"tcp-ish bytes, not parsed",
+    );
+    // Outer header with options (IHL 6): honoured, not mistaken for the UDP header.
+    let mut outer_opts = ipv4(PEER_IP, OUR_IP, 64, 17, &[1, 1, 1, 0], &udp(PORT, PORT, &plain));
+    set_frag(&mut outer_opts, 0x4000);
+    let cases = [
+        (tunnelled(PEER_IP, OUR_IP, PORT, &plain), &plain),
+        (tunnelled(PEER_IP, OUR_IP, PORT, &with_options), &with_options),
+        (ether(0x0800, &outer_opts), &plain),
+    ];
+    for (frame, inner) in cases {
+        let (verdict, out) = test_run(&prog, &frame, None);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "delivered to flannel0");
+        assert_eq!(&out[..14], &frame[..14], "Ethernet header kept");
+        assert_eq!(&out[14..], &inner[..], "inner packet intact");
+    }
+    let s = host.stats();
+    assert_eq!(s.rx_packets, 3, "{s:?}");
+    assert_eq!(
+        s.rx_bytes,
+        (2 * plain.len() + with_options.len()) as u64,
+        "{s:?}"
+    );
+    assert_eq!(
+        s.drop_malformed + s.drop_unknown_sender + s.drop_spoofed_source,
+        0
+    );
+}
+
+#[test]
+fn decap_passes_what_is_not_ours_untouched() {
+    require_object();
+    let host = Host::alone();
+    let mut dp = host.load();
+    dp.set_peer(net(PEER_SUBNET), PEER_IP).expect("set peer");
+    let prog = host.prog("flannel_decap");
+    let plain = inner(a("10.244.2.7"), a("10.244.1.5"));
+
+    let mut arp = vec![0, 1, 8, 0, 6, 4, 0, 1];
+    arp.extend_from_slice(&[0u8; 20]);
+    let mut v6 = vec![0x60, 0, 0, 0, 0, 8, 17, 64];
+    v6.extend_from_slice(&[0u8; 32]);
+    v6.extend_from_slice(&udp(PORT, PORT, b""));
+    let tcp_to_us = ether(
+        0x0800,
+        &ipv4(PEER_IP, OUR_IP, 64, 6, &[], &[0u8; 20]),
+    );
+    let mut non_first_fragment = ipv4(PEER_IP, OUR_IP, 64, 17, &[], &[0u8; 64]);
+    set_frag(&mut non_first_fragment, 0x0010);
+    // Our IP and UDP, but the UDP header is cut off: the port is unknown, the stack drops it.
+    let mut cut = tunnelled(PEER_IP, OUR_IP, PORT, &plain);
+    cut.truncate(14 + 20 + 4);
+    let cases = [
+        DecapCase {
+            name: "ARP",
+            frame: ether(0x0806, &arp),
+            verdict: TC_ACT_OK,
+        },
+        DecapCase {
+            name: "IPv6",
+            frame: ether(0x86dd, &v6),
+            verdict: TC_ACT_OK,
+        },
+        DecapCase {
+            name: "other UDP port",
+            frame: tunnelled(PEER_IP, OUR_IP, 8472, &plain),
+            verdict: TC_ACT_OK,
+        },
+        DecapCase {
+            name: "our port, another destination IP",
+            frame: tunnelled(PEER_IP, a("192.0.2.50"), PORT, &plain),
+            verdict: TC_ACT_OK,
+        },
+        DecapCase {
+            name: "TCP",
+            frame: tcp_to_us,
+            verdict: TC_ACT_OK,
+        },
+        DecapCase {
+            name: "non-first fragment",
+            frame: ether(0x0800, &non_first_fragment),
+            verdict: TC_ACT_OK,
+        },
+        DecapCase {
+            name: "UDP header cut off",
+            frame: cut,
+            verdict: TC_ACT_OK,
+        },
+    ];
+    for case in cases {
+        let (verdict, out) = test_run(&prog, &case.frame, None);
+        assert_eq!(verdict, case.verdict, "{}", case.name);
+        assert_eq!(out, case.frame, "{}: passed untouched", case.name);
+    }
+    assert_eq!(host.stats(), Stats::default(), "nothing counted");
+}
+
+#[test]
+fn decap_drops_and_counts_by_reason() {
+    require_object();
+    let host = Host::alone();
+    let mut dp = host.load();
+    dp.set_peer(net(PEER_SUBNET), PEER_IP).expect("set peer");
+    dp.set_peer(net(OTHER_PEER_SUBNET), OTHER_PEER_IP)
+        .expect("set peer");
+    let prog = host.prog("flannel_decap");
+    let plain = inner(a("10.244.2.7"), a("10.244.1.5"));
+
+    // Outer first fragment (MF set): would need reassembly.
+    let mut first_fragment = ipv4(PEER_IP, OUR_IP, 64, 17, &[], &udp(PORT, PORT, &plain));
+    set_frag(&mut first_fragment, 0x2000);
+    // Inner packet shorter than its header claims.
+    let mut short_inner = plain.clone();
+    short_inner.truncate(plain.len() - 4);
+    // Outer total length beyond the frame.
+    let mut long_outer = tunnelled(PEER_IP, OUR_IP, PORT, &plain);
+    let total = u16::from_be_bytes([long_outer[16], long_outer[17]]) + 10;
+    long_outer[16..18].copy_from_slice(&total.to_be_bytes());
+    // Not an IPv4 inner packet.
+    let mut not_v4_inner = plain.clone();
+    not_v4_inner[0] = 0x65;
+
+    let malformed = [
+        ether(0x0800, &first_fragment),
+        tunnelled(PEER_IP, OUR_IP, PORT, &short_inner),
+        long_outer,
+        tunnelled(PEER_IP, OUR_IP, PORT, &not_v4_inner),
+    ];
+    for frame in &malformed {
+        assert_eq!(test_run(&prog, frame, None).0, TC_ACT_SHOT);
+    }
+    // A stranger, even one sending from an inner address of a real peer.
+    let unknown = tunnelled(STRANGER_IP, OUR_IP, PORT, &plain);
+    assert_eq!(test_run(&prog, &unknown, None).0, TC_ACT_SHOT);
+    // A peer sending an inner source from another peer's subnet, and from outside the network.
+    let spoof1 = tunnelled(
+        OTHER_PEER_IP,
+        OUR_IP,
+        PORT,
+        &inner(a("10.244.2.7"), a("10.244.1.5")),
+    );
+    let spoof2 = tunnelled(PEER_IP, OUR_IP, PORT, &inner(a("8.8.8.8"), a("10.244.1.5")));
+    assert_eq!(test_run(&prog, &spoof1, None).0, TC_ACT_SHOT);
+    assert_eq!(test_run(&prog, &spoof2, None).0, TC_ACT_SHOT);
+
+    let s = host.stats();
+    assert_eq!(s.drop_malformed, malformed.len() as u64, "{s:?}");
+    assert_eq!(s.drop_unknown_sender, 1, "{s:?}");
+    assert_eq!(s.drop_spoofed_source, 2, "{s:?}");
+    assert_eq!(s.rx_packets, 0, "{s:?}");
+
+    // Once the peer is gone, its packets come from a stranger.
+    dp.remove_peer(net(PEER_SUBNET)).expect("remove peer");
+    let ok_before = tunnelled(PEER_IP, OUR_IP, PORT, &plain);
+    assert_eq!(test_run(&prog, &ok_before, None).0, TC_ACT_SHOT);
+    assert_eq!(host.stats().drop_unknown_sender, 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests: real traffic between two namespaces
+
+/// Polls `f` until it returns Some or the deadline passes.
+fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Sends a datagram from `a`'s overlay address to `b`'s and the answer back; true when both
+/// arrive intact within `timeout` each.
+fn round_trip(a: &Host, b: &Host, timeout: Duration) -> bool {
+    let (a_addr, b_addr) = (a.subnet.network(), b.subnet.network());
+    let server = b.ns.enter(move || UdpSocket::bind((b_addr, 0)).expect("bind on b"));
+    let client = a.ns.enter(move || UdpSocket::bind((a_addr, 0)).expect("bind on a"));
+    let server_addr = server.local_addr().expect("addr");
+    for s in [&server, &client] {
+        s.set_read_timeout(Some(timeout)).expect("timeout");
+    }
+    if client.send_to(b"ping through the tunnel", server_addr).is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 64];
+    let Ok((n, from)) = server.recv_from(&mut buf) else {
+        return false;
+    };
+    // The source is a's overlay address: the packet entered b through flannel0 unchanged.
+    assert_eq!(&buf[..n], b"ping through the tunnel");
+    assert_eq!(from.ip(), std::net::IpAddr::V4(a_addr));
+    if server.send_to(b"pong", from).is_err() {
+        return false;
+    }
+    matches!(client.recv_from(&mut buf), Ok((4, _))) && &buf[..4] == b"pong"
+}
+
+#[test]
+fn traffic_crosses_the_tunnel_with_strict_rp_filter() {
+    require_object();
+    let (a_host, b_host) = two_hosts();
+    for h in [&a_host, &b_host] {
+        for dev in ["all", "default", "ext0", "flannel0"] {
+            h.ns.sysctl(&format!("net.ipv4.conf.{dev}.rp_filter"), "1");
+        }
+    }
+    let mut dpa = a_host.load();
+    let mut dpb = b_host.load();
+    dpa.sync_peers(&BTreeMap::from([(b_host.subnet, b_host.ip)]))
+        .expect("peers of a");
+    dpb.sync_peers(&BTreeMap::from([(a_host.subnet, a_host.ip)]))
+        .expect("peers of b");
+
+    // The first datagram may wait for ARP on the underlay; then every one must pass.
+    wait_for("a first round trip", Duration::from_secs(10), || {
+        round_trip(&a_host, &b_host, Duration::from_millis(500)).then_some(())
+    });
+    for _ in 0..5 {
+        assert!(round_trip(&a_host, &b_host, Duration::from_secs(2)));
+    }
+
+    let sa = a_host.stats();
+    let sb = b_host.stats();
+    assert!(sa.tx_packets >= 6 && sa.rx_packets >= 6, "a: {sa:?}");
+    assert!(sb.tx_packets >= 6 && sb.rx_packets >= 6, "b: {sb:?}");
+    for s in [sa, sb] {
+        assert_eq!(
+            s.drop_helper_error + s.drop_malformed + s.drop_unknown_sender + s.drop_spoofed_source,
+            0,
+            "{s:?}"
+        );
+    }
+}
+
+#[test]
+fn reload_adopts_pinned_state_and_unload_removes_it() {
+    require_object();
+    let (a_host, b_host) = two_hosts();
+    let mut dpa = a_host.load();
+    let mut dpb = b_host.load();
+    dpa.set_peer(b_host.subnet, b_host.ip).expect("peer");
+    dpb.set_peer(a_host.subnet, a_host.ip).expect("peer");
+    wait_for("a first round trip", Duration::from_secs(10), || {
+        round_trip(&a_host, &b_host, Duration::from_millis(500)).then_some(())
+    });
+
+    // The agent exits: everything stays in the kernel and traffic still flows.
+    drop(dpa);
+    assert!(
+        round_trip(&a_host, &b_host, Duration::from_secs(2)),
+        "traffic with no agent running"
+    );
+
+    // A new agent adopts the pinned maps (the peer is still there) and replaces the programs.
+    let dpa = a_host.load();
+    assert_eq!(
+        dpa.peers().get(&b_host.subnet),
+        Some(&b_host.ip),
+        "peer adopted from the pinned map"
+    );
+    assert!(
+        round_trip(&a_host, &b_host, Duration::from_secs(2)),
+        "traffic after the reload"
+    );
+    // Exactly one program on each hook: the old ones were replaced, not stacked.
+    for (ifname, direction, prog) in [
+        ("flannel0", TcAttachType::Egress, "flannel_encap"),
+        ("ext0", TcAttachType::Ingress, "flannel_decap"),
+    ] {
+        let names: Vec<String> = a_host.ns.enter(move || {
+            let (_, progs) = SchedClassifier::query_tcx(ifname, direction).expect("query tcx");
+            progs
+                .iter()
+                .map(|p| p.name_as_str().unwrap_or("?").to_string())
+                .collect()
+        });
+        assert_eq!(names, vec![prog.to_string()], "{ifname}");
+    }
+
+    // Uninstall: no pins left, nothing attached, and the tunnel is gone.
+    drop(dpa);
+    EbpfDataplane::unload(&a_host.pin_dir).expect("unload");
+    assert!(!a_host.pin_dir.exists(), "pin dir removed");
+    let attached = a_host.ns.enter(|| {
+        SchedClassifier::query_tcx("flannel0", TcAttachType::Egress)
+            .expect("query tcx")
+            .1
+            .len()
+    });
+    assert_eq!(attached, 0, "encap detached");
+    assert!(
+        !round_trip(&a_host, &b_host, Duration::from_millis(300)),
+        "no tunnel after unload"
+    );
+    EbpfDataplane::unload(&a_host.pin_dir).expect("unload twice is fine");
+}
