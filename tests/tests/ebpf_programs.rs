@@ -18,9 +18,9 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use aya::programs::{SchedClassifier, TcAttachType};
 use flannel_agent::backend::udp::ebpf::{read_pinned_stats, EbpfDataplane, EbpfOptions};
 use flannel_agent::backend::udp::UdpDataplane;
-use aya::programs::{SchedClassifier, TcAttachType};
 use flannel_common::Stats;
 use ipnetwork::Ipv4Network;
 
@@ -36,6 +36,9 @@ const OUR_SUBNET: &str = "10.244.1.0/24";
 const PEER_SUBNET: &str = "10.244.2.0/24";
 const OTHER_PEER_SUBNET: &str = "10.244.3.0/24";
 const OTHER_PEER_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 3);
+
+const EXT0_MAC: &str = "02:00:00:00:00:01";
+const EXT1_MAC: &str = "02:00:00:00:00:02";
 
 fn net(s: &str) -> Ipv4Network {
     s.parse().expect("test constant")
@@ -165,11 +168,26 @@ impl Host {
     /// A standalone host whose `ext0` peer end (`ext1`) stays in the same namespace.
     fn alone() -> Host {
         let host = Host::new(OUR_IP, OUR_SUBNET);
-        host.ns
-            .ip(&["link", "add", "ext0", "type", "veth", "peer", "name", "ext1"]);
+        host.ns.ip(&[
+            "link", "add", "ext0", "type", "veth", "peer", "name", "ext1",
+        ]);
+        host.ns.ip(&["link", "set", "ext0", "address", EXT0_MAC]);
+        host.ns.ip(&["link", "set", "ext1", "address", EXT1_MAC]);
         host.ns.ip(&["addr", "add", "192.0.2.1/24", "dev", "ext0"]);
         host.ns.ip(&["link", "set", "ext0", "up"]);
         host.ns.ip(&["link", "set", "ext1", "up"]);
+        // The "peer" is ext1 itself: encapsulated frames land there for the test to read.
+        host.ns.ip(&[
+            "neigh",
+            "add",
+            "192.0.2.2",
+            "lladdr",
+            EXT1_MAC,
+            "dev",
+            "ext0",
+            "nud",
+            "permanent",
+        ]);
         host
     }
 
@@ -200,12 +218,111 @@ impl Host {
         obj_get(&self.pin_dir.join(name)).expect("pinned program")
     }
 
-    /// [`test_run`] from inside this host's namespace, where `ifindex` means its devices.
-    fn test_run(&self, prog: &OwnedFd, packet: &[u8], ifindex: Option<u32>) -> (u32, Vec<u8>) {
-        let prog = prog.try_clone().expect("dup fd");
+    /// Sends `packet` out of `flannel0` as if the stack routed it there (an AF_PACKET socket
+    /// goes through the device's TC egress just the same). A TC drop shows as ENOBUFS.
+    fn inject(&self, ethertype: u16, packet: &[u8]) -> io::Result<()> {
+        let ifindex = self.ns.ifindex("flannel0");
         let packet = packet.to_vec();
-        self.ns.enter(move || test_run(&prog, &packet, ifindex))
+        self.ns.enter(move || {
+            // SAFETY: plain socket(2) call.
+            let fd =
+                unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+            assert!(fd >= 0, "packet socket: {}", io::Error::last_os_error());
+            // SAFETY: a fresh fd owned here.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            // SAFETY: sockaddr_ll is plain data; zero is a valid start.
+            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_protocol = ethertype.to_be();
+            sll.sll_ifindex = ifindex as i32;
+            // SAFETY: buffer and address are valid for the given lengths.
+            let n = unsafe {
+                libc::sendto(
+                    fd.as_raw_fd(),
+                    packet.as_ptr().cast(),
+                    packet.len(),
+                    0,
+                    (&sll as *const libc::sockaddr_ll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                )
+            };
+            if n < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(())
+            }
+        })
     }
+
+    /// A raw socket on `ext1` (the far end of `ext0`), reading whole Ethernet frames.
+    fn capture(&self) -> OwnedFd {
+        let ifindex = self.ns.ifindex("ext1");
+        self.ns.enter(move || {
+            let all = (libc::ETH_P_ALL as u16).to_be();
+            // SAFETY: plain socket(2) call.
+            let fd = unsafe {
+                libc::socket(
+                    libc::AF_PACKET,
+                    libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                    i32::from(all),
+                )
+            };
+            assert!(fd >= 0, "packet socket: {}", io::Error::last_os_error());
+            // SAFETY: a fresh fd owned here.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            // SAFETY: sockaddr_ll is plain data; zero is a valid start.
+            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_protocol = all;
+            sll.sll_ifindex = ifindex as i32;
+            // SAFETY: valid address of the given length.
+            let rc = unsafe {
+                libc::bind(
+                    fd.as_raw_fd(),
+                    (&sll as *const libc::sockaddr_ll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                )
+            };
+            assert!(rc == 0, "bind: {}", io::Error::last_os_error());
+            let tv = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 200_000,
+            };
+            // SAFETY: valid option value of the given length.
+            unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&tv as *const libc::timeval).cast(),
+                    std::mem::size_of::<libc::timeval>() as u32,
+                );
+            }
+            fd
+        })
+    }
+}
+
+/// The next frame on `capture` that is UDP to our port, within a few seconds.
+fn next_tunnel_frame(capture: &OwnedFd) -> Option<Vec<u8>> {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        let mut buf = vec![0u8; 2048];
+        // SAFETY: buf is valid for its length.
+        let n = unsafe { libc::recv(capture.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n <= 0 {
+            continue;
+        }
+        buf.truncate(n as usize);
+        let is_tunnel = buf.len() >= 42
+            && buf[12..14] == [0x08, 0x00]
+            && buf[23] == 17
+            && buf[36..38] == PORT.to_be_bytes();
+        if is_tunnel {
+            return Some(buf);
+        }
+    }
+    None
 }
 
 impl Drop for Host {
@@ -240,16 +357,7 @@ fn two_hosts() -> (Host, Host) {
     let a = Host::new(OUR_IP, OUR_SUBNET);
     let b = Host::new(PEER_IP, PEER_SUBNET);
     a.ns.ip(&[
-        "link",
-        "add",
-        "ext0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "ext0",
-        "netns",
-        &b.ns.name,
+        "link", "add", "ext0", "type", "veth", "peer", "name", "ext0", "netns", &b.ns.name,
     ]);
     for (h, addr) in [(&a, "192.0.2.1/24"), (&b, "192.0.2.2/24")] {
         h.ns.ip(&["addr", "add", addr, "dev", "ext0"]);
@@ -298,7 +406,7 @@ fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     let mut attr = BpfAttr([0; 128]);
     attr.put_u64(0, c.as_ptr() as u64);
     let fd = sys_bpf(7, &mut attr)?; // BPF_OBJ_GET
-    // SAFETY: a fresh fd owned by us.
+                                     // SAFETY: a fresh fd owned by us.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
@@ -343,7 +451,14 @@ fn checksum(bytes: &[u8]) -> u16 {
 }
 
 /// An IPv4 packet with a valid header checksum; `options` must be a multiple of 4 bytes.
-fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, ttl: u8, proto: u8, options: &[u8], payload: &[u8]) -> Vec<u8> {
+fn ipv4(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    ttl: u8,
+    proto: u8,
+    options: &[u8],
+    payload: &[u8],
+) -> Vec<u8> {
     assert_eq!(options.len() % 4, 0);
     let hlen = 20 + options.len();
     let total = hlen + payload.len();
@@ -389,7 +504,14 @@ fn ether(ethertype: u16, payload: &[u8]) -> Vec<u8> {
 
 /// A small inner packet: UDP from `src` to `dst` with a recognisable payload.
 fn inner(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
-    ipv4(src, dst, 64, 17, &[], &udp(40000, 7777, b"flannel-rs inner payload"))
+    ipv4(
+        src,
+        dst,
+        64,
+        17,
+        &[],
+        &udp(40000, 7777, b"flannel-rs inner payload"),
+    )
 }
 
 /// What a peer at `from` sends us: Ethernet + outer IPv4 + UDP (our port) + `inner`.
@@ -412,26 +534,29 @@ fn encap_drops_and_counts_what_it_cannot_send() {
     let host = Host::alone();
     let mut dp = host.load();
     dp.set_peer(net(PEER_SUBNET), PEER_IP).expect("set peer");
-    let prog = host.prog("flannel_encap");
-    let tun = Some(host.ns.ifindex("flannel0"));
+    let capture = host.capture();
 
+    let dropped = |ethertype: u16, packet: &[u8]| {
+        let err = host.inject(ethertype, packet).expect_err("TC drop");
+        assert_eq!(err.raw_os_error(), Some(libc::ENOBUFS), "{err}");
+    };
     // No peer owns 10.244.9.0/24.
-    let pkt = ether(0x0800, &inner(a("10.244.1.5"), a("10.244.9.9")));
-    assert_eq!(host.test_run(&prog, &pkt, tun).0, TC_ACT_SHOT);
+    dropped(0x0800, &inner(a("10.244.1.5"), a("10.244.9.9")));
     // IPv6 on the overlay device.
     let mut v6 = vec![0x60, 0, 0, 0, 0, 8, 17, 64];
     v6.extend_from_slice(&[0u8; 32]);
     v6.extend_from_slice(&udp(1, 2, b""));
-    assert_eq!(host.test_run(&prog, &ether(0x86dd, &v6), tun).0, TC_ACT_SHOT);
+    dropped(0x86dd, &v6);
     // TTL 1 would reach 0 at the tunnel hop.
     let mut last_hop = inner(a("10.244.1.5"), a("10.244.2.7"));
     last_hop[8] = 1;
-    assert_eq!(host.test_run(&prog, &ether(0x0800, &last_hop), tun).0, TC_ACT_SHOT);
+    dropped(0x0800, &last_hop);
     // A header length below 5 words.
     let mut bad_ihl = inner(a("10.244.1.5"), a("10.244.2.7"));
     bad_ihl[0] = 0x44;
-    assert_eq!(host.test_run(&prog, &ether(0x0800, &bad_ihl), tun).0, TC_ACT_SHOT);
+    dropped(0x0800, &bad_ihl);
 
+    // TC egress runs inside the send: the counters are final now.
     let s = host.stats();
     assert_eq!(s.drop_no_peer, 1, "{s:?}");
     assert_eq!(s.drop_not_ipv4, 1, "{s:?}");
@@ -439,8 +564,8 @@ fn encap_drops_and_counts_what_it_cannot_send() {
     assert_eq!(s.drop_malformed, 1, "{s:?}");
     assert_eq!(s.tx_packets, 0, "{s:?}");
     let summed = dp.stats().expect("stats");
-    assert_eq!(summed.drop_no_peer, 1);
-    assert_eq!(summed.drop_not_ipv4, 1);
+    assert_eq!((summed.drop_no_peer, summed.drop_not_ipv4), (1, 1));
+    assert_eq!(next_tunnel_frame(&capture), None, "nothing was sent");
 }
 
 #[test]
@@ -449,40 +574,32 @@ fn encap_output_is_byte_exact() {
     let host = Host::alone();
     let mut dp = host.load();
     dp.set_peer(net(PEER_SUBNET), PEER_IP).expect("set peer");
-    let prog = host.prog("flannel_encap");
-    let tun = Some(host.ns.ifindex("flannel0"));
+    let capture = host.capture();
 
-    // Inner packet with IP options (record route, padded): forwarded intact but for the TTL.
+    // Inner packet with IP options (padded record route): forwarded intact but for the TTL,
+    // which drops by one with the header checksum fixed.
     let options = [7, 7, 4, 0, 0, 0, 0, 1];
-    let input = ipv4(
-        a("10.244.1.5"),
-        a("10.244.2.7"),
+    let payload = udp(40000, 7777, b"payload");
+    let input = ipv4(a("10.244.1.5"), a("10.244.2.7"), 64, 17, &options, &payload);
+    host.inject(0x0800, &input).expect("send");
+    let frame = next_tunnel_frame(&capture).expect("an encapsulated frame on the underlay");
+
+    let expected_inner = ipv4(a("10.244.1.5"), a("10.244.2.7"), 63, 17, &options, &payload);
+    let mut outer_ip = ipv4(
+        OUR_IP,
+        PEER_IP,
         64,
         17,
-        &options,
-        &udp(40000, 7777, b"payload"),
+        &[],
+        &udp(PORT, PORT, &expected_inner),
     );
-    let (verdict, out) = host.test_run(&prog, &ether(0x0800, &input), tun);
-    assert_eq!(verdict, TC_ACT_REDIRECT);
-
-    let mut expected_inner = ipv4(
-        a("10.244.1.5"),
-        a("10.244.2.7"),
-        63,
-        17,
-        &options,
-        &udp(40000, 7777, b"payload"),
-    );
-    expected_inner[4..6].copy_from_slice(&0x1234u16.to_be_bytes());
-    let mut outer_ip = ipv4(OUR_IP, PEER_IP, 64, 17, &[], &udp(PORT, PORT, &expected_inner));
     outer_ip[4..6].copy_from_slice(&[0, 0]); // id 0
-    set_frag(&mut outer_ip, 0x4000); // DF, recomputes the checksum
-    let mut expected = vec![0u8; 12];
-    expected.extend_from_slice(&[0x08, 0x00]);
+    set_frag(&mut outer_ip, 0x4000); // DF; recomputes the checksum
+    let mut expected = vec![2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x08, 0x00];
     expected.extend_from_slice(&outer_ip);
-    assert_eq!(out, expected, "encapsulated frame");
-    // The outer IPv4 checksum verifies.
-    assert_eq!(checksum(&out[14..34]), 0);
+    assert_eq!(frame, expected, "encapsulated frame");
+    assert_eq!(checksum(&frame[14..34]), 0, "outer header checksum");
+    assert_eq!(checksum(&frame[42..42 + 28]), 0, "inner header checksum");
 
     let s = host.stats();
     assert_eq!((s.tx_packets, s.tx_bytes), (1, input.len() as u64), "{s:?}");
@@ -515,11 +632,21 @@ fn decap_accepts_peers_and_strips_exactly_the_outer_headers() {
         b"tcp-ish bytes, not parsed",
     );
     // Outer header with options (IHL 6): honoured, not mistaken for the UDP header.
-    let mut outer_opts = ipv4(PEER_IP, OUR_IP, 64, 17, &[1, 1, 1, 0], &udp(PORT, PORT, &plain));
+    let mut outer_opts = ipv4(
+        PEER_IP,
+        OUR_IP,
+        64,
+        17,
+        &[1, 1, 1, 0],
+        &udp(PORT, PORT, &plain),
+    );
     set_frag(&mut outer_opts, 0x4000);
     let cases = [
         (tunnelled(PEER_IP, OUR_IP, PORT, &plain), &plain),
-        (tunnelled(PEER_IP, OUR_IP, PORT, &with_options), &with_options),
+        (
+            tunnelled(PEER_IP, OUR_IP, PORT, &with_options),
+            &with_options,
+        ),
         (ether(0x0800, &outer_opts), &plain),
     ];
     for (frame, inner) in cases {
@@ -555,10 +682,7 @@ fn decap_passes_what_is_not_ours_untouched() {
     let mut v6 = vec![0x60, 0, 0, 0, 0, 8, 17, 64];
     v6.extend_from_slice(&[0u8; 32]);
     v6.extend_from_slice(&udp(PORT, PORT, b""));
-    let tcp_to_us = ether(
-        0x0800,
-        &ipv4(PEER_IP, OUR_IP, 64, 6, &[], &[0u8; 20]),
-    );
+    let tcp_to_us = ether(0x0800, &ipv4(PEER_IP, OUR_IP, 64, 6, &[], &[0u8; 20]));
     let mut non_first_fragment = ipv4(PEER_IP, OUR_IP, 64, 17, &[], &[0u8; 64]);
     set_frag(&mut non_first_fragment, 0x0010);
     // Our IP and UDP, but the UDP header is cut off: the port is unknown, the stack drops it.
@@ -689,13 +813,18 @@ fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) 
 /// arrive intact within `timeout` each.
 fn round_trip(a: &Host, b: &Host, timeout: Duration) -> bool {
     let (a_addr, b_addr) = (a.subnet.network(), b.subnet.network());
-    let server = b.ns.enter(move || UdpSocket::bind((b_addr, 0)).expect("bind on b"));
-    let client = a.ns.enter(move || UdpSocket::bind((a_addr, 0)).expect("bind on a"));
+    let server =
+        b.ns.enter(move || UdpSocket::bind((b_addr, 0)).expect("bind on b"));
+    let client =
+        a.ns.enter(move || UdpSocket::bind((a_addr, 0)).expect("bind on a"));
     let server_addr = server.local_addr().expect("addr");
     for s in [&server, &client] {
         s.set_read_timeout(Some(timeout)).expect("timeout");
     }
-    if client.send_to(b"ping through the tunnel", server_addr).is_err() {
+    if client
+        .send_to(b"ping through the tunnel", server_addr)
+        .is_err()
+    {
         return false;
     }
     let mut buf = [0u8; 64];
