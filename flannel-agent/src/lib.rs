@@ -5,6 +5,7 @@ pub mod cli;
 pub mod config;
 pub mod health;
 pub mod iface;
+pub mod iptables;
 pub mod lease;
 pub mod notify;
 pub mod subnet;

@@ -221,6 +221,16 @@ async fn agent(flags: Flags) -> anyhow::Result<()> {
     };
     env.write(&flags.subnet_file)
         .with_context(|| format!("writing {}", flags.subnet_file.display()))?;
+    flannel_agent::iptables::install_and_keep(
+        flags.ip_masq,
+        flags.iptables_forward_rules,
+        Duration::from_secs(flags.iptables_resync),
+        config.network,
+        own.subnet(),
+        &previous,
+    )
+    .await
+    .context("installing iptables rules")?;
 
     let (tx, mut rx) = mpsc::channel(64);
     let watcher = PeerWatcher::new(registry.clone(), own.key, state.watch.clone());

@@ -7,7 +7,10 @@ use crate::lease::{Lease, LeaseAttrs};
 use crate::subnet::PeerEvent;
 
 pub mod alloc;
+pub mod hostgw;
+pub mod route;
 pub mod udp;
+pub mod vxlan;
 
 pub use udp::DataplaneStats;
 
@@ -20,7 +23,7 @@ pub struct BackendOptions {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
-    #[error("unknown backend type {0:?} (supported: udp, alloc)")]
+    #[error("unknown backend type {0:?} (supported: udp, vxlan, host-gw, alloc)")]
     Unknown(String),
     #[error("backend {backend}: option {option}: {message}")]
     BadOption {
@@ -54,6 +57,8 @@ pub trait Backend {
 pub enum AnyBackend {
     Alloc(alloc::AllocBackend),
     Udp(Box<udp::UdpBackend>),
+    Vxlan(Box<vxlan::VxlanBackend>),
+    HostGw(hostgw::HostGwBackend),
 }
 
 impl AnyBackend {
@@ -69,6 +74,11 @@ impl AnyBackend {
                 ext,
                 opts,
             )?))),
+            vxlan::BACKEND_TYPE => Ok(AnyBackend::Vxlan(Box::new(vxlan::VxlanBackend::new(
+                &config.backend,
+                ext,
+            )?))),
+            hostgw::BACKEND_TYPE => Ok(AnyBackend::HostGw(hostgw::HostGwBackend::new(ext))),
             other => Err(BackendError::Unknown(other.to_owned())),
         }
     }
@@ -77,6 +87,8 @@ impl AnyBackend {
         match self {
             AnyBackend::Alloc(_) => "alloc",
             AnyBackend::Udp(_) => "udp",
+            AnyBackend::Vxlan(_) => vxlan::BACKEND_TYPE,
+            AnyBackend::HostGw(_) => hostgw::BACKEND_TYPE,
         }
     }
 }
@@ -86,6 +98,8 @@ macro_rules! dispatch {
         match $self {
             AnyBackend::Alloc($b) => $e,
             AnyBackend::Udp($b) => $e,
+            AnyBackend::Vxlan($b) => $e,
+            AnyBackend::HostGw($b) => $e,
         }
     };
 }

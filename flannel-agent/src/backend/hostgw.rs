@@ -1,0 +1,205 @@
+//! The `host-gw` backend: no encapsulation, one route per peer subnet via the peer's public IP
+//! on the external interface (all nodes must share one L2 network).
+
+use std::collections::BTreeMap;
+
+use anyhow::{bail, Context};
+use ipnetwork::Ipv4Network;
+use rtnetlink::Handle;
+
+use super::route::{self, Route};
+use super::Backend;
+use crate::config::NetworkConfig;
+use crate::iface::ExternalInterface;
+use crate::lease::{Lease, LeaseAttrs};
+use crate::subnet::PeerEvent;
+
+pub const BACKEND_TYPE: &str = "host-gw";
+
+pub struct HostGwBackend {
+    ext: ExternalInterface,
+    network: Option<Ipv4Network>,
+    handle: Option<Handle>,
+    /// The route each peer subnet should have.
+    routes: BTreeMap<Ipv4Network, Route>,
+    /// Peer events seen at least once: only then may resync drop routes nobody owns.
+    peers_known: bool,
+}
+
+impl HostGwBackend {
+    pub fn new(ext: &ExternalInterface) -> Self {
+        HostGwBackend {
+            ext: ext.clone(),
+            network: None,
+            handle: None,
+            routes: BTreeMap::new(),
+            peers_known: false,
+        }
+    }
+
+    fn handle(&self) -> anyhow::Result<&Handle> {
+        self.handle.as_ref().context("host-gw backend not started")
+    }
+
+    fn route_for(&self, lease: &Lease) -> Route {
+        Route {
+            dst: lease.subnet(),
+            gateway: lease.attrs.public_ip,
+            oif: self.ext.index,
+            onlink: false,
+        }
+    }
+}
+
+/// Refuse a public IP that is not the interface's own: peers could not route to it directly.
+pub fn check_public_ip(ext: &ExternalInterface) -> anyhow::Result<()> {
+    if ext.ext_addr != ext.iface_addr {
+        bail!(
+            "host-gw needs the public IP to be the address of interface {} ({}), got {}: \
+             host-gw cannot work across NAT; drop --public-ip or use the vxlan backend",
+            ext.name,
+            ext.iface_addr,
+            ext.ext_addr
+        );
+    }
+    Ok(())
+}
+
+impl Backend for HostGwBackend {
+    fn lease_attrs(&self, public_ip: std::net::Ipv4Addr) -> LeaseAttrs {
+        let mut attrs = LeaseAttrs::new(public_ip);
+        attrs.backend_type = BACKEND_TYPE.into();
+        attrs
+    }
+
+    fn mtu(&self) -> u32 {
+        self.ext.mtu
+    }
+
+    async fn start(&mut self, _own: &Lease, config: &NetworkConfig) -> anyhow::Result<()> {
+        check_public_ip(&self.ext)?;
+        let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
+        tokio::spawn(conn);
+        self.handle = Some(handle);
+        self.network = Some(config.network);
+        Ok(())
+    }
+
+    async fn handle_events(&mut self, events: &[PeerEvent]) -> anyhow::Result<()> {
+        let handle = self.handle()?.clone();
+        self.peers_known = true;
+        let mut first_error = None;
+        for ev in events {
+            let result = match ev {
+                PeerEvent::Added(lease) if lease.attrs.backend_type != BACKEND_TYPE => {
+                    log::warn!(
+                        "ignoring peer {} at {}: backend type {:?}, not {BACKEND_TYPE}",
+                        lease.subnet(),
+                        lease.attrs.public_ip,
+                        lease.attrs.backend_type
+                    );
+                    // A peer that switched backends must not keep our old route.
+                    match self.routes.remove(&lease.subnet()) {
+                        Some(old) => old.delete(&handle).await,
+                        None => Ok(()),
+                    }
+                }
+                PeerEvent::Added(lease) => {
+                    let route = self.route_for(lease);
+                    self.routes.insert(route.dst, route);
+                    route.replace(&handle).await
+                }
+                PeerEvent::Removed(lease) => match self.routes.remove(&lease.subnet()) {
+                    Some(old) => old.delete(&handle).await,
+                    None => Ok(()),
+                },
+            };
+            if let Err(e) = result {
+                let subnet = match ev {
+                    PeerEvent::Added(l) | PeerEvent::Removed(l) => l.subnet(),
+                };
+                log::warn!("host-gw route for {subnet}: {e}");
+                first_error.get_or_insert(anyhow::anyhow!("host-gw route for {subnet}: {e}"));
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Put back routes someone deleted and drop routes into the network that no peer owns.
+    async fn resync(&mut self) -> anyhow::Result<()> {
+        let handle = self.handle()?.clone();
+        let present = route::list_gateway_routes(&handle).await?;
+        for want in self.routes.values() {
+            let installed = present
+                .iter()
+                .any(|r| r.dst == want.dst && r.gateway == want.gateway && r.oif == want.oif);
+            if !installed {
+                log::info!("host-gw: restoring route {} via {}", want.dst, want.gateway);
+                if let Err(e) = want.replace(&handle).await {
+                    log::warn!("host-gw: restoring route {}: {e}", want.dst);
+                }
+            }
+        }
+        let Some(network) = self.network.filter(|_| self.peers_known) else {
+            return Ok(());
+        };
+        for stale in present.iter().filter(|r| {
+            r.oif == self.ext.index
+                && network.contains(r.dst.network())
+                && r.dst.prefix() >= network.prefix()
+        }) {
+            let wanted = self
+                .routes
+                .get(&stale.dst)
+                .is_some_and(|w| w.gateway == stale.gateway);
+            if !wanted {
+                log::info!(
+                    "host-gw: removing stale route {} via {}",
+                    stale.dst,
+                    stale.gateway
+                );
+                if let Err(e) = stale.delete(&handle).await {
+                    log::warn!("host-gw: removing stale route {}: {e}", stale.dst);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ext(iface_addr: &str, ext_addr: &str) -> ExternalInterface {
+        ExternalInterface {
+            name: "eth0".into(),
+            index: 2,
+            mtu: 1500,
+            iface_addr: iface_addr.parse().unwrap(),
+            ext_addr: ext_addr.parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn lease_json_is_upstreams() {
+        let b = HostGwBackend::new(&ext("192.0.2.10", "192.0.2.10"));
+        assert_eq!(
+            b.lease_attrs("172.30.0.11".parse().unwrap()).to_json(),
+            r#"{"PublicIP":"172.30.0.11","PublicIPv6":null,"BackendType":"host-gw"}"#
+        );
+        assert_eq!(b.mtu(), 1500);
+    }
+
+    #[test]
+    fn public_ip_must_be_the_interface_address() {
+        assert!(check_public_ip(&ext("192.0.2.10", "192.0.2.10")).is_ok());
+        let err = check_public_ip(&ext("192.0.2.10", "198.51.100.1"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("198.51.100.1") && err.contains("eth0"),
+            "{err}"
+        );
+    }
+}
