@@ -45,3 +45,37 @@ impl Container {
         Ok(out.status.success())
     }
 }
+
+/// Send `bytes` over TCP from `src` to `dst` (port 5001); returns what `dst` received.
+pub fn tcp_transfer(src: &Container, dst: &Container, bytes: usize) -> Result<usize> {
+    use std::io::{Read, Write};
+    use std::net::{SocketAddr, TcpListener, TcpStream};
+    use std::time::Duration;
+    let addr = SocketAddr::from((dst.ip, 5001));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let server = dst.ns.spawn_in(move || -> Result<usize> {
+        let l = TcpListener::bind(addr);
+        let _ = ready_tx.send(());
+        let (mut s, _) = l?.accept()?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf)?;
+        Ok(buf.len())
+    })?;
+    ready_rx.recv_timeout(Duration::from_secs(5))?;
+    let sent = src.ns.run_in(move || -> Result<()> {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        s.set_write_timeout(Some(Duration::from_secs(10)))?;
+        let chunk = vec![0x5au8; 64 * 1024];
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            s.write_all(&chunk[..n])?;
+            left -= n;
+        }
+        Ok(())
+    })?;
+    let received = server.join().map_err(|_| anyhow::anyhow!("server thread panicked"))?;
+    sent?;
+    received?
+}

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 pub use agent::Agent;
 pub use cluster::{Cluster, Host};
-pub use container::Container;
+pub use container::{tcp_transfer, Container};
 pub use etcd::Etcd;
 pub use netns::Netns;
 

@@ -106,6 +106,19 @@ impl Netns {
         .map_err(|_| anyhow::anyhow!("thread in namespace panicked"))?
     }
 
+    /// Like `run_in`, but returns at once with a handle to join later.
+    pub fn spawn_in<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<std::thread::JoinHandle<Result<T>>> {
+        let file = File::open(self.path()).with_context(|| format!("opening {}", self.path().display()))?;
+        Ok(std::thread::spawn(move || -> Result<T> {
+            nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                .context("setns")?;
+            Ok(f())
+        }))
+    }
+
     /// Kill every process still inside and delete the namespace.
     pub fn destroy(&self) {
         if let Ok(out) = Command::new("ip").args(["netns", "pids", &self.name]).output() {

@@ -76,6 +76,71 @@ impl UdpBackend {
             dataplane: None,
         })
     }
+
+    fn device_config(
+        &self,
+        own: &crate::lease::Lease,
+        config: &crate::config::NetworkConfig,
+    ) -> device::OverlayDeviceConfig {
+        device::OverlayDeviceConfig::for_lease(own.subnet(), config.network, self.ext.mtu)
+    }
+
+    async fn start_ebpf(
+        &mut self,
+        handle: &rtnetlink::Handle,
+        own: &crate::lease::Lease,
+        config: &crate::config::NetworkConfig,
+    ) -> anyhow::Result<Box<dyn UdpDataplane>> {
+        if !ebpf::EbpfDataplane::embedded() {
+            anyhow::bail!("this flanneld was built without the eBPF object (run `cargo xtask build-ebpf` before building it)");
+        }
+        // The eBPF programs never read the TUN: it only needs to exist (and survive restarts).
+        let dev_cfg = device::OverlayDeviceConfig {
+            persistent: true,
+            queues: 0,
+            vnet_hdr: false,
+            ..self.device_config(own, config)
+        };
+        let dev = device::setup_overlay_device(handle, &dev_cfg).await?;
+        let opts = ebpf::EbpfOptions {
+            pin_dir: self.opts.bpf_pin_dir.clone(),
+            overlay_ifindex: dev.ifindex,
+            ext_ifindex: self.ext.index,
+            // Upstream binds its socket to the interface address: that is the outer source.
+            ext_ip: self.ext.iface_addr,
+            port: self.port,
+            network: config.network,
+            own_subnet: own.subnet(),
+        };
+        match ebpf::EbpfDataplane::load(&opts) {
+            Ok(dp) => Ok(Box::new(dp)),
+            Err(e) => {
+                // Leave no half-configured device behind for the TUN fallback.
+                if let Err(del) = handle.link().del(dev.ifindex).execute().await {
+                    log::warn!("removing {} after the failed eBPF load: {del}", dev.name);
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn start_tun(
+        &mut self,
+        handle: &rtnetlink::Handle,
+        own: &crate::lease::Lease,
+        config: &crate::config::NetworkConfig,
+    ) -> anyhow::Result<Box<dyn UdpDataplane>> {
+        // Programs of an earlier eBPF run would otherwise still grab our UDP port.
+        if let Err(e) = ebpf::EbpfDataplane::unload(&self.opts.bpf_pin_dir) {
+            log::warn!("removing pinned eBPF data plane: {e}");
+        }
+        let dev = device::setup_overlay_device(handle, &self.device_config(own, config)).await?;
+        Ok(Box::new(tun::TunDataplane::start(
+            dev,
+            self.ext.iface_addr,
+            self.port,
+        )?))
+    }
 }
 
 impl super::Backend for UdpBackend {
@@ -88,11 +153,27 @@ impl super::Backend for UdpBackend {
     }
     async fn start(
         &mut self,
-        _own: &crate::lease::Lease,
-        _config: &crate::config::NetworkConfig,
+        own: &crate::lease::Lease,
+        config: &crate::config::NetworkConfig,
     ) -> anyhow::Result<()> {
-        let _ = (&self.port, &self.opts);
-        anyhow::bail!("udp data plane not wired yet")
+        use crate::cli::UdpDataplaneKind;
+        let (conn, handle, _) = rtnetlink::new_connection()?;
+        tokio::spawn(conn);
+        let kind = self.opts.udp_dataplane;
+        let (dp, name) = match kind {
+            UdpDataplaneKind::Tun => (self.start_tun(&handle, own, config).await?, "TUN"),
+            UdpDataplaneKind::Ebpf => (self.start_ebpf(&handle, own, config).await?, "eBPF"),
+            UdpDataplaneKind::Auto => match self.start_ebpf(&handle, own, config).await {
+                Ok(dp) => (dp, "eBPF"),
+                Err(e) => {
+                    log::warn!("eBPF data plane unavailable ({e:#}); falling back to the TUN data plane");
+                    (self.start_tun(&handle, own, config).await?, "TUN")
+                }
+            },
+        };
+        log::info!("udp backend: port {}, {name} data plane", self.port);
+        self.dataplane = Some(dp);
+        Ok(())
     }
     async fn handle_events(&mut self, events: &[crate::subnet::PeerEvent]) -> anyhow::Result<()> {
         let Some(dp) = self.dataplane.as_mut() else {
