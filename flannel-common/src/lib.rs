@@ -120,7 +120,7 @@ pub struct Stats {
     pub drop_ttl_exceeded: u64,
     /// A kernel helper failed (resizing the packet or redirecting it).
     pub drop_helper_error: u64,
-    /// Either program ran before the agent wrote the configuration.
+    /// Encap ran before the agent wrote the configuration (decap passes everything then).
     pub drop_not_configured: u64,
 }
 

@@ -73,9 +73,8 @@ enum Drop {
 
 #[inline(always)]
 fn stats() -> Option<&'static mut Stats> {
-    // SAFETY: per-CPU slot of a preallocated array: valid for the whole run and only this
-    // CPU touches it while we run (TC programs are not preempted mid-run by another program
-    // on the same CPU that writes this map... except from a nested NMI, which cannot run TC).
+    // SAFETY: this CPU's slot of a preallocated array: valid for the whole run, and nothing
+    // else writes it meanwhile (TC programs run with bottom halves off, on one CPU).
     STATS.get_ptr_mut(0).map(|p| unsafe { &mut *p })
 }
 
@@ -187,7 +186,7 @@ fn encap(ctx: &TcContext) -> Result<i32, Drop> {
     };
     // SAFETY: the value is copied out at once; a concurrent update can at worst give us the
     // old or the new address, both valid peers.
-    let peer_ip = match unsafe { PEERS.get(&key) } {
+    let peer_ip = match unsafe { PEERS.get(key) } {
         Some(p) => p.public_ip,
         None => return Err(Drop::NoPeer),
     };
@@ -365,14 +364,14 @@ fn decap(ctx: &TcContext) -> Result<i32, Drop> {
         subnet: mask(addr(inner, 12), cfg.subnet_mask),
     };
     // SAFETY: the value is copied out at once.
-    let owner = unsafe { PEERS.get(&key) }.map(|p| p.public_ip);
+    let owner = unsafe { PEERS.get(key) }.map(|p| p.public_ip);
     if owner != Some(outer_src) {
         // Slow path only: tell a stranger from a peer that lies about its source.
         let sender = SenderKey {
             public_ip: outer_src,
         };
         // SAFETY: only tested for presence.
-        return match unsafe { SENDERS.get(&sender) } {
+        return match unsafe { SENDERS.get(sender) } {
             Some(_) => Err(Drop::SpoofedSource),
             None => Err(Drop::UnknownSender),
         };
