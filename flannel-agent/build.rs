@@ -50,14 +50,20 @@ fn target_dir() -> PathBuf {
             dir
         };
     }
-    // OUT_DIR is <target>/[<triple>/]<profile>/build/<pkg>-<hash>/out.
+    // OUT_DIR is <target>/[<triple>/]<profile>/build/<pkg>-<hash>/out; the triple level
+    // exists when cargo was given --target.
     if let Some(out_dir) = std::env::var_os("OUT_DIR") {
         let out_dir = PathBuf::from(out_dir);
-        if let Some(found) = out_dir
-            .ancestors()
-            .find(|a| a.join("CACHEDIR.TAG").is_file())
-        {
-            return found.to_path_buf();
+        if let Some(above_profile) = out_dir.ancestors().nth(4) {
+            let triple = std::env::var_os("TARGET").unwrap_or_default();
+            let dir = if above_profile.file_name() == Some(triple.as_os_str()) {
+                above_profile.parent()
+            } else {
+                Some(above_profile)
+            };
+            if let Some(dir) = dir {
+                return dir.to_path_buf();
+            }
         }
     }
     workspace.join("target")
