@@ -1,0 +1,649 @@
+//! The vxlan and host-gw backends and the iptables rules, end to end: hosts in namespaces with a
+//! container each, real etcd, real kernel devices, routes and netfilter.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use flannel_tests::{wait_for, Agent, Cluster, Host, Netns, Result};
+
+const VXLAN: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
+const HOSTGW: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#;
+/// A container behind a host: a namespace joined by a veth, the host's flannel subnet on the
+/// link (host .1, container .2), default route via the host.
+// (tests/src/container.rs creates the veth peer as `eth0` in the host namespace, which already
+// has an `eth0`; this one creates it directly in the container namespace.)
+struct Container {
+    ns: Netns,
+    ip: Ipv4Addr,
+}
+
+impl Container {
+    fn create(host: &Host, subnet: &str, mtu: u32) -> Result<Self> {
+        let (net, len) = subnet.split_once('/').context("subnet without length")?;
+        let net: Ipv4Addr = net.parse()?;
+        let gw = Ipv4Addr::from(u32::from(net) + 1);
+        let ip = Ipv4Addr::from(u32::from(net) + 2);
+        let ns = Netns::create(&format!("{}-c", host.ns.name))?;
+        let (mtu, path) = (mtu.to_string(), ns.path().to_string_lossy().into_owned());
+        host.ns.ip(&[
+            "link", "add", "veth-c", "mtu", &mtu, "type", "veth", "peer", "name", "eth0", "mtu",
+            &mtu, "netns", &path,
+        ])?;
+        host.ns
+            .ip(&["addr", "add", &format!("{gw}/{len}"), "dev", "veth-c"])?;
+        host.ns.ip(&["link", "set", "veth-c", "up"])?;
+        ns.ip(&["addr", "add", &format!("{ip}/{len}"), "dev", "eth0"])?;
+        ns.ip(&["link", "set", "eth0", "up"])?;
+        ns.ip(&["route", "add", "default", "via", &gw.to_string()])?;
+        Ok(Container { ns, ip })
+    }
+
+    /// `ping -c count`; true when every reply came back.
+    fn ping(&self, dst: Ipv4Addr, count: u32, timeout_s: u32) -> Result<bool> {
+        let out = self
+            .ns
+            .command("ping")
+            .args([
+                "-n",
+                "-q",
+                "-c",
+                &count.to_string(),
+                "-i",
+                "0.01",
+                "-W",
+                &timeout_s.to_string(),
+            ])
+            .arg(dst.to_string())
+            .output()?;
+        Ok(out.status.success())
+    }
+}
+
+const SUBNETS: &str = "/coreos.com/network/subnets/";
+const READY: Duration = Duration::from_secs(20);
+/// The agents re-check devices and routes every 10 s.
+const RESYNC: Duration = Duration::from_secs(15);
+
+struct Net {
+    // Field order is drop order: containers and agents before the cluster's namespaces.
+    containers: Vec<Container>,
+    agents: Vec<Agent>,
+    cluster: Cluster,
+}
+
+fn subnet_env_value(agent: &Agent, key: &str) -> String {
+    let text = std::fs::read_to_string(&agent.subnet_file).unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")).map(str::to_owned))
+        .unwrap_or_default()
+}
+
+fn start(config: &str, n: usize, extra: &[&str]) -> Net {
+    let cluster = Cluster::new(n).unwrap();
+    cluster.set_config(config).unwrap();
+    let mut agents: Vec<Agent> = (0..n)
+        .map(|i| cluster.start_agent(i, extra).unwrap())
+        .collect();
+    for a in agents.iter_mut() {
+        a.wait_ready(READY).unwrap();
+    }
+    for a in &agents {
+        let r = wait_for(Duration::from_secs(5), "all peers", || {
+            (a.peers().ok()?.len() == n - 1).then_some(())
+        });
+        assert!(
+            r.is_ok(),
+            "agent {} does not see {} peers\n{}",
+            a.ip,
+            n - 1,
+            a.log()
+        );
+    }
+    let containers = agents
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let mtu: u32 = subnet_env_value(a, "FLANNEL_MTU")
+                .parse()
+                .expect("FLANNEL_MTU");
+            Container::create(&cluster.hosts[i], &a.subnet().expect("subnet.env"), mtu).unwrap()
+        })
+        .collect();
+    Net {
+        containers,
+        agents,
+        cluster,
+    }
+}
+
+/// Run `f` on a new thread inside `ns` (returns at once).
+fn spawn_in<T: Send + 'static>(
+    ns: &Netns,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> std::thread::JoinHandle<Result<T>> {
+    let file = File::open(ns.path());
+    std::thread::spawn(move || {
+        nix::sched::setns(file?.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).context("setns")?;
+        f()
+    })
+}
+
+/// A TCP echo of `bytes` bytes from `src` to a server at `dst` in `dst_ns`; returns the client
+/// address the server saw.
+fn tcp_echo(src: &Netns, dst_ns: &Netns, dst: Ipv4Addr, bytes: usize) -> Result<SocketAddr> {
+    let addr = SocketAddrV4::new(dst, 7007);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let server = spawn_in(dst_ns, move || {
+        let listener = TcpListener::bind(addr);
+        let _ = tx.send(());
+        let (mut conn, peer) = listener?.accept()?;
+        conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = conn.read(&mut buf)?;
+            if n == 0 {
+                return Ok(peer);
+            }
+            conn.write_all(&buf[..n])?;
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(5))?;
+    let client = spawn_in(src, move || {
+        let conn = TcpStream::connect_timeout(&addr.into(), Duration::from_secs(5))?;
+        conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut writer = conn.try_clone()?;
+        let payload: Vec<u8> = (0..bytes).map(|i| (i % 251) as u8).collect();
+        let expected = payload.clone();
+        let w = std::thread::spawn(move || -> std::io::Result<()> {
+            writer.write_all(&payload)?;
+            writer.shutdown(std::net::Shutdown::Write)
+        });
+        let mut echoed = Vec::new();
+        (&conn).read_to_end(&mut echoed)?;
+        w.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
+        anyhow::ensure!(
+            echoed == expected,
+            "echo differs: {} of {} bytes back",
+            echoed.len(),
+            bytes
+        );
+        Ok(())
+    });
+    let client = client
+        .join()
+        .map_err(|_| anyhow::anyhow!("client panicked"))?;
+    let server = server
+        .join()
+        .map_err(|_| anyhow::anyhow!("server panicked"))?;
+    client?;
+    server
+}
+
+/// Ping and TCP between every ordered pair of containers.
+fn assert_full_mesh(net: &Net) {
+    for (i, a) in net.containers.iter().enumerate() {
+        for (j, b) in net.containers.iter().enumerate() {
+            if i == j {
+                continue;
+            }
+            let ok = wait_for(Duration::from_secs(5), "ping", || {
+                a.ping(b.ip, 1, 1).ok()?.then_some(())
+            });
+            assert!(
+                ok.is_ok(),
+                "container {i} cannot ping container {j} ({})\n{}",
+                b.ip,
+                net.agents[i].log()
+            );
+            assert!(
+                a.ping(b.ip, 3, 2).unwrap(),
+                "container {i} -> {j}: lost pings"
+            );
+            let seen = tcp_echo(&a.ns, &b.ns, b.ip, 256 * 1024)
+                .unwrap_or_else(|e| panic!("TCP {i} -> {j}: {e:#}"));
+            assert_eq!(
+                seen.ip(),
+                std::net::IpAddr::V4(a.ip),
+                "no NAT inside the overlay"
+            );
+        }
+    }
+}
+
+/// Host `public_ip`'s lease: (key, raw value, parsed value).
+fn lease_of(cluster: &Cluster, public_ip: Ipv4Addr) -> (String, String, serde_json::Value) {
+    for kv in cluster.leases().unwrap() {
+        let v: serde_json::Value = serde_json::from_str(&kv.value).unwrap();
+        if v["PublicIP"] == public_ip.to_string() {
+            return (kv.key, kv.value, v);
+        }
+    }
+    panic!("no lease for {public_ip}");
+}
+
+fn device_mac(ns: &Netns, dev: &str) -> String {
+    let out = ns.ip(&["-j", "link", "show", "dev", dev]).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v[0]["address"].as_str().unwrap().to_owned()
+}
+
+/// What host `ns` has installed for a peer: (neighbour, FDB, route) lines mentioning it.
+fn vxlan_entries(ns: &Netns, subnet: &str, mac: &str) -> (bool, bool, bool) {
+    let net = subnet.split('/').next().unwrap();
+    let neigh = ns.ip(&["neigh", "show", "dev", "flannel.1"]).unwrap();
+    let fdb = ns
+        .exec("bridge", &["fdb", "show", "dev", "flannel.1"])
+        .unwrap();
+    let routes = ns.ip(&["route", "show", "dev", "flannel.1"]).unwrap();
+    (
+        neigh.lines().any(|l| {
+            l.starts_with(&format!("{net} ")) && l.contains(mac) && l.contains("PERMANENT")
+        }),
+        fdb.lines()
+            .any(|l| l.starts_with(mac) && l.contains("self") && l.contains("permanent")),
+        routes
+            .lines()
+            .any(|l| l.starts_with(&format!("{subnet} via {net} ")) && l.contains("onlink")),
+    )
+}
+
+#[test]
+fn vxlan_three_hosts_full_mesh_and_peers_follow_etcd() {
+    let mut net = start(VXLAN, 3, &[]);
+    for (i, a) in net.agents.iter().enumerate() {
+        assert_eq!(subnet_env_value(a, "FLANNEL_MTU"), "1450");
+        let host = &net.cluster.hosts[i];
+        let mac = device_mac(&host.ns, "flannel.1");
+        let (_, _, lease) = lease_of(&net.cluster, host.ip);
+        assert_eq!(lease["BackendType"], "vxlan");
+        assert_eq!(
+            lease["BackendData"],
+            serde_json::json!({"VNI": 1, "VtepMAC": mac})
+        );
+        let link = host
+            .ns
+            .ip(&["-d", "link", "show", "dev", "flannel.1"])
+            .unwrap();
+        assert!(
+            link.contains("mtu 1450") && link.contains("vxlan id 1") && link.contains("nolearning"),
+            "{link}"
+        );
+        assert!(
+            link.contains(&format!("local {}", host.ip)) && link.contains("dev eth0"),
+            "{link}"
+        );
+        let addr = host
+            .ns
+            .ip(&["-4", "addr", "show", "dev", "flannel.1"])
+            .unwrap();
+        let own = a.subnet().unwrap().replace("/24", "/32");
+        assert!(addr.contains(&format!("inet {own}")), "{addr}");
+    }
+    assert_full_mesh(&net);
+
+    // Host 2's entries on the others, then its lease deleted in etcd: gone within 1 s.
+    let gone_subnet = net.agents[2].subnet().unwrap();
+    let gone_mac = device_mac(&net.cluster.hosts[2].ns, "flannel.1");
+    for h in 0..2 {
+        assert_eq!(
+            vxlan_entries(&net.cluster.hosts[h].ns, &gone_subnet, &gone_mac),
+            (true, true, true)
+        );
+    }
+    let (key, _, _) = lease_of(&net.cluster, net.cluster.hosts[2].ip);
+    assert!(key.starts_with(SUBNETS));
+    net.cluster.etcd.del(&key).unwrap();
+    let t = Instant::now();
+    for h in 0..2 {
+        let ns = &net.cluster.hosts[h].ns;
+        let r = wait_for(
+            Duration::from_secs(1).saturating_sub(t.elapsed()),
+            "peer entries removed",
+            || (vxlan_entries(ns, &gone_subnet, &gone_mac) == (false, false, false)).then_some(()),
+        );
+        assert!(
+            r.is_ok(),
+            "host {h} still has {:?} for {gone_subnet}\n{}",
+            vxlan_entries(ns, &gone_subnet, &gone_mac),
+            net.agents[h].log()
+        );
+    }
+    // Deleting its own key makes that node exit (by design); the others keep working.
+    net.agents[2].wait_exit(Duration::from_secs(5)).unwrap();
+    assert!(net.containers[0].ping(net.containers[1].ip, 2, 2).unwrap());
+    let other = net.agents[0].subnet().unwrap();
+    assert_eq!(
+        vxlan_entries(
+            &net.cluster.hosts[1].ns,
+            &other,
+            &device_mac(&net.cluster.hosts[0].ns, "flannel.1")
+        ),
+        (true, true, true)
+    );
+}
+
+#[test]
+fn vxlan_device_comes_back_and_vtep_mac_survives_restarts() {
+    let mut net = start(VXLAN, 2, &[]);
+    let h0 = &net.cluster.hosts[0];
+    let mac = device_mac(&h0.ns, "flannel.1");
+    assert!(net.containers[0].ping(net.containers[1].ip, 1, 2).unwrap());
+
+    // Deleted by hand: recreated with the same MAC and its peer entries by the resync.
+    h0.ns.ip(&["link", "del", "flannel.1"]).unwrap();
+    assert!(!net.containers[0].ping(net.containers[1].ip, 1, 1).unwrap());
+    let (c0, c1) = (&net.containers[0], &net.containers[1]);
+    let back = wait_for(RESYNC, "device recreated and traffic flowing", || {
+        c0.ping(c1.ip, 1, 1).ok()?.then_some(())
+    });
+    assert!(back.is_ok(), "{}", net.agents[0].log());
+    assert_eq!(device_mac(&h0.ns, "flannel.1"), mac);
+    assert!(
+        net.agents[0].log().contains("disappeared"),
+        "{}",
+        net.agents[0].log()
+    );
+
+    // Restarted: same MAC on the device and in the lease; the peer's entries stay valid.
+    net.agents[0].stop().unwrap();
+    net.agents[0] = net.cluster.start_agent(0, &[]).unwrap();
+    net.agents[0].wait_ready(READY).unwrap();
+    assert_eq!(device_mac(&h0.ns, "flannel.1"), mac);
+    assert_eq!(
+        lease_of(&net.cluster, h0.ip).2["BackendData"]["VtepMAC"],
+        mac
+    );
+    assert!(net.containers[0].ping(net.containers[1].ip, 3, 2).unwrap());
+
+    // Restarted without its device: the MAC is derived, not random, so it is the same again.
+    net.agents[0].stop().unwrap();
+    h0.ns.ip(&["link", "del", "flannel.1"]).unwrap();
+    net.agents[0] = net.cluster.start_agent(0, &[]).unwrap();
+    net.agents[0].wait_ready(READY).unwrap();
+    assert_eq!(device_mac(&h0.ns, "flannel.1"), mac);
+    let subnet0 = net.agents[0].subnet().unwrap();
+    assert_eq!(
+        vxlan_entries(&net.cluster.hosts[1].ns, &subnet0, &mac),
+        (true, true, true)
+    );
+    let fdb = net.cluster.hosts[1]
+        .ns
+        .exec("bridge", &["fdb", "show", "dev", "flannel.1"])
+        .unwrap();
+    assert_eq!(
+        fdb.lines().filter(|l| l.contains("dst")).count(),
+        1,
+        "one peer, one FDB entry: {fdb}"
+    );
+    let (c0, c1) = (&net.containers[0], &net.containers[1]);
+    assert!(wait_for(Duration::from_secs(5), "ping", || c0
+        .ping(c1.ip, 1, 1)
+        .ok()?
+        .then_some(()))
+    .is_ok());
+}
+
+fn hostgw_route(ns: &Netns, subnet: &str, via: Ipv4Addr) -> bool {
+    let routes = ns.ip(&["route", "show", subnet]).unwrap();
+    routes
+        .lines()
+        .any(|l| l.starts_with(&format!("{subnet} via {via} dev eth0")))
+}
+
+#[test]
+fn hostgw_three_hosts_full_mesh_and_routes_follow_etcd() {
+    let mut net = start(HOSTGW, 3, &[]);
+    for (i, a) in net.agents.iter().enumerate() {
+        assert_eq!(subnet_env_value(a, "FLANNEL_MTU"), "1500");
+        let (_, raw, _) = lease_of(&net.cluster, net.cluster.hosts[i].ip);
+        assert_eq!(
+            raw,
+            format!(
+                r#"{{"PublicIP":"{}","PublicIPv6":null,"BackendType":"host-gw"}}"#,
+                net.cluster.hosts[i].ip
+            )
+        );
+    }
+    assert_full_mesh(&net);
+
+    // A route deleted by hand is put back by the periodic check.
+    let s1 = net.agents[1].subnet().unwrap();
+    let ip1 = net.cluster.hosts[1].ip;
+    let ns0 = &net.cluster.hosts[0].ns;
+    assert!(hostgw_route(ns0, &s1, ip1));
+    ns0.ip(&["route", "del", &s1]).unwrap();
+    let back = wait_for(RESYNC, "route restored", || {
+        hostgw_route(ns0, &s1, ip1).then_some(())
+    });
+    assert!(back.is_ok(), "{}", net.agents[0].log());
+
+    // Host 2's lease deleted: its routes disappear from the others within 1 s.
+    let s2 = net.agents[2].subnet().unwrap();
+    let ip2 = net.cluster.hosts[2].ip;
+    let (key, _, _) = lease_of(&net.cluster, ip2);
+    net.cluster.etcd.del(&key).unwrap();
+    let t = Instant::now();
+    for h in 0..2 {
+        let ns = &net.cluster.hosts[h].ns;
+        let r = wait_for(
+            Duration::from_secs(1).saturating_sub(t.elapsed()),
+            "route removed",
+            || (!hostgw_route(ns, &s2, ip2)).then_some(()),
+        );
+        assert!(
+            r.is_ok(),
+            "host {h} still routes {s2}\n{}",
+            net.agents[h].log()
+        );
+    }
+    net.agents[2].wait_exit(Duration::from_secs(5)).unwrap();
+
+    // host-gw refuses a public IP that is not the interface's address.
+    let mut bad = net
+        .cluster
+        .start_agent(2, &["--public-ip=198.51.100.9"])
+        .unwrap();
+    let st = bad.wait_exit(READY).unwrap();
+    assert!(!st.success());
+    assert!(
+        bad.log().contains("host-gw needs the public IP"),
+        "{}",
+        bad.log()
+    );
+}
+
+fn iptables_save(ns: &Netns) -> String {
+    ns.exec("iptables-save", &[]).unwrap()
+}
+
+#[test]
+fn ip_masq_hides_containers_outside_the_overlay_with_upstreams_rules() {
+    let cluster = Cluster::new(2).unwrap();
+    cluster.set_config(VXLAN).unwrap();
+    // Host 0 ran before with another network: its rules must be cleaned up.
+    let h0 = &cluster.hosts[0];
+    std::fs::write(
+        h0.dir.join("subnet.env"),
+        "FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.3.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n",
+    )
+    .unwrap();
+    for rule in [
+        &["-t", "nat", "-N", "FLANNEL-POSTRTG"][..],
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "FLANNEL-POSTRTG",
+            "!",
+            "-s",
+            "10.1.0.0/16",
+            "-d",
+            "10.1.3.0/24",
+            "-m",
+            "comment",
+            "--comment",
+            "flanneld masq",
+            "-j",
+            "RETURN",
+        ],
+        &["-t", "filter", "-N", "FLANNEL-FWD"],
+        &[
+            "-t",
+            "filter",
+            "-A",
+            "FLANNEL-FWD",
+            "-s",
+            "10.1.0.0/16",
+            "-m",
+            "comment",
+            "--comment",
+            "flanneld forward",
+            "-j",
+            "ACCEPT",
+        ],
+    ] {
+        h0.ns
+            .exec("iptables", &[&["-w"][..], rule].concat())
+            .unwrap();
+    }
+    assert!(iptables_save(&h0.ns).contains("10.1.3.0/24"));
+
+    let mut agents: Vec<Agent> = (0..2)
+        .map(|i| {
+            cluster
+                .start_agent(i, &["--ip-masq", "--iptables-resync=1"])
+                .unwrap()
+        })
+        .collect();
+    for a in agents.iter_mut() {
+        a.wait_ready(READY).unwrap();
+    }
+    // Rules are in place as soon as the node is ready.
+    let subnet0 = agents[0].subnet().unwrap();
+    let saved = iptables_save(&h0.ns);
+    for line in [
+        "-A FORWARD -m comment --comment \"flanneld forward\" -j FLANNEL-FWD".to_owned(),
+        "-A FLANNEL-FWD -s 10.244.0.0/16 -m comment --comment \"flanneld forward\" -j ACCEPT".to_owned(),
+        "-A FLANNEL-FWD -d 10.244.0.0/16 -m comment --comment \"flanneld forward\" -j ACCEPT".to_owned(),
+        "-A POSTROUTING -m comment --comment \"flanneld masq\" -j FLANNEL-POSTRTG".to_owned(),
+        "-A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 -m comment --comment \"flanneld masq\" -j RETURN".to_owned(),
+        "-A FLANNEL-POSTRTG -s 10.244.0.0/16 -d 10.244.0.0/16 -m comment --comment \"flanneld masq\" -j RETURN".to_owned(),
+        "-A FLANNEL-POSTRTG -s 10.244.0.0/16 ! -d 224.0.0.0/4 -m comment --comment \"flanneld masq\" -j MASQUERADE --random-fully".to_owned(),
+        format!("-A FLANNEL-POSTRTG ! -s 10.244.0.0/16 -d {subnet0} -m comment --comment \"flanneld masq\" -j RETURN"),
+        "-A FLANNEL-POSTRTG ! -s 10.244.0.0/16 -d 10.244.0.0/16 -m comment --comment \"flanneld masq\" -j MASQUERADE --random-fully".to_owned(),
+    ] {
+        assert!(saved.contains(&line), "missing {line:?} in\n{saved}");
+    }
+    assert!(
+        !saved.contains("10.1."),
+        "stale rules of the previous network left:\n{saved}"
+    );
+    let chain: Vec<&str> = saved
+        .lines()
+        .filter(|l| l.starts_with("-A FLANNEL-POSTRTG"))
+        .collect();
+    assert_eq!(chain.len(), 5, "upstream's five rules in order: {chain:#?}");
+    assert!(
+        chain[2].contains("MASQUERADE") && chain[3].contains("RETURN"),
+        "{chain:#?}"
+    );
+
+    // An address outside the overlay sees the container as its host.
+    let outside = Netns::create(&format!("{}-out", cluster.tag)).unwrap();
+    cluster
+        .switch
+        .ip(&[
+            "link", "add", "out0", "type", "veth", "peer", "name", "eth0",
+        ])
+        .unwrap();
+    cluster
+        .switch
+        .ip(&[
+            "link",
+            "set",
+            "eth0",
+            "netns",
+            &outside.path().to_string_lossy(),
+        ])
+        .unwrap();
+    cluster
+        .switch
+        .ip(&["link", "set", "out0", "master", "br0", "up"])
+        .unwrap();
+    outside
+        .ip(&["addr", "add", "192.0.2.200/24", "dev", "eth0"])
+        .unwrap();
+    outside.ip(&["link", "set", "eth0", "up"]).unwrap();
+    let containers: Vec<Container> = (0..2)
+        .map(|i| Container::create(&cluster.hosts[i], &agents[i].subnet().unwrap(), 1450).unwrap())
+        .collect();
+    let far: Ipv4Addr = "192.0.2.200".parse().unwrap();
+    let seen = tcp_echo(&containers[0].ns, &outside, far, 64 * 1024).unwrap();
+    assert_eq!(
+        seen.ip(),
+        std::net::IpAddr::V4(h0.ip),
+        "masqueraded to the host address"
+    );
+    // Inside the overlay there is no NAT.
+    let ok = wait_for(Duration::from_secs(5), "overlay ping", || {
+        containers[0]
+            .ping(containers[1].ip, 1, 1)
+            .ok()?
+            .then_some(())
+    });
+    assert!(ok.is_ok(), "{}", agents[0].log());
+    let seen = tcp_echo(
+        &containers[0].ns,
+        &containers[1].ns,
+        containers[1].ip,
+        64 * 1024,
+    )
+    .unwrap();
+    assert_eq!(seen.ip(), std::net::IpAddr::V4(containers[0].ip));
+
+    // Rules flushed by hand come back within the resync period.
+    h0.ns
+        .exec("iptables", &["-w", "-t", "nat", "-F", "FLANNEL-POSTRTG"])
+        .unwrap();
+    h0.ns
+        .exec(
+            "iptables",
+            &[
+                "-w",
+                "-t",
+                "filter",
+                "-D",
+                "FORWARD",
+                "-m",
+                "comment",
+                "--comment",
+                "flanneld forward",
+                "-j",
+                "FLANNEL-FWD",
+            ],
+        )
+        .unwrap();
+    let back = wait_for(Duration::from_secs(5), "rules restored", || {
+        let s = iptables_save(&h0.ns);
+        (s.lines()
+            .filter(|l| l.starts_with("-A FLANNEL-POSTRTG"))
+            .count()
+            == 5
+            && s.contains("-A FORWARD -m comment"))
+        .then_some(())
+    });
+    assert!(
+        back.is_ok(),
+        "{}\n{}",
+        iptables_save(&h0.ns),
+        agents[0].log()
+    );
+    let seen = tcp_echo(&containers[0].ns, &outside, far, 1024).unwrap();
+    assert_eq!(seen.ip(), std::net::IpAddr::V4(h0.ip));
+    drop(containers);
+    drop(agents);
+}
