@@ -324,6 +324,68 @@ fn vxlan_three_hosts_full_mesh_and_peers_follow_etcd() {
         ),
         (true, true, true)
     );
+
+    // Entries left by a peer that went away while this agent was down are dropped after restart.
+    net.agents[0].stop().unwrap();
+    let ns0 = &net.cluster.hosts[0].ns;
+    let (stale_mac, stale_subnet) = ("0e:f1:c6:33:64:01", "10.244.250.0/24");
+    ns0.ip(&[
+        "neigh",
+        "replace",
+        "10.244.250.0",
+        "lladdr",
+        stale_mac,
+        "dev",
+        "flannel.1",
+        "nud",
+        "permanent",
+    ])
+    .unwrap();
+    ns0.exec(
+        "bridge",
+        &[
+            "fdb",
+            "append",
+            stale_mac,
+            "dev",
+            "flannel.1",
+            "dst",
+            "198.51.100.1",
+            "self",
+            "permanent",
+        ],
+    )
+    .unwrap();
+    ns0.ip(&[
+        "route",
+        "replace",
+        stale_subnet,
+        "via",
+        "10.244.250.0",
+        "dev",
+        "flannel.1",
+        "onlink",
+    ])
+    .unwrap();
+    assert_eq!(
+        vxlan_entries(ns0, stale_subnet, stale_mac),
+        (true, true, true)
+    );
+    net.agents[0] = net.cluster.start_agent(0, &[]).unwrap();
+    net.agents[0].wait_ready(READY).unwrap();
+    let r = wait_for(RESYNC, "stale entries pruned", || {
+        (vxlan_entries(ns0, stale_subnet, stale_mac) == (false, false, false)).then_some(())
+    });
+    assert!(
+        r.is_ok(),
+        "{:?}\n{}",
+        vxlan_entries(ns0, stale_subnet, stale_mac),
+        net.agents[0].log()
+    );
+    let s1 = net.agents[1].subnet().unwrap();
+    let mac1 = device_mac(&net.cluster.hosts[1].ns, "flannel.1");
+    assert_eq!(vxlan_entries(ns0, &s1, &mac1), (true, true, true));
+    assert!(net.containers[0].ping(net.containers[1].ip, 2, 2).unwrap());
 }
 
 #[test]

@@ -37,6 +37,7 @@ pub const ENCAP_OVERHEAD: u32 = 50;
 /// The port the kernel uses when none is configured (Linux's historic VXLAN port).
 pub const KERNEL_DEFAULT_PORT: u16 = 8472;
 const MAX_VNI: u64 = (1 << 24) - 1;
+const NUD_PERMANENT: u16 = 0x80;
 
 /// The backend options of the network config (`Backend` section).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -522,9 +523,9 @@ impl VxlanBackend {
                 .execute();
             let mut stale = Vec::new();
             while let Some(msg) = dump.try_next().await? {
-                if msg.header.ifindex != self.dev_index
-                    || msg.header.state != NeighbourState::Permanent
-                {
+                // Permanent entries only (`bridge fdb append ... permanent` also sets NOARP).
+                let permanent = u16::from(msg.header.state) & NUD_PERMANENT != 0;
+                if msg.header.ifindex != self.dev_index || !permanent {
                     continue;
                 }
                 let (mut ip, mut mac) = (None, None);
@@ -532,6 +533,10 @@ impl VxlanBackend {
                     match attr {
                         NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => {
                             ip = Some(Ipv4Addr::from(a.octets()))
+                        }
+                        // Bridge-family (FDB) messages carry the destination as raw bytes.
+                        NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
+                            ip = <[u8; 4]>::try_from(b.as_slice()).ok().map(Ipv4Addr::from)
                         }
                         NeighbourAttribute::LinkLayerAddress(l) if l.len() == 6 => {
                             mac = Some(Mac([l[0], l[1], l[2], l[3], l[4], l[5]]))
