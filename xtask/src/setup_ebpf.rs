@@ -56,23 +56,21 @@ fn ensure_rust_src(sysroot: &Path) -> Result<()> {
 /// own libLLVM: bpf-linker's build looks for the first, its binary loads the second.
 fn ensure_llvm_prefix(sysroot: &Path) -> Result<(PathBuf, u32)> {
     let lib_dir = sysroot.join("lib");
+    // The real library is `libLLVM.so.<major>.<minor>-rust-<version>` (also its SONAME);
+    // `libLLVM-<major>-rust-<version>.so` next to it is only a linker script pointing at it.
     let mut found = None;
     for entry in fs::read_dir(&lib_dir).with_context(|| format!("reading {}", lib_dir.display()))? {
         let name = entry?.file_name();
         let name = name.to_string_lossy();
-        if name.starts_with("libLLVM.so.")
-            || (name.starts_with("libLLVM-") && name.ends_with(".so"))
-        {
+        if name.starts_with("libLLVM.so.") {
             found = Some(name.into_owned());
         }
     }
     let Some(file_name) = found else {
-        bail!("no libLLVM shared library in {}", lib_dir.display());
+        bail!("no libLLVM.so.* in {}", lib_dir.display());
     };
-    // "libLLVM.so.22.1-rust-1.97.0-nightly" or "libLLVM-22-rust-...so": the major version.
     let major = file_name
         .trim_start_matches("libLLVM.so.")
-        .trim_start_matches("libLLVM-")
         .split(|c: char| !c.is_ascii_digit())
         .next()
         .and_then(|s| s.parse::<u32>().ok())
