@@ -1044,6 +1044,16 @@ fn bpftool_dumps_the_pinned_maps_with_field_names() {
     );
     let senders = dump("flannel_senders");
     assert!(senders.contains(r#""subnets":1"#), "{senders}");
+    // A second subnet of the same peer, then gone again: the sender entry counts them.
+    dp.set_peer(net("10.244.4.0/24"), PEER_IP)
+        .expect("set peer");
+    let senders = dump("flannel_senders");
+    assert!(senders.contains(r#""subnets":2"#), "{senders}");
+    dp.remove_peer(net("10.244.4.0/24")).expect("remove peer");
+    let senders = dump("flannel_senders");
+    assert!(senders.contains(r#""subnets":1"#), "{senders}");
+    // A subnet of another length than the network's subnets is refused.
+    assert!(dp.set_peer(net("10.244.8.0/23"), PEER_IP).is_err());
     let config = dump("flannel_config");
     assert!(
         config.contains(r#""public_ip":[192,0,2,1]"#) && config.contains(r#""port":8285"#),

@@ -140,8 +140,10 @@ pub struct EbpfDataplane {
     senders: HashMap<MapData, SenderKey, SenderValue>,
     stats: PerCpuArray<MapData, Stats>,
     subnet_len: u8,
-    /// What the peer map holds (normalised subnets), to diff against and count senders.
+    /// What the peer map holds (normalised subnets), to diff against.
     table: BTreeMap<Ipv4Network, Ipv4Addr>,
+    /// How many subnets each public IP in `table` owns (what the sender map holds).
+    sender_counts: BTreeMap<Ipv4Addr, u32>,
 }
 
 impl EbpfDataplane {
@@ -244,6 +246,7 @@ impl EbpfDataplane {
             stats,
             subnet_len,
             table,
+            sender_counts: BTreeMap::new(),
         };
         dataplane.rebuild_senders()?;
         log::info!(
@@ -327,9 +330,9 @@ impl EbpfDataplane {
             .insert(key, value, 0)
             .map_err(map_err(map_names::PEERS))?;
         let old = self.table.insert(subnet, public_ip);
-        self.refresh_sender(public_ip)?;
+        self.count_sender(public_ip, 1)?;
         if let Some(old) = old {
-            self.refresh_sender(old)?;
+            self.count_sender(old, -1)?;
         }
         Ok(())
     }
@@ -344,18 +347,22 @@ impl EbpfDataplane {
             Err(e) => return Err(map_err(map_names::PEERS)(e)),
         }
         if let Some(old) = self.table.remove(&subnet) {
-            self.refresh_sender(old)?;
+            self.count_sender(old, -1)?;
         }
         Ok(())
     }
 
-    /// Sets the sender entry of `public_ip` to the number of subnets it owns (removed at 0).
-    fn refresh_sender(&mut self, public_ip: Ipv4Addr) -> Result<(), EbpfError> {
-        let subnets = self.table.values().filter(|ip| **ip == public_ip).count() as u32;
+    /// Adds `delta` to the number of subnets `public_ip` owns and writes it to the sender map
+    /// (removing the entry at 0).
+    fn count_sender(&mut self, public_ip: Ipv4Addr, delta: i32) -> Result<(), EbpfError> {
+        let count = self.sender_counts.entry(public_ip).or_default();
+        *count = count.saturating_add_signed(delta);
+        let subnets = *count;
         let key = SenderKey {
             public_ip: public_ip.octets(),
         };
         let result = if subnets == 0 {
+            self.sender_counts.remove(&public_ip);
             match self.senders.remove(&key) {
                 Err(MapError::KeyNotFound) => Ok(()),
                 other => other,
@@ -385,7 +392,8 @@ impl EbpfDataplane {
                 }
             }
         }
-        for (ip, subnets) in wanted {
+        for (ip, subnets) in &wanted {
+            let (ip, subnets) = (*ip, *subnets);
             self.senders
                 .insert(
                     SenderKey {
@@ -396,6 +404,7 @@ impl EbpfDataplane {
                 )
                 .map_err(map_err(map_names::SENDERS))?;
         }
+        self.sender_counts = wanted;
         Ok(())
     }
 }
