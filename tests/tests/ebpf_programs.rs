@@ -132,9 +132,9 @@ impl Drop for Netns {
 /// One "host": a namespace with a `flannel0` TUN (overlay route through it) and an external
 /// veth end `ext0` at `ip`, plus its own pin directory.
 struct Host {
-    /// Keeps `flannel0` attached (a TUN without a reader has no carrier and sends nothing),
-    /// as the agent does.
-    _tun: OwnedFd,
+    /// A reader on `flannel0`, or None for a persistent TUN nobody reads (NO-CARRIER), which
+    /// is what the agent's eBPF mode creates: the programs work either way.
+    _tun: Option<OwnedFd>,
     ns: Netns,
     pin_dir: PathBuf,
     ip: Ipv4Addr,
@@ -142,11 +142,16 @@ struct Host {
 }
 
 impl Host {
-    fn new(ip: Ipv4Addr, subnet: &str) -> Host {
+    fn new(ip: Ipv4Addr, subnet: &str, tun_reader: bool) -> Host {
         let ns = Netns::new();
         let subnet = net(subnet);
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", ns.name));
-        let tun = ns.enter(open_tun);
+        let tun = if tun_reader {
+            Some(ns.enter(open_tun))
+        } else {
+            ns.ip(&["tuntap", "add", "dev", "flannel0", "mode", "tun"]);
+            None
+        };
         ns.ip(&[
             "addr",
             "add",
@@ -167,7 +172,7 @@ impl Host {
 
     /// A standalone host whose `ext0` peer end (`ext1`) stays in the same namespace.
     fn alone() -> Host {
-        let host = Host::new(OUR_IP, OUR_SUBNET);
+        let host = Host::new(OUR_IP, OUR_SUBNET, true);
         host.ns.ip(&[
             "link", "add", "ext0", "type", "veth", "peer", "name", "ext1",
         ]);
@@ -353,9 +358,9 @@ fn open_tun() -> OwnedFd {
 }
 
 /// Two hosts whose `ext0` devices are the two ends of one veth pair.
-fn two_hosts() -> (Host, Host) {
-    let a = Host::new(OUR_IP, OUR_SUBNET);
-    let b = Host::new(PEER_IP, PEER_SUBNET);
+fn two_hosts(tun_reader: bool) -> (Host, Host) {
+    let a = Host::new(OUR_IP, OUR_SUBNET, tun_reader);
+    let b = Host::new(PEER_IP, PEER_SUBNET, tun_reader);
     a.ns.ip(&[
         "link", "add", "ext0", "type", "veth", "peer", "name", "ext0", "netns", &b.ns.name,
     ]);
@@ -843,7 +848,7 @@ fn round_trip(a: &Host, b: &Host, timeout: Duration) -> bool {
 #[test]
 fn traffic_crosses_the_tunnel_with_strict_rp_filter() {
     require_object();
-    let (a_host, b_host) = two_hosts();
+    let (a_host, b_host) = two_hosts(true);
     for h in [&a_host, &b_host] {
         for dev in ["all", "default", "ext0", "flannel0"] {
             h.ns.sysctl(&format!("net.ipv4.conf.{dev}.rp_filter"), "1");
@@ -880,7 +885,8 @@ fn traffic_crosses_the_tunnel_with_strict_rp_filter() {
 #[test]
 fn reload_adopts_pinned_state_and_unload_removes_it() {
     require_object();
-    let (a_host, b_host) = two_hosts();
+    // Persistent TUNs without a reader, as the agent creates them.
+    let (a_host, b_host) = two_hosts(false);
     let mut dpa = a_host.load();
     let mut dpb = b_host.load();
     dpa.set_peer(b_host.subnet, b_host.ip).expect("peer");
@@ -943,7 +949,7 @@ fn reload_adopts_pinned_state_and_unload_removes_it() {
 #[test]
 fn bulk_tcp_keeps_gso_super_packets_whole_and_data_intact() {
     require_object();
-    let (a_host, b_host) = two_hosts();
+    let (a_host, b_host) = two_hosts(false);
     let mut dpa = a_host.load();
     let mut dpb = b_host.load();
     dpa.set_peer(b_host.subnet, b_host.ip).expect("peer");
