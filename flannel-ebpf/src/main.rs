@@ -10,7 +10,8 @@
 //!
 //! A packet counts as "ours" on ingress once its outer IPv4 header names our public IP, protocol
 //! UDP and its UDP header (readable, i.e. not a non-first fragment) names our port. Everything
-//! else passes untouched (TC_ACT_OK), including truncated packets whose port cannot be read:
+//! else passes untouched (TC_ACT_UNSPEC, i.e. TCX_NEXT: later TCX programs on the device still
+//! see it, then the stack), including truncated packets whose port cannot be read:
 //! the stack drops those. Ours but unusable (outer first fragment, inconsistent lengths, bad
 //! inner header, unknown sender, spoofed inner source) is dropped and counted by reason.
 //! Outer IP options are allowed (the header length is honoured); inner packets are payload.
@@ -42,6 +43,10 @@ static CONFIG: Array<Config, 1> = Array::new();
 #[btf_map(name = "flannel_stats")]
 static STATS: PerCpuArray<Stats, 1> = PerCpuArray::new();
 
+/// Verdict for packets that are not ours: TC_ACT_UNSPEC, which TCX calls TCX_NEXT. Unlike
+/// TC_ACT_OK it does not end the device's program chain, so programs attached after us still
+/// run; at the end of the chain the stack gets the packet as usual.
+const NOT_OURS: i32 = -1;
 const ETH_HLEN: usize = 14;
 const IPV4_HLEN: usize = 20;
 const UDP_HLEN: usize = 8;
@@ -287,10 +292,10 @@ fn encap(ctx: &TcContext) -> Result<i32, Drop> {
 #[inline(always)]
 fn decap(ctx: &TcContext) -> Result<i32, Drop> {
     if ctx.skb.protocol() != u32::from(ETH_P_IP.to_be()) {
-        return Ok(TC_ACT_OK);
+        return Ok(NOT_OURS);
     }
     let Some(cfg) = config() else {
-        return Ok(TC_ACT_OK);
+        return Ok(NOT_OURS);
     };
     let len = ctx.len() as usize;
     // Make the headers we may read linear (a no-op for the usual veth/NIC skbs).
@@ -300,42 +305,42 @@ fn decap(ctx: &TcContext) -> Result<i32, Drop> {
         DECAP_PULL_LEN
     };
     if ctx.data() + want > ctx.data_end() && ctx.pull_data(want as u32).is_err() {
-        return Ok(TC_ACT_OK);
+        return Ok(NOT_OURS);
     }
 
     let Some(outer) = bytes_at::<{ ETH_HLEN + IPV4_HLEN }>(ctx, 0) else {
-        return Ok(TC_ACT_OK);
+        return Ok(NOT_OURS);
     };
     // SAFETY: bounds checked against data_end above.
     let outer = unsafe { &*outer };
     if be16(outer, 12) != ETH_P_IP {
-        return Ok(TC_ACT_OK);
+        return Ok(NOT_OURS);
     }
     let o = ETH_HLEN;
     let ver_ihl = outer[o];
     let ihl = usize::from(ver_ihl & 0x0f) * 4;
     if ver_ihl >> 4 != 4 || ihl < IPV4_HLEN {
-        return Ok(TC_ACT_OK);
+        return Ok(NOT_OURS);
     }
     if outer[o + 9] != IPPROTO_UDP || addr(outer, o + 16) != cfg.public_ip {
-        return Ok(TC_ACT_OK);
+        return Ok(NOT_OURS);
     }
     let frag = be16(outer, o + 6);
     if frag & IP_OFFSET_MASK != 0 {
         // A non-first fragment has no UDP header: we cannot tell whether it is ours.
-        return Ok(TC_ACT_OK);
+        return Ok(NOT_OURS);
     }
     let outer_src = addr(outer, o + 12);
     let outer_total = usize::from(be16(outer, o + 2));
 
     let udp_off = ETH_HLEN + ihl;
     let Some(udp) = bytes_at::<UDP_HLEN>(ctx, udp_off) else {
-        return Ok(TC_ACT_OK);
+        return Ok(NOT_OURS);
     };
     // SAFETY: bounds checked against data_end above.
     let udp = unsafe { &*udp };
     if be16(udp, 2) != cfg.port {
-        return Ok(TC_ACT_OK);
+        return Ok(NOT_OURS);
     }
 
     // From here on the packet is addressed to our tunnel endpoint.

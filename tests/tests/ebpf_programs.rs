@@ -24,7 +24,8 @@ use flannel_agent::backend::udp::UdpDataplane;
 use flannel_common::Stats;
 use ipnetwork::Ipv4Network;
 
-const TC_ACT_OK: u32 = 0;
+/// TC_ACT_UNSPEC (-1): "not mine", the next TCX program or the stack gets the packet.
+const TCX_NEXT: u32 = u32::MAX;
 const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
 const PORT: u16 = 8285;
@@ -697,37 +698,37 @@ fn decap_passes_what_is_not_ours_untouched() {
         DecapCase {
             name: "ARP",
             frame: ether(0x0806, &arp),
-            verdict: TC_ACT_OK,
+            verdict: TCX_NEXT,
         },
         DecapCase {
             name: "IPv6",
             frame: ether(0x86dd, &v6),
-            verdict: TC_ACT_OK,
+            verdict: TCX_NEXT,
         },
         DecapCase {
             name: "other UDP port",
             frame: tunnelled(PEER_IP, OUR_IP, 8472, &plain),
-            verdict: TC_ACT_OK,
+            verdict: TCX_NEXT,
         },
         DecapCase {
             name: "our port, another destination IP",
             frame: tunnelled(PEER_IP, a("192.0.2.50"), PORT, &plain),
-            verdict: TC_ACT_OK,
+            verdict: TCX_NEXT,
         },
         DecapCase {
             name: "TCP",
             frame: tcp_to_us,
-            verdict: TC_ACT_OK,
+            verdict: TCX_NEXT,
         },
         DecapCase {
             name: "non-first fragment",
             frame: ether(0x0800, &non_first_fragment),
-            verdict: TC_ACT_OK,
+            verdict: TCX_NEXT,
         },
         DecapCase {
             name: "UDP header cut off",
             frame: cut,
-            verdict: TC_ACT_OK,
+            verdict: TCX_NEXT,
         },
     ];
     for case in cases {
