@@ -24,8 +24,8 @@ impl Container {
         let ip = Ipv4Addr::from(u32::from(net) + 2);
         let ns = Netns::create(&format!("{}-c", host.ns.name))?;
         let mtu = mtu.to_string();
-        host.ns.ip(&["link", "add", "veth-c", "mtu", &mtu, "type", "veth", "peer", "name", "eth0", "mtu", &mtu])?;
-        host.ns.ip(&["link", "set", "eth0", "netns", &ns.path().to_string_lossy()])?;
+        // The container end is born in the container namespace: the host has its own eth0.
+        host.ns.ip(&["link", "add", "veth-c", "mtu", &mtu, "type", "veth", "peer", "name", "eth0", "mtu", &mtu, "netns", &ns.name])?;
         host.ns.ip(&["addr", "add", &format!("{gw}/{len}"), "dev", "veth-c"])?;
         host.ns.ip(&["link", "set", "veth-c", "up"])?;
         ns.ip(&["addr", "add", &format!("{ip}/{len}"), "dev", "eth0"])?;
@@ -56,7 +56,11 @@ pub fn tcp_transfer(src: &Container, dst: &Container, bytes: usize) -> Result<us
     let server = dst.ns.spawn_in(move || -> Result<usize> {
         let l = TcpListener::bind(addr);
         let _ = ready_tx.send(());
-        let (mut s, _) = l?.accept()?;
+        let l = l?;
+        // Never hang the test: give up accepting after a deadline.
+        l.set_nonblocking(true)?;
+        let mut s = crate::wait_for(Duration::from_secs(15), "a TCP connection", || l.accept().ok())?.0;
+        s.set_nonblocking(false)?;
         s.set_read_timeout(Some(Duration::from_secs(10)))?;
         let mut buf = Vec::new();
         s.read_to_end(&mut buf)?;

@@ -54,7 +54,8 @@ fn all_pairs_talk(o: &Overlay) {
             let (src, dst) = (&o.containers[i], &o.containers[j]);
             assert!(src.ping(dst.ip, 3, 2).unwrap(), "ping {} -> {} failed\n{}", src.ip, dst.ip, o.agents[i].log());
             // Large enough for full-size segments and GSO super-packets.
-            let got = tcp_transfer(src, dst, 4 << 20).unwrap();
+            let got = tcp_transfer(src, dst, 4 << 20)
+                .unwrap_or_else(|e| panic!("TCP {} -> {}: {e}\n{}\n{}", src.ip, dst.ip, o.agents[i].log(), o.agents[j].log()));
             assert_eq!(got, 4 << 20, "TCP {} -> {}", src.ip, dst.ip);
         }
     }
