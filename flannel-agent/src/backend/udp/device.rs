@@ -103,6 +103,8 @@ pub struct OverlayDevice {
     pub ifindex: u32,
     /// The address on the device: the lease's network address.
     pub address: Ipv4Addr,
+    /// The overlay network routed through the device.
+    pub network: Ipv4Network,
     pub mtu: u32,
     /// Whether the queues carry virtio-net headers (and the device has TSO/csum offloads).
     pub vnet_hdr: bool,
@@ -216,6 +218,7 @@ pub async fn setup_overlay_device(
         name: name.to_string(),
         ifindex,
         address,
+        network: cfg.network,
         mtu: cfg.mtu,
         vnet_hdr: cfg.vnet_hdr,
         queues,
@@ -412,7 +415,8 @@ mod tests {
 
     #[test]
     fn bad_configs_are_refused_before_touching_the_system() {
-        let cases: Vec<Box<dyn Fn(&mut OverlayDeviceConfig)>> = vec![
+        type Mutation = Box<dyn Fn(&mut OverlayDeviceConfig)>;
+        let cases: Vec<Mutation> = vec![
             Box::new(|c| c.name = "a-name-longer-than-15".into()),
             Box::new(|c| c.name = String::new()),
             Box::new(|c| c.mtu = 20),

@@ -162,8 +162,8 @@ struct Shared {
     socket: UdpSocket,
     port: u16,
     vnet_hdr: bool,
-    /// Our address on the overlay device: the source of our ICMP errors.
-    overlay_address: Ipv4Addr,
+    /// Source of our ICMP errors; see `icmp_source`.
+    icmp_source: Ipv4Addr,
 }
 
 /// The user-space TUN <-> UDP forwarder. Threads run until it is dropped.
@@ -208,7 +208,7 @@ impl TunDataplane {
             socket,
             port: local.port(),
             vnet_hdr: device.vnet_hdr,
-            overlay_address: device.address,
+            icmp_source: icmp_source(&device),
         });
         let queues: Vec<Arc<OwnedFd>> = queues.into_iter().map(Arc::new).collect();
         let mut dataplane = Self {
@@ -259,6 +259,20 @@ impl TunDataplane {
         f(&mut map);
         *table = PeerTable::from_map(map);
         Ok(())
+    }
+}
+
+/// The source address of our ICMP errors. Not the device's own address (upstream's choice): the
+/// kernel drops packets arriving with a local source as martians, so nobody would see them. The
+/// overlay network's first address is no node's (by default the first subnet is not handed out)
+/// and routes back through the device, so reverse-path filters accept it.
+fn icmp_source(device: &OverlayDevice) -> Ipv4Addr {
+    let first = device.network.network();
+    if first != device.address {
+        first
+    } else {
+        // SubnetMin lowered to the first subnet: the network's last host address instead.
+        Ipv4Addr::from(u32::from(device.network.broadcast()).wrapping_sub(1))
     }
 }
 
@@ -366,8 +380,7 @@ fn tun_to_udp(shared: &Shared, tun: RawFd) {
                         &rbuf[..n]
                     };
                     let due = last_icmp.is_none_or(|t| t.elapsed() >= ICMP_INTERVAL);
-                    if due && offload::icmp_net_unreachable(pkt, shared.overlay_address, &mut icmp)
-                    {
+                    if due && offload::icmp_net_unreachable(pkt, shared.icmp_source, &mut icmp) {
                         last_icmp = Some(Instant::now());
                         let hdr = VirtioNetHdr::default().encode();
                         let vnet = shared.vnet_hdr.then_some(&hdr);

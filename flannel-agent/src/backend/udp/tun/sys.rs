@@ -298,8 +298,7 @@ impl RecvBatch {
                 _ => return Err(e),
             }
         };
-        for i in 0..r {
-            let h = &hdrs[i];
+        for (i, h) in hdrs.iter().enumerate().take(r) {
             self.lens[i] = h.msg_len as usize;
             self.flags[i] = h.msg_hdr.msg_flags;
             // Read the GRO segment size out of the control data, if any.
