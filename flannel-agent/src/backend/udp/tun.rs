@@ -240,6 +240,12 @@ impl TunDataplane {
         self.local
     }
 
+    /// Whether sends still go out as UDP GSO trains; false once the kernel refused one (the
+    /// route to the peers has no checksum offload) and datagrams are sent one by one.
+    pub fn uses_udp_gso(&self) -> bool {
+        self.shared.gso.load(Ordering::Relaxed)
+    }
+
     pub fn device_name(&self) -> &str {
         &self.device_name
     }
