@@ -22,6 +22,7 @@ use anyhow::{bail, Context, Result};
 use flannel_agent::backend::udp::device::{
     setup_overlay_device, OverlayDevice, OverlayDeviceConfig,
 };
+use flannel_agent::backend::udp::ebpf::{EbpfDataplane, EbpfOptions};
 use flannel_agent::backend::udp::tun::TunDataplane;
 use flannel_agent::backend::udp::{DataplaneStats, UdpDataplane};
 use ipnetwork::Ipv4Network;
@@ -246,6 +247,52 @@ impl Topology {
     }
 }
 
+impl Topology {
+    /// flannel0 (persistent, never read) and the eBPF data plane on host `i`, pinned in
+    /// `pin_dir`, with host `peer` known.
+    fn start_ebpf_dataplane(
+        &self,
+        i: u8,
+        peer: u8,
+        pin_dir: std::path::PathBuf,
+    ) -> Result<EbpfDataplane> {
+        let cfg = OverlayDeviceConfig {
+            name: "flannel0".into(),
+            own_subnet: subnet(i),
+            network: network(),
+            mtu: OVERLAY_MTU,
+            persistent: true,
+            queues: 0,
+            vnet_hdr: false,
+        };
+        in_ns(&self.host(i), move || {
+            let dev = setup_device(&cfg)?;
+            let opts = EbpfOptions {
+                pin_dir,
+                overlay_ifindex: dev.ifindex,
+                ext_ifindex: nix::net::if_::if_nametoindex("ul0")?,
+                ext_ip: underlay_ip(i),
+                port: PORT,
+                network: network(),
+                own_subnet: subnet(i),
+            };
+            let mut dp = EbpfDataplane::load(&opts)?;
+            dp.set_peer(subnet(peer), underlay_ip(peer))?;
+            Ok(dp)
+        })
+    }
+}
+
+/// A bpffs pin directory of ours; the eBPF data plane's pins are removed on drop.
+struct PinDir(std::path::PathBuf);
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = EbpfDataplane::unload(&self.0);
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// setup_overlay_device through an rtnetlink connection made in the calling thread's namespace.
 fn setup_device(cfg: &OverlayDeviceConfig) -> Result<OverlayDevice> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -404,7 +451,7 @@ fn tcp_transfer(t: &Topology, from: u8, to: u8, bytes: usize) -> Result<usize> {
             }
         };
         s.set_nonblocking(false)?;
-        s.set_read_timeout(Some(Duration::from_secs(20)))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
         let mut buf = vec![0u8; 256 * 1024];
         let mut got = 0usize;
         loop {
@@ -420,11 +467,15 @@ fn tcp_transfer(t: &Topology, from: u8, to: u8, bytes: usize) -> Result<usize> {
     });
     let sent = in_ns(&t.container(from), move || {
         let mut s = TcpStream::connect_timeout(&addr.into(), Duration::from_secs(5))?;
-        s.set_write_timeout(Some(Duration::from_secs(20)))?;
+        s.set_write_timeout(Some(Duration::from_secs(10)))?;
         // 251 does not divide the chunk size, so the pattern shifts from chunk to chunk.
         let chunk: Vec<u8> = (0..64 * 1024).map(pattern_byte).collect();
         let mut sent = 0;
+        let start = Instant::now();
         while sent < bytes {
+            if start.elapsed() > Duration::from_secs(30) {
+                bail!("transfer stalled: {sent} of {bytes} bytes sent in 30 s");
+            }
             let off = sent % 251;
             let n = (bytes - sent).min(chunk.len() - off);
             s.write_all(&chunk[off..off + n])?;
@@ -525,6 +576,48 @@ fn forwards_ping_and_tcp_with_offloads() -> Result<()> {
 fn forwards_ping_and_tcp_on_the_plain_per_packet_path() -> Result<()> {
     let t = Topology::new("plain")?;
     let (_dp1, _dp2) = forward_both_ways(&t, false, 16 << 20)?;
+    Ok(())
+}
+
+#[test]
+fn interoperates_with_an_ebpf_node() -> Result<()> {
+    let t = Topology::new("mixed")?;
+    // A wire splits UDP GSO trains into datagrams; a veth does not, and the eBPF decap (TC
+    // ingress) cannot take a 64 KB UDP GSO skb apart. Make the TUN host's veth act as a wire.
+    ns_cmd(
+        &t.host(2),
+        "ethtool",
+        &["-K", "ul0", "tx-udp-segmentation", "off"],
+    )?;
+    let pins = PinDir(format!("/sys/fs/bpf/{}", t.tag).into());
+    let ebpf = t.start_ebpf_dataplane(1, 2, pins.0.clone())?;
+    let tun = t.start_dataplane(2, 1, true)?;
+    for (from, to) in [(1, 2), (2, 1)] {
+        let answer = icmp_probe(&t.container(from), container_ip(to), Duration::from_secs(5))?;
+        assert_eq!(answer, Some((0, 0)), "ping {from} -> {to}");
+    }
+    let counters = || format!("TUN node counters: {:?}", tun.stats());
+    let got = tcp_transfer(&t, 1, 2, 16 << 20).with_context(counters)?;
+    assert_eq!(got, 16 << 20, "eBPF sender, TUN receiver");
+    let got = tcp_transfer(&t, 2, 1, 16 << 20).with_context(counters)?;
+    assert_eq!(got, 16 << 20, "TUN sender, eBPF receiver");
+
+    // Same with the veth back to passing GSO trains whole, and GSO off in the data plane.
+    ns_cmd(
+        &t.host(2),
+        "ethtool",
+        &["-K", "ul0", "tx-udp-segmentation", "on"],
+    )?;
+    tun.set_udp_gso(false);
+    let got = tcp_transfer(&t, 2, 1, 16 << 20).with_context(counters)?;
+    assert_eq!(got, 16 << 20, "TUN sender without UDP GSO, eBPF receiver");
+    let s = tun.stats()?;
+    assert_eq!(
+        s.drop_unknown_sender + s.drop_spoofed_source + s.drop_malformed,
+        0,
+        "{s:?}"
+    );
+    drop(ebpf);
     Ok(())
 }
 

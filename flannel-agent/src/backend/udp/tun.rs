@@ -162,6 +162,8 @@ struct Shared {
     socket: UdpSocket,
     port: u16,
     vnet_hdr: bool,
+    /// MTU of the overlay device: no inner packet from the wire may be longer.
+    mtu: usize,
     /// Source of our ICMP errors; see `icmp_source`.
     icmp_source: Ipv4Addr,
 }
@@ -208,6 +210,7 @@ impl TunDataplane {
             socket,
             port: local.port(),
             vnet_hdr: device.vnet_hdr,
+            mtu: device.mtu as usize,
             icmp_source: icmp_source(&device),
         });
         let queues: Vec<Arc<OwnedFd>> = queues.into_iter().map(Arc::new).collect();
@@ -241,9 +244,17 @@ impl TunDataplane {
     }
 
     /// Whether sends still go out as UDP GSO trains; false once the kernel refused one (the
-    /// route to the peers has no checksum offload) and datagrams are sent one by one.
+    /// route to the peers has no checksum offload) or after `set_udp_gso(false)`.
     pub fn uses_udp_gso(&self) -> bool {
         self.shared.gso.load(Ordering::Relaxed)
+    }
+
+    /// Turns UDP GSO sends on or off (on by default). A wire or a NIC splits a GSO train into
+    /// ordinary datagrams, but a veth hands it over whole: an eBPF node behind a veth on the same
+    /// machine then gets one 64 KB skb it cannot decapsulate. Turn GSO off (or turn off
+    /// `tx-udp-segmentation` on the underlay veth) where such peers exist.
+    pub fn set_udp_gso(&self, enabled: bool) {
+        self.shared.gso.store(enabled, Ordering::Relaxed);
     }
 
     pub fn device_name(&self) -> &str {
@@ -520,6 +531,8 @@ fn udp_to_tun(shared: &Shared, tun: RawFd) {
     let sock = shared.socket.as_raw_fd();
     let mut recv = RecvBatch::new(RECV_BATCH);
     let mut coalescer = TcpCoalescer::default();
+    let mut scratch = Vec::with_capacity(MAX_TUN_PACKET * 2);
+    let mut lens = Vec::new();
     let mut stats = DataplaneStats::default();
     let vnet_hdr = shared.vnet_hdr;
     let mut write_errors = 0u64;
@@ -557,7 +570,16 @@ fn udp_to_tun(shared: &Shared, tun: RawFd) {
                 continue;
             }
             let subnets = peers.subnets_of(d.src);
-            for seg in d.data.chunks(d.seg_size) {
+            // One inner packet longer than the GRO segment size: not a GRO train but a whole
+            // TSO super-packet (an eBPF node on this machine encapsulated it and a veth kept it
+            // in one piece; the UDP_GRO size is then the inner MSS).
+            let whole = offload::ipv4_total_len(d.data).is_some_and(|l| l > d.seg_size);
+            let (chunk, mss_hint) = if whole {
+                (d.data.len(), Some(d.seg_size))
+            } else {
+                (d.seg_size, None)
+            };
+            for seg in d.data.chunks(chunk) {
                 let Some(subnets) = subnets else {
                     stats.drop_unknown_sender += 1;
                     continue;
@@ -575,9 +597,34 @@ fn udp_to_tun(shared: &Shared, tun: RawFd) {
                 }
                 stats.rx_packets += 1;
                 stats.rx_bytes += pkt.len() as u64;
-                if vnet_hdr {
+                if pkt.len() > shared.mtu {
+                    coalescer.flush(&mut emit);
+                    match offload::oversized_tcp_for_tun(
+                        pkt,
+                        shared.mtu,
+                        mss_hint,
+                        vnet_hdr,
+                        &mut scratch,
+                        &mut lens,
+                    ) {
+                        Ok(Some(hdr)) => emit(&hdr, &scratch),
+                        Ok(None) => {
+                            let mut at = 0;
+                            for &len in &lens {
+                                emit(&VirtioNetHdr::default(), &scratch[at..at + len]);
+                                at += len;
+                            }
+                        }
+                        Err(e) => {
+                            stats.rx_packets -= 1;
+                            stats.rx_bytes -= pkt.len() as u64;
+                            count_packet_error(&mut stats, e);
+                        }
+                    }
+                } else if vnet_hdr {
                     coalescer.push(pkt, &mut emit);
                 } else {
+                    let pkt = offload::with_complete_checksum(pkt, &mut scratch);
                     emit(&VirtioNetHdr::default(), pkt);
                 }
             }

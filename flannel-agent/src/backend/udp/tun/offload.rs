@@ -150,6 +150,62 @@ pub(crate) fn inner_packet(seg: &[u8]) -> Result<(&[u8], Ipv4Addr), PacketError>
     Ok((&seg[..total], src))
 }
 
+/// Total length field of the IPv4 packet at the start of `data`, if it looks like one.
+pub(crate) fn ipv4_total_len(data: &[u8]) -> Option<usize> {
+    (data.len() >= 20 && data[0] >> 4 == 4)
+        .then(|| usize::from(u16::from_be_bytes([data[2], data[3]])))
+}
+
+/// A TCP/IPv4 packet from the wire that is longer than the device MTU: a TSO super-packet that
+/// an eBPF node on this machine encapsulated whole. Prepared in `out` for the TUN: with virtio
+/// headers as one GSO write (returns its header; the checksum field is reset to the pseudo-header
+/// sum, as for any checksum-offloaded packet), without them cut into MTU-sized segments with
+/// complete checksums (lengths in `lens`, returns None). `mss_hint` is the sender's segment size
+/// when known.
+pub(crate) fn oversized_tcp_for_tun(
+    pkt: &[u8],
+    mtu: usize,
+    mss_hint: Option<usize>,
+    vnet: bool,
+    out: &mut Vec<u8>,
+    lens: &mut Vec<usize>,
+) -> Result<Option<VirtioNetHdr>, PacketError> {
+    let (ihl, total) = ipv4_lengths(pkt)?;
+    let pkt = &pkt[..total];
+    if pkt[9] != IPPROTO_TCP || total < ihl + 20 {
+        return Err(PacketError::Malformed);
+    }
+    let hl = ihl + usize::from(pkt[ihl + 12] >> 4) * 4;
+    if hl < ihl + 20 || hl >= total || hl >= mtu {
+        return Err(PacketError::Malformed);
+    }
+    let mss = mss_hint
+        .filter(|&m| m > 0)
+        .map_or(mtu - hl, |m| m.min(mtu - hl));
+    out.clear();
+    lens.clear();
+    if !vnet {
+        segment_tcp4(pkt, ihl, mss, out, lens)?;
+        return Ok(None);
+    }
+    out.extend_from_slice(pkt);
+    let pseudo = csum_fold(pseudo_header_sum(
+        &pkt[12..16],
+        &pkt[16..20],
+        IPPROTO_TCP,
+        total - ihl,
+    ));
+    out[ihl + 16..ihl + 18].copy_from_slice(&pseudo.to_be_bytes());
+    Ok(Some(VirtioNetHdr {
+        flags: VNET_F_NEEDS_CSUM,
+        gso_type: VNET_GSO_TCPV4,
+        hdr_len: hl as u16,
+        gso_size: mss as u16,
+        csum_start: ihl as u16,
+        csum_offset: 16,
+    }))
+}
+
 /// Destination address of an IPv4 packet (caller checked it has at least a minimal header).
 pub(crate) fn ipv4_dst(pkt: &[u8]) -> Option<Ipv4Addr> {
     let d = pkt.get(16..20)?;
@@ -362,11 +418,73 @@ struct TcpSegInfo {
     seq: u32,
     payload: usize,
     psh: bool,
+    /// The checksum is still to be computed (see `partial_checksum_field`).
+    partial: bool,
+}
+
+const IPPROTO_UDP: u8 = 17;
+
+/// Offset of the TCP/UDP checksum field of an unfragmented IPv4 packet (no IP options) whose
+/// field holds only the pseudo-header sum: the packet left a kernel on this machine as
+/// CHECKSUM_PARTIAL (the checksum left to "hardware"), and a veth and the UDP socket that split
+/// a tunnel GSO train hand it over like that. Our eBPF nodes send such packets when the underlay
+/// is a veth. Whoever finally delivers it must complete the checksum.
+fn partial_checksum_field(pkt: &[u8]) -> Option<usize> {
+    if pkt.len() < 28 || pkt[0] != 0x45 || u16::from_be_bytes([pkt[6], pkt[7]]) & 0x3fff != 0 {
+        return None;
+    }
+    let field = match pkt[9] {
+        IPPROTO_TCP if pkt.len() >= 40 => 20 + 16,
+        IPPROTO_UDP => 20 + 6,
+        _ => return None,
+    };
+    let pseudo = csum_fold(pseudo_header_sum(
+        &pkt[12..16],
+        &pkt[16..20],
+        pkt[9],
+        pkt.len() - 20,
+    ));
+    let have = u16::from_be_bytes([pkt[field], pkt[field + 1]]);
+    // 0 and 0xffff are the same number in ones' complement; a UDP 0 means "no checksum".
+    let same = have == pseudo || (have == 0 && pseudo == 0xffff && pkt[9] == IPPROTO_TCP);
+    same.then_some(field)
+}
+
+/// The virtio header under which a packet from the wire goes to the TUN when it is not merged:
+/// checksum-partial packets are passed on as such (the kernel completes or trusts them exactly
+/// as it would have on the sending host), everything else as received.
+fn passthrough_hdr(pkt: &[u8]) -> VirtioNetHdr {
+    match partial_checksum_field(pkt) {
+        Some(field) => VirtioNetHdr {
+            flags: VNET_F_NEEDS_CSUM,
+            csum_start: 20,
+            csum_offset: (field - 20) as u16,
+            ..Default::default()
+        },
+        None => VirtioNetHdr::default(),
+    }
+}
+
+/// For a TUN without virtio headers: the packet with its checksum completed in software when it
+/// arrived checksum-partial (copied into `scratch`), else the packet itself.
+pub(crate) fn with_complete_checksum<'a>(pkt: &'a [u8], scratch: &'a mut Vec<u8>) -> &'a [u8] {
+    let Some(field) = partial_checksum_field(pkt) else {
+        return pkt;
+    };
+    scratch.clear();
+    scratch.extend_from_slice(pkt);
+    let mut c = !csum_fold(csum_add(0, &scratch[20..]));
+    if c == 0 && scratch[9] == IPPROTO_UDP {
+        c = 0xffff;
+    }
+    scratch[field..field + 2].copy_from_slice(&c.to_be_bytes());
+    scratch
 }
 
 /// A plain TCP/IPv4 data segment (no IP options, not a fragment, only ACK/PSH set) whose
-/// checksum verifies. The checksum is checked because merged packets are handed to the kernel
-/// as already verified, and the outer UDP checksum may be zero (our eBPF nodes send none).
+/// checksum verifies or is still to be computed (checksum-partial). The checksum is checked
+/// because merged packets are handed to the kernel as verified, and the outer UDP checksum may
+/// be zero (our eBPF nodes send none).
 fn tcp_seg_info(pkt: &[u8]) -> Option<TcpSegInfo> {
     if pkt.len() < 40 || pkt[0] != 0x45 || pkt[9] != IPPROTO_TCP {
         return None;
@@ -384,14 +502,19 @@ fn tcp_seg_info(pkt: &[u8]) -> Option<TcpSegInfo> {
         return None;
     }
     let sum = pseudo_header_sum(&pkt[12..16], &pkt[16..20], IPPROTO_TCP, pkt.len() - 20);
-    if csum_fold(csum_add(sum, &pkt[20..])) != 0xffff {
+    let partial = if csum_fold(csum_add(sum, &pkt[20..])) == 0xffff {
+        false
+    } else if partial_checksum_field(pkt).is_some() {
+        true
+    } else {
         return None;
-    }
+    };
     Some(TcpSegInfo {
         hl,
         seq: u32::from_be_bytes([pkt[24], pkt[25], pkt[26], pkt[27]]),
         payload: pkt.len() - hl,
         psh: flags & TCP_PSH != 0,
+        partial,
     })
 }
 
@@ -407,6 +530,8 @@ pub(crate) struct TcpCoalescer {
     next_seq: u32,
     /// No more segments may follow (a short or PSH segment ended the run).
     closed: bool,
+    /// The pending packet (when alone) still needs its checksum.
+    partial: bool,
 }
 
 impl Default for TcpCoalescer {
@@ -419,6 +544,7 @@ impl Default for TcpCoalescer {
             segs: 0,
             next_seq: 0,
             closed: false,
+            partial: false,
         }
     }
 }
@@ -428,7 +554,7 @@ impl TcpCoalescer {
     pub fn push(&mut self, pkt: &[u8], emit: &mut impl FnMut(&VirtioNetHdr, &[u8])) {
         let Some(info) = tcp_seg_info(pkt) else {
             self.flush(emit);
-            emit(&VirtioNetHdr::default(), pkt);
+            emit(&passthrough_hdr(pkt), pkt);
             return;
         };
         if self.active && self.can_append(pkt, &info) {
@@ -450,6 +576,7 @@ impl TcpCoalescer {
         self.segs = 1;
         self.next_seq = info.seq.wrapping_add(info.payload as u32);
         self.closed = info.psh;
+        self.partial = info.partial;
     }
 
     fn can_append(&self, pkt: &[u8], info: &TcpSegInfo) -> bool {
@@ -479,10 +606,14 @@ impl TcpCoalescer {
         }
         self.active = false;
         if self.segs == 1 {
-            // Unchanged, and its checksum was verified above.
-            let hdr = VirtioNetHdr {
-                flags: VNET_F_DATA_VALID,
-                ..Default::default()
+            // Unchanged; its checksum was verified above, or is still to be computed.
+            let hdr = if self.partial {
+                passthrough_hdr(&self.pkt)
+            } else {
+                VirtioNetHdr {
+                    flags: VNET_F_DATA_VALID,
+                    ..Default::default()
+                }
             };
             emit(&hdr, &self.pkt);
             return;
@@ -863,6 +994,99 @@ mod tests {
         let sum = pseudo_header_sum(&SRC, &DST, IPPROTO_TCP, p.len() - 20);
         let c = !csum_fold(csum_add(sum, &p[20..]));
         p[36..38].copy_from_slice(&c.to_be_bytes());
+    }
+
+    /// The packet as a sending kernel leaves it for checksum offload.
+    fn make_partial(mut p: Vec<u8>) -> Vec<u8> {
+        let field = if p[9] == IPPROTO_TCP { 36 } else { 26 };
+        let pseudo = csum_fold(pseudo_header_sum(
+            &p[12..16],
+            &p[16..20],
+            p[9],
+            p.len() - 20,
+        ));
+        p[field..field + 2].copy_from_slice(&pseudo.to_be_bytes());
+        p
+    }
+
+    #[test]
+    fn checksum_partial_segments_from_a_local_sender_merge_and_pass_as_partial() {
+        let payload = pattern(3000);
+        let mut sp = tcp_packet(9, TCP_ACK, &[], &payload, false);
+        let (mut out, mut lens) = (Vec::new(), Vec::new());
+        tun_packet_to_wire(Some(&tso_hdr(1432, 40)), &mut sp, &mut out, &mut lens).unwrap();
+        let segs: Vec<Vec<u8>> = split(&out, &lens)
+            .iter()
+            .map(|s| make_partial(s.to_vec()))
+            .collect();
+        let got = coalesce(&segs);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].0, tso_hdr(1432, 40));
+        assert_eq!(&got[0].1[40..], &payload[..]);
+
+        // Alone, it stays partial: the kernel computes the checksum.
+        let single = make_partial(tcp_packet(1, TCP_ACK, &[], b"abc", true));
+        let got = coalesce(std::slice::from_ref(&single));
+        assert_eq!(
+            (got[0].0.flags, got[0].0.csum_start, got[0].0.csum_offset),
+            (VNET_F_NEEDS_CSUM, 20, 16)
+        );
+        assert_eq!(got[0].1, single);
+
+        // UDP too; a complete UDP packet is left alone.
+        let mut udp = tcp_packet(0, 0, &[], &[4; 8], true);
+        udp[9] = IPPROTO_UDP;
+        let partial_udp = make_partial(udp.clone());
+        let got = coalesce(&[partial_udp.clone(), udp.clone()]);
+        assert_eq!(
+            (got[0].0.flags, got[0].0.csum_offset),
+            (VNET_F_NEEDS_CSUM, 6)
+        );
+        assert_eq!(got[1].0, VirtioNetHdr::default());
+    }
+
+    #[test]
+    fn oversized_tcp_from_the_wire_becomes_one_gso_write_or_mtu_sized_segments() {
+        let payload = pattern(20_000);
+        let sp = make_partial(tcp_packet(5, TCP_ACK | TCP_PSH, &[], &payload, true));
+        let (mut out, mut lens) = (Vec::new(), Vec::new());
+        let hdr = oversized_tcp_for_tun(&sp, 1472, Some(1400), true, &mut out, &mut lens).unwrap();
+        assert_eq!(hdr, Some(tso_hdr(1400, 40)));
+        assert_eq!(out, sp);
+
+        let hdr = oversized_tcp_for_tun(&sp, 1472, None, false, &mut out, &mut lens).unwrap();
+        assert_eq!(hdr, None);
+        assert_eq!(lens.len(), 20_000usize.div_ceil(1432));
+        let mut joined = Vec::new();
+        for s in split(&out, &lens) {
+            assert!(s.len() <= 1472);
+            assert_valid_tcp4(s);
+            joined.extend_from_slice(&s[40..]);
+        }
+        assert_eq!(joined, payload);
+
+        let mut udp = sp.clone();
+        udp[9] = IPPROTO_UDP;
+        assert_eq!(
+            oversized_tcp_for_tun(&udp, 1472, None, true, &mut out, &mut lens),
+            Err(PacketError::Malformed)
+        );
+    }
+
+    #[test]
+    fn checksum_partial_packets_are_completed_for_a_tun_without_virtio_headers() {
+        let complete = tcp_packet(1, TCP_ACK, &[], &pattern(333), true);
+        let partial = make_partial(complete.clone());
+        assert_ne!(partial, complete);
+        let mut scratch = Vec::new();
+        assert_eq!(
+            with_complete_checksum(&partial, &mut scratch),
+            &complete[..]
+        );
+        assert_eq!(
+            with_complete_checksum(&complete, &mut scratch),
+            &complete[..]
+        );
     }
 
     #[test]
