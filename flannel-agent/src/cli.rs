@@ -36,7 +36,9 @@ fn duration(s: &str) -> Result<Duration, String> {
 fn renew_margin(s: &str) -> Result<u32, String> {
     match s.parse::<u32>() {
         Ok(m) if (1..=1439).contains(&m) => Ok(m),
-        _ => Err(format!("{s:?} is not a whole number of minutes from 1 to 1439")),
+        _ => Err(format!(
+            "{s:?} is not a whole number of minutes from 1 to 1439"
+        )),
     }
 }
 
@@ -49,10 +51,18 @@ fn renew_margin(s: &str) -> Result<u32, String> {
 )]
 pub struct Flags {
     /// a comma-delimited list of etcd endpoints
-    #[arg(long, env = "FLANNELD_ETCD_ENDPOINTS", default_value = "http://127.0.0.1:4001,http://127.0.0.1:2379")]
+    #[arg(
+        long,
+        env = "FLANNELD_ETCD_ENDPOINTS",
+        default_value = "http://127.0.0.1:4001,http://127.0.0.1:2379"
+    )]
     pub etcd_endpoints: String,
     /// etcd prefix
-    #[arg(long, env = "FLANNELD_ETCD_PREFIX", default_value = "/coreos.com/network")]
+    #[arg(
+        long,
+        env = "FLANNELD_ETCD_PREFIX",
+        default_value = "/coreos.com/network"
+    )]
     pub etcd_prefix: String,
     /// SSL key file used to secure etcd communication
     #[arg(long, env = "FLANNELD_ETCD_KEYFILE", default_value = "")]
@@ -67,7 +77,12 @@ pub struct Flags {
     #[arg(long, env = "FLANNELD_ETCD_USERNAME", default_value = "")]
     pub etcd_username: String,
     /// password for BasicAuth to etcd
-    #[arg(long, env = "FLANNELD_ETCD_PASSWORD", default_value = "", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "FLANNELD_ETCD_PASSWORD",
+        default_value = "",
+        hide_env_values = true
+    )]
     pub etcd_password: String,
 
     /// interface to use (IP or name) for inter-host communication; repeatable, first match wins
@@ -87,7 +102,11 @@ pub struct Flags {
     pub public_ipv6: Option<IpAddr>,
 
     /// filename where env variables (subnet, MTU, ...) will be written to
-    #[arg(long, env = "FLANNELD_SUBNET_FILE", default_value = "/run/flannel/subnet.env")]
+    #[arg(
+        long,
+        env = "FLANNELD_SUBNET_FILE",
+        default_value = "/run/flannel/subnet.env"
+    )]
     pub subnet_file: PathBuf,
     /// subnet lease renewal margin, in minutes, ranging from 1 to 1439
     #[arg(long, env = "FLANNELD_SUBNET_LEASE_RENEW_MARGIN", default_value = "60", value_parser = renew_margin)]
@@ -116,10 +135,19 @@ pub struct Flags {
     pub healthz_port: u16,
 
     /// udp backend data plane: eBPF in the kernel, TUN in user space, or auto (eBPF, else TUN)
-    #[arg(long, env = "FLANNELD_UDP_DATAPLANE", value_enum, default_value = "auto")]
+    #[arg(
+        long,
+        env = "FLANNELD_UDP_DATAPLANE",
+        value_enum,
+        default_value = "auto"
+    )]
     pub udp_dataplane: UdpDataplaneKind,
     /// bpffs directory where the eBPF maps, programs and links are pinned
-    #[arg(long, env = "FLANNELD_BPF_PIN_DIR", default_value = "/sys/fs/bpf/flannel")]
+    #[arg(
+        long,
+        env = "FLANNELD_BPF_PIN_DIR",
+        default_value = "/sys/fs/bpf/flannel"
+    )]
     pub bpf_pin_dir: PathBuf,
 
     /// contact the Kubernetes API for subnet assignment instead of etcd (not supported)
@@ -130,13 +158,21 @@ pub struct Flags {
     #[arg(long, env = "FLANNELD_KUBE_API_URL", default_value = "")]
     pub kube_api_url: String,
     /// Kubernetes annotation prefix (only with --kube-subnet-mgr, not supported)
-    #[arg(long, env = "FLANNELD_KUBE_ANNOTATION_PREFIX", default_value = "flannel.alpha.coreos.com")]
+    #[arg(
+        long,
+        env = "FLANNELD_KUBE_ANNOTATION_PREFIX",
+        default_value = "flannel.alpha.coreos.com"
+    )]
     pub kube_annotation_prefix: String,
     /// kubeconfig file location (only with --kube-subnet-mgr, not supported)
     #[arg(long, env = "FLANNELD_KUBECONFIG_FILE", default_value = "")]
     pub kubeconfig_file: String,
     /// path to the network configuration file (only with --kube-subnet-mgr, not supported)
-    #[arg(long, env = "FLANNELD_NET_CONFIG_PATH", default_value = "/etc/kube-flannel/net-conf.json")]
+    #[arg(
+        long,
+        env = "FLANNELD_NET_CONFIG_PATH",
+        default_value = "/etc/kube-flannel/net-conf.json"
+    )]
     pub net_config_path: String,
     /// set NodeNetworkUnavailable after ready (only with --kube-subnet-mgr, not supported)
     #[arg(long, env = "FLANNELD_SET_NODE_NETWORK_UNAVAILABLE", default_value = "true", num_args = 0..=1,
@@ -185,13 +221,20 @@ mod tests {
     use super::*;
 
     fn parse(args: &[&str]) -> Result<Flags, clap::Error> {
-        Flags::parse_go_style(std::iter::once("flanneld").chain(args.iter().copied()).map(String::from))
+        Flags::parse_go_style(
+            std::iter::once("flanneld")
+                .chain(args.iter().copied())
+                .map(String::from),
+        )
     }
 
     #[test]
     fn defaults_are_upstreams() {
         let f = parse(&[]).unwrap();
-        assert_eq!(f.etcd_endpoints, "http://127.0.0.1:4001,http://127.0.0.1:2379");
+        assert_eq!(
+            f.etcd_endpoints,
+            "http://127.0.0.1:4001,http://127.0.0.1:2379"
+        );
         assert_eq!(f.etcd_prefix, "/coreos.com/network");
         assert_eq!(f.subnet_file, PathBuf::from("/run/flannel/subnet.env"));
         assert_eq!(f.subnet_lease_renew_margin, 60);
@@ -204,8 +247,15 @@ mod tests {
 
     #[test]
     fn go_style_flags_and_bools() {
-        let f = parse(&["-iface", "eth0", "--iface=192.0.2.1", "-ip-masq", "--iptables-forward-rules=false", "-v=3"])
-            .unwrap();
+        let f = parse(&[
+            "-iface",
+            "eth0",
+            "--iface=192.0.2.1",
+            "-ip-masq",
+            "--iptables-forward-rules=false",
+            "-v=3",
+        ])
+        .unwrap();
         assert_eq!(f.iface, vec!["eth0", "192.0.2.1"]);
         assert!(f.ip_masq);
         assert!(!f.iptables_forward_rules);

@@ -64,15 +64,20 @@ pub struct NetworkConfig {
 
 fn get_ci<'a>(map: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
     // Go prefers an exact match, then any case-insensitive one.
-    map.get(name).or_else(|| {
-        map.iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v)
-    })
-    .filter(|v| !v.is_null())
+    map.get(name)
+        .or_else(|| {
+            map.iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v)
+        })
+        .filter(|v| !v.is_null())
 }
 
-fn get_bool(map: &Map<String, Value>, field: &'static str, default: bool) -> Result<bool, ConfigError> {
+fn get_bool(
+    map: &Map<String, Value>,
+    field: &'static str,
+    default: bool,
+) -> Result<bool, ConfigError> {
     match get_ci(map, field) {
         None => Ok(default),
         Some(Value::Bool(b)) => Ok(*b),
@@ -80,7 +85,10 @@ fn get_bool(map: &Map<String, Value>, field: &'static str, default: bool) -> Res
     }
 }
 
-fn get_str<'a>(map: &'a Map<String, Value>, field: &'static str) -> Result<Option<&'a str>, ConfigError> {
+fn get_str<'a>(
+    map: &'a Map<String, Value>,
+    field: &'static str,
+) -> Result<Option<&'a str>, ConfigError> {
     match get_ci(map, field) {
         None => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
@@ -88,12 +96,20 @@ fn get_str<'a>(map: &'a Map<String, Value>, field: &'static str) -> Result<Optio
     }
 }
 
-fn get_uint(map: &Map<String, Value>, field: &'static str, max: u64) -> Result<Option<u64>, ConfigError> {
+fn get_uint(
+    map: &Map<String, Value>,
+    field: &'static str,
+    max: u64,
+) -> Result<Option<u64>, ConfigError> {
     match get_ci(map, field) {
         None => Ok(None),
         Some(v) => match v.as_u64() {
             Some(n) if n <= max => Ok(Some(n)),
-            _ => Err(field_err(field, v, format!("must be an integer from 0 to {max}"))),
+            _ => Err(field_err(
+                field,
+                v,
+                format!("must be an integer from 0 to {max}"),
+            )),
         },
     }
 }
@@ -110,7 +126,10 @@ fn parse_v4_net(field: &'static str, s: &str) -> Result<Ipv4Network, ConfigError
         .map_err(|_| field_err(field, format!("{s:?}"), "is not an IPv4 CIDR"))
 }
 
-fn parse_v4_addr(map: &Map<String, Value>, field: &'static str) -> Result<Option<Ipv4Addr>, ConfigError> {
+fn parse_v4_addr(
+    map: &Map<String, Value>,
+    field: &'static str,
+) -> Result<Option<Ipv4Addr>, ConfigError> {
     get_str(map, field)?
         .map(|s| {
             s.parse()
@@ -188,25 +207,45 @@ impl NetworkConfig {
             let min = match parse_v4_addr(&map, "SubnetMin")? {
                 None => Ipv4Addr::from(net + size),
                 Some(a) if !network.contains(a) => {
-                    return Err(field_err("SubnetMin", a, format!("is not in the range of the Network {network}")))
+                    return Err(field_err(
+                        "SubnetMin",
+                        a,
+                        format!("is not in the range of the Network {network}"),
+                    ))
                 }
                 Some(a) => a,
             };
             let max = match parse_v4_addr(&map, "SubnetMax")? {
                 None => Ipv4Addr::from((last + 1).wrapping_sub(size)),
                 Some(a) if !network.contains(a) => {
-                    return Err(field_err("SubnetMax", a, format!("is not in the range of the Network {network}")))
+                    return Err(field_err(
+                        "SubnetMax",
+                        a,
+                        format!("is not in the range of the Network {network}"),
+                    ))
                 }
                 Some(a) => a,
             };
             if u32::from(min) & mask != u32::from(min) {
-                return Err(field_err("SubnetMin", min, format!("is not on a SubnetLen (/{subnet_len}) boundary")));
+                return Err(field_err(
+                    "SubnetMin",
+                    min,
+                    format!("is not on a SubnetLen (/{subnet_len}) boundary"),
+                ));
             }
             if u32::from(max) & mask != u32::from(max) {
-                return Err(field_err("SubnetMax", max, format!("is not on a SubnetLen (/{subnet_len}) boundary")));
+                return Err(field_err(
+                    "SubnetMax",
+                    max,
+                    format!("is not on a SubnetLen (/{subnet_len}) boundary"),
+                ));
             }
             if u32::from(min) > u32::from(max) {
-                return Err(field_err("SubnetMin", min, format!("is above SubnetMax {max}")));
+                return Err(field_err(
+                    "SubnetMin",
+                    min,
+                    format!("is above SubnetMax {max}"),
+                ));
             }
             (min, max)
         } else {
@@ -225,7 +264,11 @@ impl NetworkConfig {
                 let t = get_str(b, "Type")?.unwrap_or("");
                 BackendConfig {
                     // Upstream's code (not its docs) falls back to udp.
-                    backend_type: if t.is_empty() { "udp".into() } else { t.to_owned() },
+                    backend_type: if t.is_empty() {
+                        "udp".into()
+                    } else {
+                        t.to_owned()
+                    },
                     raw: raw.clone(),
                 }
             }
@@ -309,11 +352,19 @@ fn parse_ipv6(map: &Map<String, Value>, enabled: bool) -> Result<V6Parts, Config
             return Err(field_err("IPv6SubnetLen", len, "must be less than /127"));
         }
         if len < prefix + 2 {
-            return Err(field_err("IPv6SubnetLen", len, "IPv6Network must be able to accommodate at least four subnets"));
+            return Err(field_err(
+                "IPv6SubnetLen",
+                len,
+                "IPv6Network must be able to accommodate at least four subnets",
+            ));
         }
         len
     } else if prefix > 124 {
-        return Err(field_err("IPv6Network", net, "is too small: the minimum useful prefix is /124"));
+        return Err(field_err(
+            "IPv6Network",
+            net,
+            "is too small: the minimum useful prefix is /124",
+        ));
     } else if prefix <= 62 {
         64
     } else {
@@ -322,7 +373,11 @@ fn parse_ipv6(map: &Map<String, Value>, enabled: bool) -> Result<V6Parts, Config
     for (field, a) in [("IPv6SubnetMin", min), ("IPv6SubnetMax", max)] {
         if let Some(a) = a {
             if !net.contains(a) {
-                return Err(field_err(field, a, format!("is not in the range of the IPv6Network {net}")));
+                return Err(field_err(
+                    field,
+                    a,
+                    format!("is not in the range of the IPv6Network {net}"),
+                ));
             }
         }
     }
@@ -377,15 +432,27 @@ mod tests {
             (r#"{"Network":"10.5.0.0/29"}"#, "Network"),
             (r#"{"Network":"10.5.0.0/16","SubnetLen":31}"#, "SubnetLen"),
             (r#"{"Network":"10.5.0.0/16","SubnetLen":17}"#, "SubnetLen"),
-            (r#"{"Network":"10.5.0.0/16","SubnetMin":"10.6.0.0"}"#, "SubnetMin"),
-            (r#"{"Network":"10.5.0.0/16","SubnetMax":"10.5.3.7"}"#, "SubnetMax"),
-            (r#"{"Network":"10.5.0.0/16","SubnetMin":"10.5.9.0","SubnetMax":"10.5.3.0"}"#, "SubnetMin"),
+            (
+                r#"{"Network":"10.5.0.0/16","SubnetMin":"10.6.0.0"}"#,
+                "SubnetMin",
+            ),
+            (
+                r#"{"Network":"10.5.0.0/16","SubnetMax":"10.5.3.7"}"#,
+                "SubnetMax",
+            ),
+            (
+                r#"{"Network":"10.5.0.0/16","SubnetMin":"10.5.9.0","SubnetMax":"10.5.3.0"}"#,
+                "SubnetMin",
+            ),
             (r#"{"Network":"banana"}"#, "Network"),
             (r#"{"Network":"10.5.0.0"}"#, "Network"),
             (r#"{"Network":5}"#, "Network"),
             (r#"{"Network":"10.5.0.0/16","SubnetLen":"24"}"#, "SubnetLen"),
             (r#"{"Network":"10.5.0.0/16","SubnetLen":-1}"#, "SubnetLen"),
-            (r#"{"Network":"10.5.0.0/16","EnableIPv6":true}"#, "IPv6Network"),
+            (
+                r#"{"Network":"10.5.0.0/16","EnableIPv6":true}"#,
+                "IPv6Network",
+            ),
             (r#"{"Network":"10.5.0.0/16","Backend":"udp"}"#, "Backend"),
             (r#"{}"#, "Network"),
         ];
@@ -406,8 +473,10 @@ mod tests {
 
     #[test]
     fn nth_subnet_walks_the_range() {
-        let c = parse(r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.10.0","SubnetMax":"10.244.12.0"}"#)
-            .unwrap();
+        let c = parse(
+            r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.10.0","SubnetMax":"10.244.12.0"}"#,
+        )
+        .unwrap();
         assert_eq!(c.subnet_count(), 3);
         assert_eq!(c.nth_subnet(2).unwrap().to_string(), "10.244.12.0/24");
         assert!(c.nth_subnet(3).is_none());

@@ -29,7 +29,13 @@ impl AgentState {
         let peers = self.peers.read().map(|p| p.clone()).unwrap_or_default();
         let items: Vec<String> = peers
             .values()
-            .map(|l| format!("{{\"Subnet\":\"{}\",\"Lease\":{}}}", l.subnet(), l.attrs.to_json()))
+            .map(|l| {
+                format!(
+                    "{{\"Subnet\":\"{}\",\"Lease\":{}}}",
+                    l.subnet(),
+                    l.attrs.to_json()
+                )
+            })
             .collect();
         format!("[{}]", items.join(","))
     }
@@ -48,11 +54,17 @@ async fn readyz(State(state): State<Arc<AgentState>>) -> impl IntoResponse {
 }
 
 async fn peers(State(state): State<Arc<AgentState>>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/json")], state.peers_json())
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        state.peers_json(),
+    )
 }
 
 /// Serve on a bound listener until the process exits.
-pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AgentState>) -> std::io::Result<()> {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<AgentState>,
+) -> std::io::Result<()> {
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

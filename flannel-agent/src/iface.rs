@@ -92,7 +92,8 @@ pub async fn list_links(handle: &Handle) -> Result<Vec<Link>, IfaceError> {
                 _ => None,
             })
         });
-        if let (Some(ip), Some(link)) = (ip, links.iter_mut().find(|l| l.index == msg.header.index)) {
+        if let (Some(ip), Some(link)) = (ip, links.iter_mut().find(|l| l.index == msg.header.index))
+        {
             link.ipv4.push(ip);
         }
     }
@@ -101,7 +102,9 @@ pub async fn list_links(handle: &Handle) -> Result<Vec<Link>, IfaceError> {
 
 async fn route_oif(handle: &Handle, dst: Ipv4Addr, prefix: u8) -> Result<Option<u32>, IfaceError> {
     if prefix == 32 {
-        let msg = RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(dst, 32).build();
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst, 32)
+            .build();
         let mut stream = handle.route().get(msg).execute();
         return match stream.try_next().await {
             Ok(Some(route)) => Ok(route.attributes.iter().find_map(|a| match a {
@@ -137,7 +140,10 @@ async fn route_oif(handle: &Handle, dst: Ipv4Addr, prefix: u8) -> Result<Option<
 }
 
 /// Pure selection among `links` for --iface and --iface-regex: (link, address to use).
-pub fn select_by_options(links: &[Link], sel: &IfaceSelector) -> Result<Option<(Link, Option<Ipv4Addr>)>, IfaceError> {
+pub fn select_by_options(
+    links: &[Link],
+    sel: &IfaceSelector,
+) -> Result<Option<(Link, Option<Ipv4Addr>)>, IfaceError> {
     for spec in &sel.ifaces {
         if let Ok(ip) = spec.parse::<Ipv4Addr>() {
             if let Some(l) = links.iter().find(|l| l.ipv4.contains(&ip)) {
@@ -164,7 +170,10 @@ pub fn select_by_options(links: &[Link], sel: &IfaceSelector) -> Result<Option<(
     Ok(None)
 }
 
-pub async fn lookup_external_interface(handle: &Handle, sel: &IfaceSelector) -> Result<ExternalInterface, IfaceError> {
+pub async fn lookup_external_interface(
+    handle: &Handle,
+    sel: &IfaceSelector,
+) -> Result<ExternalInterface, IfaceError> {
     let links = list_links(handle).await?;
     let (link, addr) = if !sel.ifaces.is_empty() || !sel.regexes.is_empty() {
         select_by_options(&links, sel)?.ok_or_else(|| {
@@ -179,9 +188,13 @@ pub async fn lookup_external_interface(handle: &Handle, sel: &IfaceSelector) -> 
         })?
     } else {
         let oif = match sel.can_reach {
-            Some(IpAddr::V4(ip)) => route_oif(handle, ip, 32).await?.ok_or(IfaceError::Unreachable(IpAddr::V4(ip)))?,
+            Some(IpAddr::V4(ip)) => route_oif(handle, ip, 32)
+                .await?
+                .ok_or(IfaceError::Unreachable(IpAddr::V4(ip)))?,
             Some(other) => return Err(IfaceError::NotIpv4(other)),
-            None => route_oif(handle, Ipv4Addr::UNSPECIFIED, 0).await?.ok_or(IfaceError::NoDefaultRoute)?,
+            None => route_oif(handle, Ipv4Addr::UNSPECIFIED, 0)
+                .await?
+                .ok_or(IfaceError::NoDefaultRoute)?,
         };
         let link = links
             .iter()
@@ -192,7 +205,10 @@ pub async fn lookup_external_interface(handle: &Handle, sel: &IfaceSelector) -> 
     };
     let iface_addr = match addr {
         Some(a) => a,
-        None => *link.ipv4.first().ok_or_else(|| IfaceError::NoIpv4(link.name.clone()))?,
+        None => *link
+            .ipv4
+            .first()
+            .ok_or_else(|| IfaceError::NoIpv4(link.name.clone()))?,
     };
     let ext_addr = match sel.public_ip {
         None => iface_addr,
@@ -214,9 +230,30 @@ mod tests {
 
     fn links() -> Vec<Link> {
         vec![
-            Link { index: 1, name: "lo".into(), mtu: 65536, up: true, ipv4: vec![Ipv4Addr::LOCALHOST] },
-            Link { index: 2, name: "eth0".into(), mtu: 1500, up: true, ipv4: vec!["192.0.2.10".parse().unwrap()] },
-            Link { index: 3, name: "eth1".into(), mtu: 9000, up: true, ipv4: vec!["198.51.100.7".parse().unwrap(), "198.51.100.8".parse().unwrap()] },
+            Link {
+                index: 1,
+                name: "lo".into(),
+                mtu: 65536,
+                up: true,
+                ipv4: vec![Ipv4Addr::LOCALHOST],
+            },
+            Link {
+                index: 2,
+                name: "eth0".into(),
+                mtu: 1500,
+                up: true,
+                ipv4: vec!["192.0.2.10".parse().unwrap()],
+            },
+            Link {
+                index: 3,
+                name: "eth1".into(),
+                mtu: 9000,
+                up: true,
+                ipv4: vec![
+                    "198.51.100.7".parse().unwrap(),
+                    "198.51.100.8".parse().unwrap(),
+                ],
+            },
         ]
     }
 
@@ -230,19 +267,38 @@ mod tests {
 
     #[test]
     fn first_usable_iface_option_wins() {
-        let (l, a) = select_by_options(&links(), &sel(&["nope", "198.51.100.8", "eth0"], &[])).unwrap().unwrap();
-        assert_eq!((l.name.as_str(), a), ("eth1", Some("198.51.100.8".parse().unwrap())));
-        let (l, a) = select_by_options(&links(), &sel(&["eth0"], &[])).unwrap().unwrap();
+        let (l, a) = select_by_options(&links(), &sel(&["nope", "198.51.100.8", "eth0"], &[]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (l.name.as_str(), a),
+            ("eth1", Some("198.51.100.8".parse().unwrap()))
+        );
+        let (l, a) = select_by_options(&links(), &sel(&["eth0"], &[]))
+            .unwrap()
+            .unwrap();
         assert_eq!((l.name.as_str(), a), ("eth0", None));
     }
 
     #[test]
     fn regexes_match_addresses_then_names_after_ifaces() {
-        let (l, a) = select_by_options(&links(), &sel(&["missing"], &["^198\\.51"])).unwrap().unwrap();
-        assert_eq!((l.name.as_str(), a), ("eth1", Some("198.51.100.7".parse().unwrap())));
-        let (l, _) = select_by_options(&links(), &sel(&[], &["^eth0$"])).unwrap().unwrap();
+        let (l, a) = select_by_options(&links(), &sel(&["missing"], &["^198\\.51"]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (l.name.as_str(), a),
+            ("eth1", Some("198.51.100.7".parse().unwrap()))
+        );
+        let (l, _) = select_by_options(&links(), &sel(&[], &["^eth0$"]))
+            .unwrap()
+            .unwrap();
         assert_eq!(l.index, 2);
-        assert!(select_by_options(&links(), &sel(&["x"], &["^wlan"])).unwrap().is_none());
-        assert!(matches!(select_by_options(&links(), &sel(&[], &["("])), Err(IfaceError::BadRegex(..))));
+        assert!(select_by_options(&links(), &sel(&["x"], &["^wlan"]))
+            .unwrap()
+            .is_none());
+        assert!(matches!(
+            select_by_options(&links(), &sel(&[], &["("])),
+            Err(IfaceError::BadRegex(..))
+        ));
     }
 }

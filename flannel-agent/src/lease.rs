@@ -195,7 +195,12 @@ mod tests {
 
     #[test]
     fn malformed_values_are_errors_naming_the_key() {
-        for bad in [&b"not json"[..], b"{}", br#"{"PublicIP":"1.2.3"}"#, b"\xff\xfe"] {
+        for bad in [
+            &b"not json"[..],
+            b"{}",
+            br#"{"PublicIP":"1.2.3"}"#,
+            b"\xff\xfe",
+        ] {
             let err = LeaseAttrs::from_json("/coreos.com/network/subnets/10.0.1.0-24", bad)
                 .unwrap_err()
                 .to_string();
@@ -210,7 +215,14 @@ mod tests {
         assert_eq!(k.to_string(), "10.244.58.0-24");
         let k = SubnetKey::parse("10.244.58.0-24&fc00:0:0:3a::-64").unwrap();
         assert_eq!(k.to_string(), "10.244.58.0-24&fc00:0:0:3a::-64");
-        for bad in ["", "10.244.58.0", "10.244.58.1-24", "10.244.58.0-33", "x-24", "10.0.0.0-24&zz-64"] {
+        for bad in [
+            "",
+            "10.244.58.0",
+            "10.244.58.1-24",
+            "10.244.58.0-33",
+            "x-24",
+            "10.0.0.0-24&zz-64",
+        ] {
             assert!(SubnetKey::parse(bad).is_err(), "{bad}");
         }
     }

@@ -118,7 +118,10 @@ async fn wait_for_config(registry: &EtcdRegistry) -> anyhow::Result<NetworkConfi
             return Ok(c);
         }
         if !logged {
-            log::info!("waiting for the network config at {}", registry.config_key());
+            log::info!(
+                "waiting for the network config at {}",
+                registry.config_key()
+            );
             logged = true;
         }
         // Block until the key changes (or the watch breaks), then read again.
@@ -314,9 +317,15 @@ async fn apply_peer_events(backend: &mut AnyBackend, state: &AgentState, events:
                 "peer {} at {} {}",
                 l.subnet(),
                 l.attrs.public_ip,
-                if l.is_reservation() { "(reservation)" } else { "" }
+                if l.is_reservation() {
+                    "(reservation)"
+                } else {
+                    ""
+                }
             ),
-            PeerEvent::Removed(l) => log::info!("peer {} at {} removed", l.subnet(), l.attrs.public_ip),
+            PeerEvent::Removed(l) => {
+                log::info!("peer {} at {} removed", l.subnet(), l.attrs.public_ip)
+            }
         }
     }
     // The backend logs and counts its own failures; the view follows etcd regardless, and the

@@ -40,11 +40,17 @@ impl SubnetEnv {
 
     /// Write via a temporary file and rename, so readers never see half a file.
     pub fn write(&self, path: &Path) -> io::Result<()> {
-        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        fs::DirBuilder::new().recursive(true).mode(0o755).create(dir)?;
-        let name = path
-            .file_name()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "subnet file has no name"))?;
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir)?;
+        let name = path.file_name().ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, "subnet file has no name")
+        })?;
         let tmp = dir.join(format!(".{}", name.to_string_lossy()));
         {
             let mut f = fs::File::create(&tmp)?;
@@ -115,7 +121,10 @@ mod tests {
         let path = dir.join("subnet.env");
         fs::write(&path, "FLANNEL_SUBNET=banana\n\0\0 junk").unwrap();
         assert_eq!(PreviousSubnetEnv::read(&path), PreviousSubnetEnv::default());
-        assert_eq!(PreviousSubnetEnv::read(&dir.join("missing")), PreviousSubnetEnv::default());
+        assert_eq!(
+            PreviousSubnetEnv::read(&dir.join("missing")),
+            PreviousSubnetEnv::default()
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 }

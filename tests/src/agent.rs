@@ -31,10 +31,18 @@ impl Agent {
         Self::start_with_env(host, etcd_endpoint, extra, &[])
     }
 
-    pub fn start_with_env(host: &Host, etcd_endpoint: &str, extra: &[&str], env: &[(&str, &str)]) -> Result<Self> {
+    pub fn start_with_env(
+        host: &Host,
+        etcd_endpoint: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let subnet_file = host.dir.join("subnet.env");
         let log_file = host.dir.join("flanneld.log");
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_file)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_file)?;
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net={}", host.ns.path().display()))
             .arg(crate::flanneld_bin())
@@ -46,7 +54,10 @@ impl Agent {
             .arg(format!("--bpf-pin-dir=/sys/fs/bpf/{}", host.ns.name))
             .args(extra)
             .envs(env.iter().copied())
-            .env("RUST_LOG", std::env::var("FLANNELD_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("FLANNELD_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -89,7 +100,9 @@ impl Agent {
 
     /// GET a path on the agent's health listener: (status, body).
     pub fn http_get(&self, path: &str) -> Result<(u16, String)> {
-        let ns = Netns { name: self.ns_name.clone() };
+        let ns = Netns {
+            name: self.ns_name.clone(),
+        };
         let addr = SocketAddr::from((self.ip, HEALTH_PORT));
         let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
         let r = ns.run_in(move || -> Result<String> {
@@ -108,7 +121,10 @@ impl Agent {
             .nth(1)
             .and_then(|s| s.parse().ok())
             .context("bad HTTP response")?;
-        let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        let body = resp
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
         // Undo chunked encoding if present (axum streams small bodies with a length, usually).
         Ok((status, body))
     }
@@ -138,12 +154,17 @@ impl Agent {
     /// FLANNEL_SUBNET from subnet.env, as the network address (e.g. 10.244.5.0/24).
     pub fn subnet(&self) -> Option<String> {
         let text = std::fs::read_to_string(&self.subnet_file).ok()?;
-        let line = text.lines().find_map(|l| l.strip_prefix("FLANNEL_SUBNET="))?;
+        let line = text
+            .lines()
+            .find_map(|l| l.strip_prefix("FLANNEL_SUBNET="))?;
         let (ip, len) = line.split_once('/')?;
         let ip: std::net::Ipv4Addr = ip.parse().ok()?;
         let len: u32 = len.parse().ok()?;
         let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
-        Some(format!("{}/{len}", std::net::Ipv4Addr::from(u32::from(ip) & mask)))
+        Some(format!(
+            "{}/{len}",
+            std::net::Ipv4Addr::from(u32::from(ip) & mask)
+        ))
     }
 
     pub fn signal(&self, sig: Signal) -> Result<()> {
@@ -168,7 +189,9 @@ impl Agent {
 
     /// Wait for the process to exit, at most `timeout`.
     pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
-        wait_for(timeout, "flanneld to exit", || self.try_wait().ok().flatten())
+        wait_for(timeout, "flanneld to exit", || {
+            self.try_wait().ok().flatten()
+        })
     }
 
     /// Stop with SIGTERM (SIGKILL if it does not exit within 2 s).

@@ -62,11 +62,17 @@ impl Cluster {
         let ns = Netns::create(&format!("{}-h{index}", self.tag))?;
         let port = format!("h{index}");
         // Create the pair in the switch namespace, then move one end into the host.
-        self.switch.ip(&["link", "add", &port, "type", "veth", "peer", "name", "eth0"])?;
-        self.switch.ip(&["link", "set", "eth0", "netns", &ns.path().to_string_lossy()])?;
-        self.switch.ip(&["link", "set", &port, "master", "br0", "up"])?;
+        self.switch
+            .ip(&["link", "add", &port, "type", "veth", "peer", "name", "eth0"])?;
+        self.switch
+            .ip(&["link", "set", "eth0", "netns", &ns.path().to_string_lossy()])?;
+        self.switch
+            .ip(&["link", "set", &port, "master", "br0", "up"])?;
         ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
         ns.ip(&["link", "set", "eth0", "up"])?;
+        // A veth hands a UDP GSO train to its peer in one piece; a real wire (or NIC) never
+        // does. Segment UDP GSO on transmit, as a NIC without UDP segmentation offload would.
+        ns.exec("ethtool", &["-K", "eth0", "tx-udp-segmentation", "off"])?;
         ns.ip(&["route", "add", "default", "via", ETCD_IP])?;
         ns.sysctl("net.ipv4.ip_forward", "1")?;
         let dir = self.dir.0.join(format!("h{index}"));

@@ -25,8 +25,12 @@ impl Container {
         let ns = Netns::create(&format!("{}-c", host.ns.name))?;
         let mtu = mtu.to_string();
         // The container end is born in the container namespace: the host has its own eth0.
-        host.ns.ip(&["link", "add", "veth-c", "mtu", &mtu, "type", "veth", "peer", "name", "eth0", "mtu", &mtu, "netns", &ns.name])?;
-        host.ns.ip(&["addr", "add", &format!("{gw}/{len}"), "dev", "veth-c"])?;
+        host.ns.ip(&[
+            "link", "add", "veth-c", "mtu", &mtu, "type", "veth", "peer", "name", "eth0", "mtu",
+            &mtu, "netns", &ns.name,
+        ])?;
+        host.ns
+            .ip(&["addr", "add", &format!("{gw}/{len}"), "dev", "veth-c"])?;
         host.ns.ip(&["link", "set", "veth-c", "up"])?;
         ns.ip(&["addr", "add", &format!("{ip}/{len}"), "dev", "eth0"])?;
         ns.ip(&["link", "set", "eth0", "up"])?;
@@ -39,7 +43,16 @@ impl Container {
         let out = self
             .ns
             .command("ping")
-            .args(["-n", "-q", "-c", &count.to_string(), "-i", "0.01", "-W", &timeout_s.to_string()])
+            .args([
+                "-n",
+                "-q",
+                "-c",
+                &count.to_string(),
+                "-i",
+                "0.01",
+                "-W",
+                &timeout_s.to_string(),
+            ])
             .arg(dst.to_string())
             .output()?;
         Ok(out.status.success())
@@ -59,7 +72,10 @@ pub fn tcp_transfer(src: &Container, dst: &Container, bytes: usize) -> Result<us
         let l = l?;
         // Never hang the test: give up accepting after a deadline.
         l.set_nonblocking(true)?;
-        let mut s = crate::wait_for(Duration::from_secs(15), "a TCP connection", || l.accept().ok())?.0;
+        let mut s = crate::wait_for(Duration::from_secs(15), "a TCP connection", || {
+            l.accept().ok()
+        })?
+        .0;
         s.set_nonblocking(false)?;
         s.set_read_timeout(Some(Duration::from_secs(10)))?;
         let mut buf = Vec::new();
@@ -79,7 +95,9 @@ pub fn tcp_transfer(src: &Container, dst: &Container, bytes: usize) -> Result<us
         }
         Ok(())
     })?;
-    let received = server.join().map_err(|_| anyhow::anyhow!("server thread panicked"))?;
+    let received = server
+        .join()
+        .map_err(|_| anyhow::anyhow!("server thread panicked"))?;
     sent?;
     received?
 }

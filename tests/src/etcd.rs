@@ -22,7 +22,12 @@ impl Etcd {
     /// Start etcd in `ns` listening on `ip:2379`, with its data under `data_dir`.
     pub fn start(ns: &Netns, ip: &str, data_dir: PathBuf) -> Result<Self> {
         for tool in ["etcd", "etcdctl"] {
-            if Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().map(|o| !o.status.success()).unwrap_or(true) {
+            if Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .output()
+                .map(|o| !o.status.success())
+                .unwrap_or(true)
+            {
                 bail!("{tool} is not installed: run `cargo xtask setup` (installs etcd-server and etcd-client)");
             }
         }
@@ -58,9 +63,20 @@ impl Etcd {
             .arg(&self.data_dir)
             .args(["--listen-client-urls", &self.endpoint()])
             .args(["--advertise-client-urls", &self.endpoint()])
-            .args(["--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer])
+            .args([
+                "--listen-peer-urls",
+                peer,
+                "--initial-advertise-peer-urls",
+                peer,
+            ])
             .args(["--initial-cluster", &format!("fltest={peer}")])
-            .args(["--log-level", "error", "--logger", "zap", "--unsafe-no-fsync"])
+            .args([
+                "--log-level",
+                "error",
+                "--logger",
+                "zap",
+                "--unsafe-no-fsync",
+            ])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -88,14 +104,24 @@ impl Etcd {
         let out = Command::new("nsenter")
             .arg(format!("--net={}", self.ns_path.display()))
             .arg("etcdctl")
-            .args(["--endpoints", &self.endpoint(), "--dial-timeout", "2s", "--command-timeout", "5s"])
+            .args([
+                "--endpoints",
+                &self.endpoint(),
+                "--dial-timeout",
+                "2s",
+                "--command-timeout",
+                "5s",
+            ])
             .args(args)
             .env("ETCDCTL_API", "3")
             .stdin(Stdio::null())
             .output()
             .context("running etcdctl")?;
         if !out.status.success() {
-            bail!("etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "etcdctl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -137,9 +163,20 @@ impl Etcd {
 
     /// The current revision of the store.
     pub fn revision(&self) -> Result<i64> {
-        let out = self.ctl(&["get", "/", "--prefix", "--keys-only", "--limit", "1", "-w", "json"])?;
+        let out = self.ctl(&[
+            "get",
+            "/",
+            "--prefix",
+            "--keys-only",
+            "--limit",
+            "1",
+            "-w",
+            "json",
+        ])?;
         let v: serde_json::Value = serde_json::from_str(&out)?;
-        v["header"]["revision"].as_i64().context("no revision in etcdctl output")
+        v["header"]["revision"]
+            .as_i64()
+            .context("no revision in etcdctl output")
     }
 
     /// IDs of all live etcd leases.

@@ -19,7 +19,11 @@ pub use netns::Netns;
 pub type Result<T> = anyhow::Result<T>;
 
 /// Poll `probe` until it returns `Some`, or fail after `timeout` saying what we waited for.
-pub fn wait_for<T>(timeout: Duration, what: &str, mut probe: impl FnMut() -> Option<T>) -> Result<T> {
+pub fn wait_for<T>(
+    timeout: Duration,
+    what: &str,
+    mut probe: impl FnMut() -> Option<T>,
+) -> Result<T> {
     let deadline = Instant::now() + timeout;
     let mut pause = Duration::from_millis(5);
     loop {

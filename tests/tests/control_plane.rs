@@ -11,7 +11,9 @@ const SUBNETS: &str = "/coreos.com/network/subnets/";
 const READY: Duration = Duration::from_secs(20);
 
 fn start_all(cluster: &Cluster, hosts: impl Iterator<Item = usize>, extra: &[&str]) -> Vec<Agent> {
-    hosts.map(|i| cluster.start_agent(i, extra).unwrap()).collect()
+    hosts
+        .map(|i| cluster.start_agent(i, extra).unwrap())
+        .collect()
 }
 
 /// What etcd says each node's peers are: every valid lease but the node's own.
@@ -43,7 +45,12 @@ fn wait_view_matches_etcd(cluster: &Cluster, agent: &Agent, timeout: Duration) {
         ok.then_some(())
     });
     if r.is_err() {
-        panic!("agent {own}: view {:?} != etcd {:?}\n{}", last.0, last.1, agent.log());
+        panic!(
+            "agent {own}: view {:?} != etcd {:?}\n{}",
+            last.0,
+            last.1,
+            agent.log()
+        );
     }
 }
 
@@ -55,11 +62,17 @@ fn thirty_two_agents_started_at_once_get_distinct_subnets() {
     for a in agents.iter_mut() {
         a.wait_ready(READY).unwrap();
     }
-    let subnets: BTreeSet<String> = agents.iter().map(|a| a.subnet().expect("subnet.env")).collect();
+    let subnets: BTreeSet<String> = agents
+        .iter()
+        .map(|a| a.subnet().expect("subnet.env"))
+        .collect();
     assert_eq!(subnets.len(), 32, "{subnets:?}");
     for s in &subnets {
         let third: u8 = s.split('.').nth(2).unwrap().parse().unwrap();
-        assert!(s.starts_with("10.244.") && s.ends_with(".0/24") && third >= 1, "{s} outside SubnetMin..SubnetMax");
+        assert!(
+            s.starts_with("10.244.") && s.ends_with(".0/24") && third >= 1,
+            "{s} outside SubnetMin..SubnetMax"
+        );
     }
     let leases = cluster.leases().unwrap();
     assert_eq!(leases.len(), 32);
@@ -86,15 +99,32 @@ fn fifty_simultaneous_pairs_always_learn_each_other() {
             a.wait_ready(READY).unwrap();
         }
         for (me, other) in [(0, 1), (1, 0)] {
-            let want = vec![(agents[other].subnet().unwrap(), agents[other].ip.to_string())];
-            let r = wait_for(Duration::from_secs(5), "peer lease", || (agents[me].peers().ok()? == want).then_some(()));
-            assert!(r.is_ok(), "round {round}: agent {me} never learned {want:?}\n{}", agents[me].log());
+            let want = vec![(
+                agents[other].subnet().unwrap(),
+                agents[other].ip.to_string(),
+            )];
+            let r = wait_for(Duration::from_secs(5), "peer lease", || {
+                (agents[me].peers().ok()? == want).then_some(())
+            });
+            assert!(
+                r.is_ok(),
+                "round {round}: agent {me} never learned {want:?}\n{}",
+                agents[me].log()
+            );
         }
         for a in agents.iter_mut() {
             let t = Instant::now();
             let st = a.stop().unwrap();
-            assert!(st.success(), "round {round}: SIGTERM exit status {st}\n{}", a.log());
-            assert!(t.elapsed() < Duration::from_secs(1), "round {round}: exit took {:?}", t.elapsed());
+            assert!(
+                st.success(),
+                "round {round}: SIGTERM exit status {st}\n{}",
+                a.log()
+            );
+            assert!(
+                t.elapsed() < Duration::from_secs(1),
+                "round {round}: exit took {:?}",
+                t.elapsed()
+            );
             assert!(!a.log().contains("panicked"), "{}", a.log());
         }
     }
@@ -108,15 +138,29 @@ fn renewal_keeps_the_key_and_one_etcd_lease_per_node() {
     for a in agents.iter_mut() {
         a.wait_ready(READY).unwrap();
     }
-    let initial: BTreeMap<String, i64> = cluster.leases().unwrap().into_iter().map(|kv| (kv.key, kv.lease)).collect();
+    let initial: BTreeMap<String, i64> = cluster
+        .leases()
+        .unwrap()
+        .into_iter()
+        .map(|kv| (kv.key, kv.lease))
+        .collect();
     assert_eq!(initial.len(), 3);
     // Watch for four TTLs: the keys must never vanish and each node holds exactly one lease.
     let end = Instant::now() + Duration::from_secs(12);
     let mut samples = 0;
     while Instant::now() < end {
-        let now: BTreeMap<String, i64> = cluster.leases().unwrap().into_iter().map(|kv| (kv.key, kv.lease)).collect();
+        let now: BTreeMap<String, i64> = cluster
+            .leases()
+            .unwrap()
+            .into_iter()
+            .map(|kv| (kv.key, kv.lease))
+            .collect();
         assert_eq!(now, initial, "subnet keys or their etcd leases changed");
-        assert_eq!(cluster.etcd.lease_ids().unwrap().len(), 3, "etcd leases leaked");
+        assert_eq!(
+            cluster.etcd.lease_ids().unwrap().len(),
+            3,
+            "etcd leases leaked"
+        );
         samples += 1;
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -138,7 +182,11 @@ fn restart_reuses_the_subnet_from_etcd_then_from_subnet_env() {
     let mut a = cluster.start_agent(0, &[]).unwrap();
     a.wait_ready(READY).unwrap();
     assert_eq!(a.subnet().unwrap(), first, "restart with the key in etcd");
-    assert_eq!(cluster.etcd.lease_ids().unwrap().len(), 1, "old etcd lease must be revoked");
+    assert_eq!(
+        cluster.etcd.lease_ids().unwrap().len(),
+        1,
+        "old etcd lease must be revoked"
+    );
     a.stop().unwrap();
 
     for kv in cluster.leases().unwrap() {
@@ -156,15 +204,31 @@ fn reservations_are_honoured() {
         .set_config(r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.1.0","SubnetMax":"10.244.4.0","Backend":{"Type":"alloc"}}"#)
         .unwrap();
     let h1 = cluster.hosts[1].ip.to_string();
-    cluster.etcd.put(&format!("{SUBNETS}10.244.1.0-24"), &format!(r#"{{"PublicIP":"{h1}","PublicIPv6":null}}"#)).unwrap();
-    cluster.etcd.put(&format!("{SUBNETS}10.244.2.0-24"), r#"{"PublicIP":"192.0.2.99","PublicIPv6":null}"#).unwrap();
+    cluster
+        .etcd
+        .put(
+            &format!("{SUBNETS}10.244.1.0-24"),
+            &format!(r#"{{"PublicIP":"{h1}","PublicIPv6":null}}"#),
+        )
+        .unwrap();
+    cluster
+        .etcd
+        .put(
+            &format!("{SUBNETS}10.244.2.0-24"),
+            r#"{"PublicIP":"192.0.2.99","PublicIPv6":null}"#,
+        )
+        .unwrap();
     let mut agents = start_all(&cluster, 0..3, &[]);
     for a in agents.iter_mut() {
         a.wait_ready(READY).unwrap();
     }
     assert_eq!(agents[1].subnet().unwrap(), "10.244.1.0/24");
-    let others: BTreeSet<String> = [agents[0].subnet().unwrap(), agents[2].subnet().unwrap()].into();
-    assert_eq!(others, BTreeSet::from(["10.244.3.0/24".to_owned(), "10.244.4.0/24".to_owned()]));
+    let others: BTreeSet<String> =
+        [agents[0].subnet().unwrap(), agents[2].subnet().unwrap()].into();
+    assert_eq!(
+        others,
+        BTreeSet::from(["10.244.3.0/24".to_owned(), "10.244.4.0/24".to_owned()])
+    );
     // The reservations stay reservations (no etcd lease attached).
     for kv in cluster.leases().unwrap() {
         if kv.key.ends_with("10.244.1.0-24") || kv.key.ends_with("10.244.2.0-24") {
@@ -176,7 +240,11 @@ fn reservations_are_honoured() {
     let st = fourth.wait_exit(Duration::from_secs(10)).unwrap();
     assert!(!st.success());
     assert!(fourth.log().contains("no free subnet"), "{}", fourth.log());
-    let v = cluster.etcd.get(&format!("{SUBNETS}10.244.2.0-24")).unwrap().unwrap();
+    let v = cluster
+        .etcd
+        .get(&format!("{SUBNETS}10.244.2.0-24"))
+        .unwrap()
+        .unwrap();
     assert!(v.contains("192.0.2.99"));
 }
 
@@ -191,7 +259,12 @@ fn compaction_and_etcd_outage_leave_the_view_equal_to_etcd() {
     for a in &agents {
         wait_view_matches_etcd(&cluster, a, Duration::from_secs(5));
     }
-    let fake = |n: u8| (format!("{SUBNETS}10.244.{n}.0-24"), format!(r#"{{"PublicIP":"198.51.100.{n}","PublicIPv6":null}}"#));
+    let fake = |n: u8| {
+        (
+            format!("{SUBNETS}10.244.{n}.0-24"),
+            format!(r#"{{"PublicIP":"198.51.100.{n}","PublicIPv6":null}}"#),
+        )
+    };
 
     // Compaction: agent 0 is frozen while etcd restarts, changes happen and history is
     // compacted, so its watch must resume from a compacted revision and re-list.
@@ -213,7 +286,11 @@ fn compaction_and_etcd_outage_leave_the_view_equal_to_etcd() {
     for a in &agents {
         wait_view_matches_etcd(&cluster, a, Duration::from_secs(15));
     }
-    assert!(agents[0].log().contains("compacted"), "agent 0 should have re-listed:\n{}", agents[0].log());
+    assert!(
+        agents[0].log().contains("compacted"),
+        "agent 0 should have re-listed:\n{}",
+        agents[0].log()
+    );
 
     // A 10 s outage, then changes right after etcd returns.
     cluster.etcd.stop().unwrap();
@@ -225,9 +302,21 @@ fn compaction_and_etcd_outage_leave_the_view_equal_to_etcd() {
         wait_view_matches_etcd(&cluster, a, Duration::from_secs(15));
     }
     for a in agents.iter_mut() {
-        assert!(a.try_wait().unwrap().is_none(), "agent died during the outage:\n{}", a.log());
+        assert!(
+            a.try_wait().unwrap().is_none(),
+            "agent died during the outage:\n{}",
+            a.log()
+        );
     }
-    assert_eq!(cluster.leases().unwrap().iter().filter(|kv| kv.value.contains("192.0.2.")).count(), 3);
+    assert_eq!(
+        cluster
+            .leases()
+            .unwrap()
+            .iter()
+            .filter(|kv| kv.value.contains("192.0.2."))
+            .count(),
+        3
+    );
 }
 
 #[test]
@@ -235,16 +324,30 @@ fn lease_json_is_upstreams_and_upstream_values_parse() {
     let cluster = Cluster::new(1).unwrap();
     cluster.set_config(ALLOC).unwrap();
     let upstream = [
-        ("10.244.201.0-24", r#"{"PublicIP":"172.30.0.12","PublicIPv6":null}"#),
-        ("10.244.202.0-24", r#"{"PublicIP":"172.30.0.11","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"f6:ee:c7:fe:16:40"}}"#),
-        ("10.244.203.0-24", r#"{"PublicIP":"172.30.0.13","PublicIPv6":null,"BackendType":"host-gw"}"#),
+        (
+            "10.244.201.0-24",
+            r#"{"PublicIP":"172.30.0.12","PublicIPv6":null}"#,
+        ),
+        (
+            "10.244.202.0-24",
+            r#"{"PublicIP":"172.30.0.11","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"f6:ee:c7:fe:16:40"}}"#,
+        ),
+        (
+            "10.244.203.0-24",
+            r#"{"PublicIP":"172.30.0.13","PublicIPv6":null,"BackendType":"host-gw"}"#,
+        ),
     ];
     for (k, v) in upstream {
         cluster.etcd.put(&format!("{SUBNETS}{k}"), v).unwrap();
     }
     let mut a = cluster.start_agent(0, &[]).unwrap();
     a.wait_ready(READY).unwrap();
-    let own = cluster.leases().unwrap().into_iter().find(|kv| kv.value.contains("192.0.2.10")).unwrap();
+    let own = cluster
+        .leases()
+        .unwrap()
+        .into_iter()
+        .find(|kv| kv.value.contains("192.0.2.10"))
+        .unwrap();
     assert_eq!(own.value, r#"{"PublicIP":"192.0.2.10","PublicIPv6":null}"#);
     assert_ne!(own.lease, 0);
     let peers = a.peers().unwrap();
@@ -262,8 +365,17 @@ fn lease_json_is_upstreams_and_upstream_values_parse() {
 fn malformed_lease_values_are_skipped_with_a_warning_naming_the_key() {
     let cluster = Cluster::new(2).unwrap();
     cluster.set_config(ALLOC).unwrap();
-    cluster.etcd.put(&format!("{SUBNETS}10.244.250.0-24"), "{not json").unwrap();
-    cluster.etcd.put(&format!("{SUBNETS}banana"), r#"{"PublicIP":"198.51.100.1","PublicIPv6":null}"#).unwrap();
+    cluster
+        .etcd
+        .put(&format!("{SUBNETS}10.244.250.0-24"), "{not json")
+        .unwrap();
+    cluster
+        .etcd
+        .put(
+            &format!("{SUBNETS}banana"),
+            r#"{"PublicIP":"198.51.100.1","PublicIPv6":null}"#,
+        )
+        .unwrap();
     let mut a = cluster.start_agent(0, &[]).unwrap();
     a.wait_ready(READY).unwrap();
     assert!(a.log().contains("10.244.250.0-24"), "{}", a.log());
@@ -272,16 +384,37 @@ fn malformed_lease_values_are_skipped_with_a_warning_naming_the_key() {
     let mut b = cluster.start_agent(1, &[]).unwrap();
     b.wait_ready(READY).unwrap();
     let b_key = format!("{SUBNETS}{}", b.subnet().unwrap().replace('/', "-"));
-    wait_for(Duration::from_secs(5), "peer b", || (a.peers().ok()?.len() == 1).then_some(())).unwrap();
-    cluster.etcd.put(&format!("{SUBNETS}10.244.251.0-24"), r#"{"PublicIP":"198.51.100.251","PublicIPv6":null}"#).unwrap();
-    cluster.etcd.put(&format!("{SUBNETS}10.244.252.0-24"), r#"{"PublicIP":[1,2]}"#).unwrap();
-    wait_for(Duration::from_secs(5), "valid peer added", || (a.peers().ok()?.len() == 2).then_some(())).unwrap();
+    wait_for(Duration::from_secs(5), "peer b", || {
+        (a.peers().ok()?.len() == 1).then_some(())
+    })
+    .unwrap();
+    cluster
+        .etcd
+        .put(
+            &format!("{SUBNETS}10.244.251.0-24"),
+            r#"{"PublicIP":"198.51.100.251","PublicIPv6":null}"#,
+        )
+        .unwrap();
+    cluster
+        .etcd
+        .put(
+            &format!("{SUBNETS}10.244.252.0-24"),
+            r#"{"PublicIP":[1,2]}"#,
+        )
+        .unwrap();
+    wait_for(Duration::from_secs(5), "valid peer added", || {
+        (a.peers().ok()?.len() == 2).then_some(())
+    })
+    .unwrap();
     assert!(a.try_wait().unwrap().is_none());
     assert!(!a.log().contains("panicked"));
     // Garbage over b's key: a drops b from its view (etcd no longer holds a valid lease).
     b.signal(Signal::SIGSTOP).unwrap();
     cluster.etcd.put(&b_key, "garbage").unwrap();
-    wait_for(Duration::from_secs(5), "b removed", || (a.peers().ok()?.len() == 1).then_some(())).unwrap();
+    wait_for(Duration::from_secs(5), "b removed", || {
+        (a.peers().ok()?.len() == 1).then_some(())
+    })
+    .unwrap();
     b.signal(Signal::SIGKILL).unwrap();
 }
 
@@ -289,7 +422,12 @@ fn malformed_lease_values_are_skipped_with_a_warning_naming_the_key() {
 fn missing_config_is_waited_for() {
     let cluster = Cluster::new(1).unwrap();
     let mut a = cluster.start_agent(0, &[]).unwrap();
-    wait_for(Duration::from_secs(10), "waiting message", || a.log().contains("waiting for the network config").then_some(())).unwrap();
+    wait_for(Duration::from_secs(10), "waiting message", || {
+        a.log()
+            .contains("waiting for the network config")
+            .then_some(())
+    })
+    .unwrap();
     assert!(a.try_wait().unwrap().is_none());
     cluster.set_config(ALLOC).unwrap();
     a.wait_ready(READY).unwrap();
@@ -302,9 +440,15 @@ fn invalid_configs_fail_with_one_line_naming_field_and_value() {
     for (config, needle) in [
         (r#"{"Network":"10.244.0.0/16","SubnetLen":31}"#, "SubnetLen"),
         (r#"{"Network":"10.244.0.0/30"}"#, "Network"),
-        (r#"{"Network":"10.244.0.0/16","SubnetMin":"10.9.0.0"}"#, "SubnetMin"),
+        (
+            r#"{"Network":"10.244.0.0/16","SubnetMin":"10.9.0.0"}"#,
+            "SubnetMin",
+        ),
         (r#"{"Network":"ten"}"#, "\"ten\""),
-        (r#"{"Network":"10.244.0.0/16","Backend":{"Type":"carrier-pigeon"}}"#, "carrier-pigeon"),
+        (
+            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"carrier-pigeon"}}"#,
+            "carrier-pigeon",
+        ),
         ("[not json", "JSON"),
     ] {
         cluster.set_config(config).unwrap();
@@ -312,7 +456,11 @@ fn invalid_configs_fail_with_one_line_naming_field_and_value() {
         let st = a.wait_exit(Duration::from_secs(10)).unwrap();
         let log = a.log();
         assert!(!st.success(), "{config}");
-        let line = log.lines().rev().find(|l| l.contains("ERROR")).unwrap_or_else(|| panic!("{config}: {log}"));
+        let line = log
+            .lines()
+            .rev()
+            .find(|l| l.contains("ERROR"))
+            .unwrap_or_else(|| panic!("{config}: {log}"));
         assert!(line.contains(needle), "{config}: {line}");
         assert!(!log.contains("panicked"), "{log}");
         let _ = std::fs::remove_file(&a.log_file);
@@ -332,14 +480,25 @@ fn own_key_deleted_or_taken_over_is_never_kept() {
     cluster.etcd.del(&key0).unwrap();
     let st = agents[0].wait_exit(Duration::from_secs(5)).unwrap();
     assert!(!st.success());
-    assert!(agents[0].log().contains("was deleted from etcd"), "{}", agents[0].log());
+    assert!(
+        agents[0].log().contains("was deleted from etcd"),
+        "{}",
+        agents[0].log()
+    );
     assert_eq!(cluster.etcd.lease_ids().unwrap().len(), 1);
     // Taken over by another node: exit rather than keep using it.
     let key1 = format!("{SUBNETS}{}", agents[1].subnet().unwrap().replace('/', "-"));
-    cluster.etcd.put(&key1, r#"{"PublicIP":"192.0.2.77","PublicIPv6":null}"#).unwrap();
+    cluster
+        .etcd
+        .put(&key1, r#"{"PublicIP":"192.0.2.77","PublicIPv6":null}"#)
+        .unwrap();
     let st = agents[1].wait_exit(Duration::from_secs(5)).unwrap();
     assert!(!st.success());
-    assert!(agents[1].log().contains("192.0.2.77"), "{}", agents[1].log());
+    assert!(
+        agents[1].log().contains("192.0.2.77"),
+        "{}",
+        agents[1].log()
+    );
 }
 
 #[test]
@@ -349,8 +508,15 @@ fn readiness_is_announced_to_systemd() {
     cluster.set_config(ALLOC).unwrap();
     let sock_path = cluster.hosts[0].dir.join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-    let mut a = flannel_tests::Agent::start_with_env(&cluster.hosts[0], &cluster.etcd.endpoint(), &[], &[("NOTIFY_SOCKET", sock_path.to_str().unwrap())]).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let mut a = flannel_tests::Agent::start_with_env(
+        &cluster.hosts[0],
+        &cluster.etcd.endpoint(),
+        &[],
+        &[("NOTIFY_SOCKET", sock_path.to_str().unwrap())],
+    )
+    .unwrap();
     let mut buf = [0u8; 256];
     let n = sock.recv(&mut buf).expect("READY=1 within 15 s");
     assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));

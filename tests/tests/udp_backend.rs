@@ -28,20 +28,40 @@ fn overlay(dataplanes: &[&str]) -> Overlay {
     cluster.set_config(UDP).unwrap();
     let mut agents = Vec::new();
     for (i, dp) in dataplanes.iter().enumerate() {
-        agents.push(cluster.start_agent(i, &[&format!("--udp-dataplane={dp}")]).unwrap());
+        agents.push(
+            cluster
+                .start_agent(i, &[&format!("--udp-dataplane={dp}")])
+                .unwrap(),
+        );
     }
     let mut containers = Vec::new();
     for (i, a) in agents.iter_mut().enumerate() {
         a.wait_ready(Duration::from_secs(20)).unwrap();
         assert_eq!(mtu_of(a), 1500 - 28);
-        let want = if dataplanes[i] == "tun" { "TUN data plane" } else { "eBPF data plane" };
-        assert!(a.log().contains(want), "host {i}: expected {want}:\n{}", a.log());
-        containers.push(Container::create(&cluster.hosts[i], &a.subnet().unwrap(), mtu_of(a)).unwrap());
+        let want = if dataplanes[i] == "tun" {
+            "TUN data plane"
+        } else {
+            "eBPF data plane"
+        };
+        assert!(
+            a.log().contains(want),
+            "host {i}: expected {want}:\n{}",
+            a.log()
+        );
+        containers
+            .push(Container::create(&cluster.hosts[i], &a.subnet().unwrap(), mtu_of(a)).unwrap());
     }
     for a in &agents {
-        wait_for(Duration::from_secs(5), "all peers known", || (a.peers().ok()?.len() == dataplanes.len() - 1).then_some(())).unwrap();
+        wait_for(Duration::from_secs(5), "all peers known", || {
+            (a.peers().ok()?.len() == dataplanes.len() - 1).then_some(())
+        })
+        .unwrap();
     }
-    Overlay { containers, agents, cluster }
+    Overlay {
+        containers,
+        agents,
+        cluster,
+    }
 }
 
 fn all_pairs_talk(o: &Overlay) {
@@ -52,10 +72,23 @@ fn all_pairs_talk(o: &Overlay) {
                 continue;
             }
             let (src, dst) = (&o.containers[i], &o.containers[j]);
-            assert!(src.ping(dst.ip, 3, 2).unwrap(), "ping {} -> {} failed\n{}", src.ip, dst.ip, o.agents[i].log());
+            assert!(
+                src.ping(dst.ip, 3, 2).unwrap(),
+                "ping {} -> {} failed\n{}",
+                src.ip,
+                dst.ip,
+                o.agents[i].log()
+            );
             // Large enough for full-size segments and GSO super-packets.
-            let got = tcp_transfer(src, dst, 4 << 20)
-                .unwrap_or_else(|e| panic!("TCP {} -> {}: {e}\n{}\n{}", src.ip, dst.ip, o.agents[i].log(), o.agents[j].log()));
+            let got = tcp_transfer(src, dst, 4 << 20).unwrap_or_else(|e| {
+                panic!(
+                    "TCP {} -> {}: {e}\n{}\n{}",
+                    src.ip,
+                    dst.ip,
+                    o.agents[i].log(),
+                    o.agents[j].log()
+                )
+            });
             assert_eq!(got, 4 << 20, "TCP {} -> {}", src.ip, dst.ip);
         }
     }
@@ -80,16 +113,31 @@ fn mixed_ebpf_and_tun_hosts_interoperate() {
 }
 
 fn pinned_peer_subnets(o: &Overlay, host: usize) -> Vec<String> {
-    let pin = format!("/sys/fs/bpf/{}/flannel_peers", o.cluster.hosts[host].ns.name);
-    let out = std::process::Command::new("bpftool").args(["-j", "map", "dump", "pinned", &pin]).output().unwrap();
-    assert!(out.status.success(), "bpftool map dump {pin}: {}", String::from_utf8_lossy(&out.stderr));
+    let pin = format!(
+        "/sys/fs/bpf/{}/flannel_peers",
+        o.cluster.hosts[host].ns.name
+    );
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned", &pin])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "bpftool map dump {pin}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     v.as_array()
         .unwrap()
         .iter()
         .map(|e| {
             let s = &e["formatted"]["key"]["subnet"];
-            let b: Vec<String> = s.as_array().expect("BTF-formatted key").iter().map(|x| x.to_string()).collect();
+            let b: Vec<String> = s
+                .as_array()
+                .expect("BTF-formatted key")
+                .iter()
+                .map(|x| x.to_string())
+                .collect();
             b.join(".")
         })
         .collect()
@@ -100,14 +148,26 @@ fn deleting_a_lease_stops_traffic_within_a_second_and_removes_the_map_entry() {
     let mut o = overlay(&["ebpf", "ebpf", "ebpf"]);
     let victim_subnet = o.agents[2].subnet().unwrap();
     let victim_net = victim_subnet.split('/').next().unwrap().to_owned();
-    assert!(pinned_peer_subnets(&o, 0).contains(&victim_net), "map has the peer before");
+    assert!(
+        pinned_peer_subnets(&o, 0).contains(&victim_net),
+        "map has the peer before"
+    );
     assert!(o.containers[0].ping(o.containers[2].ip, 1, 2).unwrap());
     let t = Instant::now();
-    o.cluster.etcd.del(&format!("{SUBNETS}{}", victim_subnet.replace('/', "-"))).unwrap();
-    wait_for(Duration::from_secs(1), "map entry removed", || (!pinned_peer_subnets(&o, 0).contains(&victim_net)).then_some(())).unwrap();
+    o.cluster
+        .etcd
+        .del(&format!("{SUBNETS}{}", victim_subnet.replace('/', "-")))
+        .unwrap();
+    wait_for(Duration::from_secs(1), "map entry removed", || {
+        (!pinned_peer_subnets(&o, 0).contains(&victim_net)).then_some(())
+    })
+    .unwrap();
     let removed_after = t.elapsed();
     assert!(removed_after < Duration::from_secs(1), "{removed_after:?}");
-    assert!(!o.containers[0].ping(o.containers[2].ip, 2, 1).unwrap(), "traffic to a deleted lease must stop");
+    assert!(
+        !o.containers[0].ping(o.containers[2].ip, 2, 1).unwrap(),
+        "traffic to a deleted lease must stop"
+    );
     // The others still talk.
     assert!(o.containers[0].ping(o.containers[1].ip, 2, 2).unwrap());
     let _ = o.agents[2].wait_exit(Duration::from_secs(5));
@@ -118,7 +178,9 @@ fn deleting_a_lease_stops_traffic_within_a_second_and_removes_the_map_entry() {
 fn wire_format_is_upstreams() {
     let o = overlay(&["ebpf", "tun"]);
     for (sender, receiver) in [(0usize, 1usize), (1, 0)] {
-        let pcap = o.cluster.hosts[receiver].dir.join(format!("cap{sender}.pcap"));
+        let pcap = o.cluster.hosts[receiver]
+            .dir
+            .join(format!("cap{sender}.pcap"));
         let mut tcpdump = o.cluster.hosts[receiver]
             .ns
             .command("tcpdump")
@@ -145,15 +207,23 @@ fn wire_format_is_upstreams() {
         let outer = &frame[14..];
         assert_eq!(outer[0], 0x45, "outer IPv4, no options");
         assert_eq!(outer[9], 17, "outer protocol UDP");
-        assert_eq!(outer[6] & 0x40, 0x40, "outer DF set");
+        assert_eq!(outer[6] & 0x40, 0x40, "outer DF set (sender {sender})");
         assert_eq!(&outer[12..16], &o.cluster.hosts[sender].ip.octets());
         assert_eq!(&outer[16..20], &o.cluster.hosts[receiver].ip.octets());
         let udp = &outer[20..];
         assert_eq!(u16::from_be_bytes([udp[0], udp[1]]), 8285);
         assert_eq!(u16::from_be_bytes([udp[2], udp[3]]), 8285);
         let inner = &udp[8..];
-        assert_eq!(u16::from_be_bytes([udp[4], udp[5]]) as usize, 8 + u16::from_be_bytes([inner[2], inner[3]]) as usize, "UDP length = 8 + inner packet");
-        assert_eq!(inner[0] >> 4, 4, "payload is the inner IPv4 packet, no extra header");
+        assert_eq!(
+            u16::from_be_bytes([udp[4], udp[5]]) as usize,
+            8 + u16::from_be_bytes([inner[2], inner[3]]) as usize,
+            "UDP length = 8 + inner packet"
+        );
+        assert_eq!(
+            inner[0] >> 4,
+            4,
+            "payload is the inner IPv4 packet, no extra header"
+        );
         assert_eq!(&inner[12..16], &src.ip.octets());
         assert_eq!(&inner[16..20], &dst.ip.octets());
         assert_eq!(inner[9], 1, "inner ICMP");

@@ -13,7 +13,11 @@ pub fn run(flanneld: &Path) -> Result<()> {
     std::env::set_var("FLANNELD_BIN", flanneld);
     println!("== demo: etcd + 3 hosts in network namespaces (underlay 192.0.2.0/24)");
     let cluster = Cluster::new(3).context("bringing up the demo cluster")?;
-    println!("etcd at {} (namespace {})", cluster.etcd.endpoint(), cluster.switch.name);
+    println!(
+        "etcd at {} (namespace {})",
+        cluster.etcd.endpoint(),
+        cluster.switch.name
+    );
     cluster.set_config(CONFIG)?;
     println!("config: {CONFIG}");
     let mut agents = Vec::new();
@@ -31,7 +35,10 @@ pub fn run(flanneld: &Path) -> Result<()> {
         println!("\n== {} ({}) subnet.env", host.ns.name, host.ip);
         print!("{}", std::fs::read_to_string(&agent.subnet_file)?);
         let peers = flannel_tests::wait_for(Duration::from_secs(5), "peers", || {
-            agent.peers().ok().filter(|p| p.len() == cluster.hosts.len() - 1)
+            agent
+                .peers()
+                .ok()
+                .filter(|p| p.len() == cluster.hosts.len() - 1)
         })?;
         for (subnet, ip) in peers {
             println!("peer {subnet} at {ip}");

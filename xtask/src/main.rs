@@ -1,8 +1,9 @@
-//! Project commands: `cargo xtask <setup|build-ebpf|build|test|demo>`.
+//! Project commands: `cargo xtask <setup|build-ebpf|build|test|demo|bench>`.
 //!
 //! `test` and `demo` set up a fresh machine themselves (apt packages, bpffs, rust-src,
 //! bpf-linker), idempotently, then build and run.
 
+mod bench;
 mod build_ebpf;
 mod demo;
 mod setup;
@@ -41,6 +42,15 @@ enum Cmd {
     },
     /// Set up, build, then bring up a demo cluster (etcd + three hosts in namespaces).
     Demo,
+    /// Set up, build, then measure throughput and latency of every data path (table with ratios).
+    Bench {
+        /// Interleaved rounds (medians are reported).
+        #[arg(long, default_value = "3")]
+        rounds: u32,
+        /// Seconds per iperf3 run.
+        #[arg(long, default_value = "5")]
+        seconds: u32,
+    },
 }
 
 pub fn workspace_root() -> PathBuf {
@@ -69,19 +79,28 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 
 fn build_all() -> Result<()> {
     build_ebpf::run(true)?;
-    run(Command::new("cargo")
-        .current_dir(workspace_root())
-        .args(["build", "--release", "-p", "flannel-agent"]))
+    run(Command::new("cargo").current_dir(workspace_root()).args([
+        "build",
+        "--release",
+        "-p",
+        "flannel-agent",
+    ]))
 }
 
 fn test(args: &[String]) -> Result<()> {
     setup::ensure()?;
     build_all()?;
     let root = workspace_root();
-    run(Command::new("cargo").current_dir(&root).args(["fmt", "--all", "--check"]))?;
     run(Command::new("cargo")
         .current_dir(&root)
-        .args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+        .args(["fmt", "--all", "--check"]))?;
+    run(Command::new("cargo").current_dir(&root).args([
+        "clippy",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     run(Command::new("cargo")
         .current_dir(&root)
         .env("FLANNELD_BIN", flanneld_release())
@@ -102,6 +121,11 @@ fn main() -> Result<()> {
             setup::ensure()?;
             build_all()?;
             demo::run(&flanneld_release())
+        }
+        Cmd::Bench { rounds, seconds } => {
+            setup::ensure()?;
+            build_all()?;
+            bench::run(&flanneld_release(), rounds, seconds)
         }
     }
 }

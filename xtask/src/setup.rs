@@ -44,7 +44,10 @@ pub fn ensure() -> Result<()> {
     }
     // A package install may start etcd as a service; our tests run their own in namespaces.
     let bpffs_mounted = std::fs::read_to_string("/proc/mounts")
-        .map(|m| m.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf")))
+        .map(|m| {
+            m.lines()
+                .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
+        })
         .unwrap_or(false);
     if !bpffs_mounted {
         run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;

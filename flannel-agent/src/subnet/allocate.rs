@@ -37,7 +37,10 @@ pub fn choose(
     rng: &mut impl Rng,
 ) -> Option<Choice> {
     // A reservation for us beats a dynamic lease of ours.
-    let mut ours: Vec<&Lease> = leases.iter().filter(|l| is_ours(config, l, public_ip)).collect();
+    let mut ours: Vec<&Lease> = leases
+        .iter()
+        .filter(|l| is_ours(config, l, public_ip))
+        .collect();
     ours.sort_by_key(|l| (!l.is_reservation(), l.subnet()));
     if let Some(l) = ours.first() {
         return Some(Choice::Existing((*l).clone()));
@@ -71,7 +74,10 @@ mod tests {
     use crate::lease::{LeaseAttrs, SubnetKey};
 
     fn config() -> NetworkConfig {
-        NetworkConfig::parse(br#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.1.0","SubnetMax":"10.244.3.0"}"#).unwrap()
+        NetworkConfig::parse(
+            br#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.1.0","SubnetMax":"10.244.3.0"}"#,
+        )
+        .unwrap()
     }
 
     fn lease(subnet: &str, ip: &str, etcd_lease: i64) -> Lease {
@@ -87,19 +93,34 @@ mod tests {
     fn own_lease_then_previous_then_random_free() {
         let mut rng = rand::thread_rng();
         let me: Ipv4Addr = "192.0.2.10".parse().unwrap();
-        let leases = vec![lease("10.244.1.0/24", "192.0.2.11", 5), lease("10.244.2.0/24", "192.0.2.10", 6)];
+        let leases = vec![
+            lease("10.244.1.0/24", "192.0.2.11", 5),
+            lease("10.244.2.0/24", "192.0.2.10", 6),
+        ];
         assert_eq!(
             choose(&config(), &leases, me, None, &mut rng),
             Some(Choice::Existing(leases[1].clone()))
         );
         let others = vec![lease("10.244.1.0/24", "192.0.2.11", 5)];
         assert_eq!(
-            choose(&config(), &others, me, Some("10.244.3.0/24".parse().unwrap()), &mut rng),
+            choose(
+                &config(),
+                &others,
+                me,
+                Some("10.244.3.0/24".parse().unwrap()),
+                &mut rng
+            ),
             Some(Choice::Free("10.244.3.0/24".parse().unwrap()))
         );
         // previous subnet taken by someone else: pick a free one.
         for _ in 0..20 {
-            let c = choose(&config(), &others, me, Some("10.244.1.0/24".parse().unwrap()), &mut rng);
+            let c = choose(
+                &config(),
+                &others,
+                me,
+                Some("10.244.1.0/24".parse().unwrap()),
+                &mut rng,
+            );
             assert!(matches!(c, Some(Choice::Free(n)) if n != "10.244.1.0/24".parse().unwrap()));
         }
     }
@@ -113,14 +134,26 @@ mod tests {
         ];
         for _ in 0..20 {
             assert_eq!(
-                choose(&config(), &leases, "192.0.2.10".parse().unwrap(), Some("10.244.1.0/24".parse().unwrap()), &mut rng),
+                choose(
+                    &config(),
+                    &leases,
+                    "192.0.2.10".parse().unwrap(),
+                    Some("10.244.1.0/24".parse().unwrap()),
+                    &mut rng
+                ),
                 Some(Choice::Free("10.244.3.0/24".parse().unwrap()))
             );
         }
         let mut with_dynamic = leases.clone();
         with_dynamic.push(lease("10.244.3.0/24", "192.0.2.51", 9));
         assert_eq!(
-            choose(&config(), &with_dynamic, "192.0.2.51".parse().unwrap(), None, &mut rng),
+            choose(
+                &config(),
+                &with_dynamic,
+                "192.0.2.51".parse().unwrap(),
+                None,
+                &mut rng
+            ),
             Some(Choice::Existing(leases[1].clone()))
         );
     }
@@ -132,6 +165,15 @@ mod tests {
             lease("10.244.2.0/24", "192.0.2.2", 1),
             lease("10.244.3.0/24", "192.0.2.3", 1),
         ];
-        assert_eq!(choose(&config(), &leases, "192.0.2.9".parse().unwrap(), None, &mut rand::thread_rng()), None);
+        assert_eq!(
+            choose(
+                &config(),
+                &leases,
+                "192.0.2.9".parse().unwrap(),
+                None,
+                &mut rand::thread_rng()
+            ),
+            None
+        );
     }
 }

@@ -23,7 +23,10 @@ pub enum ManagerError {
     #[error("could not acquire a subnet after {0} attempts (too many conflicting writers)")]
     TooManyConflicts(usize),
     #[error("subnet {subnet} is now leased to {owner}: refusing to keep using it")]
-    SubnetTaken { subnet: Ipv4Network, owner: Ipv4Addr },
+    SubnetTaken {
+        subnet: Ipv4Network,
+        owner: Ipv4Addr,
+    },
 }
 
 /// The lease this node holds.
@@ -137,7 +140,11 @@ impl LeaseManager {
                 Some(Choice::Free(subnet)) => {
                     let id = self.registry.grant(self.ttl).await?;
                     let key = crate::lease::SubnetKey::new(subnet);
-                    if self.registry.create_if_absent(&key, &self.attrs, id).await? {
+                    if self
+                        .registry
+                        .create_if_absent(&key, &self.attrs, id)
+                        .await?
+                    {
                         log::info!("acquired new lease {subnet}");
                         return Ok(Lease {
                             key,
@@ -176,8 +183,15 @@ impl LeaseManager {
         if id != 0 && self.registry.keep_alive_once(id).await? <= 0 {
             id = self.registry.grant(self.ttl).await?;
         }
-        if self.registry.create_if_absent(&own.key, &self.attrs, id).await? {
-            log::warn!("our lease {} had disappeared from etcd; re-created it", own.subnet());
+        if self
+            .registry
+            .create_if_absent(&own.key, &self.attrs, id)
+            .await?
+        {
+            log::warn!(
+                "our lease {} had disappeared from etcd; re-created it",
+                own.subnet()
+            );
             return Ok(Lease {
                 etcd_lease: id,
                 attrs: self.attrs.clone(),

@@ -114,7 +114,11 @@ impl EtcdRegistry {
     /// Watch the config key from `revision` on.
     pub async fn watch_config(&self, revision: i64) -> Result<WatchStream, RegistryError> {
         let opts = WatchOptions::new().with_start_revision(revision);
-        Ok(self.client.watch_client().watch(self.config_key(), Some(opts)).await?)
+        Ok(self
+            .client
+            .watch_client()
+            .watch(self.config_key(), Some(opts))
+            .await?)
     }
 
     /// All subnet leases. Malformed keys or values are skipped with a warning naming the key.
@@ -219,14 +223,22 @@ impl EtcdRegistry {
     ) -> Result<bool, RegistryError> {
         let k = self.subnet_key(key);
         let txn = Txn::new()
-            .when([Compare::mod_revision(k.clone(), CompareOp::Equal, mod_revision)])
+            .when([Compare::mod_revision(
+                k.clone(),
+                CompareOp::Equal,
+                mod_revision,
+            )])
             .and_then([TxnOp::put(k, attrs.to_json(), put_options(etcd_lease))]);
         Ok(self.client.kv_client().txn(txn).await?.succeeded())
     }
 
     /// Current value of one subnet key.
     pub async fn get_lease(&self, key: &SubnetKey) -> Result<Option<Lease>, RegistryError> {
-        let resp = self.client.kv_client().get(self.subnet_key(key), None).await?;
+        let resp = self
+            .client
+            .kv_client()
+            .get(self.subnet_key(key), None)
+            .await?;
         Ok(resp
             .kvs()
             .first()
@@ -235,7 +247,9 @@ impl EtcdRegistry {
 
     /// Watch all subnet keys from `start_revision` on.
     pub async fn watch_subnets(&self, start_revision: i64) -> Result<WatchStream, RegistryError> {
-        let opts = WatchOptions::new().with_prefix().with_start_revision(start_revision);
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(start_revision);
         Ok(self
             .client
             .watch_client()

@@ -156,13 +156,17 @@ impl PeerWatcher {
             let Some(kv) = ev.kv() else { continue };
             self.set_revision(kv.mod_revision());
             let Some(key) = self.registry.parse_key(kv.key()) else {
-                log::warn!("ignoring etcd key {}: not a subnet key", String::from_utf8_lossy(kv.key()));
+                log::warn!(
+                    "ignoring etcd key {}: not a subnet key",
+                    String::from_utf8_lossy(kv.key())
+                );
                 continue;
             };
             let lease = match ev.event_type() {
-                EventType::Put => self
-                    .registry
-                    .parse_kv(kv.key(), kv.value(), kv.lease(), kv.mod_revision()),
+                EventType::Put => {
+                    self.registry
+                        .parse_kv(kv.key(), kv.value(), kv.lease(), kv.mod_revision())
+                }
                 // A malformed value replaced what was there: etcd no longer holds a valid lease.
                 EventType::Delete => None,
             };
@@ -200,7 +204,9 @@ impl PeerWatcher {
         self.stats.relists.fetch_add(1, Ordering::Relaxed);
         // Resume after the listing even if it went backwards (a restored etcd): it is the truth now.
         self.revision = listing.revision;
-        self.stats.revision.store(listing.revision, Ordering::Relaxed);
+        self.stats
+            .revision
+            .store(listing.revision, Ordering::Relaxed);
         let mut fresh: BTreeMap<SubnetKey, Lease> = BTreeMap::new();
         let mut own = None;
         for l in listing.leases {

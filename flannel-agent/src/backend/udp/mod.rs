@@ -163,13 +163,15 @@ impl super::Backend for UdpBackend {
         let (dp, name) = match kind {
             UdpDataplaneKind::Tun => (self.start_tun(&handle, own, config).await?, "TUN"),
             UdpDataplaneKind::Ebpf => (self.start_ebpf(&handle, own, config).await?, "eBPF"),
-            UdpDataplaneKind::Auto => match self.start_ebpf(&handle, own, config).await {
-                Ok(dp) => (dp, "eBPF"),
-                Err(e) => {
-                    log::warn!("eBPF data plane unavailable ({e:#}); falling back to the TUN data plane");
-                    (self.start_tun(&handle, own, config).await?, "TUN")
+            UdpDataplaneKind::Auto => {
+                match self.start_ebpf(&handle, own, config).await {
+                    Ok(dp) => (dp, "eBPF"),
+                    Err(e) => {
+                        log::warn!("eBPF data plane unavailable ({e:#}); falling back to the TUN data plane");
+                        (self.start_tun(&handle, own, config).await?, "TUN")
+                    }
                 }
-            },
+            }
         };
         log::info!("udp backend: port {}, {name} data plane", self.port);
         self.dataplane = Some(dp);

@@ -309,6 +309,13 @@ fn configure_socket(fd: RawFd) {
             "SO_RCVBUFFORCE",
         ),
         (libc::SOL_UDP, libc::UDP_GRO, 1, "UDP_GRO"),
+        // Upstream's wire format has DF set on the outer header.
+        (
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            libc::IP_PMTUDISC_DO,
+            "IP_MTU_DISCOVER",
+        ),
     ];
     for (level, name, value, label) in opts {
         if let Err(e) = sys::set_sockopt_int(fd, level, name, value) {

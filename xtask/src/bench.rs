@@ -1,0 +1,296 @@
+//! `cargo xtask bench`: container-to-container throughput and latency over each data path,
+//! interleaved in one run (the machine is noisy: compare ratios to bare routing of the same run).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use flannel_tests::{Agent, Cluster, Container};
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum DataPath {
+    Bare,
+    EbpfUdp,
+    TunUdp,
+    KernelVxlan,
+    FlannelVxlan,
+    FlannelHostGw,
+}
+
+impl DataPath {
+    const ALL: [DataPath; 6] = [
+        DataPath::Bare,
+        DataPath::EbpfUdp,
+        DataPath::TunUdp,
+        DataPath::KernelVxlan,
+        DataPath::FlannelVxlan,
+        DataPath::FlannelHostGw,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            DataPath::Bare => "bare routing (no overlay)",
+            DataPath::EbpfUdp => "udp backend, eBPF data plane",
+            DataPath::TunUdp => "udp backend, TUN data plane",
+            DataPath::KernelVxlan => "kernel VXLAN (hand-made)",
+            DataPath::FlannelVxlan => "vxlan backend (ours)",
+            DataPath::FlannelHostGw => "host-gw backend (ours)",
+        }
+    }
+}
+
+#[derive(Default, Debug)]
+struct Sample {
+    one: Vec<f64>,
+    four: Vec<f64>,
+    ping_ms: Vec<f64>,
+}
+
+/// A two-host setup for one path, torn down on drop.
+struct Testbed {
+    c: Vec<Container>,
+    _agents: Vec<Agent>,
+    _cluster: Cluster,
+}
+
+fn agents_testbed(config: &str, extra: &[&str]) -> Result<Testbed> {
+    let cluster = Cluster::new(2)?;
+    cluster.set_config(config)?;
+    let mut agents = Vec::new();
+    for i in 0..2 {
+        agents.push(cluster.start_agent(i, extra)?);
+    }
+    let mut c = Vec::new();
+    for (i, a) in agents.iter_mut().enumerate() {
+        a.wait_ready(Duration::from_secs(20))?;
+        let env = std::fs::read_to_string(&a.subnet_file)?;
+        let mtu: u32 = env
+            .lines()
+            .find_map(|l| l.strip_prefix("FLANNEL_MTU="))
+            .and_then(|m| m.parse().ok())
+            .context("FLANNEL_MTU")?;
+        c.push(Container::create(
+            &cluster.hosts[i],
+            &a.subnet().context("subnet")?,
+            mtu,
+        )?);
+    }
+    for a in &agents {
+        flannel_tests::wait_for(Duration::from_secs(5), "peer", || {
+            (a.peers().ok()?.len() == 1).then_some(())
+        })?;
+    }
+    Ok(Testbed {
+        c,
+        _agents: agents,
+        _cluster: cluster,
+    })
+}
+
+fn manual_testbed(vxlan: bool) -> Result<Testbed> {
+    let cluster = Cluster::new(2)?;
+    let subnets = ["10.244.1.0/24", "10.244.2.0/24"];
+    let mtu = if vxlan { 1450 } else { 1500 };
+    let mut c = Vec::new();
+    for i in 0..2 {
+        let h = &cluster.hosts[i];
+        let other = &cluster.hosts[1 - i];
+        if vxlan {
+            h.ns.ip(&[
+                "link",
+                "add",
+                "vx0",
+                "type",
+                "vxlan",
+                "id",
+                "42",
+                "local",
+                &h.ip.to_string(),
+                "remote",
+                &other.ip.to_string(),
+                "dstport",
+                "4789",
+                "dev",
+                "eth0",
+            ])?;
+            h.ns.ip(&[
+                "addr",
+                "add",
+                &format!("10.244.255.{}/24", i + 1),
+                "dev",
+                "vx0",
+            ])?;
+            h.ns.ip(&["link", "set", "vx0", "up"])?;
+            h.ns.ip(&[
+                "route",
+                "add",
+                subnets[1 - i],
+                "via",
+                &format!("10.244.255.{}", 2 - i),
+            ])?;
+        } else {
+            h.ns.ip(&["route", "add", subnets[1 - i], "via", &other.ip.to_string()])?;
+        }
+        c.push(Container::create(h, subnets[i], mtu)?);
+    }
+    Ok(Testbed {
+        c,
+        _agents: Vec::new(),
+        _cluster: cluster,
+    })
+}
+
+fn testbed(path: DataPath) -> Result<Testbed> {
+    match path {
+        DataPath::Bare => manual_testbed(false),
+        DataPath::KernelVxlan => manual_testbed(true),
+        DataPath::EbpfUdp => agents_testbed(
+            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#,
+            &["--udp-dataplane=ebpf"],
+        ),
+        DataPath::TunUdp => agents_testbed(
+            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#,
+            &["--udp-dataplane=tun"],
+        ),
+        DataPath::FlannelVxlan => agents_testbed(
+            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#,
+            &[],
+        ),
+        DataPath::FlannelHostGw => agents_testbed(
+            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#,
+            &[],
+        ),
+    }
+}
+
+fn iperf(tb: &Testbed, streams: u32, seconds: u32) -> Result<f64> {
+    let server = tb.c[1]
+        .ns
+        .command("iperf3")
+        .args(["-s", "-1", "-B", &tb.c[1].ip.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("iperf3 (installed by cargo xtask setup)")?;
+    let _server = KillOnDrop(server);
+    let mut last_err = String::new();
+    // The server needs a moment to listen: retry the client until it connects.
+    let bps = flannel_tests::wait_for(Duration::from_secs(5), "iperf3 server", || {
+        let out = tb.c[0]
+            .ns
+            .command("timeout")
+            .args([&(seconds + 15).to_string(), "iperf3"])
+            .args([
+                "-c",
+                &tb.c[1].ip.to_string(),
+                "-t",
+                &seconds.to_string(),
+                "-P",
+                &streams.to_string(),
+                "-J",
+            ])
+            .args(["--connect-timeout", "2000"])
+            .output()
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let bps = v["end"]["sum_received"]["bits_per_second"].as_f64();
+        if bps.is_none() {
+            last_err = format!("{} {}", v["error"], String::from_utf8_lossy(&out.stderr));
+            last_err.truncate(400);
+        }
+        bps
+    })
+    .with_context(|| format!("iperf3 -P {streams}: {last_err}"))?;
+    Ok(bps / 1e9)
+}
+
+struct KillOnDrop(std::process::Child);
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn ping_avg_ms(tb: &Testbed) -> Result<f64> {
+    let out = tb.c[0]
+        .ns
+        .command("ping")
+        .args([
+            "-n",
+            "-q",
+            "-c",
+            "50",
+            "-i",
+            "0.01",
+            &tb.c[1].ip.to_string(),
+        ])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // rtt min/avg/max/mdev = 0.045/0.062/0.120/0.010 ms
+    let stats = text
+        .lines()
+        .find(|l| l.contains("min/avg/max"))
+        .context("ping summary")?;
+    let nums = stats.split('=').nth(1).context("ping summary")?;
+    let avg = nums.trim().split('/').nth(1).context("ping avg")?;
+    Ok(avg.parse()?)
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[v.len() / 2]
+}
+
+pub fn run(flanneld: &Path, rounds: u32, seconds: u32) -> Result<()> {
+    std::env::set_var("FLANNELD_BIN", flanneld);
+    let mut samples: BTreeMap<DataPath, Sample> = BTreeMap::new();
+    for round in 1..=rounds {
+        for path in DataPath::ALL {
+            eprintln!("round {round}/{rounds}: {}", path.label());
+            let tb = testbed(path).with_context(|| format!("setting up {}", path.label()))?;
+            let s = samples.entry(path).or_default();
+            s.one.push(iperf(&tb, 1, seconds)?);
+            s.four.push(iperf(&tb, 4, seconds)?);
+            s.ping_ms.push(ping_avg_ms(&tb)?);
+        }
+    }
+    let bare = &samples[&DataPath::Bare];
+    let (bare1, bare4, bare_ping) = (median(&bare.one), median(&bare.four), median(&bare.ping_ms));
+    if !(bare1 > 0.0 && bare4 > 0.0) {
+        bail!("bare routing measured no throughput");
+    }
+    println!(
+        "\niperf3 TCP {seconds} s container to container, medians of {rounds} interleaved rounds; {} cores",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+    );
+    println!(
+        "| path | 1 stream Gbit/s | x bare | 4 streams Gbit/s | x bare | ping avg | over bare |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for (path, s) in &samples {
+        let (one, four, ping) = (median(&s.one), median(&s.four), median(&s.ping_ms));
+        println!(
+            "| {} | {one:.2} | {:.2} | {four:.2} | {:.2} | {ping:.3} ms | {:+.0} us |",
+            path.label(),
+            one / bare1,
+            four / bare4,
+            (ping - bare_ping) * 1000.0
+        );
+    }
+    let e = &samples[&DataPath::EbpfUdp];
+    let t = &samples[&DataPath::TunUdp];
+    let kv = &samples[&DataPath::KernelVxlan];
+    println!("\ntargets: eBPF >= 0.95 x bare (1 stream): {:.2}; >= 0.90 x bare (4 streams): {:.2}; above kernel VXLAN: {} / {}; TUN >= 0.15 x bare: {:.2}",
+        median(&e.one) / bare1,
+        median(&e.four) / bare4,
+        median(&e.one) > median(&kv.one),
+        median(&e.four) > median(&kv.four),
+        median(&t.one) / bare1);
+    Ok(())
+}
