@@ -44,29 +44,36 @@ pub fn run(cmd: &mut Command) -> Result<Output> {
     Ok(out)
 }
 
-/// Remove namespaces left by earlier runs of this harness whose process is gone.
-pub fn remove_stale() {
-    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
-        return;
+/// Is `name` one of ours (`fl<pid>x...`) whose creating process is gone?
+fn is_stale(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix(PREFIX) else {
+        return false;
     };
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let name = line.split_whitespace().next().unwrap_or("");
-        let Some(rest) = name.strip_prefix(PREFIX) else {
-            continue;
-        };
-        let pid: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
-        let Ok(pid) = pid.parse::<i32>() else {
-            continue;
-        };
-        if !rest[pid.to_string().len()..].starts_with('x') {
-            continue;
-        }
-        let alive = std::path::Path::new(&format!("/proc/{pid}")).exists();
-        if !alive {
-            Netns {
-                name: name.to_owned(),
+    let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+    let Ok(pid) = digits.parse::<i32>() else {
+        return false;
+    };
+    rest[digits.len()..].starts_with('x') && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Remove namespaces and bpffs pin dirs left by earlier runs of this harness whose process is gone.
+pub fn remove_stale() {
+    if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let name = line.split_whitespace().next().unwrap_or("");
+            if is_stale(name) {
+                Netns {
+                    name: name.to_owned(),
+                }
+                .destroy();
             }
-            .destroy();
+        }
+    }
+    if let Ok(dir) = std::fs::read_dir("/sys/fs/bpf") {
+        for entry in dir.flatten() {
+            if is_stale(&entry.file_name().to_string_lossy()) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
         }
     }
 }

@@ -181,11 +181,23 @@ impl super::Backend for UdpBackend {
         let Some(dp) = self.dataplane.as_mut() else {
             return Ok(());
         };
+        // One bad lease (e.g. another subnet length) must not keep the others out.
+        let mut failed = 0;
         for ev in events {
-            match ev {
-                crate::subnet::PeerEvent::Added(l) => dp.set_peer(l.subnet(), l.attrs.public_ip)?,
-                crate::subnet::PeerEvent::Removed(l) => dp.remove_peer(l.subnet())?,
+            let r = match ev {
+                crate::subnet::PeerEvent::Added(l) => dp.set_peer(l.subnet(), l.attrs.public_ip),
+                crate::subnet::PeerEvent::Removed(l) => dp.remove_peer(l.subnet()),
+            };
+            if let Err(e) = r {
+                log::warn!("udp data plane: {e:#}");
+                failed += 1;
             }
+        }
+        if failed > 0 {
+            anyhow::bail!(
+                "{failed} of {} peer changes could not be applied",
+                events.len()
+            );
         }
         Ok(())
     }
