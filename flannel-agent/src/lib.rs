@@ -7,6 +7,7 @@ pub mod health;
 pub mod iface;
 pub mod iptables;
 pub mod lease;
+pub mod metrics;
 pub mod notify;
 pub mod subnet;
 pub mod subnet_env;

@@ -14,6 +14,7 @@ use flannel_agent::config::NetworkConfig;
 use flannel_agent::health::{self, AgentState};
 use flannel_agent::iface::{lookup_external_interface, IfaceSelector};
 use flannel_agent::lease::Lease;
+use flannel_agent::metrics;
 use flannel_agent::notify;
 use flannel_agent::subnet::manager::RenewOutcome;
 use flannel_agent::subnet::registry::EtcdSettings;
@@ -23,6 +24,8 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
 const RESYNC_INTERVAL: Duration = Duration::from_secs(10);
+/// How often the data plane counters behind `/metrics` are refreshed.
+const METRICS_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
 const RETRY_MIN: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
@@ -211,6 +214,7 @@ async fn agent(flags: Flags) -> anyhow::Result<()> {
     .await?;
     log::info!("lease acquired: {}", own.subnet());
     *state.own.write().unwrap_or_else(|e| e.into_inner()) = Some(own.clone());
+    state.set_lease_expiry(&own, flags.subnet_lease_ttl);
 
     backend
         .start(&own, &config)
@@ -241,6 +245,7 @@ async fn agent(flags: Flags) -> anyhow::Result<()> {
 
     let mut renew_at = tokio::time::Instant::now() + manager.renew_interval();
     let mut resync = tokio::time::interval(RESYNC_INTERVAL);
+    let mut sample = tokio::time::interval(METRICS_SAMPLE_INTERVAL);
     let mut announced = false;
     loop {
         tokio::select! {
@@ -258,6 +263,7 @@ async fn agent(flags: Flags) -> anyhow::Result<()> {
                     }
                     WatchUpdate::OwnKey(None) => {
                         own = handle_own_key_gone(&manager, &registry, &own).await?;
+                        state.set_lease_expiry(&own, flags.subnet_lease_ttl);
                     }
                     WatchUpdate::OwnKey(Some(current)) => {
                         if current.attrs.public_ip != own.attrs.public_ip {
@@ -270,10 +276,14 @@ async fn agent(flags: Flags) -> anyhow::Result<()> {
             }
             _ = tokio::time::sleep_until(renew_at) => {
                 renew_at = tokio::time::Instant::now() + match manager.renew(&own).await {
-                    Ok(RenewOutcome::Renewed) => manager.renew_interval(),
+                    Ok(RenewOutcome::Renewed) => {
+                        state.set_lease_expiry(&own, flags.subnet_lease_ttl);
+                        manager.renew_interval()
+                    }
                     Ok(RenewOutcome::Lost) => {
                         log::warn!("our etcd lease for {} expired", own.subnet());
                         own = manager.reclaim(&own).await?;
+                        state.set_lease_expiry(&own, flags.subnet_lease_ttl);
                         manager.renew_interval()
                     }
                     Err(e) => {
@@ -286,6 +296,10 @@ async fn agent(flags: Flags) -> anyhow::Result<()> {
                 if let Err(e) = backend.resync().await {
                     log::warn!("backend resync: {e:#}");
                 }
+            }
+            _ = sample.tick() => {
+                let dp = metrics::DataplaneSample::collect(backend.stats(), flags.udp_dataplane, &flags.bpf_pin_dir);
+                *state.dataplane.write().unwrap_or_else(|e| e.into_inner()) = dp;
             }
         }
     }

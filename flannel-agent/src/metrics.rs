@@ -1,0 +1,433 @@
+//! `/metrics`: the agent's state in the Prometheus text exposition format (version 0.0.4).
+//!
+//! Rendered from [`AgentState`] on each scrape; the data plane counters reach the state through
+//! [`DataplaneSample`], which the agent's main loop refreshes (handlers cannot reach the backend).
+
+use std::fmt::Write;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+
+use crate::backend::udp::ebpf::read_pinned_stats;
+use crate::backend::DataplaneStats;
+use crate::cli::UdpDataplaneKind;
+use crate::health::AgentState;
+
+/// The `Content-Type` of the text exposition format.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataplaneKind {
+    Ebpf,
+    Tun,
+}
+
+impl DataplaneKind {
+    fn label(self) -> &'static str {
+        match self {
+            DataplaneKind::Ebpf => "ebpf",
+            DataplaneKind::Tun => "tun",
+        }
+    }
+}
+
+/// One reading of the udp data plane's counters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataplaneSample {
+    pub kind: DataplaneKind,
+    pub stats: DataplaneStats,
+    /// TTL expiries at the tunnel hop: only the eBPF programs count them (in the pinned map).
+    pub ttl_exceeded: Option<u64>,
+}
+
+impl DataplaneSample {
+    /// Reads the running data plane: `stats` from the backend (None: no udp data plane), the
+    /// TTL counter from the pinned eBPF map when the eBPF data plane may be the one running.
+    pub fn collect(
+        stats: Option<DataplaneStats>,
+        requested: UdpDataplaneKind,
+        pin_dir: &Path,
+    ) -> Option<DataplaneSample> {
+        let stats = stats?;
+        let pinned = match requested {
+            UdpDataplaneKind::Tun => None,
+            UdpDataplaneKind::Ebpf | UdpDataplaneKind::Auto => read_pinned_stats(pin_dir).ok(),
+        };
+        // Auto falls back to TUN when the programs cannot load; then there is no stats pin.
+        let kind = match (requested, &pinned) {
+            (UdpDataplaneKind::Ebpf, _) | (UdpDataplaneKind::Auto, Some(_)) => DataplaneKind::Ebpf,
+            _ => DataplaneKind::Tun,
+        };
+        Some(DataplaneSample {
+            kind,
+            stats,
+            ttl_exceeded: pinned.map(|p| p.drop_ttl_exceeded),
+        })
+    }
+}
+
+/// Escapes a label value: backslash, double quote and newline, as the format requires.
+fn label_value(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Writes HELP and TYPE for one metric family.
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    // Writing to a String cannot fail.
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+    out.push_str(name);
+    if !labels.is_empty() {
+        let pairs: Vec<String> = labels
+            .iter()
+            .map(|(k, v)| format!("{k}=\"{}\"", label_value(v)))
+            .collect();
+        let _ = write!(out, "{{{}}}", pairs.join(","));
+    }
+    let _ = writeln!(out, " {value}");
+}
+
+/// The whole `/metrics` body.
+pub fn render(state: &AgentState) -> String {
+    let mut out = String::new();
+
+    let own = state.own.read().map(|o| o.clone()).unwrap_or_default();
+    if let Some(own) = own {
+        family(
+            &mut out,
+            "flannel_lease_info",
+            "gauge",
+            "This node's subnet lease (always 1).",
+        );
+        sample(
+            &mut out,
+            "flannel_lease_info",
+            &[
+                ("subnet", &own.subnet().to_string()),
+                ("public_ip", &own.attrs.public_ip.to_string()),
+            ],
+            1,
+        );
+    }
+    family(
+        &mut out,
+        "flannel_lease_expiry_timestamp_seconds",
+        "gauge",
+        "Unix time at which this node's lease expires unless renewed (0: a reservation or no lease).",
+    );
+    sample(
+        &mut out,
+        "flannel_lease_expiry_timestamp_seconds",
+        &[],
+        state.lease_expiry.load(Ordering::Relaxed),
+    );
+
+    let peers = state.peers.read().map(|p| p.len()).unwrap_or(0);
+    family(
+        &mut out,
+        "flannel_peers",
+        "gauge",
+        "Peer subnet leases currently known.",
+    );
+    sample(&mut out, "flannel_peers", &[], peers);
+
+    let watch = &state.watch;
+    family(
+        &mut out,
+        "flannel_watch_reconnects_total",
+        "counter",
+        "Times the etcd lease watch was re-established.",
+    );
+    sample(
+        &mut out,
+        "flannel_watch_reconnects_total",
+        &[],
+        watch.reconnects.load(Ordering::Relaxed),
+    );
+    family(
+        &mut out,
+        "flannel_watch_relists_total",
+        "counter",
+        "Times the full lease list was re-read (compacted or lost watch).",
+    );
+    sample(
+        &mut out,
+        "flannel_watch_relists_total",
+        &[],
+        watch.relists.load(Ordering::Relaxed),
+    );
+    family(
+        &mut out,
+        "flannel_watch_revision",
+        "gauge",
+        "Last etcd revision seen by the lease watch.",
+    );
+    sample(
+        &mut out,
+        "flannel_watch_revision",
+        &[],
+        watch.revision.load(Ordering::Relaxed),
+    );
+
+    let dataplane = state
+        .dataplane
+        .read()
+        .map(|d| d.clone())
+        .unwrap_or_default();
+    if let Some(dp) = dataplane {
+        render_dataplane(&mut out, &dp);
+    }
+    out
+}
+
+fn render_dataplane(out: &mut String, dp: &DataplaneSample) {
+    let s = &dp.stats;
+    family(
+        out,
+        "flannel_dataplane_info",
+        "gauge",
+        "The udp data plane in use (always 1).",
+    );
+    sample(
+        out,
+        "flannel_dataplane_info",
+        &[("kind", dp.kind.label())],
+        1,
+    );
+    family(
+        out,
+        "flannel_dataplane_packets_total",
+        "counter",
+        "Packets encapsulated (tx) and decapsulated (rx) by the udp data plane.",
+    );
+    sample(
+        out,
+        "flannel_dataplane_packets_total",
+        &[("direction", "tx")],
+        s.tx_packets,
+    );
+    sample(
+        out,
+        "flannel_dataplane_packets_total",
+        &[("direction", "rx")],
+        s.rx_packets,
+    );
+    family(
+        out,
+        "flannel_dataplane_bytes_total",
+        "counter",
+        "Inner-packet bytes encapsulated (tx) and decapsulated (rx) by the udp data plane.",
+    );
+    sample(
+        out,
+        "flannel_dataplane_bytes_total",
+        &[("direction", "tx")],
+        s.tx_bytes,
+    );
+    sample(
+        out,
+        "flannel_dataplane_bytes_total",
+        &[("direction", "rx")],
+        s.rx_bytes,
+    );
+    family(
+        out,
+        "flannel_dataplane_drops_total",
+        "counter",
+        "Packets the udp data plane dropped, by reason.",
+    );
+    let mut drops = vec![
+        ("no_peer", s.drop_no_peer),
+        ("not_ipv4", s.drop_not_ipv4),
+        ("malformed", s.drop_malformed),
+        ("unknown_sender", s.drop_unknown_sender),
+        ("spoofed_source", s.drop_spoofed_source),
+    ];
+    if let Some(ttl) = dp.ttl_exceeded {
+        drops.push(("ttl_exceeded", ttl));
+    }
+    for (reason, n) in drops {
+        sample(
+            out,
+            "flannel_dataplane_drops_total",
+            &[("reason", reason)],
+            n,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lease::{Lease, LeaseAttrs, SubnetKey};
+    use std::net::Ipv4Addr;
+
+    fn lease(subnet: &str, ip: [u8; 4], etcd_lease: i64) -> Lease {
+        Lease {
+            key: SubnetKey::new(subnet.parse().expect("test constant")),
+            attrs: LeaseAttrs::new(Ipv4Addr::from(ip)),
+            etcd_lease,
+            mod_revision: 1,
+        }
+    }
+
+    /// The value of the one sample line that starts with `series` followed by a space.
+    fn value(body: &str, series: &str) -> Option<String> {
+        body.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .map(str::to_owned)
+    }
+
+    #[test]
+    fn fresh_agent_renders_zeroes_and_no_lease_or_dataplane() {
+        let body = render(&AgentState::default());
+        assert_eq!(value(&body, "flannel_peers").as_deref(), Some("0"));
+        assert_eq!(
+            value(&body, "flannel_lease_expiry_timestamp_seconds").as_deref(),
+            Some("0")
+        );
+        assert!(!body.contains("flannel_lease_info{"), "{body}");
+        assert!(!body.contains("flannel_dataplane"), "{body}");
+    }
+
+    #[test]
+    fn renders_lease_peers_watch_and_dataplane_counters() {
+        let state = AgentState::default();
+        let own = lease("10.244.1.0/24", [192, 0, 2, 1], 77);
+        state.set_lease_expiry(&own, std::time::Duration::from_secs(3600));
+        *state.own.write().expect("lock") = Some(own);
+        for (i, s) in ["10.244.2.0/24", "10.244.3.0/24"].iter().enumerate() {
+            let l = lease(s, [192, 0, 2, 2 + i as u8], 5);
+            state.peers.write().expect("lock").insert(l.subnet(), l);
+        }
+        state.watch.reconnects.store(3, Ordering::Relaxed);
+        state.watch.relists.store(2, Ordering::Relaxed);
+        state.watch.revision.store(1234, Ordering::Relaxed);
+        *state.dataplane.write().expect("lock") = Some(DataplaneSample {
+            kind: DataplaneKind::Ebpf,
+            stats: DataplaneStats {
+                tx_packets: 10,
+                tx_bytes: 1000,
+                rx_packets: 9,
+                rx_bytes: 900,
+                drop_no_peer: 1,
+                drop_not_ipv4: 2,
+                drop_malformed: 3,
+                drop_unknown_sender: 4,
+                drop_spoofed_source: 5,
+            },
+            ttl_exceeded: Some(6),
+        });
+        let body = render(&state);
+        let expect = [
+            (
+                "flannel_lease_info{subnet=\"10.244.1.0/24\",public_ip=\"192.0.2.1\"}",
+                "1",
+            ),
+            ("flannel_peers", "2"),
+            ("flannel_watch_reconnects_total", "3"),
+            ("flannel_watch_relists_total", "2"),
+            ("flannel_watch_revision", "1234"),
+            ("flannel_dataplane_info{kind=\"ebpf\"}", "1"),
+            ("flannel_dataplane_packets_total{direction=\"tx\"}", "10"),
+            ("flannel_dataplane_packets_total{direction=\"rx\"}", "9"),
+            ("flannel_dataplane_bytes_total{direction=\"tx\"}", "1000"),
+            ("flannel_dataplane_bytes_total{direction=\"rx\"}", "900"),
+            ("flannel_dataplane_drops_total{reason=\"no_peer\"}", "1"),
+            ("flannel_dataplane_drops_total{reason=\"not_ipv4\"}", "2"),
+            ("flannel_dataplane_drops_total{reason=\"malformed\"}", "3"),
+            (
+                "flannel_dataplane_drops_total{reason=\"unknown_sender\"}",
+                "4",
+            ),
+            (
+                "flannel_dataplane_drops_total{reason=\"spoofed_source\"}",
+                "5",
+            ),
+            (
+                "flannel_dataplane_drops_total{reason=\"ttl_exceeded\"}",
+                "6",
+            ),
+        ];
+        for (series, want) in expect {
+            assert_eq!(
+                value(&body, series).as_deref(),
+                Some(want),
+                "{series}\n{body}"
+            );
+        }
+        let expiry: i64 = value(&body, "flannel_lease_expiry_timestamp_seconds")
+            .and_then(|v| v.parse().ok())
+            .expect("expiry sample");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock after 1970")
+            .as_secs() as i64;
+        assert!(
+            (now + 3590..=now + 3610).contains(&expiry),
+            "{expiry} vs {now}"
+        );
+    }
+
+    #[test]
+    fn every_family_has_help_and_type_and_every_sample_a_family() {
+        let state = AgentState::default();
+        *state.own.write().expect("lock") = Some(lease("10.244.1.0/24", [192, 0, 2, 1], 0));
+        *state.dataplane.write().expect("lock") = Some(DataplaneSample {
+            kind: DataplaneKind::Tun,
+            stats: DataplaneStats::default(),
+            ttl_exceeded: None,
+        });
+        let body = render(&state);
+        let mut typed = Vec::new();
+        for line in body.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').expect("TYPE name kind");
+                assert!(["gauge", "counter"].contains(&kind), "{line}");
+                assert!(
+                    body.contains(&format!("# HELP {name} ")),
+                    "no HELP for {name}"
+                );
+                typed.push(name.to_owned());
+            } else if !line.starts_with('#') {
+                let name = line.split(['{', ' ']).next().unwrap_or_default();
+                assert!(typed.iter().any(|t| t == name), "untyped sample {line}");
+                if name.ends_with("_total") {
+                    assert!(body.contains(&format!("# TYPE {name} counter")), "{line}");
+                }
+            }
+        }
+        assert!(
+            body.contains("flannel_dataplane_info{kind=\"tun\"} 1"),
+            "{body}"
+        );
+        // The TUN data plane does not count TTL expiries: no made-up zero.
+        assert!(!body.contains("ttl_exceeded"), "{body}");
+    }
+
+    #[test]
+    fn reservations_never_expire() {
+        let state = AgentState::default();
+        state.set_lease_expiry(
+            &lease("10.244.1.0/24", [192, 0, 2, 1], 0),
+            std::time::Duration::from_secs(60),
+        );
+        assert_eq!(state.lease_expiry.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(label_value("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}
