@@ -1,0 +1,452 @@
+//! Random and mutated tunnel packets through the decap program (BPF_PROG_TEST_RUN), inside a
+//! namespace this test creates: whatever arrives from the wire, the program answers pass, drop
+//! or redirect, passes packets untouched, and counts each packet at most once (each drop
+//! exactly once).
+//!
+//! The RNG is seeded; the seed is printed, and `FLANNEL_FUZZ_SEED=<n>` replays a run.
+//! Needs root and the eBPF object compiled into flannel-agent (`cargo xtask build-ebpf`
+//! before building the tests); fails loudly otherwise.
+
+use std::ffi::CString;
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use flannel_agent::backend::udp::ebpf::{read_pinned_stats, EbpfDataplane, EbpfOptions};
+use flannel_agent::backend::udp::UdpDataplane;
+use flannel_common::Stats;
+use ipnetwork::Ipv4Network;
+
+/// TC_ACT_UNSPEC (-1): "not mine", the next TCX program or the stack gets the packet.
+const TCX_NEXT: u32 = u32::MAX;
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+const PORT: u16 = 8285;
+const RUNS: usize = 4000;
+
+const OUR_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+const PEER_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+const STRANGER_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 99);
+const OUR_SUBNET: &str = "10.244.1.0/24";
+const PEER_SUBNET: &str = "10.244.2.0/24";
+
+fn net(s: &str) -> Ipv4Network {
+    s.parse().expect("test constant")
+}
+
+// ---------------------------------------------------------------------------------------------
+// A seeded RNG (splitmix64): small, and the same sequence everywhere for a given seed.
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// Uniform in 0..n (n > 0).
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    fn byte(&mut self) -> u8 {
+        self.next() as u8
+    }
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.byte()).collect()
+    }
+}
+
+fn seed() -> u64 {
+    match std::env::var("FLANNEL_FUZZ_SEED") {
+        Ok(s) => s.parse().expect("FLANNEL_FUZZ_SEED must be an integer"),
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock after 1970")
+            .as_nanos() as u64,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Namespace and data plane (as in ebpf_programs.rs)
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A namespace `fl-fuzz-<pid>` with `flannel0` (persistent TUN) and a veth `ext0`/`ext1` at
+/// OUR_IP, plus its own pin directory; all removed on drop.
+struct Host {
+    name: String,
+    pin_dir: PathBuf,
+}
+
+impl Host {
+    fn new() -> Host {
+        let name = format!("fl-fuzz-{}", std::process::id());
+        run(Command::new("ip").args(["netns", "add", &name]));
+        let host = Host {
+            pin_dir: PathBuf::from(format!("/sys/fs/bpf/{name}")),
+            name,
+        };
+        host.ip(&["link", "set", "lo", "up"]);
+        host.ip(&["tuntap", "add", "dev", "flannel0", "mode", "tun"]);
+        host.ip(&["addr", "add", "10.244.1.0/32", "dev", "flannel0"]);
+        host.ip(&["link", "set", "flannel0", "mtu", "1472", "up"]);
+        host.ip(&["route", "add", "10.244.0.0/16", "dev", "flannel0"]);
+        host.ip(&[
+            "link", "add", "ext0", "type", "veth", "peer", "name", "ext1",
+        ]);
+        host.ip(&["addr", "add", "192.0.2.1/24", "dev", "ext0"]);
+        host.ip(&["link", "set", "ext0", "up"]);
+        host.ip(&["link", "set", "ext1", "up"]);
+        host
+    }
+
+    fn ip(&self, args: &[&str]) {
+        run(Command::new("ip").arg("-n").arg(&self.name).args(args));
+    }
+
+    /// Runs `f` on a thread that lives in this namespace.
+    fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = PathBuf::from("/run/netns").join(&self.name);
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).expect("open netns");
+            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            f()
+        })
+        .join()
+        .expect("thread in netns panicked")
+    }
+
+    fn ifindex(&self, name: &'static str) -> u32 {
+        self.enter(move || {
+            let c = CString::new(name).expect("name");
+            // SAFETY: NUL-terminated name.
+            let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+            assert!(idx != 0, "no interface {name}");
+            idx
+        })
+    }
+
+    fn load(&self) -> EbpfDataplane {
+        let opts = EbpfOptions {
+            pin_dir: self.pin_dir.clone(),
+            overlay_ifindex: self.ifindex("flannel0"),
+            ext_ifindex: self.ifindex("ext0"),
+            ext_ip: OUR_IP,
+            port: PORT,
+            network: net("10.244.0.0/16"),
+            own_subnet: net(OUR_SUBNET),
+        };
+        self.enter(move || EbpfDataplane::load(&opts))
+            .expect("load eBPF data plane")
+    }
+
+    fn stats(&self) -> Stats {
+        read_pinned_stats(&self.pin_dir).expect("read stats")
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        if let Err(e) = EbpfDataplane::unload(&self.pin_dir) {
+            eprintln!("unload {}: {e}", self.pin_dir.display());
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// bpf(2): open pins and BPF_PROG_TEST_RUN
+
+#[repr(C, align(8))]
+struct BpfAttr([u8; 128]);
+
+impl BpfAttr {
+    fn put_u32(&mut self, at: usize, v: u32) {
+        self.0[at..at + 4].copy_from_slice(&v.to_ne_bytes());
+    }
+    fn put_u64(&mut self, at: usize, v: u64) {
+        self.0[at..at + 8].copy_from_slice(&v.to_ne_bytes());
+    }
+    fn get_u32(&self, at: usize) -> u32 {
+        u32::from_ne_bytes([self.0[at], self.0[at + 1], self.0[at + 2], self.0[at + 3]])
+    }
+}
+
+fn sys_bpf(cmd: libc::c_long, attr: &mut BpfAttr) -> io::Result<libc::c_long> {
+    // SAFETY: attr is a bpf_attr-sized, zero-filled buffer set up for `cmd`.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut BpfAttr,
+            std::mem::size_of::<BpfAttr>(),
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let c = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let mut attr = BpfAttr([0; 128]);
+    attr.put_u64(0, c.as_ptr() as u64);
+    let fd = sys_bpf(7, &mut attr)?; // BPF_OBJ_GET
+                                     // SAFETY: a fresh fd owned by us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Runs a TC program once on `packet` (Ethernet first). Returns (verdict, packet out).
+fn test_run(prog: &OwnedFd, packet: &[u8]) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; packet.len() + 256];
+    let ctx = [0u8; 192]; // struct __sk_buff
+    let mut attr = BpfAttr([0; 128]);
+    attr.put_u32(0, prog.as_raw_fd() as u32);
+    attr.put_u32(8, packet.len() as u32);
+    attr.put_u32(12, out.len() as u32);
+    attr.put_u64(16, packet.as_ptr() as u64);
+    attr.put_u64(24, out.as_mut_ptr() as u64);
+    attr.put_u32(32, 1); // repeat
+    attr.put_u32(40, ctx.len() as u32);
+    attr.put_u64(48, ctx.as_ptr() as u64);
+    sys_bpf(10, &mut attr).expect("BPF_PROG_TEST_RUN"); // BPF_PROG_TEST_RUN
+    let retval = attr.get_u32(4);
+    let out_len = attr.get_u32(12) as usize;
+    out.truncate(out_len);
+    (retval, out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Packets
+
+fn checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    for chunk in bytes.chunks(2) {
+        let word = u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]);
+        sum += u32::from(word);
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An IPv4 packet (no options, DF) with a valid header checksum.
+fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, ttl: u8, proto: u8, payload: &[u8]) -> Vec<u8> {
+    let total = 20 + payload.len();
+    let mut p = vec![0u8; 20];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    p[6] = 0x40;
+    p[8] = ttl;
+    p[9] = proto;
+    p[12..16].copy_from_slice(&src.octets());
+    p[16..20].copy_from_slice(&dst.octets());
+    let c = checksum(&p);
+    p[10..12].copy_from_slice(&c.to_be_bytes());
+    p.extend_from_slice(payload);
+    p
+}
+
+fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut u = Vec::with_capacity(8 + payload.len());
+    u.extend_from_slice(&sport.to_be_bytes());
+    u.extend_from_slice(&dport.to_be_bytes());
+    u.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    u.extend_from_slice(&[0, 0]);
+    u.extend_from_slice(payload);
+    u
+}
+
+fn ether(ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02];
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// A valid tunnel frame: from a peer, a stranger, or a peer spoofing another subnet.
+fn valid_frame(rng: &mut Rng) -> Vec<u8> {
+    let (outer_src, inner_src) = match rng.below(3) {
+        0 => (PEER_IP, Ipv4Addr::new(10, 244, 2, 7)),
+        1 => (STRANGER_IP, Ipv4Addr::new(10, 244, 2, 7)),
+        _ => (PEER_IP, Ipv4Addr::new(10, 244, 9, 7)),
+    };
+    let len = rng.below(64);
+    let payload = rng.bytes(len);
+    let inner = ipv4(
+        inner_src,
+        Ipv4Addr::new(10, 244, 1, 5),
+        64,
+        17,
+        &udp(40000, 7777, &payload),
+    );
+    ether(
+        0x0800,
+        &ipv4(outer_src, OUR_IP, 64, 17, &udp(PORT, PORT, &inner)),
+    )
+}
+
+/// A few random edits: byte flips and overwrites (mostly in the headers), cuts and growth;
+/// sometimes the outer header checksum is fixed up so the edit is not rejected for that alone.
+fn mutate(rng: &mut Rng, mut f: Vec<u8>) -> Vec<u8> {
+    for _ in 0..1 + rng.below(4) {
+        let headers = f.len().min(14 + 20 + 8 + 20);
+        match rng.below(5) {
+            0 => {
+                let i = 14 + rng.below(headers.saturating_sub(14).max(1));
+                if let Some(b) = f.get_mut(i) {
+                    *b ^= 1 << rng.below(8);
+                }
+            }
+            1 => {
+                let i = rng.below(f.len());
+                f[i] = rng.byte();
+            }
+            2 => {
+                let keep = 14 + rng.below(f.len() - 13);
+                f.truncate(keep);
+            }
+            3 => {
+                let len = rng.below(40);
+                let extra = rng.bytes(len);
+                f.extend_from_slice(&extra);
+            }
+            _ => {
+                let i = 14 + rng.below(headers.saturating_sub(14).max(1));
+                if let Some(b) = f.get_mut(i) {
+                    *b = [0, 0xff, 0x45, 0x46, 0x4f, 17, 0x20, 0x40][rng.below(8)];
+                }
+            }
+        }
+    }
+    if rng.below(2) == 0 && f.len() >= 34 {
+        let ihl = usize::from(f[14] & 0x0f) * 4;
+        if ihl >= 20 && f.len() >= 14 + ihl {
+            f[24..26].copy_from_slice(&[0, 0]);
+            let c = checksum(&f[14..14 + ihl]);
+            f[24..26].copy_from_slice(&c.to_be_bytes());
+        }
+    }
+    f
+}
+
+/// Random bytes of random length, half of them labelled IPv4.
+fn random_frame(rng: &mut Rng) -> Vec<u8> {
+    let len = 14 + rng.below(200);
+    let mut f = rng.bytes(len);
+    if rng.below(2) == 0 {
+        f[12..14].copy_from_slice(&[0x08, 0x00]);
+    }
+    f
+}
+
+/// BPF_PROG_TEST_RUN refuses (EINVAL) frames labelled IPv4/IPv6 that cannot hold the IP
+/// header: pad those with random bytes (the stack would never hand such a frame to TC either).
+fn fit_for_test_run(rng: &mut Rng, mut f: Vec<u8>) -> Vec<u8> {
+    let min = match f[12..14] {
+        [0x08, 0x00] => 14 + 20,
+        [0x86, 0xdd] => 14 + 40,
+        _ => 14,
+    };
+    while f.len() < min {
+        f.push(rng.byte());
+    }
+    f
+}
+
+fn drops(s: &Stats) -> u64 {
+    s.drop_no_peer
+        + s.drop_not_ipv4
+        + s.drop_malformed
+        + s.drop_unknown_sender
+        + s.drop_spoofed_source
+        + s.drop_ttl_exceeded
+        + s.drop_helper_error
+        + s.drop_not_configured
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn decap_answers_random_packets_with_a_known_verdict_and_counts_each_once() {
+    assert!(
+        EbpfDataplane::embedded(),
+        "the eBPF object is not compiled into flannel-agent: run `cargo xtask build-ebpf`, then rebuild the tests"
+    );
+    let seed = seed();
+    println!("ebpf_fuzz seed {seed} (replay with FLANNEL_FUZZ_SEED={seed})");
+    let mut rng = Rng(seed);
+
+    let host = Host::new();
+    let mut dp = host.load();
+    dp.set_peer(net(PEER_SUBNET), PEER_IP).expect("set peer");
+    let prog = obj_get(&host.pin_dir.join("flannel_decap")).expect("pinned decap program");
+
+    let mut seen = [0usize; 3]; // pass, drop, redirect
+    let mut before = host.stats();
+    for i in 0..RUNS {
+        let frame = match rng.below(4) {
+            0 => random_frame(&mut rng),
+            1 => valid_frame(&mut rng),
+            _ => {
+                let valid = valid_frame(&mut rng);
+                mutate(&mut rng, valid)
+            }
+        };
+        let frame = fit_for_test_run(&mut rng, frame);
+        let (verdict, out) = test_run(&prog, &frame);
+        let after = host.stats();
+        let ctx = || format!("seed {seed}, run {i}, verdict {verdict}, frame {frame:02x?}");
+        let rx = after.rx_packets - before.rx_packets;
+        let dropped = drops(&after) - drops(&before);
+        assert!(
+            rx + dropped <= 1,
+            "counted {rx} rx + {dropped} drops: {}",
+            ctx()
+        );
+        assert_eq!(after.tx_packets, before.tx_packets, "decap sent: {}", ctx());
+        match verdict {
+            TCX_NEXT | TC_ACT_OK => {
+                seen[0] += 1;
+                assert_eq!(dropped, 0, "pass counted as a drop: {}", ctx());
+                assert_eq!(out, frame, "passed packets are untouched: {}", ctx());
+            }
+            TC_ACT_SHOT => {
+                seen[1] += 1;
+                assert_eq!(dropped, 1, "drop not counted once: {}", ctx());
+            }
+            TC_ACT_REDIRECT => {
+                seen[2] += 1;
+                assert_eq!(rx, 1, "delivery not counted once: {}", ctx());
+                assert_eq!(&out[..14], &frame[..14], "Ethernet header kept: {}", ctx());
+            }
+            other => panic!("unexpected verdict {other}: {}", ctx()),
+        }
+        before = after;
+    }
+    println!("pass {}, drop {}, redirect {}", seen[0], seen[1], seen[2]);
+    // The generator must reach all three outcomes, or parts of the program went untested.
+    assert!(
+        seen.iter().all(|&n| n >= RUNS / 50),
+        "verdicts pass/drop/redirect {seen:?} (seed {seed})"
+    );
+}
