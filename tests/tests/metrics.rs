@@ -1,0 +1,72 @@
+//! `/metrics` end to end: two hosts on the udp backend with the eBPF data plane, real etcd,
+//! a ping across the overlay, then the Prometheus text from each agent's health listener.
+
+use std::time::Duration;
+
+use flannel_tests::{wait_for, Cluster, Container};
+
+const UDP: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#;
+
+/// The value of the sample line for exactly `series`.
+fn value(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[test]
+fn metrics_show_lease_peers_and_dataplane_counters() {
+    let cluster = Cluster::new(2).unwrap();
+    cluster.set_config(UDP).unwrap();
+    let mut agents: Vec<_> = (0..2)
+        .map(|i| cluster.start_agent(i, &["--udp-dataplane=ebpf"]).unwrap())
+        .collect();
+    let mut containers = Vec::new();
+    for (i, a) in agents.iter_mut().enumerate() {
+        a.wait_ready(Duration::from_secs(20)).unwrap();
+        containers.push(Container::create(&cluster.hosts[i], &a.subnet().unwrap(), 1472).unwrap());
+    }
+    for a in &agents {
+        wait_for(Duration::from_secs(5), "peer known", || {
+            (a.peers().ok()?.len() == 1).then_some(())
+        })
+        .unwrap();
+    }
+    assert!(
+        containers[0].ping(containers[1].ip, 3, 2).unwrap(),
+        "ping across the overlay"
+    );
+
+    for (i, a) in agents.iter().enumerate() {
+        let subnet = a.subnet().unwrap();
+        // Counters are sampled once a second: wait for the ping to show.
+        let body = wait_for(Duration::from_secs(5), "packets in /metrics", || {
+            let (status, body) = a.http_get("/metrics").ok()?;
+            assert_eq!(status, 200, "{body}");
+            let tx = value(&body, "flannel_dataplane_packets_total{direction=\"tx\"}")?;
+            let rx = value(&body, "flannel_dataplane_packets_total{direction=\"rx\"}")?;
+            (tx > 0.0 && rx > 0.0).then_some(body)
+        })
+        .unwrap();
+        let lease = body
+            .lines()
+            .find(|l| l.starts_with("flannel_lease_info{"))
+            .unwrap_or_else(|| panic!("host {i}: no lease line:\n{body}"));
+        assert!(lease.contains(&format!("subnet=\"{subnet}\"")), "{lease}");
+        assert!(lease.ends_with(" 1"), "{lease}");
+        assert_eq!(value(&body, "flannel_peers"), Some(1.0), "{body}");
+        assert_eq!(
+            value(&body, "flannel_dataplane_info{kind=\"ebpf\"}"),
+            Some(1.0),
+            "{body}"
+        );
+        let expiry = value(&body, "flannel_lease_expiry_timestamp_seconds").expect("expiry");
+        assert!(expiry > 1.0e9, "lease expiry {expiry}");
+        assert!(
+            body.contains("# TYPE flannel_dataplane_drops_total counter"),
+            "{body}"
+        );
+    }
+    drop(containers);
+    drop(agents);
+}
