@@ -216,7 +216,7 @@ impl NetworkConfig {
                 Some(a) => a,
             };
             let max = match parse_v4_addr(&map, "SubnetMax")? {
-                None => Ipv4Addr::from((last + 1).wrapping_sub(size)),
+                None => Ipv4Addr::from(last.wrapping_add(1).wrapping_sub(size)),
                 Some(a) if !network.contains(a) => {
                     return Err(field_err(
                         "SubnetMax",
@@ -409,6 +409,10 @@ mod tests {
 
         let c = parse(r#"{"Network":"10.244.0.0/22"}"#).unwrap();
         assert_eq!(c.subnet_len, 24);
+
+        // A network reaching the top of the address space must not overflow.
+        let c = parse(r#"{"Network":"255.0.0.0/8"}"#).unwrap();
+        assert_eq!(c.subnet_max, "255.255.255.0".parse::<Ipv4Addr>().unwrap());
     }
 
     #[test]

@@ -24,22 +24,6 @@ fn config() -> Config {
     }
 }
 
-/// KNOWN BUG, excluded until config.rs is fixed: a Network that ends at 255.255.255.255
-/// (e.g. "10.244.0.0/0", "255.0.0.0/8") overflows `last + 1` in NetworkConfig::parse when
-/// SubnetMax is absent: a panic in debug builds (release wraps to the right value).
-fn reaches_top_of_address_space(obj: &Value) -> bool {
-    let network = obj
-        .as_object()
-        .and_then(|m| {
-            m.iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case("Network"))
-                .map(|(_, v)| v)
-        })
-        .and_then(Value::as_str)
-        .and_then(|s| s.parse::<Ipv4Network>().ok());
-    network.is_some_and(|n| n.broadcast() == Ipv4Addr::BROADCAST)
-}
-
 /// Any JSON value, nested a little.
 fn any_json() -> impl Strategy<Value = Value> {
     let leaf = prop_oneof![
@@ -163,9 +147,6 @@ fn network_config_accepts_only_consistent_configs() {
     let mut runner = TestRunner::new(config());
     runner
         .run(&config_object(), |obj| {
-            if reaches_top_of_address_space(&obj) {
-                return Ok(());
-            }
             let bytes = serde_json::to_vec(&obj).expect("serialising a Value");
             if let Ok(cfg) = NetworkConfig::parse(&bytes) {
                 accepted.fetch_add(1, Ordering::Relaxed);
@@ -177,7 +158,8 @@ fn network_config_accepts_only_consistent_configs() {
     // The generator must reach the accepting paths, or the invariants were never checked.
     let accepted = accepted.into_inner();
     assert!(
-        accepted >= CASES / 20,
+        // About 5 % parse with this generator; 1 % leaves room for chance.
+        accepted >= CASES / 100,
         "only {accepted} of {CASES} configs parsed"
     );
 }
@@ -192,7 +174,6 @@ proptest! {
 
     #[test]
     fn network_config_never_panics_on_any_json(v in any_json()) {
-        prop_assume!(!reaches_top_of_address_space(&v));
         let bytes = serde_json::to_vec(&v).expect("serialising a Value");
         if let Ok(cfg) = NetworkConfig::parse(&bytes) {
             check_config_invariants(&cfg);

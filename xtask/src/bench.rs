@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
+use std::process::Command;
+
 use anyhow::{bail, Context, Result};
 use flannel_tests::{Agent, Cluster, Container};
 
@@ -248,7 +250,8 @@ fn median(v: &[f64]) -> f64 {
 }
 
 pub fn run(flanneld: &Path, rounds: u32, seconds: u32) -> Result<()> {
-    run_paths(flanneld, &DataPath::ALL, rounds, seconds)
+    run_paths(flanneld, &DataPath::ALL, rounds, seconds)?;
+    scale(flanneld)
 }
 
 /// The demo's short comparison: bare, eBPF and TUN only.
@@ -310,5 +313,158 @@ fn run_paths(flanneld: &Path, paths: &[DataPath], rounds: u32, seconds: u32) -> 
         median(&e.one) > median(&kv.one),
         median(&e.four) > median(&kv.four),
         median(&t.one) / bare1);
+    Ok(())
+}
+
+const SCALE_CONFIG: &str = r#"{"Network":"10.244.0.0/16","SubnetLen":26,"Backend":{"Type":"udp"}}"#;
+const SCALE_LEASES: u32 = 1000;
+const SCALE_PREFIX: &str = "/coreos.com/network/subnets/";
+
+/// Key and value of fake peer `i` (a /26 in 10.244.0.0/16; public IPs in 198.51.100.0/24).
+fn scale_lease(i: u32, generation: u32) -> (String, String) {
+    let addr = u32::from(std::net::Ipv4Addr::new(10, 244, 0, 0)) + i * 64;
+    let ip = std::net::Ipv4Addr::from(addr);
+    let public = 1 + (i + generation) % 250;
+    (
+        format!("{SCALE_PREFIX}{ip}-26"),
+        format!(r#"{{"PublicIP":"198.51.100.{public}","PublicIPv6":null}}"#),
+    )
+}
+
+/// (subnet, public IP) pairs in a pinned peer map.
+fn pinned_peers(pin_dir: &str) -> Result<Vec<(String, String)>> {
+    let out = Command::new("bpftool")
+        .args([
+            "-j",
+            "map",
+            "dump",
+            "pinned",
+            &format!("{pin_dir}/flannel_peers"),
+        ])
+        .output()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let quad = |x: &serde_json::Value| -> String {
+        x.as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|b| b.to_string())
+                    .collect::<Vec<_>>()
+                    .join(".")
+            })
+            .unwrap_or_default()
+    };
+    let mut peers: Vec<(String, String)> = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            (
+                quad(&e["formatted"]["key"]["subnet"]),
+                quad(&e["formatted"]["value"]["public_ip"]),
+            )
+        })
+        .collect();
+    peers.sort();
+    Ok(peers)
+}
+
+/// What etcd says the peers are, in the same form.
+fn etcd_peers(cluster: &Cluster, own_ip: &str) -> Result<Vec<(String, String)>> {
+    let mut v: Vec<(String, String)> = cluster
+        .leases()?
+        .into_iter()
+        .filter_map(|kv| {
+            let name = kv.key.strip_prefix(SCALE_PREFIX)?;
+            let attrs: serde_json::Value = serde_json::from_str(&kv.value).ok()?;
+            let public = attrs["PublicIP"].as_str()?.to_owned();
+            (public != own_ip).then(|| (name.split('-').next().unwrap_or("").to_owned(), public))
+        })
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+/// Run `f(i)` for i in 0..n on `workers` threads.
+fn parallel(n: u32, workers: u32, f: impl Fn(u32) -> Result<()> + Sync) -> Result<()> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers)
+            .map(|w| {
+                let f = &f;
+                s.spawn(move || (w..n).step_by(workers as usize).try_for_each(f))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .try_for_each(|h| h.join().map_err(|_| anyhow::anyhow!("worker panicked"))?)
+    })
+}
+
+/// 1000 leases: agent start to fully programmed map, 100 changes/s sustained, resident memory.
+pub fn scale(flanneld: &Path) -> Result<()> {
+    std::env::set_var("FLANNELD_BIN", flanneld);
+    println!("\n== scale: {SCALE_LEASES} leases in etcd, one agent (eBPF data plane)");
+    let cluster = Cluster::new(1)?;
+    cluster.set_config(SCALE_CONFIG)?;
+    parallel(SCALE_LEASES, 8, |i| {
+        let (k, v) = scale_lease(i + 1, 0);
+        cluster.etcd.put(&k, &v)
+    })?;
+    let pin_dir = format!("/sys/fs/bpf/{}", cluster.hosts[0].ns.name);
+    let start = std::time::Instant::now();
+    let mut agent = cluster.start_agent(0, &["--udp-dataplane=ebpf"])?;
+    flannel_tests::wait_for(Duration::from_secs(30), "1000 peers in the map", || {
+        (pinned_peers(&pin_dir).ok()?.len() == SCALE_LEASES as usize).then_some(())
+    })?;
+    let programmed = start.elapsed();
+    agent.wait_ready(Duration::from_secs(10))?;
+    let own_ip = cluster.hosts[0].ip.to_string();
+
+    // 100 changes per second for 10 s: each changes one lease's public IP or deletes it.
+    let changes = 1000u32;
+    let began = std::time::Instant::now();
+    parallel(changes, 12, |n| {
+        let due = Duration::from_millis(u64::from(n) * 10);
+        if let Some(wait) = due.checked_sub(began.elapsed()) {
+            std::thread::sleep(wait);
+        }
+        let i = 1 + (n * 7) % SCALE_LEASES;
+        let (k, v) = scale_lease(i, n + 1);
+        if n % 5 == 0 {
+            cluster.etcd.del(&k)
+        } else {
+            cluster.etcd.put(&k, &v)
+        }
+    })?;
+    let sent_in = began.elapsed();
+    let rate = f64::from(changes) / sent_in.as_secs_f64();
+    let caught_up = std::time::Instant::now();
+    let want = etcd_peers(&cluster, &own_ip)?;
+    flannel_tests::wait_for(
+        Duration::from_secs(30),
+        "map to equal etcd after the changes",
+        || (pinned_peers(&pin_dir).ok()? == want).then_some(()),
+    )?;
+    let lag = caught_up.elapsed();
+    let status = std::fs::read_to_string(format!(
+        "/proc/{}/status",
+        agent.pid().context("agent pid")?
+    ))?;
+    let rss_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("VmRSS")?;
+    println!("| figure | measured | target |");
+    println!("|---|---|---|");
+    println!(
+        "| agent start to {SCALE_LEASES} peers in the map | {:.0} ms | < 1000 ms |",
+        programmed.as_secs_f64() * 1000.0
+    );
+    println!("| lease changes applied | {changes} at {rate:.0}/s, map equal to etcd {:.0} ms after the last | 100/s without falling behind |", lag.as_secs_f64() * 1000.0);
+    println!(
+        "| agent resident memory | {:.1} MB | < 50 MB |",
+        rss_kb as f64 / 1024.0
+    );
+    agent.stop()?;
     Ok(())
 }

@@ -50,6 +50,9 @@ enum Cmd {
         /// Seconds per iperf3 run.
         #[arg(long, default_value = "5")]
         seconds: u32,
+        /// Only the scale figures (1000 leases, change rate, memory).
+        #[arg(long)]
+        scale_only: bool,
     },
 }
 
@@ -122,10 +125,18 @@ fn main() -> Result<()> {
             build_all()?;
             demo::run(&flanneld_release())
         }
-        Cmd::Bench { rounds, seconds } => {
+        Cmd::Bench {
+            rounds,
+            seconds,
+            scale_only,
+        } => {
             setup::ensure()?;
             build_all()?;
-            bench::run(&flanneld_release(), rounds, seconds)
+            if scale_only {
+                bench::scale(&flanneld_release())
+            } else {
+                bench::run(&flanneld_release(), rounds, seconds)
+            }
         }
     }
 }
