@@ -23,6 +23,9 @@ use flannel_agent::subnet_env::{PreviousSubnetEnv, SubnetEnv};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
+mod inspect;
+mod uninstall;
+
 const RESYNC_INTERVAL: Duration = Duration::from_secs(10);
 /// How often the data plane counters behind `/metrics` are refreshed.
 const METRICS_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
@@ -30,6 +33,12 @@ const RETRY_MIN: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
 fn main() -> ExitCode {
+    // Subcommands come before flanneld's own (Go-style) flags.
+    match std::env::args().nth(1).as_deref() {
+        Some("uninstall") => return run_uninstall(),
+        Some("dataplane") => return run_dataplane(),
+        _ => {}
+    }
     let flags = match Flags::parse_go_style(std::env::args()) {
         Ok(f) => f,
         Err(e) => e.exit(),
@@ -59,6 +68,51 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             log::error!("{e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Arguments after the subcommand name, for its own parser.
+fn subcommand_args() -> impl Iterator<Item = String> {
+    std::env::args()
+        .enumerate()
+        .filter_map(|(i, a)| (i != 1).then_some(a))
+}
+
+fn run_uninstall() -> ExitCode {
+    use clap::Parser;
+    let args = uninstall::UninstallArgs::parse_from(subcommand_args());
+    init_logging(0);
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            log::error!("starting the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(uninstall::uninstall(&args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run_dataplane() -> ExitCode {
+    use clap::Parser;
+    let args = inspect::DataplaneArgs::parse_from(subcommand_args());
+    match inspect::render(&args.bpf_pin_dir) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("flanneld dataplane: {e:#}");
             ExitCode::from(1)
         }
     }
@@ -255,6 +309,12 @@ async fn agent(flags: Flags) -> anyhow::Result<()> {
                     WatchUpdate::Peers(events) => {
                         apply_peer_events(&mut backend, &state, &events).await;
                         if !announced {
+                            // The first listing is the full view: drop what a previous agent
+                            // left installed for peers that went away while it was down.
+                            let all: Vec<Lease> = state.peers.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+                            if let Err(e) = backend.sync_peers(&all).await {
+                                log::warn!("reconciling peers after start: {e:#}");
+                            }
                             announced = true;
                             state.ready.store(true, Ordering::Relaxed);
                             notify::ready();

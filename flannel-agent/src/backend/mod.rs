@@ -43,6 +43,11 @@ pub trait Backend {
     async fn start(&mut self, own: &Lease, config: &NetworkConfig) -> anyhow::Result<()>;
     /// Follow peer lease changes.
     async fn handle_events(&mut self, events: &[PeerEvent]) -> anyhow::Result<()>;
+    /// Make what is installed match the full peer view `peers` (after the first listing:
+    /// state a previous agent left behind, e.g. adopted eBPF maps, may hold departed peers).
+    async fn sync_peers(&mut self, _peers: &[Lease]) -> anyhow::Result<()> {
+        Ok(())
+    }
     /// Periodic repair of what the backend installed (devices, routes).
     async fn resync(&mut self) -> anyhow::Result<()> {
         Ok(())
@@ -116,6 +121,9 @@ impl Backend for AnyBackend {
     }
     async fn handle_events(&mut self, events: &[PeerEvent]) -> anyhow::Result<()> {
         dispatch!(self, b => b.handle_events(events).await)
+    }
+    async fn sync_peers(&mut self, peers: &[Lease]) -> anyhow::Result<()> {
+        dispatch!(self, b => b.sync_peers(peers).await)
     }
     async fn resync(&mut self) -> anyhow::Result<()> {
         dispatch!(self, b => b.resync().await)

@@ -201,6 +201,16 @@ impl super::Backend for UdpBackend {
         }
         Ok(())
     }
+    async fn sync_peers(&mut self, peers: &[crate::lease::Lease]) -> anyhow::Result<()> {
+        let Some(dp) = self.dataplane.as_mut() else {
+            return Ok(());
+        };
+        let table: BTreeMap<Ipv4Network, Ipv4Addr> = peers
+            .iter()
+            .map(|l| (l.subnet(), l.attrs.public_ip))
+            .collect();
+        dp.sync_peers(&table)
+    }
     fn stats(&self) -> Option<DataplaneStats> {
         self.dataplane.as_ref().and_then(|d| d.stats().ok())
     }

@@ -1,0 +1,142 @@
+//! `flanneld dataplane`: the pinned eBPF data plane as a table (configuration, peers, summed
+//! counters), for hosts without bpftool. Reads the pins only; works with or without a running
+//! agent.
+
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use aya::maps::{Array, HashMap, Map, MapData};
+use aya::programs::{tc::TcAttachType, SchedClassifier};
+use flannel_agent::backend::udp::ebpf::{read_pinned_stats, DEFAULT_PIN_DIR};
+use flannel_common::{map_names, Config, PeerKey, PeerValue, Stats};
+
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "flanneld dataplane",
+    bin_name = "flanneld dataplane",
+    about = "Show the pinned eBPF data plane: configuration, peers and counters"
+)]
+pub struct DataplaneArgs {
+    /// bpffs directory where the eBPF maps, programs and links are pinned
+    #[arg(long, env = "FLANNELD_BPF_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
+    pub bpf_pin_dir: PathBuf,
+}
+
+fn open_pinned(pin_dir: &Path, name: &str) -> anyhow::Result<MapData> {
+    let path = pin_dir.join(name);
+    MapData::from_pin(&path).with_context(|| {
+        format!(
+            "opening {} (is the eBPF data plane installed with this --bpf-pin-dir?)",
+            path.display()
+        )
+    })
+}
+
+/// The report as text.
+pub fn render(pin_dir: &Path) -> anyhow::Result<String> {
+    let config: Array<MapData, Config> =
+        Array::try_from(Map::Array(open_pinned(pin_dir, map_names::CONFIG)?))?;
+    let config = config.get(&0, 0).context("reading the config map")?;
+    let subnet_len = u32::from_be_bytes(config.subnet_mask).count_ones() as u8;
+    let network_len = u32::from_be_bytes(config.network_mask).count_ones();
+
+    let peers: HashMap<MapData, PeerKey, PeerValue> =
+        HashMap::try_from(Map::HashMap(open_pinned(pin_dir, map_names::PEERS)?))?;
+    let mut rows = Vec::new();
+    for entry in peers.iter() {
+        let (key, value) = entry.context("reading the peer map")?;
+        rows.push((Ipv4Addr::from(key.subnet), Ipv4Addr::from(value.public_ip)));
+    }
+    rows.sort();
+    let stats = read_pinned_stats(pin_dir)?;
+
+    let mut out = String::new();
+    writeln!(out, "eBPF udp data plane pinned in {}", pin_dir.display())?;
+    writeln!(
+        out,
+        "public IP {}, port {}, network {}/{}, subnets /{}, {}",
+        Ipv4Addr::from(config.public_ip),
+        config.port,
+        Ipv4Addr::from(config.network),
+        network_len,
+        subnet_len,
+        if config.ready != 0 {
+            "configured"
+        } else {
+            "NOT configured"
+        }
+    )?;
+    writeln!(out)?;
+    writeln!(out, "{:<30} PROGRAMS", "HOOK")?;
+    for (ifindex, attach, what) in [
+        (config.decap_ifindex, TcAttachType::Egress, "egress"),
+        (config.ext_ifindex, TcAttachType::Ingress, "ingress"),
+    ] {
+        let hook = match interface_name(ifindex) {
+            Some(name) => format!("tcx {what} of {name}"),
+            None => format!("tcx {what} of ifindex {ifindex}"),
+        };
+        writeln!(out, "{hook:<30} {}", attached(ifindex, attach))?;
+    }
+    writeln!(out)?;
+    writeln!(out, "{:<20} PUBLIC IP", "PEER SUBNET")?;
+    for (subnet, ip) in &rows {
+        writeln!(out, "{:<20} {ip}", format!("{subnet}/{subnet_len}"))?;
+    }
+    writeln!(out, "({} peers)", rows.len())?;
+    writeln!(out)?;
+    writeln!(out, "{:<20} {:>20}", "COUNTER", "VALUE")?;
+    for (name, value) in counters(&stats) {
+        writeln!(out, "{name:<20} {value:>20}")?;
+    }
+    Ok(out)
+}
+
+fn interface_name(ifindex: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: buf has IF_NAMESIZE bytes, as if_indextoname requires.
+    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: on success buf holds a NUL-terminated name.
+    let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+    Some(name.to_string_lossy().into_owned())
+}
+
+/// The programs attached to a TCX hook, in order ("2: flannel_decap, other"): more than one
+/// of ours would mean a restart attached instead of replacing.
+fn attached(ifindex: u32, attach: TcAttachType) -> String {
+    let Some(name) = interface_name(ifindex) else {
+        return "(device not in this network namespace)".into();
+    };
+    match SchedClassifier::query_tcx(&name, attach) {
+        Ok((_, progs)) => {
+            let names: Vec<String> = progs
+                .iter()
+                .map(|p| p.name_as_str().unwrap_or("?").to_owned())
+                .collect();
+            format!("{}: {}", names.len(), names.join(", "))
+        }
+        Err(e) => format!("(query failed: {e})"),
+    }
+}
+
+fn counters(s: &Stats) -> [(&'static str, u64); 12] {
+    [
+        ("tx_packets", s.tx_packets),
+        ("tx_bytes", s.tx_bytes),
+        ("rx_packets", s.rx_packets),
+        ("rx_bytes", s.rx_bytes),
+        ("drop_no_peer", s.drop_no_peer),
+        ("drop_not_ipv4", s.drop_not_ipv4),
+        ("drop_malformed", s.drop_malformed),
+        ("drop_unknown_sender", s.drop_unknown_sender),
+        ("drop_spoofed_source", s.drop_spoofed_source),
+        ("drop_ttl_exceeded", s.drop_ttl_exceeded),
+        ("drop_helper_error", s.drop_helper_error),
+        ("drop_not_configured", s.drop_not_configured),
+    ]
+}
