@@ -1,0 +1,400 @@
+//! Operating the eBPF udp data plane: restarting the agent and an etcd outage without losing
+//! packets, cleaning up peers that went away meanwhile, `flanneld dataplane` and
+//! `flanneld uninstall`.
+
+use std::net::Ipv4Addr;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use flannel_tests::{flanneld_bin, wait_for, Agent, Cluster, Container};
+use nix::sys::signal::Signal;
+
+const UDP: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#;
+const SUBNETS: &str = "/coreos.com/network/subnets/";
+/// A peer with no agent behind it: deleting its lease makes no real agent exit.
+const FAKE_KEY: &str = "10.244.250.0-24";
+const FAKE_NET: &str = "10.244.250.0";
+const FAKE_LEASE: &str = r#"{"PublicIP":"198.51.100.250"}"#;
+/// Long enough that no lease expires during an outage.
+const TTL: &str = "--subnet-lease-ttl=24h";
+
+struct Overlay {
+    // Drop order: containers and agents before the cluster's namespaces.
+    containers: Vec<Container>,
+    agents: Vec<Agent>,
+    cluster: Cluster,
+}
+
+impl Drop for Overlay {
+    /// Agents first, then their pins: the harness removes namespaces, not bpffs pins.
+    fn drop(&mut self) {
+        for a in &mut self.agents {
+            let _ = a.stop();
+        }
+        for h in 0..self.cluster.hosts.len() {
+            let dir = pin_dir(self, h);
+            if std::path::Path::new(&dir).exists() {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+        }
+    }
+}
+
+fn mtu_of(agent: &Agent) -> u32 {
+    let text = std::fs::read_to_string(&agent.subnet_file).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("FLANNEL_MTU="))
+        .and_then(|m| m.parse().ok())
+        .expect("FLANNEL_MTU in subnet.env")
+}
+
+fn agent_flags(extra: &[&'static str]) -> Vec<&'static str> {
+    let mut f = vec!["--udp-dataplane=ebpf", TTL];
+    f.extend_from_slice(extra);
+    f
+}
+
+/// Two eBPF hosts with a container each, plus the fake peer lease in every peer map.
+fn overlay(extra: &[&'static str]) -> Overlay {
+    let cluster = Cluster::new(2).unwrap();
+    cluster.set_config(UDP).unwrap();
+    cluster
+        .etcd
+        .put(&format!("{SUBNETS}{FAKE_KEY}"), FAKE_LEASE)
+        .unwrap();
+    let mut agents = Vec::new();
+    for i in 0..2 {
+        agents.push(cluster.start_agent(i, &agent_flags(extra)).unwrap());
+    }
+    let mut containers = Vec::new();
+    for (i, a) in agents.iter_mut().enumerate() {
+        a.wait_ready(Duration::from_secs(20)).unwrap();
+        assert!(a.log().contains("eBPF data plane"), "{}", a.log());
+        containers
+            .push(Container::create(&cluster.hosts[i], &a.subnet().unwrap(), mtu_of(a)).unwrap());
+    }
+    let o = Overlay {
+        containers,
+        agents,
+        cluster,
+    };
+    for h in 0..2 {
+        wait_for(Duration::from_secs(5), "both peers in the map", || {
+            (pinned_peer_subnets(&o, h).len() == 2).then_some(())
+        })
+        .unwrap();
+    }
+    assert!(pinned_peer_subnets(&o, 0).contains(&FAKE_NET.to_owned()));
+    o
+}
+
+fn pin_dir(o: &Overlay, host: usize) -> String {
+    format!("/sys/fs/bpf/{}", o.cluster.hosts[host].ns.name)
+}
+
+fn pinned_peer_subnets(o: &Overlay, host: usize) -> Vec<String> {
+    let pin = format!("{}/flannel_peers", pin_dir(o, host));
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned", &pin])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "bpftool map dump {pin}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let b: Vec<String> = e["formatted"]["key"]["subnet"]
+                .as_array()
+                .expect("BTF-formatted key")
+                .iter()
+                .map(|x| x.to_string())
+                .collect();
+            b.join(".")
+        })
+        .collect()
+}
+
+/// Ping at 100 packets per second, in the background.
+fn start_ping(src: &Container, dst: Ipv4Addr, count: u32) -> Child {
+    src.ns
+        .command("ping")
+        .args([
+            "-n",
+            "-q",
+            "-i",
+            "0.01",
+            "-W",
+            "2",
+            "-c",
+            &count.to_string(),
+        ])
+        .arg(dst.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("ping")
+}
+
+/// (transmitted, received) from ping's summary line.
+fn ping_summary(out: &Output) -> (u32, u32) {
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or_else(|| panic!("no ping summary in {text:?}"));
+    let nums: Vec<u32> = line
+        .split(',')
+        .filter_map(|part| part.split_whitespace().next()?.parse().ok())
+        .collect();
+    assert!(nums.len() >= 2, "ping summary {line:?}");
+    (nums[0], nums[1])
+}
+
+/// Kill a background ping that outlives a failed assertion (never hang a test).
+struct Reaper(Option<Child>);
+
+impl Reaper {
+    fn wait(mut self) -> Output {
+        self.0.take().unwrap().wait_with_output().unwrap()
+    }
+    fn running(&mut self) -> bool {
+        matches!(self.0.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// `flanneld dataplane` run inside host `host`'s namespace.
+fn dataplane_report(o: &Overlay, host: usize) -> String {
+    let out = o.cluster.hosts[host]
+        .ns
+        .command(&flanneld_bin().to_string_lossy())
+        .args(["dataplane", "--bpf-pin-dir", &pin_dir(o, host)])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "flanneld dataplane: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Program counts on the two hooks, from `flanneld dataplane` ("tcx egress of flannel0  1: ...").
+fn hook_program_counts(report: &str) -> Vec<(String, u32)> {
+    report
+        .lines()
+        .filter(|l| l.starts_with("tcx "))
+        .map(|l| {
+            let (hook, progs) = l.split_at(30);
+            let n = progs
+                .trim()
+                .split(':')
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("hook line {l:?}"));
+            (hook.trim().to_owned(), n)
+        })
+        .collect()
+}
+
+#[test]
+fn sigkill_and_restart_lose_no_packets_and_drop_peers_deleted_meanwhile() {
+    let mut o = overlay(&[]);
+    let dst = o.containers[1].ip;
+    // 10 s of pings at 100/s; the agent is killed and back well within that.
+    let mut ping = Reaper(Some(start_ping(&o.containers[0], dst, 1000)));
+    wait_for(Duration::from_secs(5), "pings flowing", || {
+        dataplane_report(&o, 0)
+            .lines()
+            .find_map(|l| l.strip_prefix("tx_packets"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .filter(|n| *n >= 50)
+    })
+    .unwrap();
+
+    o.agents[0].signal(Signal::SIGKILL).unwrap();
+    o.agents[0].wait_exit(Duration::from_secs(5)).unwrap();
+    o.cluster.etcd.del(&format!("{SUBNETS}{FAKE_KEY}")).unwrap();
+    let mut restarted = o.cluster.start_agent(0, &agent_flags(&[])).unwrap();
+    restarted.wait_ready(Duration::from_secs(20)).unwrap();
+    assert!(ping.running(), "the restart must happen while pinging");
+    o.agents[0] = restarted;
+
+    // The restarted agent reconciled the adopted map with etcd before it became ready.
+    let peers = pinned_peer_subnets(&o, 0);
+    assert!(
+        !peers.contains(&FAKE_NET.to_owned()),
+        "stale peer survived the restart: {peers:?}\n{}",
+        o.agents[0].log()
+    );
+    assert_eq!(peers.len(), 1, "{peers:?}");
+    // The programs were replaced through the pinned links, not attached a second time.
+    let report = dataplane_report(&o, 0);
+    let hooks = hook_program_counts(&report);
+    assert_eq!(
+        hooks,
+        [
+            ("tcx egress of flannel0".to_owned(), 1),
+            ("tcx ingress of eth0".to_owned(), 1)
+        ],
+        "{report}"
+    );
+
+    let out = ping.wait();
+    let (sent, received) = ping_summary(&out);
+    assert_eq!(sent, 1000);
+    assert_eq!(received, sent, "packets lost across the restart\n{report}");
+    // Still talking both ways afterwards.
+    assert!(o.containers[1].ping(o.containers[0].ip, 3, 2).unwrap());
+}
+
+#[test]
+fn etcd_outage_loses_no_packets_and_deletions_apply_once_it_is_back() {
+    let mut o = overlay(&[]);
+    let own_leases = |o: &Overlay| {
+        let mut l: Vec<(String, i64)> = o
+            .cluster
+            .leases()
+            .unwrap()
+            .into_iter()
+            .filter(|kv| !kv.key.ends_with(FAKE_KEY))
+            .map(|kv| (kv.key, kv.lease))
+            .collect();
+        l.sort();
+        l
+    };
+    let before = own_leases(&o);
+    assert_eq!(before.len(), 2, "{before:?}");
+    assert!(before.iter().all(|(_, lease)| *lease != 0), "{before:?}");
+
+    // 40 s of pings at 100/s across a 30 s outage.
+    let mut ping = Reaper(Some(start_ping(&o.containers[0], o.containers[1].ip, 4000)));
+    o.cluster.etcd.stop().unwrap();
+    // The outage itself: its length is what is being tested.
+    std::thread::sleep(Duration::from_secs(30));
+    o.cluster.etcd.resume().unwrap();
+    for a in &mut o.agents {
+        assert!(
+            a.try_wait().unwrap().is_none(),
+            "agent exited:\n{}",
+            a.log()
+        );
+    }
+
+    let t = Instant::now();
+    o.cluster.etcd.del(&format!("{SUBNETS}{FAKE_KEY}")).unwrap();
+    for h in 0..2 {
+        wait_for(
+            Duration::from_secs(10),
+            "fake peer removed from the map",
+            || (!pinned_peer_subnets(&o, h).contains(&FAKE_NET.to_owned())).then_some(()),
+        )
+        .unwrap_or_else(|e| panic!("host {h}: {e}\n{}", o.agents[h].log()));
+    }
+    let took = t.elapsed();
+    assert!(ping.running(), "pings must span the outage");
+
+    let out = ping.wait();
+    let (sent, received) = ping_summary(&out);
+    assert_eq!(sent, 4000);
+    assert_eq!(received, sent, "packets lost during the etcd outage");
+    for a in &mut o.agents {
+        assert!(
+            a.try_wait().unwrap().is_none(),
+            "agent exited:\n{}",
+            a.log()
+        );
+    }
+    assert_eq!(own_leases(&o), before, "the agents' leases must survive");
+    eprintln!("deletion applied {took:?} after etcd came back");
+}
+
+#[test]
+fn dataplane_lists_peers_and_uninstall_removes_everything() {
+    let mut o = overlay(&["--ip-masq"]);
+    assert!(o.containers[0].ping(o.containers[1].ip, 5, 2).unwrap());
+    let host1_subnet = o.agents[1].subnet().unwrap();
+    let report = dataplane_report(&o, 0);
+    assert!(
+        report.contains(&format!("{host1_subnet:<20} 192.0.2.11")),
+        "{report}"
+    );
+    assert!(
+        report.contains(&format!("{:<20} 198.51.100.250", "10.244.250.0/24")),
+        "{report}"
+    );
+    assert!(report.contains("(2 peers)"), "{report}");
+    let tx: u64 = report
+        .lines()
+        .find_map(|l| l.strip_prefix("tx_packets"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no tx_packets in {report}"));
+    assert!(tx >= 5, "{report}");
+
+    let host = &o.cluster.hosts[0];
+    // A leftover vxlan device of an earlier vxlan run goes too.
+    host.ns
+        .ip(&[
+            "link",
+            "add",
+            "flannel.1",
+            "type",
+            "vxlan",
+            "id",
+            "1",
+            "dstport",
+            "8472",
+            "dev",
+            "eth0",
+        ])
+        .unwrap();
+    let save = host.ns.exec("iptables-save", &[]).unwrap();
+    assert!(save.contains("FLANNEL-FWD") && save.contains("FLANNEL-POSTRTG"));
+    o.agents[0].stop().unwrap();
+
+    let subnet_file = o.agents[0].subnet_file.clone();
+    let out = host
+        .ns
+        .command(&flanneld_bin().to_string_lossy())
+        .arg("uninstall")
+        .arg(format!("--bpf-pin-dir={}", pin_dir(&o, 0)))
+        .arg(format!("--subnet-file={}", subnet_file.display()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "flanneld uninstall: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!std::path::Path::new(&pin_dir(&o, 0)).exists());
+    assert!(!subnet_file.exists());
+    let links = host.ns.ip(&["-o", "link", "show"]).unwrap();
+    assert!(!links.contains("flannel"), "{links}");
+    let save = host.ns.exec("iptables-save", &[]).unwrap();
+    assert!(!save.contains("FLANNEL"), "{save}");
+    // Running it again finds nothing to do and still succeeds.
+    let again = host
+        .ns
+        .command(&flanneld_bin().to_string_lossy())
+        .arg("uninstall")
+        .arg(format!("--bpf-pin-dir={}", pin_dir(&o, 0)))
+        .arg(format!("--subnet-file={}", subnet_file.display()))
+        .status()
+        .unwrap();
+    assert!(again.success());
+    // The other host is untouched.
+    assert_eq!(pinned_peer_subnets(&o, 1).len(), 2);
+}
