@@ -15,10 +15,12 @@ fn main() {
 
     let target_dir = target_dir();
     let object = target_dir.join(OBJECT_IN_TARGET);
-    // Watch the object's directory rather than the object: a missing file would make cargo
-    // rerun this script (and rebuild the agent) on every build. Creating the directory is
-    // harmless: the eBPF build uses it anyway.
-    if let Some(dir) = object.parent() {
+    // Watch the object once it exists. Before that, watch its directory: a missing file would
+    // make cargo rerun this script on every build, and the directory's other files change on
+    // every eBPF build, so it is only watched until the object appears.
+    if object.is_file() {
+        println!("cargo::rerun-if-changed={}", object.display());
+    } else if let Some(dir) = object.parent() {
         if std::fs::create_dir_all(dir).is_ok() {
             println!("cargo::rerun-if-changed={}", dir.display());
         }
