@@ -8,61 +8,10 @@ use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use flannel_tests::{wait_for, Agent, Cluster, Host, Netns, Result};
+use flannel_tests::{wait_for, Agent, Cluster, Container, Netns, Result};
 
 const VXLAN: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
 const HOSTGW: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#;
-/// A container behind a host: a namespace joined by a veth, the host's flannel subnet on the
-/// link (host .1, container .2), default route via the host.
-// (tests/src/container.rs creates the veth peer as `eth0` in the host namespace, which already
-// has an `eth0`; this one creates it directly in the container namespace.)
-struct Container {
-    ns: Netns,
-    ip: Ipv4Addr,
-}
-
-impl Container {
-    fn create(host: &Host, subnet: &str, mtu: u32) -> Result<Self> {
-        let (net, len) = subnet.split_once('/').context("subnet without length")?;
-        let net: Ipv4Addr = net.parse()?;
-        let gw = Ipv4Addr::from(u32::from(net) + 1);
-        let ip = Ipv4Addr::from(u32::from(net) + 2);
-        let ns = Netns::create(&format!("{}-c", host.ns.name))?;
-        let (mtu, path) = (mtu.to_string(), ns.path().to_string_lossy().into_owned());
-        host.ns.ip(&[
-            "link", "add", "veth-c", "mtu", &mtu, "type", "veth", "peer", "name", "eth0", "mtu",
-            &mtu, "netns", &path,
-        ])?;
-        host.ns
-            .ip(&["addr", "add", &format!("{gw}/{len}"), "dev", "veth-c"])?;
-        host.ns.ip(&["link", "set", "veth-c", "up"])?;
-        ns.ip(&["addr", "add", &format!("{ip}/{len}"), "dev", "eth0"])?;
-        ns.ip(&["link", "set", "eth0", "up"])?;
-        ns.ip(&["route", "add", "default", "via", &gw.to_string()])?;
-        Ok(Container { ns, ip })
-    }
-
-    /// `ping -c count`; true when every reply came back.
-    fn ping(&self, dst: Ipv4Addr, count: u32, timeout_s: u32) -> Result<bool> {
-        let out = self
-            .ns
-            .command("ping")
-            .args([
-                "-n",
-                "-q",
-                "-c",
-                &count.to_string(),
-                "-i",
-                "0.01",
-                "-W",
-                &timeout_s.to_string(),
-            ])
-            .arg(dst.to_string())
-            .output()?;
-        Ok(out.status.success())
-    }
-}
-
 const SUBNETS: &str = "/coreos.com/network/subnets/";
 const READY: Duration = Duration::from_secs(20);
 /// The agents re-check devices and routes every 10 s.
