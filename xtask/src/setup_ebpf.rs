@@ -32,10 +32,26 @@ pub fn ensure_toolchain() -> Result<()> {
 }
 
 fn nightly_sysroot() -> Result<PathBuf> {
-    let out = Command::new("rustc")
-        .args(["+nightly", "--print", "sysroot"])
-        .output()
-        .context("running `rustc +nightly --print sysroot` (is rustup installed?)")?;
+    let sysroot = || {
+        Command::new("rustc")
+            .args(["+nightly", "--print", "sysroot"])
+            .output()
+            .context("running `rustc +nightly --print sysroot` (is rustup installed?)")
+    };
+    let mut out = sysroot()?;
+    if !out.status.success() {
+        // A fresh machine may have stable only: the BPF target needs nightly (build-std).
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ]))?;
+        out = sysroot()?;
+    }
     if !out.status.success() {
         bail!(
             "no nightly toolchain (`rustc +nightly` failed: {}); install it with `rustup toolchain install nightly`",
