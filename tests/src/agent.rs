@@ -151,12 +151,21 @@ impl Agent {
         Ok(peers)
     }
 
+    /// The value of `key` in subnet.env, if the file has it.
+    pub fn subnet_env_value(&self, key: &str) -> Option<String> {
+        let text = std::fs::read_to_string(&self.subnet_file).ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix('=').map(str::to_owned))
+    }
+
+    /// FLANNEL_MTU from subnet.env.
+    pub fn mtu(&self) -> Option<u32> {
+        self.subnet_env_value("FLANNEL_MTU")?.parse().ok()
+    }
+
     /// FLANNEL_SUBNET from subnet.env, as the network address (e.g. 10.244.5.0/24).
     pub fn subnet(&self) -> Option<String> {
-        let text = std::fs::read_to_string(&self.subnet_file).ok()?;
-        let line = text
-            .lines()
-            .find_map(|l| l.strip_prefix("FLANNEL_SUBNET="))?;
+        let line = self.subnet_env_value("FLANNEL_SUBNET")?;
         let (ip, len) = line.split_once('/')?;
         let ip: std::net::Ipv4Addr = ip.parse().ok()?;
         let len: u32 = len.parse().ok()?;

@@ -22,6 +22,36 @@ pub struct Host {
     pub dir: PathBuf,
 }
 
+impl Host {
+    /// Where this host's agent pins its eBPF state (the harness's --bpf-pin-dir).
+    pub fn pin_dir(&self) -> String {
+        format!("/sys/fs/bpf/{}", self.ns.name)
+    }
+
+    /// Subnet network addresses (e.g. "10.244.5.0") in the pinned peer map, via bpftool.
+    pub fn pinned_peer_subnets(&self) -> Result<Vec<String>> {
+        let pin = format!("{}/flannel_peers", self.pin_dir());
+        let out = netns::run(
+            std::process::Command::new("bpftool").args(["-j", "map", "dump", "pinned", &pin]),
+        )?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        v.as_array()
+            .context("bpftool map dump: not a JSON array")?
+            .iter()
+            .map(|e| {
+                let octets = e["formatted"]["key"]["subnet"]
+                    .as_array()
+                    .context("key without BTF field names")?;
+                Ok(octets
+                    .iter()
+                    .map(|x| x.to_string())
+                    .collect::<Vec<_>>()
+                    .join("."))
+            })
+            .collect()
+    }
+}
+
 pub struct Cluster {
     pub tag: String,
     // Field order is drop order: hosts and etcd go before the switch and the temp dir.

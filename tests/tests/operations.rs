@@ -3,7 +3,7 @@
 //! `flanneld uninstall`.
 
 use std::net::Ipv4Addr;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use flannel_tests::{flanneld_bin, wait_for, Agent, Cluster, Container};
@@ -40,14 +40,6 @@ impl Drop for Overlay {
     }
 }
 
-fn mtu_of(agent: &Agent) -> u32 {
-    let text = std::fs::read_to_string(&agent.subnet_file).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("FLANNEL_MTU="))
-        .and_then(|m| m.parse().ok())
-        .expect("FLANNEL_MTU in subnet.env")
-}
-
 fn agent_flags(extra: &[&'static str]) -> Vec<&'static str> {
     let mut f = vec!["--udp-dataplane=ebpf", TTL];
     f.extend_from_slice(extra);
@@ -70,8 +62,14 @@ fn overlay(extra: &[&'static str]) -> Overlay {
     for (i, a) in agents.iter_mut().enumerate() {
         a.wait_ready(Duration::from_secs(20)).unwrap();
         assert!(a.log().contains("eBPF data plane"), "{}", a.log());
-        containers
-            .push(Container::create(&cluster.hosts[i], &a.subnet().unwrap(), mtu_of(a)).unwrap());
+        containers.push(
+            Container::create(
+                &cluster.hosts[i],
+                &a.subnet().unwrap(),
+                a.mtu().expect("FLANNEL_MTU in subnet.env"),
+            )
+            .unwrap(),
+        );
     }
     let o = Overlay {
         containers,
@@ -89,34 +87,11 @@ fn overlay(extra: &[&'static str]) -> Overlay {
 }
 
 fn pin_dir(o: &Overlay, host: usize) -> String {
-    format!("/sys/fs/bpf/{}", o.cluster.hosts[host].ns.name)
+    o.cluster.hosts[host].pin_dir()
 }
 
 fn pinned_peer_subnets(o: &Overlay, host: usize) -> Vec<String> {
-    let pin = format!("{}/flannel_peers", pin_dir(o, host));
-    let out = Command::new("bpftool")
-        .args(["-j", "map", "dump", "pinned", &pin])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "bpftool map dump {pin}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            let b: Vec<String> = e["formatted"]["key"]["subnet"]
-                .as_array()
-                .expect("BTF-formatted key")
-                .iter()
-                .map(|x| x.to_string())
-                .collect();
-            b.join(".")
-        })
-        .collect()
+    o.cluster.hosts[host].pinned_peer_subnets().unwrap()
 }
 
 /// Ping at 100 packets per second, in the background.

@@ -15,14 +15,6 @@ struct Overlay {
     cluster: Cluster,
 }
 
-fn mtu_of(agent: &Agent) -> u32 {
-    let text = std::fs::read_to_string(&agent.subnet_file).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("FLANNEL_MTU="))
-        .and_then(|m| m.parse().ok())
-        .expect("FLANNEL_MTU in subnet.env")
-}
-
 fn overlay(dataplanes: &[&str]) -> Overlay {
     let cluster = Cluster::new(dataplanes.len()).unwrap();
     cluster.set_config(UDP).unwrap();
@@ -37,7 +29,7 @@ fn overlay(dataplanes: &[&str]) -> Overlay {
     let mut containers = Vec::new();
     for (i, a) in agents.iter_mut().enumerate() {
         a.wait_ready(Duration::from_secs(20)).unwrap();
-        assert_eq!(mtu_of(a), 1500 - 28);
+        assert_eq!(a.mtu().expect("FLANNEL_MTU in subnet.env"), 1500 - 28);
         let want = if dataplanes[i] == "tun" {
             "TUN data plane"
         } else {
@@ -48,8 +40,14 @@ fn overlay(dataplanes: &[&str]) -> Overlay {
             "host {i}: expected {want}:\n{}",
             a.log()
         );
-        containers
-            .push(Container::create(&cluster.hosts[i], &a.subnet().unwrap(), mtu_of(a)).unwrap());
+        containers.push(
+            Container::create(
+                &cluster.hosts[i],
+                &a.subnet().unwrap(),
+                a.mtu().expect("FLANNEL_MTU in subnet.env"),
+            )
+            .unwrap(),
+        );
     }
     for a in &agents {
         wait_for(Duration::from_secs(5), "all peers known", || {
@@ -113,34 +111,7 @@ fn mixed_ebpf_and_tun_hosts_interoperate() {
 }
 
 fn pinned_peer_subnets(o: &Overlay, host: usize) -> Vec<String> {
-    let pin = format!(
-        "/sys/fs/bpf/{}/flannel_peers",
-        o.cluster.hosts[host].ns.name
-    );
-    let out = std::process::Command::new("bpftool")
-        .args(["-j", "map", "dump", "pinned", &pin])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "bpftool map dump {pin}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            let s = &e["formatted"]["key"]["subnet"];
-            let b: Vec<String> = s
-                .as_array()
-                .expect("BTF-formatted key")
-                .iter()
-                .map(|x| x.to_string())
-                .collect();
-            b.join(".")
-        })
-        .collect()
+    o.cluster.hosts[host].pinned_peer_subnets().unwrap()
 }
 
 #[test]

@@ -25,10 +25,7 @@ struct Net {
 }
 
 fn subnet_env_value(agent: &Agent, key: &str) -> String {
-    let text = std::fs::read_to_string(&agent.subnet_file).unwrap_or_default();
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{key}=")).map(str::to_owned))
-        .unwrap_or_default()
+    agent.subnet_env_value(key).unwrap_or_default()
 }
 
 fn start(config: &str, n: usize, extra: &[&str]) -> Net {

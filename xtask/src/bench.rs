@@ -66,12 +66,7 @@ fn agents_testbed(config: &str, extra: &[&str]) -> Result<Testbed> {
     let mut c = Vec::new();
     for (i, a) in agents.iter_mut().enumerate() {
         a.wait_ready(Duration::from_secs(20))?;
-        let env = std::fs::read_to_string(&a.subnet_file)?;
-        let mtu: u32 = env
-            .lines()
-            .find_map(|l| l.strip_prefix("FLANNEL_MTU="))
-            .and_then(|m| m.parse().ok())
-            .context("FLANNEL_MTU")?;
+        let mtu = a.mtu().context("FLANNEL_MTU in subnet.env")?;
         c.push(Container::create(
             &cluster.hosts[i],
             &a.subnet().context("subnet")?,
@@ -409,7 +404,7 @@ pub fn scale(flanneld: &Path) -> Result<()> {
         let (k, v) = scale_lease(i + 1, 0);
         cluster.etcd.put(&k, &v)
     })?;
-    let pin_dir = format!("/sys/fs/bpf/{}", cluster.hosts[0].ns.name);
+    let pin_dir = cluster.hosts[0].pin_dir();
     let start = std::time::Instant::now();
     let mut agent = cluster.start_agent(0, &["--udp-dataplane=ebpf"])?;
     flannel_tests::wait_for(Duration::from_secs(30), "1000 peers in the map", || {

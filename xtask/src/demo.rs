@@ -38,11 +38,7 @@ pub fn run(flanneld: &Path) -> Result<()> {
         println!("\n== {} ({}) subnet.env", host.ns.name, host.ip);
         let env = std::fs::read_to_string(&agent.subnet_file)?;
         print!("{env}");
-        let mtu = env
-            .lines()
-            .find_map(|l| l.strip_prefix("FLANNEL_MTU="))
-            .and_then(|m| m.parse().ok())
-            .context("FLANNEL_MTU")?;
+        let mtu = agent.mtu().context("FLANNEL_MTU in subnet.env")?;
         let peers = flannel_tests::wait_for(Duration::from_secs(5), "peers", || {
             agent
                 .peers()
@@ -58,7 +54,7 @@ pub fn run(flanneld: &Path) -> Result<()> {
             mtu,
         )?);
     }
-    let pin = format!("/sys/fs/bpf/{}/flannel_peers", cluster.hosts[0].ns.name);
+    let pin = format!("{}/flannel_peers", cluster.hosts[0].pin_dir());
     println!("\n== bpftool map dump pinned {pin}");
     let out = Command::new("bpftool")
         .args(["map", "dump", "pinned", &pin])
@@ -76,7 +72,7 @@ pub fn run(flanneld: &Path) -> Result<()> {
             }
         }
     }
-    let stats = format!("/sys/fs/bpf/{}/flannel_stats", cluster.hosts[0].ns.name);
+    let stats = format!("{}/flannel_stats", cluster.hosts[0].pin_dir());
     println!("\n== bpftool map dump pinned {stats}  (per-CPU counters)");
     let out = Command::new("bpftool")
         .args(["map", "dump", "pinned", &stats])
