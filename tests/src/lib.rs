@@ -2,6 +2,7 @@
 //! inside namespaces this process creates (and removes on success and failure).
 
 pub mod agent;
+pub mod bpf;
 pub mod cluster;
 pub mod container;
 pub mod etcd;

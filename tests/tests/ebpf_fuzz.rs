@@ -8,16 +8,14 @@
 //! before building the tests); fails loudly otherwise.
 
 use std::ffi::CString;
-use std::io;
 use std::net::Ipv4Addr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use flannel_agent::backend::udp::ebpf::{read_pinned_stats, EbpfDataplane, EbpfOptions};
 use flannel_agent::backend::udp::UdpDataplane;
 use flannel_common::Stats;
+use flannel_tests::bpf::{checksum, obj_get, test_run};
 use ipnetwork::Ipv4Network;
 
 /// TC_ACT_UNSPEC (-1): "not mine", the next TCX program or the stack gets the packet.
@@ -171,83 +169,7 @@ impl Drop for Host {
 }
 
 // ---------------------------------------------------------------------------------------------
-// bpf(2): open pins and BPF_PROG_TEST_RUN
-
-#[repr(C, align(8))]
-struct BpfAttr([u8; 128]);
-
-impl BpfAttr {
-    fn put_u32(&mut self, at: usize, v: u32) {
-        self.0[at..at + 4].copy_from_slice(&v.to_ne_bytes());
-    }
-    fn put_u64(&mut self, at: usize, v: u64) {
-        self.0[at..at + 8].copy_from_slice(&v.to_ne_bytes());
-    }
-    fn get_u32(&self, at: usize) -> u32 {
-        u32::from_ne_bytes([self.0[at], self.0[at + 1], self.0[at + 2], self.0[at + 3]])
-    }
-}
-
-fn sys_bpf(cmd: libc::c_long, attr: &mut BpfAttr) -> io::Result<libc::c_long> {
-    // SAFETY: attr is a bpf_attr-sized, zero-filled buffer set up for `cmd`.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut BpfAttr,
-            std::mem::size_of::<BpfAttr>(),
-        )
-    };
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
-}
-
-fn obj_get(path: &Path) -> io::Result<OwnedFd> {
-    let c = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
-    let mut attr = BpfAttr([0; 128]);
-    attr.put_u64(0, c.as_ptr() as u64);
-    let fd = sys_bpf(7, &mut attr)?; // BPF_OBJ_GET
-                                     // SAFETY: a fresh fd owned by us.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
-/// Runs a TC program once on `packet` (Ethernet first). Returns (verdict, packet out).
-fn test_run(prog: &OwnedFd, packet: &[u8]) -> (u32, Vec<u8>) {
-    let mut out = vec![0u8; packet.len() + 256];
-    let ctx = [0u8; 192]; // struct __sk_buff
-    let mut attr = BpfAttr([0; 128]);
-    attr.put_u32(0, prog.as_raw_fd() as u32);
-    attr.put_u32(8, packet.len() as u32);
-    attr.put_u32(12, out.len() as u32);
-    attr.put_u64(16, packet.as_ptr() as u64);
-    attr.put_u64(24, out.as_mut_ptr() as u64);
-    attr.put_u32(32, 1); // repeat
-    attr.put_u32(40, ctx.len() as u32);
-    attr.put_u64(48, ctx.as_ptr() as u64);
-    sys_bpf(10, &mut attr).expect("BPF_PROG_TEST_RUN"); // BPF_PROG_TEST_RUN
-    let retval = attr.get_u32(4);
-    let out_len = attr.get_u32(12) as usize;
-    out.truncate(out_len);
-    (retval, out)
-}
-
-// ---------------------------------------------------------------------------------------------
 // Packets
-
-fn checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = 0;
-    for chunk in bytes.chunks(2) {
-        let word = u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]);
-        sum += u32::from(word);
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
 
 /// An IPv4 packet (no options, DF) with a valid header checksum.
 fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, ttl: u8, proto: u8, payload: &[u8]) -> Vec<u8> {
@@ -413,7 +335,7 @@ fn decap_answers_random_packets_with_a_known_verdict_and_counts_each_once() {
             }
         };
         let frame = fit_for_test_run(&mut rng, frame);
-        let (verdict, out) = test_run(&prog, &frame);
+        let (verdict, out) = test_run(&prog, &frame, None);
         let after = host.stats();
         let ctx = || format!("seed {seed}, run {i}, verdict {verdict}, frame {frame:02x?}");
         let rx = after.rx_packets - before.rx_packets;
