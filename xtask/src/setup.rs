@@ -17,6 +17,8 @@ const PACKAGES: &[&str] = &[
     "tcpdump",
     "ethtool",
     "protobuf-compiler", // etcd-client's build script compiles etcd's protos
+    "libprotobuf-dev",   // ... which import google/protobuf/descriptor.proto
+    "containernetworking-plugins", // bridge, host-local: how flannel's CNI plugin attaches pods
     "procps",            // sysctl
     "util-linux",        // nsenter
     "iputils-ping",
