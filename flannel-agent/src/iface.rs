@@ -27,6 +27,12 @@ pub enum IfaceError {
     NoIpv4(String),
     #[error("only IPv4 is supported for --iface-can-reach and --public-ip, got {0}")]
     NotIpv4(IpAddr),
+    #[error("{flag} {value}: {why}; name the interface that reaches the other hosts")]
+    Unusable {
+        flag: &'static str,
+        value: String,
+        why: String,
+    },
 }
 
 /// One link with its IPv4 addresses, as netlink reports it.
@@ -36,7 +42,23 @@ pub struct Link {
     pub name: String,
     pub mtu: u32,
     pub up: bool,
+    pub loopback: bool,
     pub ipv4: Vec<Ipv4Addr>,
+}
+
+/// Why an address cannot be the one other hosts send to (`None`: it can).
+pub fn unusable_address(ip: Ipv4Addr) -> Option<&'static str> {
+    if ip.is_loopback() {
+        Some("a loopback address, which other hosts cannot reach")
+    } else if ip.is_unspecified() {
+        Some("the unspecified address")
+    } else if ip.is_multicast() {
+        Some("a multicast address")
+    } else if ip.is_broadcast() {
+        Some("the broadcast address")
+    } else {
+        None
+    }
 }
 
 /// The interface flannel sends encapsulated traffic through.
@@ -69,6 +91,7 @@ pub async fn list_links(handle: &Handle) -> Result<Vec<Link>, IfaceError> {
             name: String::new(),
             mtu: 0,
             up: msg.header.flags.contains(LinkFlags::Up),
+            loopback: msg.header.flags.contains(LinkFlags::Loopback),
             ipv4: Vec::new(),
         };
         for attr in msg.attributes {
@@ -140,34 +163,76 @@ async fn route_oif(handle: &Handle, dst: Ipv4Addr, prefix: u8) -> Result<Option<
 }
 
 /// Pure selection among `links` for --iface and --iface-regex: (link, address to use).
+/// Options that matched something unusable, and why; `Err` if that was every match.
 pub fn select_by_options(
     links: &[Link],
     sel: &IfaceSelector,
 ) -> Result<Option<(Link, Option<Ipv4Addr>)>, IfaceError> {
+    let mut refused: Vec<(&'static str, String, String)> = Vec::new();
     for spec in &sel.ifaces {
-        if let Ok(ip) = spec.parse::<Ipv4Addr>() {
-            if let Some(l) = links.iter().find(|l| l.ipv4.contains(&ip)) {
-                return Ok(Some((l.clone(), Some(ip))));
+        let found = if let Ok(ip) = spec.parse::<Ipv4Addr>() {
+            links
+                .iter()
+                .find(|l| l.ipv4.contains(&ip))
+                .map(|l| (l, Some(ip)))
+        } else {
+            links.iter().find(|l| &l.name == spec).map(|l| (l, None))
+        };
+        match found {
+            Some((l, addr)) => match why_unusable(l, addr) {
+                None => return Ok(Some((l.clone(), addr))),
+                Some(why) => {
+                    log::warn!("--iface {spec}: {why}, trying the next option");
+                    refused.push(("--iface", spec.clone(), why));
+                }
+            },
+            None => {
+                log::warn!("--iface {spec}: no such interface or address, trying the next option")
             }
-        } else if let Some(l) = links.iter().find(|l| &l.name == spec) {
-            return Ok(Some((l.clone(), None)));
         }
-        log::warn!("--iface {spec}: no such interface or address, trying the next option");
     }
     for pattern in &sel.regexes {
         let re = Regex::new(pattern).map_err(|e| IfaceError::BadRegex(pattern.clone(), e))?;
-        // Upstream matches addresses first, then names.
-        for l in links {
-            if let Some(ip) = l.ipv4.iter().find(|ip| re.is_match(&ip.to_string())) {
+        // Upstream matches addresses first, then names; loopback never qualifies.
+        for l in links.iter().filter(|l| !l.loopback) {
+            if let Some(ip) = l
+                .ipv4
+                .iter()
+                .find(|ip| unusable_address(**ip).is_none() && re.is_match(&ip.to_string()))
+            {
                 return Ok(Some((l.clone(), Some(*ip))));
             }
         }
-        if let Some(l) = links.iter().find(|l| re.is_match(&l.name)) {
+        if let Some(l) = links
+            .iter()
+            .find(|l| re.is_match(&l.name) && why_unusable(l, None).is_none())
+        {
             return Ok(Some((l.clone(), None)));
         }
-        log::warn!("--iface-regex {pattern}: nothing matches, trying the next option");
+        log::warn!("--iface-regex {pattern}: nothing usable matches, trying the next option");
     }
-    Ok(None)
+    match refused.into_iter().next() {
+        // Everything named was unusable: say why rather than "no match".
+        Some((flag, value, why)) => Err(IfaceError::Unusable { flag, value, why }),
+        None => Ok(None),
+    }
+}
+
+/// Why `link` (with `addr`, or its first usable address) cannot carry the overlay.
+fn why_unusable(link: &Link, addr: Option<Ipv4Addr>) -> Option<String> {
+    if link.loopback {
+        return Some(format!(
+            "{} is a loopback interface, which other hosts cannot reach",
+            link.name
+        ));
+    }
+    match addr {
+        Some(a) => unusable_address(a).map(|why| format!("{a} is {why}")),
+        None if !link.ipv4.iter().any(|a| unusable_address(*a).is_none()) => {
+            Some(format!("{} has no usable IPv4 address", link.name))
+        }
+        None => None,
+    }
 }
 
 pub async fn lookup_external_interface(
@@ -203,16 +268,37 @@ pub async fn lookup_external_interface(
             .ok_or(IfaceError::NoDefaultRoute)?;
         (link, None)
     };
+    if link.loopback {
+        return Err(IfaceError::Unusable {
+            flag: if sel.can_reach.is_some() {
+                "--iface-can-reach"
+            } else {
+                "the default route's interface"
+            },
+            value: link.name.clone(),
+            why: "a loopback interface, which other hosts cannot reach".into(),
+        });
+    }
     let iface_addr = match addr {
         Some(a) => a,
         None => *link
             .ipv4
-            .first()
+            .iter()
+            .find(|a| unusable_address(**a).is_none())
             .ok_or_else(|| IfaceError::NoIpv4(link.name.clone()))?,
     };
     let ext_addr = match sel.public_ip {
         None => iface_addr,
-        Some(IpAddr::V4(ip)) => ip,
+        Some(IpAddr::V4(ip)) => {
+            if let Some(why) = unusable_address(ip) {
+                return Err(IfaceError::Unusable {
+                    flag: "--public-ip",
+                    value: ip.to_string(),
+                    why: why.into(),
+                });
+            }
+            ip
+        }
         Some(other) => return Err(IfaceError::NotIpv4(other)),
     };
     Ok(ExternalInterface {
@@ -235,6 +321,7 @@ mod tests {
                 name: "lo".into(),
                 mtu: 65536,
                 up: true,
+                loopback: true,
                 ipv4: vec![Ipv4Addr::LOCALHOST],
             },
             Link {
@@ -242,6 +329,7 @@ mod tests {
                 name: "eth0".into(),
                 mtu: 1500,
                 up: true,
+                loopback: false,
                 ipv4: vec!["192.0.2.10".parse().unwrap()],
             },
             Link {
@@ -249,6 +337,7 @@ mod tests {
                 name: "eth1".into(),
                 mtu: 9000,
                 up: true,
+                loopback: false,
                 ipv4: vec![
                     "198.51.100.7".parse().unwrap(),
                     "198.51.100.8".parse().unwrap(),
@@ -300,5 +389,31 @@ mod tests {
             select_by_options(&links(), &sel(&[], &["("])),
             Err(IfaceError::BadRegex(..))
         ));
+    }
+
+    #[test]
+    fn loopback_is_refused_and_the_next_option_used() {
+        let (l, _) = select_by_options(&links(), &sel(&["lo", "eth0"], &[]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(l.name, "eth0");
+        let (l, _) = select_by_options(&links(), &sel(&["127.0.0.1", "eth1"], &[]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(l.name, "eth1");
+        // A regex matching everything still never picks lo.
+        let (l, _) = select_by_options(&links(), &sel(&[], &[".*"]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(l.name, "eth0");
+    }
+
+    #[test]
+    fn only_loopback_named_is_an_error_saying_why() {
+        let e = select_by_options(&links(), &sel(&["lo"], &[])).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--iface lo: lo is a loopback interface, which other hosts cannot reach; name the interface that reaches the other hosts"
+        );
     }
 }

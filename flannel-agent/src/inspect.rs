@@ -12,6 +12,9 @@ use aya::programs::{tc::TcAttachType, SchedClassifier};
 use flannel_agent::backend::udp::ebpf::{read_pinned_stats, DEFAULT_PIN_DIR};
 use flannel_common::{map_names, Config, PeerKey, PeerValue, Stats};
 
+/// The udp backend's overlay device (upstream's name, fixed).
+const OVERLAY_DEVICE: &str = "flannel0";
+
 #[derive(Debug, clap::Parser)]
 #[command(
     name = "flanneld dataplane",
@@ -70,15 +73,26 @@ pub fn render(pin_dir: &Path) -> anyhow::Result<String> {
     )?;
     writeln!(out)?;
     writeln!(out, "{:<30} PROGRAMS", "HOOK")?;
-    for (ifindex, attach, what) in [
-        (config.decap_ifindex, TcAttachType::Egress, "egress"),
-        (config.ext_ifindex, TcAttachType::Ingress, "ingress"),
-    ] {
-        let hook = match interface_name(ifindex) {
-            Some(name) => format!("tcx {what} of {name}"),
-            None => format!("tcx {what} of ifindex {ifindex}"),
-        };
-        writeln!(out, "{hook:<30} {}", attached(ifindex, attach))?;
+    match foreign_namespace(config.decap_ifindex) {
+        // Interface indexes are per namespace: here they name other devices (or none).
+        Some(why) => {
+            writeln!(
+                out,
+                "(not shown: {why}, so these pins belong to an agent in another network namespace; run `nsenter --net=/proc/<flanneld pid>/ns/net flanneld dataplane` there)"
+            )?;
+        }
+        None => {
+            for (ifindex, attach, what) in [
+                (config.decap_ifindex, TcAttachType::Egress, "egress"),
+                (config.ext_ifindex, TcAttachType::Ingress, "ingress"),
+            ] {
+                let hook = match interface_name(ifindex) {
+                    Some(name) => format!("tcx {what} of {name}"),
+                    None => format!("tcx {what} of ifindex {ifindex}"),
+                };
+                writeln!(out, "{hook:<30} {}", attached(ifindex, attach))?;
+            }
+        }
     }
     writeln!(out)?;
     writeln!(out, "{:<20} PUBLIC IP", "PEER SUBNET")?;
@@ -92,6 +106,29 @@ pub fn render(pin_dir: &Path) -> anyhow::Result<String> {
         writeln!(out, "{name:<20} {value:>20}")?;
     }
     Ok(out)
+}
+
+/// Why this is not the namespace of the agent that pinned the data plane (`None`: it is).
+/// The encap program sits on the overlay device, which the agent always names flannel0.
+fn foreign_namespace(overlay_ifindex: u32) -> Option<String> {
+    match interface_name(overlay_ifindex) {
+        Some(name) if name == OVERLAY_DEVICE => None,
+        Some(name) => Some(format!(
+            "ifindex {overlay_ifindex} is {name} here, not {OVERLAY_DEVICE}"
+        )),
+        None => Some(format!(
+            "no device has ifindex {overlay_ifindex} ({OVERLAY_DEVICE}) here"
+        )),
+    }
+}
+
+/// Whether `render` found the pins' namespace to be this one (for the exit status and a
+/// warning on stderr).
+pub fn wrong_namespace(pin_dir: &Path) -> Option<String> {
+    let config: Array<MapData, Config> =
+        Array::try_from(Map::Array(open_pinned(pin_dir, map_names::CONFIG).ok()?)).ok()?;
+    let config = config.get(&0, 0).ok()?;
+    foreign_namespace(config.decap_ifindex)
 }
 
 fn interface_name(ifindex: u32) -> Option<String> {

@@ -3,8 +3,10 @@
 pub mod backend;
 pub mod cli;
 pub mod config;
+pub mod error_line;
 pub mod health;
 pub mod iface;
+pub mod instance_lock;
 pub mod iptables;
 pub mod lease;
 pub mod metrics;

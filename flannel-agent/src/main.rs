@@ -10,14 +10,18 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use flannel_agent::backend::{AnyBackend, Backend, BackendOptions};
 use flannel_agent::cli::Flags;
-use flannel_agent::config::NetworkConfig;
+use flannel_agent::error_line;
 use flannel_agent::health::{self, AgentState};
 use flannel_agent::iface::{lookup_external_interface, IfaceSelector};
+use flannel_agent::instance_lock::InstanceLock;
 use flannel_agent::lease::Lease;
 use flannel_agent::metrics;
 use flannel_agent::notify;
+use flannel_agent::subnet::config_wait::wait_for_config;
+use flannel_agent::subnet::manager::ManagerError;
 use flannel_agent::subnet::manager::RenewOutcome;
-use flannel_agent::subnet::registry::EtcdSettings;
+use flannel_agent::subnet::registry::{explain_with, EtcdSettings};
+use flannel_agent::subnet::RegistryError;
 use flannel_agent::subnet::{EtcdRegistry, LeaseManager, PeerEvent, PeerWatcher, WatchUpdate};
 use flannel_agent::subnet_env::{PreviousSubnetEnv, SubnetEnv};
 use tokio::signal::unix::{signal, SignalKind};
@@ -67,7 +71,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            log::error!("{e:#}");
+            log::error!("{}", error_line::anyhow_line(&e));
             ExitCode::from(1)
         }
     }
@@ -97,7 +101,7 @@ fn run_uninstall() -> ExitCode {
     match rt.block_on(uninstall::uninstall(&args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            log::error!("{e:#}");
+            log::error!("{}", error_line::anyhow_line(&e));
             ExitCode::from(1)
         }
     }
@@ -109,10 +113,16 @@ fn run_dataplane() -> ExitCode {
     match inspect::render(&args.bpf_pin_dir) {
         Ok(text) => {
             print!("{text}");
+            if let Some(why) = inspect::wrong_namespace(&args.bpf_pin_dir) {
+                eprintln!(
+                    "flanneld dataplane: wrong network namespace ({why}): peers and counters are shown, the hooks are not"
+                );
+                return ExitCode::from(2);
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("flanneld dataplane: {e:#}");
+            eprintln!("flanneld dataplane: {}", error_line::anyhow_line(&e));
             ExitCode::from(1)
         }
     }
@@ -139,18 +149,31 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
     }
 }
 
+/// How often a failure that keeps repeating word for word is logged again.
+const REPEAT_LOG_INTERVAL: Duration = Duration::from_secs(30);
+
 /// Retry `op` with capped exponential backoff until it succeeds (etcd may not be up yet).
-async fn with_retry<T, E: std::fmt::Display, F, Fut>(what: &str, mut op: F) -> T
+/// Each distinct failure is logged once (then every 30 s while it lasts), as one line.
+async fn with_retry<T, E, F, Fut>(what: &str, describe: impl Fn(&E) -> String, mut op: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, E>>,
 {
     let mut delay = RETRY_MIN;
+    let mut last: Option<(String, tokio::time::Instant)> = None;
     loop {
         match op().await {
             Ok(v) => return v,
             Err(e) => {
-                log::warn!("{what}: {e}; retrying in {delay:?}");
+                let line = describe(&e);
+                let now = tokio::time::Instant::now();
+                let repeat = last
+                    .as_ref()
+                    .is_some_and(|(l, at)| *l == line && now - *at < REPEAT_LOG_INTERVAL);
+                if !repeat {
+                    log::warn!("{what}: {line}; retrying");
+                    last = Some((line, now));
+                }
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(RETRY_MAX);
             }
@@ -158,39 +181,27 @@ where
     }
 }
 
-/// The network config; waits (log once, then watch) while it does not exist yet.
-async fn wait_for_config(registry: &EtcdRegistry) -> anyhow::Result<NetworkConfig> {
-    let mut logged = false;
-    loop {
-        let (config, revision) = match registry.get_config().await {
-            Ok(r) => r,
-            Err(e @ flannel_agent::subnet::RegistryError::Config { .. }) => return Err(e.into()),
-            Err(e) => {
-                log::warn!("reading network config: {e}; retrying");
-                tokio::time::sleep(RETRY_MAX).await;
-                continue;
+/// Connects to etcd, retrying while it is unreachable; a mistake in the flags or files ends
+/// the agent with one line naming it.
+async fn connect_etcd(settings: &EtcdSettings) -> anyhow::Result<EtcdRegistry> {
+    let target = settings.target();
+    with_retry(
+        "connecting to etcd",
+        |e: &RegistryError| explain_with(e, &target),
+        || async {
+            match EtcdRegistry::connect(settings).await {
+                Err(e) if e.is_permanent() => Ok(Err(anyhow::anyhow!(explain_with(&e, &target)))),
+                Err(e) => Err(e),
+                Ok(r) => Ok(Ok(r)),
             }
-        };
-        if let Some(c) = config {
-            return Ok(c);
-        }
-        if !logged {
-            log::info!(
-                "waiting for the network config at {}",
-                registry.config_key()
-            );
-            logged = true;
-        }
-        // Block until the key changes (or the watch breaks), then read again.
-        if let Ok(mut stream) = registry.watch_config(revision + 1).await {
-            let _ = stream.message().await;
-        } else {
-            tokio::time::sleep(RETRY_MAX).await;
-        }
-    }
+        },
+    )
+    .await
 }
 
 async fn agent(flags: Flags) -> anyhow::Result<()> {
+    // Held until we exit: a second agent for the same network here refuses to start.
+    let _instance = InstanceLock::acquire(&flags.subnet_file)?;
     let state = Arc::new(AgentState::default());
     if flags.healthz_port != 0 {
         let addr = SocketAddr::new(flags.healthz_ip, flags.healthz_port);
@@ -209,20 +220,10 @@ async fn agent(flags: Flags) -> anyhow::Result<()> {
         username: flags.etcd_username.clone(),
         password: flags.etcd_password.clone(),
     };
-    let registry = with_retry("connecting to etcd", || EtcdRegistry::connect(&settings)).await;
-    let config = wait_for_config(&registry).await?;
-    if config.enable_ipv6 {
-        bail!("EnableIPv6 is set in the network config, but this flanneld supports IPv4 only");
-    }
-    log::info!(
-        "network {} subnets /{} from {} to {}, backend {}",
-        config.network,
-        config.subnet_len,
-        config.subnet_min,
-        config.subnet_max,
-        config.backend.backend_type
-    );
+    let registry = connect_etcd(&settings).await?;
 
+    // The interface first (as upstream): the backend a config names is built for it, so a
+    // config naming an unknown backend or bad options is waited out like an invalid one.
     let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
     tokio::spawn(conn);
     let selector = IfaceSelector {
@@ -242,12 +243,23 @@ async fn agent(flags: Flags) -> anyhow::Result<()> {
         ext.iface_addr,
         ext.ext_addr
     );
-
     let opts = BackendOptions {
         udp_dataplane: flags.udp_dataplane,
         bpf_pin_dir: flags.bpf_pin_dir.clone(),
     };
-    let mut backend = AnyBackend::new(&config, &ext, &opts)?;
+    let (config, mut backend) = wait_for_config(&registry, |c| {
+        AnyBackend::new(c, &ext, &opts).map_err(|e| e.to_string())
+    })
+    .await;
+    log::info!(
+        "network {} subnets /{} from {} to {}, backend {}",
+        config.network,
+        config.subnet_len,
+        config.subnet_min,
+        config.subnet_max,
+        config.backend.backend_type
+    );
+
     let manager = LeaseManager::new(
         registry.clone(),
         config.clone(),
@@ -256,15 +268,20 @@ async fn agent(flags: Flags) -> anyhow::Result<()> {
         Duration::from_secs(u64::from(flags.subnet_lease_renew_margin) * 60),
     );
     let previous = PreviousSubnetEnv::read(&flags.subnet_file);
-    let mut own = with_retry("acquiring a subnet lease", || async {
-        match manager.acquire(previous.subnet).await {
-            Err(e @ flannel_agent::subnet::manager::ManagerError::NoFreeSubnet { .. }) => {
-                Ok(Err(e))
+    let mut own = with_retry(
+        "acquiring a subnet lease",
+        |e: &ManagerError| match e {
+            ManagerError::Registry(r) => registry.explain(r),
+            other => error_line::one_line(other),
+        },
+        || async {
+            match manager.acquire(previous.subnet).await {
+                Err(e @ ManagerError::NoFreeSubnet { .. }) => Ok(Err(e)),
+                Err(e) => Err(e),
+                Ok(l) => Ok(Ok(l)),
             }
-            Err(e) => Err(e),
-            Ok(l) => Ok(Ok(l)),
-        }
-    })
+        },
+    )
     .await?;
     log::info!("lease acquired: {}", own.subnet());
     *state.own.write().unwrap_or_else(|e| e.into_inner()) = Some(own.clone());

@@ -35,8 +35,19 @@ impl DataplaneKind {
 pub struct DataplaneSample {
     pub kind: DataplaneKind,
     pub stats: DataplaneStats,
-    /// TTL expiries at the tunnel hop: only the eBPF programs count them (in the pinned map).
-    pub ttl_exceeded: Option<u64>,
+    /// Drops only the eBPF programs count (in the pinned map); None on the TUN data plane.
+    pub ebpf_drops: Option<EbpfOnlyDrops>,
+}
+
+/// Drop reasons of the eBPF programs that the TUN data plane has no equivalent of.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EbpfOnlyDrops {
+    /// The inner TTL ran out at the tunnel hop.
+    pub ttl_exceeded: u64,
+    /// A BPF helper (adjust_room, redirect, FIB lookup) failed.
+    pub helper_error: u64,
+    /// A packet arrived before the agent wrote the program's config.
+    pub not_configured: u64,
 }
 
 impl DataplaneSample {
@@ -60,7 +71,11 @@ impl DataplaneSample {
         Some(DataplaneSample {
             kind,
             stats,
-            ttl_exceeded: pinned.map(|p| p.drop_ttl_exceeded),
+            ebpf_drops: pinned.map(|p| EbpfOnlyDrops {
+                ttl_exceeded: p.drop_ttl_exceeded,
+                helper_error: p.drop_helper_error,
+                not_configured: p.drop_not_configured,
+            }),
         })
     }
 }
@@ -101,6 +116,18 @@ fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: impl std
 /// The whole `/metrics` body.
 pub fn render(state: &AgentState) -> String {
     let mut out = String::new();
+    family(
+        &mut out,
+        "flannel_build_info",
+        "gauge",
+        "The running flanneld's version (always 1).",
+    );
+    sample(
+        &mut out,
+        "flannel_build_info",
+        &[("version", env!("CARGO_PKG_VERSION"))],
+        1,
+    );
 
     let own = state.own.read().map(|o| o.clone()).unwrap_or_default();
     if let Some(own) = own {
@@ -254,8 +281,10 @@ fn render_dataplane(out: &mut String, dp: &DataplaneSample) {
         ("unknown_sender", s.drop_unknown_sender),
         ("spoofed_source", s.drop_spoofed_source),
     ];
-    if let Some(ttl) = dp.ttl_exceeded {
-        drops.push(("ttl_exceeded", ttl));
+    if let Some(e) = dp.ebpf_drops {
+        drops.push(("ttl_exceeded", e.ttl_exceeded));
+        drops.push(("helper_error", e.helper_error));
+        drops.push(("not_configured", e.not_configured));
     }
     for (reason, n) in drops {
         sample(
@@ -327,7 +356,11 @@ mod tests {
                 drop_unknown_sender: 4,
                 drop_spoofed_source: 5,
             },
-            ttl_exceeded: Some(6),
+            ebpf_drops: Some(EbpfOnlyDrops {
+                ttl_exceeded: 6,
+                helper_error: 7,
+                not_configured: 8,
+            }),
         });
         let body = render(&state);
         let expect = [
@@ -359,6 +392,15 @@ mod tests {
                 "flannel_dataplane_drops_total{reason=\"ttl_exceeded\"}",
                 "6",
             ),
+            (
+                "flannel_dataplane_drops_total{reason=\"helper_error\"}",
+                "7",
+            ),
+            (
+                "flannel_dataplane_drops_total{reason=\"not_configured\"}",
+                "8",
+            ),
+            ("flannel_build_info{version=\"0.1.0\"}", "1"),
         ];
         for (series, want) in expect {
             assert_eq!(
@@ -387,7 +429,7 @@ mod tests {
         *state.dataplane.write().expect("lock") = Some(DataplaneSample {
             kind: DataplaneKind::Tun,
             stats: DataplaneStats::default(),
-            ttl_exceeded: None,
+            ebpf_drops: None,
         });
         let body = render(&state);
         let mut typed = Vec::new();
@@ -412,8 +454,10 @@ mod tests {
             body.contains("flannel_dataplane_info{kind=\"tun\"} 1"),
             "{body}"
         );
-        // The TUN data plane does not count TTL expiries: no made-up zero.
-        assert!(!body.contains("ttl_exceeded"), "{body}");
+        // The TUN data plane has no such counters: no made-up zeroes.
+        for reason in ["ttl_exceeded", "helper_error", "not_configured"] {
+            assert!(!body.contains(reason), "{body}");
+        }
     }
 
     #[test]

@@ -1,13 +1,16 @@
 //! `flanneld uninstall`: removes what the agent leaves in place when it exits, so a host can
 //! be returned to how it was: the pinned eBPF data plane, the overlay devices, upstream's
-//! iptables chains and subnet.env. Run it after stopping flanneld; traffic over the overlay
-//! stops.
+//! iptables chains, host-gw routes and subnet.env. Run it after stopping flanneld (it refuses
+//! while an agent holds the subnet file's lock, unless forced); traffic over the overlay stops.
 
 use std::path::PathBuf;
 
 use anyhow::Context;
+use flannel_agent::backend::route;
 use flannel_agent::backend::udp::ebpf::{EbpfDataplane, DEFAULT_PIN_DIR};
+use flannel_agent::instance_lock::{self, InstanceLock, LockError};
 use flannel_agent::iptables::{self, Position, Rule};
+use flannel_agent::subnet_env::PreviousSubnetEnv;
 use tokio::process::Command;
 
 #[derive(Debug, clap::Parser)]
@@ -27,11 +30,26 @@ pub struct UninstallArgs {
         default_value = "/run/flannel/subnet.env"
     )]
     pub subnet_file: PathBuf,
+    /// Remove everything even though a flanneld still runs with this --subnet-file
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// Removes everything, step by step; a failing step does not stop the others.
 pub async fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {
+    match InstanceLock::check_free(&args.subnet_file) {
+        Ok(()) => {}
+        Err(LockError::Held { pid, .. }) if !args.force => anyhow::bail!(
+            "flanneld{} is still running with --subnet-file {}: stop it first (e.g. systemctl stop flanneld), or pass --force",
+            pid.map(|p| format!(" (pid {p})")).unwrap_or_default(),
+            args.subnet_file.display()
+        ),
+        Err(e @ LockError::Held { .. }) => log::warn!("--force: {e}"),
+        Err(e) => log::warn!("cannot tell whether flanneld runs: {e}"),
+    }
     let mut failures = Vec::new();
+    // What the agent wrote tells which routes are flannel's (read before removing the file).
+    let previous = PreviousSubnetEnv::read(&args.subnet_file);
     // Programs first: once detached, nothing redirects into the devices we delete next.
     let pinned = args.bpf_pin_dir.exists();
     match EbpfDataplane::unload(&args.bpf_pin_dir) {
@@ -44,13 +62,23 @@ pub async fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {
     if let Err(e) = remove_devices().await {
         failures.push(format!("devices: {e:#}"));
     }
+    if let Some(network) = previous.network {
+        if let Err(e) = remove_peer_routes(network, previous.subnet).await {
+            failures.push(format!("routes: {e:#}"));
+        }
+    }
     if let Err(e) = remove_iptables_chains().await {
         failures.push(format!("iptables: {e:#}"));
     }
-    match std::fs::remove_file(&args.subnet_file) {
-        Ok(()) => log::info!("{} removed", args.subnet_file.display()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => failures.push(format!("{}: {e}", args.subnet_file.display())),
+    for file in [
+        args.subnet_file.clone(),
+        instance_lock::lock_path(&args.subnet_file),
+    ] {
+        match std::fs::remove_file(&file) {
+            Ok(()) => log::info!("{} removed", file.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => failures.push(format!("{}: {e}", file.display())),
+        }
     }
     if failures.is_empty() {
         Ok(())
@@ -81,6 +109,30 @@ async fn remove_devices() -> anyhow::Result<()> {
             .await
             .with_context(|| format!("deleting {}", link.name))?;
         log::info!("device {} removed", link.name);
+    }
+    Ok(())
+}
+
+/// host-gw (and vxlan DirectRouting) peer routes: gateway routes of the main table into the
+/// Network other than our own subnet. vxlan's own routes went with its device.
+async fn remove_peer_routes(
+    network: ipnetwork::Ipv4Network,
+    own: Option<ipnetwork::Ipv4Network>,
+) -> anyhow::Result<()> {
+    let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
+    tokio::spawn(conn);
+    let routes = route::list_gateway_routes(&handle)
+        .await
+        .context("listing routes")?;
+    for r in routes
+        .iter()
+        .filter(|r| network.contains(r.dst.network()) && r.dst.prefix() >= network.prefix())
+        .filter(|r| Some(r.dst) != own)
+    {
+        r.delete(&handle)
+            .await
+            .with_context(|| format!("deleting route {} via {}", r.dst, r.gateway))?;
+        log::info!("route {} via {} removed", r.dst, r.gateway);
     }
     Ok(())
 }

@@ -23,6 +23,8 @@ pub struct Agent {
     pub ip: std::net::Ipv4Addr,
     pub subnet_file: PathBuf,
     pub log_file: PathBuf,
+    /// Where this process's part of the (shared, appended) log file starts.
+    log_start: u64,
     status: Option<ExitStatus>,
 }
 
@@ -37,22 +39,41 @@ impl Agent {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Result<Self> {
-        let subnet_file = host.dir.join("subnet.env");
+        let mut flags = Self::harness_flags(host, etcd_endpoint);
+        flags.extend(extra.iter().map(|s| s.to_string()));
+        Self::spawn(host, &flags, env)
+    }
+
+    /// The flags the harness passes by default: etcd, `--iface=eth0`, subnet file, health
+    /// listener and pin dir of `host`.
+    pub fn harness_flags(host: &Host, etcd_endpoint: &str) -> Vec<String> {
+        vec![
+            format!("--etcd-endpoints={etcd_endpoint}"),
+            "--iface=eth0".to_owned(),
+            format!("--subnet-file={}", host.dir.join("subnet.env").display()),
+            format!("--healthz-ip={}", host.ip),
+            format!("--healthz-port={HEALTH_PORT}"),
+            format!("--bpf-pin-dir=/sys/fs/bpf/{}", host.ns.name),
+        ]
+    }
+
+    /// Start flanneld in `host` with exactly `flags` (see [`Agent::harness_flags`]).
+    pub fn spawn(host: &Host, flags: &[String], env: &[(&str, &str)]) -> Result<Self> {
+        let subnet_file = flags
+            .iter()
+            .find_map(|f| f.strip_prefix("--subnet-file="))
+            .map(PathBuf::from)
+            .unwrap_or_else(|| host.dir.join("subnet.env"));
         let log_file = host.dir.join("flanneld.log");
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log_file)?;
+        let log_start = log.metadata()?.len();
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net={}", host.ns.path().display()))
             .arg(crate::flanneld_bin())
-            .arg(format!("--etcd-endpoints={etcd_endpoint}"))
-            .arg("--iface=eth0")
-            .arg(format!("--subnet-file={}", subnet_file.display()))
-            .arg(format!("--healthz-ip={}", host.ip))
-            .arg(format!("--healthz-port={HEALTH_PORT}"))
-            .arg(format!("--bpf-pin-dir=/sys/fs/bpf/{}", host.ns.name))
-            .args(extra)
+            .args(flags)
             .envs(env.iter().copied())
             .env(
                 "RUST_LOG",
@@ -69,6 +90,7 @@ impl Agent {
             ip: host.ip,
             subnet_file,
             log_file,
+            log_start,
             status: None,
         })
     }
@@ -79,6 +101,13 @@ impl Agent {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_file).unwrap_or_default()
+    }
+
+    /// What this process wrote to the log (earlier agents on the host share the file).
+    pub fn own_log(&self) -> String {
+        let all = std::fs::read(&self.log_file).unwrap_or_default();
+        let start = usize::try_from(self.log_start).unwrap_or(0).min(all.len());
+        String::from_utf8_lossy(&all[start..]).into_owned()
     }
 
     /// Wait until /readyz says ready (fails early if the process exits).

@@ -9,6 +9,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 
 use crate::netns::Netns;
+use crate::pki::CertPair;
 use crate::{wait_for, Result};
 
 pub struct Etcd {
@@ -16,6 +17,21 @@ pub struct Etcd {
     pub ip: String,
     pub data_dir: PathBuf,
     child: Option<Child>,
+    tls: Option<ServerTls>,
+    /// `user:password` etcdctl signs in with once auth is enabled.
+    ctl_user: Option<String>,
+}
+
+/// An etcd serving clients over TLS only.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    /// The CA that signed `server` (and the client certificates etcd accepts).
+    pub ca: String,
+    pub server: CertPair,
+    /// Require client certificates signed by `ca` (etcd's --client-cert-auth).
+    pub client_cert_auth: bool,
+    /// The certificate etcdctl presents.
+    pub ctl_client: CertPair,
 }
 
 impl Etcd {
@@ -36,13 +52,57 @@ impl Etcd {
             ip: ip.to_owned(),
             data_dir,
             child: None,
+            tls: None,
+            ctl_user: None,
+        };
+        etcd.resume()?;
+        Ok(etcd)
+    }
+
+    /// Like [`Etcd::start`], serving clients over TLS only (`https://ip:2379`).
+    pub fn start_tls(ns: &Netns, ip: &str, data_dir: PathBuf, tls: ServerTls) -> Result<Self> {
+        let mut etcd = Etcd {
+            ns_path: ns.path(),
+            ip: ip.to_owned(),
+            data_dir,
+            child: None,
+            tls: Some(tls),
+            ctl_user: None,
         };
         etcd.resume()?;
         Ok(etcd)
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://{}:2379", self.ip)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}:2379", self.ip)
+    }
+
+    /// Turn on username/password auth: a `root` user (password `root_password`, what etcdctl
+    /// uses from now on) and `user` with a role that may read and write `prefix` only.
+    pub fn enable_auth(
+        &mut self,
+        root_password: &str,
+        user: &str,
+        password: &str,
+        prefix: &str,
+    ) -> Result<()> {
+        let role = format!("{user}-role");
+        self.ctl(&["user", "add", &format!("root:{root_password}")])?;
+        self.ctl(&["role", "add", &role])?;
+        self.ctl(&[
+            "role",
+            "grant-permission",
+            &role,
+            "--prefix=true",
+            "readwrite",
+            &format!("{}/", prefix.trim_end_matches('/')),
+        ])?;
+        self.ctl(&["user", "add", &format!("{user}:{password}")])?;
+        self.ctl(&["user", "grant-role", user, &role])?;
+        self.ctl(&["auth", "enable"])?;
+        self.ctl_user = Some(format!("root:{root_password}"));
+        Ok(())
     }
 
     /// (Re)start the server on the same data directory and wait until it answers.
@@ -55,12 +115,23 @@ impl Etcd {
             .create(true)
             .append(true)
             .open(self.data_dir.with_extension("log"))?;
-        let peer = "http://127.0.0.1:2380";
-        let child = Command::new("nsenter")
-            .arg(format!("--net={}", self.ns_path.display()))
+        // Peers on the client IP: several single-member servers can share one namespace.
+        let peer = format!("http://{}:2380", self.ip);
+        let peer = peer.as_str();
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.ns_path.display()))
             .arg("etcd")
             .args(["--name", "fltest", "--data-dir"])
-            .arg(&self.data_dir)
+            .arg(&self.data_dir);
+        if let Some(tls) = &self.tls {
+            cmd.args(["--cert-file", &tls.server.cert_str()])
+                .args(["--key-file", &tls.server.key_str()])
+                .args(["--trusted-ca-file", &tls.ca]);
+            if tls.client_cert_auth {
+                cmd.arg("--client-cert-auth");
+            }
+        }
+        let child = cmd
             .args(["--listen-client-urls", &self.endpoint()])
             .args(["--advertise-client-urls", &self.endpoint()])
             .args([
@@ -112,6 +183,7 @@ impl Etcd {
                 "--command-timeout",
                 "5s",
             ])
+            .args(self.ctl_security())
             .args(args)
             .env("ETCDCTL_API", "3")
             .stdin(Stdio::null())
@@ -124,6 +196,20 @@ impl Etcd {
             );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// etcdctl's TLS and auth flags for this server.
+    fn ctl_security(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        if let Some(tls) = &self.tls {
+            args.push(format!("--cacert={}", tls.ca));
+            args.push(format!("--cert={}", tls.ctl_client.cert_str()));
+            args.push(format!("--key={}", tls.ctl_client.key_str()));
+        }
+        if let Some(user) = &self.ctl_user {
+            args.push(format!("--user={user}"));
+        }
+        args
     }
 
     pub fn put(&self, key: &str, value: &str) -> Result<()> {

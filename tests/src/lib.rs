@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod container;
 pub mod etcd;
 pub mod netns;
+pub mod pki;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

@@ -22,6 +22,7 @@ const PACKAGES: &[&str] = &[
     "procps",            // sysctl
     "util-linux",        // nsenter
     "iputils-ping",
+    "openssl", // certificates for the etcd TLS tests
 ];
 
 fn installed(pkg: &str) -> bool {

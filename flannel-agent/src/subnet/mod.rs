@@ -2,6 +2,8 @@
 //! the watch that keeps each node's view of its peers equal to etcd's content.
 
 pub mod allocate;
+pub mod config_wait;
+pub mod etcd_hint;
 pub mod manager;
 pub mod registry;
 pub mod watch;

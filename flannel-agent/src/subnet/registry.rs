@@ -1,5 +1,6 @@
 //! Thin typed access to flannel's keys in etcd v3.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
@@ -9,21 +10,37 @@ use etcd_client::{
 
 use crate::config::{ConfigError, NetworkConfig};
 use crate::lease::{Lease, LeaseAttrs, SubnetKey};
+use crate::subnet::etcd_hint::{self, EtcdTarget};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     #[error("etcd: {0}")]
     Etcd(#[from] etcd_client::Error),
-    #[error("invalid network config at {key}: {source}")]
-    Config { key: String, source: ConfigError },
-    #[error("reading {what} {path}: {source}")]
-    Tls {
-        what: &'static str,
+    #[error("reading {flag} {path}: {source}")]
+    TlsFile {
+        flag: &'static str,
         path: String,
         source: std::io::Error,
     },
-    #[error("etcd endpoints: none given")]
+    #[error("{given} is set but {missing} is not: a client certificate needs both (or neither)")]
+    TlsPair {
+        given: &'static str,
+        missing: &'static str,
+    },
+    #[error("--etcd-endpoints {0}: https:// needs --etcd-cafile (the CA that signed etcd's certificate)")]
+    HttpsWithoutCa(String),
+    #[error("--etcd-endpoints: none given")]
     NoEndpoints,
+}
+
+impl RegistryError {
+    /// A mistake in the flags or files that retrying cannot fix.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            RegistryError::Etcd(e) => etcd_hint::is_local_mistake(e),
+            _ => true,
+        }
+    }
 }
 
 /// Connection settings (the `--etcd-*` flags).
@@ -38,6 +55,46 @@ pub struct EtcdSettings {
     pub password: String,
 }
 
+/// What `<prefix>/config` holds.
+#[derive(Debug, Clone)]
+pub enum ConfigState {
+    Missing,
+    /// Present but unusable; `mod_revision` tells one bad value from the next.
+    Invalid {
+        error: ConfigError,
+        mod_revision: i64,
+    },
+    Valid {
+        config: NetworkConfig,
+        mod_revision: i64,
+    },
+}
+
+impl EtcdSettings {
+    /// Where and how we connect, as error messages name it (never the password). With a CA
+    /// file, `http://` endpoints are upgraded to `https://`, as upstream's client does.
+    pub fn target(&self) -> EtcdTarget {
+        EtcdTarget {
+            endpoints: self
+                .endpoints
+                .iter()
+                .map(|e| {
+                    if self.cafile.is_empty() {
+                        e.clone()
+                    } else {
+                        e.replacen("http://", "https://", 1)
+                    }
+                })
+                .collect(),
+            cafile: self.cafile.clone(),
+            certfile: self.certfile.clone(),
+            keyfile: self.keyfile.clone(),
+            username: self.username.clone(),
+            prefix: self.prefix.trim_end_matches('/').to_owned(),
+        }
+    }
+}
+
 /// A listing of all subnet keys at one etcd revision.
 #[derive(Debug, Clone, Default)]
 pub struct LeaseListing {
@@ -49,12 +106,23 @@ pub struct LeaseListing {
 pub struct EtcdRegistry {
     client: Client,
     prefix: String,
+    /// For error messages: where we talk to and with which flags.
+    target: Arc<EtcdTarget>,
 }
 
 impl EtcdRegistry {
     pub async fn connect(settings: &EtcdSettings) -> Result<Self, RegistryError> {
         if settings.endpoints.is_empty() {
             return Err(RegistryError::NoEndpoints);
+        }
+        if settings.cafile.is_empty() {
+            if let Some(e) = settings
+                .endpoints
+                .iter()
+                .find(|e| e.starts_with("https://"))
+            {
+                return Err(RegistryError::HttpsWithoutCa(e.clone()));
+            }
         }
         let mut opts = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(5))
@@ -65,25 +133,29 @@ impl EtcdRegistry {
         if !settings.username.is_empty() {
             opts = opts.with_user(settings.username.clone(), settings.password.clone());
         }
-        if !settings.cafile.is_empty() || !settings.certfile.is_empty() {
+        if !settings.cafile.is_empty()
+            || !settings.certfile.is_empty()
+            || !settings.keyfile.is_empty()
+        {
             opts = opts.with_tls(tls_options(settings)?);
         }
-        let endpoints: Vec<String> = settings
-            .endpoints
-            .iter()
-            .map(|e| {
-                if !settings.cafile.is_empty() {
-                    e.replacen("http://", "https://", 1)
-                } else {
-                    e.clone()
-                }
-            })
-            .collect();
-        let client = Client::connect(endpoints, Some(opts)).await?;
+        let target = Arc::new(settings.target());
+        let client = Client::connect(target.endpoints.clone(), Some(opts)).await?;
         Ok(EtcdRegistry {
             client,
-            prefix: settings.prefix.trim_end_matches('/').to_owned(),
+            prefix: target.prefix.clone(),
+            target,
         })
+    }
+
+    /// One line for an error from this registry: endpoint, flag or file, likely fix.
+    pub fn explain(&self, err: &RegistryError) -> String {
+        explain_with(err, &self.target)
+    }
+
+    /// The `--etcd-prefix` in use (without a trailing slash).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
     }
 
     pub fn config_key(&self) -> String {
@@ -98,17 +170,24 @@ impl EtcdRegistry {
         format!("{}{}", self.subnets_prefix(), key)
     }
 
-    /// The config and the revision it was read at; `None` when the key does not exist yet.
-    pub async fn get_config(&self) -> Result<(Option<NetworkConfig>, i64), RegistryError> {
-        let key = self.config_key();
-        let resp = self.client.kv_client().get(key.clone(), None).await?;
+    /// The config as it is in etcd now, and the revision it was read at.
+    pub async fn read_config(&self) -> Result<(ConfigState, i64), RegistryError> {
+        let resp = self.client.kv_client().get(self.config_key(), None).await?;
         let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-        match resp.kvs().first() {
-            None => Ok((None, revision)),
-            Some(kv) => NetworkConfig::parse(kv.value())
-                .map(|c| (Some(c), revision))
-                .map_err(|source| RegistryError::Config { key, source }),
-        }
+        let state = match resp.kvs().first() {
+            None => ConfigState::Missing,
+            Some(kv) => match NetworkConfig::parse(kv.value()) {
+                Ok(config) => ConfigState::Valid {
+                    config,
+                    mod_revision: kv.mod_revision(),
+                },
+                Err(e) => ConfigState::Invalid {
+                    error: e,
+                    mod_revision: kv.mod_revision(),
+                },
+            },
+        };
+        Ok((state, revision))
     }
 
     /// Watch the config key from `revision` on.
@@ -263,24 +342,47 @@ fn put_options(etcd_lease: i64) -> Option<PutOptions> {
     (etcd_lease != 0).then(|| PutOptions::new().with_lease(etcd_lease))
 }
 
+/// One line for `err` given where and how we connect (also before a registry exists).
+pub fn explain_with(err: &RegistryError, target: &EtcdTarget) -> String {
+    match err {
+        RegistryError::Etcd(e) => etcd_hint::explain(e, target),
+        other => crate::error_line::one_line(other),
+    }
+}
+
 fn tls_options(s: &EtcdSettings) -> Result<etcd_client::TlsOptions, RegistryError> {
     use etcd_client::{Certificate, Identity, TlsOptions};
-    let read = |what: &'static str, path: &str| {
-        std::fs::read(path).map_err(|source| RegistryError::Tls {
-            what,
+    let read = |flag: &'static str, path: &str| {
+        std::fs::read(path).map_err(|source| RegistryError::TlsFile {
+            flag,
             path: path.to_owned(),
             source,
         })
     };
     let mut tls = TlsOptions::new();
     if !s.cafile.is_empty() {
-        tls = tls.ca_certificate(Certificate::from_pem(read("CA file", &s.cafile)?));
+        tls = tls.ca_certificate(Certificate::from_pem(read("--etcd-cafile", &s.cafile)?));
     }
-    if !s.certfile.is_empty() && !s.keyfile.is_empty() {
-        tls = tls.identity(Identity::from_pem(
-            read("cert file", &s.certfile)?,
-            read("key file", &s.keyfile)?,
-        ));
+    match (s.certfile.is_empty(), s.keyfile.is_empty()) {
+        (false, false) => {
+            tls = tls.identity(Identity::from_pem(
+                read("--etcd-certfile", &s.certfile)?,
+                read("--etcd-keyfile", &s.keyfile)?,
+            ));
+        }
+        (false, true) => {
+            return Err(RegistryError::TlsPair {
+                given: "--etcd-certfile",
+                missing: "--etcd-keyfile",
+            })
+        }
+        (true, false) => {
+            return Err(RegistryError::TlsPair {
+                given: "--etcd-keyfile",
+                missing: "--etcd-certfile",
+            })
+        }
+        (true, true) => {}
     }
     Ok(tls)
 }

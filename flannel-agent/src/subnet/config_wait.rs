@@ -1,0 +1,144 @@
+//! Waiting for a usable network config at `<prefix>/config`.
+//!
+//! Upstream keeps retrying until the config is there and valid; so do we, but by watching the
+//! key: a config fixed in etcd heals every waiting node at once, without a restart. The node
+//! stays unready (`/readyz` 503) meanwhile and says, once per change, what is wrong.
+
+use std::time::Duration;
+
+use crate::config::{ConfigError, NetworkConfig};
+use crate::subnet::registry::{ConfigState, EtcdRegistry};
+
+/// How often a node still waiting for a missing config says so again.
+const MISSING_REMINDER: Duration = Duration::from_secs(30);
+/// Pause before reading again after etcd could not be read or watched.
+const RETRY: Duration = Duration::from_secs(2);
+
+/// An example config for the hint, in the form `etcdctl put` takes.
+const EXAMPLE: &str = r#"'{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}'"#;
+
+/// What was last reported, so that each state is logged once (plus slow reminders).
+#[derive(Debug, PartialEq)]
+enum Reported {
+    Nothing,
+    Missing,
+    Invalid(i64),
+    Unreachable(String),
+}
+
+/// Returns the config once it exists, is valid and `accept` (e.g. the backend it names can be
+/// built from it) says it can run here, with what `accept` made of it. Never gives up.
+pub async fn wait_for_config<T>(
+    registry: &EtcdRegistry,
+    mut accept: impl FnMut(&NetworkConfig) -> Result<T, String>,
+) -> (NetworkConfig, T) {
+    let key = registry.config_key();
+    let mut reported = Reported::Nothing;
+    loop {
+        let revision = match registry.read_config().await.map(runnable) {
+            Ok((
+                ConfigState::Valid {
+                    config,
+                    mod_revision,
+                },
+                rev,
+            )) => match accept(&config) {
+                Ok(made) => {
+                    if matches!(reported, Reported::Invalid(_) | Reported::Unreachable(_)) {
+                        log::info!("network config at {key} is usable now");
+                    }
+                    return (config, made);
+                }
+                Err(why) => {
+                    if reported != Reported::Invalid(mod_revision) {
+                        log::error!(
+                            "network config at {key} cannot run here: {why}; fix it in etcd (etcdctl put {key} ...): waiting for the config to change"
+                        );
+                        reported = Reported::Invalid(mod_revision);
+                    }
+                    rev
+                }
+            },
+            Ok((ConfigState::Missing, rev)) => {
+                if reported != Reported::Missing {
+                    log_missing(&key, registry.prefix());
+                    reported = Reported::Missing;
+                }
+                rev
+            }
+            Ok((
+                ConfigState::Invalid {
+                    error,
+                    mod_revision,
+                },
+                rev,
+            )) => {
+                if reported != Reported::Invalid(mod_revision) {
+                    log::error!(
+                        "invalid network config at {key}: {error}; fix it in etcd (etcdctl put {key} ...): waiting for the config to change"
+                    );
+                    reported = Reported::Invalid(mod_revision);
+                }
+                rev
+            }
+            Err(e) => {
+                let line = registry.explain(&e);
+                if reported != Reported::Unreachable(line.clone()) {
+                    log::warn!("reading the network config: {line}; retrying");
+                    reported = Reported::Unreachable(line);
+                }
+                tokio::time::sleep(RETRY).await;
+                continue;
+            }
+        };
+        wait_for_change(registry, revision, &key, &reported).await;
+    }
+}
+
+/// A valid upstream config this node cannot run is as good as invalid here: wait for a change.
+fn runnable((state, revision): (ConfigState, i64)) -> (ConfigState, i64) {
+    match state {
+        ConfigState::Valid {
+            config,
+            mod_revision,
+        } if config.enable_ipv6 => (
+            ConfigState::Invalid {
+                error: ConfigError::Field {
+                    field: "EnableIPv6",
+                    value: "true".into(),
+                    message: "this flanneld runs IPv4 only; set it to false".into(),
+                },
+                mod_revision,
+            },
+            revision,
+        ),
+        other => (other, revision),
+    }
+}
+
+fn log_missing(key: &str, prefix: &str) {
+    log::info!(
+        "no network config at {key} yet: create it with the etcd v3 API, e.g. `ETCDCTL_API=3 etcdctl put {key} {EXAMPLE}` (or start flanneld with the --etcd-prefix that holds it; now {prefix})"
+    );
+}
+
+/// Blocks until the config key changes after `revision` (or the watch breaks), reminding
+/// slowly while the config is missing.
+async fn wait_for_change(registry: &EtcdRegistry, revision: i64, key: &str, reported: &Reported) {
+    let mut stream = match registry.watch_config(revision + 1).await {
+        Ok(s) => s,
+        Err(e) => {
+            log::debug!("watching {key}: {}", registry.explain(&e));
+            tokio::time::sleep(RETRY).await;
+            return;
+        }
+    };
+    loop {
+        match tokio::time::timeout(MISSING_REMINDER, stream.message()).await {
+            Ok(Ok(Some(resp))) if resp.events().is_empty() => continue,
+            Ok(_) => return,
+            Err(_) if *reported == Reported::Missing => log_missing(key, registry.prefix()),
+            Err(_) => {}
+        }
+    }
+}
