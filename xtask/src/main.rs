@@ -24,8 +24,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install what building and testing need (apt packages, bpffs, rust-src, bpf-linker).
-    Setup,
+    /// Install what building and testing need (apt packages, bpffs, rust-src, bpf-linker),
+    /// then check each piece by using it once.
+    Setup {
+        /// First make this machine fresh (purge the packages setup installs, remove the cached
+        /// bpf-linker), then set up, run the demo and one test file, and time each step.
+        #[arg(long)]
+        from_scratch: bool,
+    },
     /// Build the eBPF object (nightly, build-std=core, bpf-linker, BTF).
     BuildEbpf {
         /// Debug profile instead of release.
@@ -111,9 +117,54 @@ fn test(args: &[String]) -> Result<()> {
         .args(args))
 }
 
+/// `setup --from-scratch`: the check that does not depend on what happens to be installed.
+fn from_scratch() -> Result<()> {
+    let t = std::time::Instant::now();
+    let removed = setup::purge()?;
+    let purge_s = t.elapsed().as_secs();
+    let t = std::time::Instant::now();
+    setup::ensure()?;
+    let setup_s = t.elapsed().as_secs();
+    let t = std::time::Instant::now();
+    build_all()?;
+    let build_s = t.elapsed().as_secs();
+    let t = std::time::Instant::now();
+    demo::run(&flanneld_release())?;
+    let demo_s = t.elapsed().as_secs();
+    let t = std::time::Instant::now();
+    run(Command::new("cargo")
+        .current_dir(workspace_root())
+        .env("FLANNELD_BIN", flanneld_release())
+        .args([
+            "test",
+            "--release",
+            "-p",
+            "flannel-tests",
+            "--test",
+            "first_contact",
+        ]))?;
+    let test_s = t.elapsed().as_secs();
+    println!("\n== setup --from-scratch");
+    println!(
+        "removed: {}",
+        if removed.is_empty() {
+            "nothing (already fresh)".to_owned()
+        } else {
+            removed.join(", ")
+        }
+    );
+    println!(
+        "purge {purge_s} s, setup {setup_s} s, build {build_s} s, demo {demo_s} s, tests/first_contact.rs {test_s} s"
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     match Cli::parse().cmd {
-        Cmd::Setup => setup::ensure(),
+        Cmd::Setup {
+            from_scratch: false,
+        } => setup::ensure(),
+        Cmd::Setup { from_scratch: true } => from_scratch(),
         Cmd::BuildEbpf { debug } => build_ebpf::run(!debug),
         Cmd::Build => {
             setup::ensure()?;
