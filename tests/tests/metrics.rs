@@ -66,6 +66,31 @@ fn metrics_show_lease_peers_and_dataplane_counters() {
             body.contains("# TYPE flannel_dataplane_drops_total counter"),
             "{body}"
         );
+        // Every drop reason the eBPF programs count is exported, and the version.
+        for reason in [
+            "no_peer",
+            "not_ipv4",
+            "malformed",
+            "unknown_sender",
+            "spoofed_source",
+            "ttl_exceeded",
+            "helper_error",
+            "not_configured",
+        ] {
+            let series = format!("flannel_dataplane_drops_total{{reason=\"{reason}\"}}");
+            assert!(value(&body, &series).is_some(), "no {series}:\n{body}");
+        }
+        assert_eq!(
+            value(
+                &body,
+                &format!(
+                    "flannel_build_info{{version=\"{}\"}}",
+                    env!("CARGO_PKG_VERSION")
+                )
+            ),
+            Some(1.0),
+            "{body}"
+        );
     }
     drop(containers);
     drop(agents);
