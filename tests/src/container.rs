@@ -42,22 +42,19 @@ impl Container {
         self.attachment.detach()
     }
 
+    /// `ping -n -q -c count -i 0.01 <extra> dst` from inside the container.
+    pub fn ping_command(&self, dst: Ipv4Addr, count: u32, extra: &[&str]) -> std::process::Command {
+        let mut c = self.ns.command("ping");
+        c.args(["-n", "-q", "-c", &count.to_string(), "-i", "0.01"])
+            .args(extra)
+            .arg(dst.to_string());
+        c
+    }
+
     /// `ping -c count` to `dst`; Ok(true) when every reply came back.
     pub fn ping(&self, dst: Ipv4Addr, count: u32, timeout_s: u32) -> Result<bool> {
         let out = self
-            .ns
-            .command("ping")
-            .args([
-                "-n",
-                "-q",
-                "-c",
-                &count.to_string(),
-                "-i",
-                "0.01",
-                "-W",
-                &timeout_s.to_string(),
-            ])
-            .arg(dst.to_string())
+            .ping_command(dst, count, &["-W", &timeout_s.to_string()])
             .output()?;
         Ok(out.status.success())
     }

@@ -57,19 +57,7 @@ fn pinned_peer_subnets(o: &Overlay, host: usize) -> Vec<String> {
 
 /// Ping at 100 packets per second, in the background.
 fn start_ping(src: &Container, dst: Ipv4Addr, count: u32) -> Child {
-    src.ns
-        .command("ping")
-        .args([
-            "-n",
-            "-q",
-            "-i",
-            "0.01",
-            "-W",
-            "2",
-            "-c",
-            &count.to_string(),
-        ])
-        .arg(dst.to_string())
+    src.ping_command(dst, count, &["-W", "2"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -190,17 +190,7 @@ impl Drop for KillOnDrop {
 
 fn ping_avg_ms(tb: &Overlay) -> Result<f64> {
     let out = tb.containers[0]
-        .ns
-        .command("ping")
-        .args([
-            "-n",
-            "-q",
-            "-c",
-            "50",
-            "-i",
-            "0.01",
-            &tb.containers[1].ip.to_string(),
-        ])
+        .ping_command(tb.containers[1].ip, 50, &[])
         .output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     // rtt min/avg/max/mdev = 0.045/0.062/0.120/0.010 ms
