@@ -6,6 +6,7 @@ pub mod bpf;
 pub mod cluster;
 pub mod container;
 pub mod etcd;
+pub mod etcd_cluster;
 pub mod netns;
 
 use std::path::PathBuf;

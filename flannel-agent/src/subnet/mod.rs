@@ -4,6 +4,7 @@
 pub mod allocate;
 pub mod manager;
 pub mod registry;
+pub mod sanity;
 pub mod watch;
 
 pub use manager::{LeaseManager, OwnLease};
