@@ -426,6 +426,12 @@ async fn handle_own_key_gone(
     registry: &EtcdRegistry,
     own: &Lease,
 ) -> Result<Lease, ReclaimError> {
+    // The event may be stale: the renewal path can already have put the key back.
+    if let Ok(Some(current)) = registry.get_lease(&own.key).await {
+        if current.attrs.public_ip == own.attrs.public_ip {
+            return Ok(current);
+        }
+    }
     if !own.is_reservation() && registry.keep_alive_once(own.etcd_lease).await.unwrap_or(0) > 0 {
         if let Err(e) = manager.release(own).await {
             log::warn!("revoking our etcd lease: {e}");
