@@ -46,11 +46,24 @@ pub struct EtcdCluster {
     auth: bool,
     /// Where etcdctl runs (the switch: it reaches every member).
     switch_path: PathBuf,
+    /// Extra etcd flags for every member.
+    extra: Vec<String>,
 }
 
 impl EtcdCluster {
     /// Start `n` members joined to `switch`'s `br0` (clients) and a new `brp` (peers).
     pub fn start(switch: &Netns, tag: &str, dir: &std::path::Path, n: usize) -> Result<Self> {
+        Self::start_with(switch, tag, dir, n, &[])
+    }
+
+    /// [`Self::start`] with extra etcd flags for every member.
+    pub fn start_with(
+        switch: &Netns,
+        tag: &str,
+        dir: &std::path::Path,
+        n: usize,
+        extra: &[&str],
+    ) -> Result<Self> {
         switch.ip(&["link", "add", "brp", "type", "bridge"])?;
         switch.ip(&["link", "set", "brp", "up"])?;
         let mut members = Vec::new();
@@ -95,6 +108,7 @@ impl EtcdCluster {
             initial_cluster,
             auth: false,
             switch_path: switch.path(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         for i in 0..n {
             cluster.spawn(i)?;
@@ -114,6 +128,7 @@ impl EtcdCluster {
 
     fn spawn(&mut self, i: usize) -> Result<()> {
         let initial_cluster = self.initial_cluster.clone();
+        let extra = self.extra.clone();
         let m = &mut self.members[i];
         if m.child.is_some() {
             bail!("etcd member {} already running", m.name);

@@ -69,6 +69,8 @@ struct Chaos {
     start: Instant,
     longest: Duration,
     faults: usize,
+    /// Agents we killed and have not restarted yet.
+    down: Vec<bool>,
 }
 
 impl Chaos {
@@ -111,6 +113,9 @@ impl Chaos {
     fn check_invariants(&mut self) -> Result<()> {
         let mut subnets = BTreeSet::new();
         for (i, a) in self.agents.iter_mut().enumerate() {
+            if self.down[i] {
+                continue;
+            }
             if let Some(st) = a.try_wait()? {
                 bail!("agent {i} exited ({st}):\n{}", a.log());
             }
@@ -122,7 +127,10 @@ impl Chaos {
         }
         // etcd may be down in the middle of a fault: then there is nothing to compare.
         if let Ok(kvs) = self.etcd.list(SUBNETS) {
-            for a in &self.agents {
+            for (i, a) in self.agents.iter().enumerate() {
+                if self.down[i] {
+                    continue;
+                }
                 let Some(s) = a.subnet() else { continue };
                 let key = format!("{SUBNETS}{}", s.replace('/', "-"));
                 if let Some((_, value, _)) = kvs.iter().find(|(k, _, _)| *k == key) {
@@ -232,10 +240,12 @@ impl Chaos {
         self.note(&format!("fault {}: {fault:?}, held {hold:?}", self.faults));
         match fault {
             Fault::KillAgent(i) => {
+                self.down[i] = true;
                 self.agents[i].signal(Signal::SIGKILL)?;
                 self.agents[i].wait_exit(Duration::from_secs(5))?;
                 self.hold(hold)?;
                 self.agents[i] = self.start_agent(i)?;
+                self.down[i] = false;
                 self.agents[i]
                     .wait_ready(Duration::from_secs(30))
                     .with_context(|| format!("agent {i} after its restart"))?;
@@ -300,6 +310,7 @@ fn run(seed: u64, budget: Duration) -> std::result::Result<(usize, Duration), (S
             start,
             longest: Duration::ZERO,
             faults: 0,
+            down: vec![false; NODES],
         };
         for i in 0..NODES {
             let a = chaos.start_agent(i)?;

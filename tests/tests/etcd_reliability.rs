@@ -178,7 +178,16 @@ fn expired_lease_taken_by_another_node_exits_naming_the_owner() {
 #[test]
 fn member_cut_off_from_its_cluster_does_not_keep_a_stale_watch() {
     let cluster = Cluster::new(1).unwrap();
-    let etcd = EtcdCluster::start(&cluster.switch, &cluster.tag, &cluster.dir.0, 3).unwrap();
+    // Pings every second are fine here, so nothing but the member's lost leader (not etcd's
+    // keepalive policy, see the idle watch test) ends a watch on the cut-off member.
+    let etcd = EtcdCluster::start_with(
+        &cluster.switch,
+        &cluster.tag,
+        &cluster.dir.0,
+        3,
+        &["--grpc-keepalive-min-time=1s"],
+    )
+    .unwrap();
     etcd.put(&format!("{PREFIX}/config"), ALLOC).unwrap();
     let endpoints = etcd.endpoints();
     let mut agent = flannel_tests::Agent::start(&cluster.hosts[0], &endpoints, &[]).unwrap();
