@@ -155,6 +155,7 @@ impl EtcdCluster {
                     "zap",
                     "--unsafe-no-fsync",
                 ])
+                .args(&extra)
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log)
