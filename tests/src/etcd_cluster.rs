@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 
 use crate::netns::Netns;
+use crate::tls::TlsFiles;
 use crate::{wait_for, Result};
 
 pub const ROOT_PASSWORD: &str = "rootpw";
@@ -27,11 +28,13 @@ pub struct Member {
     pub peer_ip: String,
     data_dir: PathBuf,
     child: Option<Child>,
+    /// `https` when clients must present a certificate.
+    scheme: &'static str,
 }
 
 impl Member {
     pub fn endpoint(&self) -> String {
-        format!("http://{}:2379", self.ip)
+        format!("{}://{}:2379", self.scheme, self.ip)
     }
 
     fn peer_url(&self) -> String {
@@ -48,6 +51,8 @@ pub struct EtcdCluster {
     switch_path: PathBuf,
     /// Extra etcd flags for every member.
     extra: Vec<String>,
+    /// Client TLS with client certificates, when on.
+    pub tls: Option<TlsFiles>,
 }
 
 impl EtcdCluster {
@@ -64,6 +69,27 @@ impl EtcdCluster {
         n: usize,
         extra: &[&str],
     ) -> Result<Self> {
+        Self::start_full(switch, tag, dir, n, extra, None)
+    }
+
+    /// Members that serve clients over TLS and require a client certificate signed by the
+    /// test CA (certificates made in `dir`).
+    pub fn start_tls(switch: &Netns, tag: &str, dir: &std::path::Path, n: usize) -> Result<Self> {
+        let ips: Vec<String> = (0..n).map(|i| format!("192.0.2.{}", 2 + i)).collect();
+        let ips: Vec<&str> = ips.iter().map(String::as_str).collect();
+        let tls = TlsFiles::generate(&dir.join("tls"), &ips)?;
+        Self::start_full(switch, tag, dir, n, &[], Some(tls))
+    }
+
+    fn start_full(
+        switch: &Netns,
+        tag: &str,
+        dir: &std::path::Path,
+        n: usize,
+        extra: &[&str],
+        tls: Option<TlsFiles>,
+    ) -> Result<Self> {
+        let scheme = if tls.is_some() { "https" } else { "http" };
         switch.ip(&["link", "add", "brp", "type", "bridge"])?;
         switch.ip(&["link", "set", "brp", "up"])?;
         let mut members = Vec::new();
@@ -96,6 +122,7 @@ impl EtcdCluster {
                 ns,
                 data_dir: dir.join(format!("etcd-m{i}")),
                 child: None,
+                scheme,
             });
         }
         let initial_cluster = members
@@ -109,6 +136,7 @@ impl EtcdCluster {
             auth: false,
             switch_path: switch.path(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            tls,
         };
         for i in 0..n {
             cluster.spawn(i)?;
@@ -128,7 +156,17 @@ impl EtcdCluster {
 
     fn spawn(&mut self, i: usize) -> Result<()> {
         let initial_cluster = self.initial_cluster.clone();
-        let extra = self.extra.clone();
+        let mut extra = self.extra.clone();
+        if let Some(tls) = &self.tls {
+            for (flag, path) in [
+                ("--cert-file", &tls.server_cert),
+                ("--key-file", &tls.server_key),
+                ("--trusted-ca-file", &tls.ca),
+            ] {
+                extra.push(format!("{flag}={}", path.display()));
+            }
+            extra.push("--client-cert-auth".into());
+        }
         let m = &mut self.members[i];
         if m.child.is_some() {
             bail!("etcd member {} already running", m.name);
@@ -258,6 +296,11 @@ impl EtcdCluster {
             .args(["--dial-timeout", "2s", "--command-timeout", "5s"]);
         if self.auth {
             c.arg(format!("--user=root:{ROOT_PASSWORD}"));
+        }
+        if let Some(tls) = &self.tls {
+            c.arg(format!("--cacert={}", tls.ca.display()))
+                .arg(format!("--cert={}", tls.client_cert.display()))
+                .arg(format!("--key={}", tls.client_key.display()));
         }
         c.args(args).env("ETCDCTL_API", "3");
         c

@@ -8,6 +8,7 @@ pub mod container;
 pub mod etcd;
 pub mod etcd_cluster;
 pub mod netns;
+pub mod tls;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

@@ -523,3 +523,61 @@ fn two_agents_sharing_a_pin_dir_from_different_namespaces_are_refused() {
     let mut again = cluster.start_agent(0, &["--udp-dataplane=ebpf"]).unwrap();
     again.wait_ready(READY).unwrap();
 }
+
+#[test]
+fn tls_with_client_certificates_keeps_an_idle_watch_and_survives_an_etcd_restart() {
+    let cluster = Cluster::new(1).unwrap();
+    let mut etcd =
+        EtcdCluster::start_tls(&cluster.switch, &cluster.tag, &cluster.dir.0, 1).unwrap();
+    let tls = etcd.tls.as_ref().unwrap();
+    // The set-up really demands a client certificate: without one etcd refuses.
+    let no_cert = cluster
+        .switch
+        .command("etcdctl")
+        .args(["--endpoints", &etcd.endpoints(), "--dial-timeout", "2s"])
+        .args(["--command-timeout", "3s"])
+        .arg(format!("--cacert={}", tls.ca.display()))
+        .args(["get", "/x"])
+        .env("ETCDCTL_API", "3")
+        .output()
+        .unwrap();
+    assert!(
+        !no_cert.status.success(),
+        "etcd accepted a client without a certificate"
+    );
+    let flags = [
+        format!("--etcd-cafile={}", tls.ca.display()),
+        format!("--etcd-certfile={}", tls.client_cert.display()),
+        format!("--etcd-keyfile={}", tls.client_key.display()),
+    ];
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    etcd.put(&format!("{PREFIX}/config"), ALLOC).unwrap();
+    let mut agent = Agent::start(&cluster.hosts[0], &etcd.endpoints(), &flags).unwrap();
+    agent.wait_ready(READY).unwrap();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(20) {
+        assert_eq!(
+            metric(&agent, "flannel_watch_reconnects_total"),
+            Some(0.0),
+            "watch re-established after {:?} idle:\n{}",
+            start.elapsed(),
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    etcd.stop(0).unwrap();
+    etcd.resume(0).unwrap();
+    etcd.wait_healthy().unwrap();
+    etcd.put(
+        &format!("{SUBNETS}10.244.230.0-24"),
+        &lease_json("192.0.2.90"),
+    )
+    .unwrap();
+    wait_for(
+        Duration::from_secs(15),
+        "a lease put after the restart",
+        || has_peer(&agent, "10.244.230.0/24").then_some(()),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.log()));
+    assert!(agent.try_wait().unwrap().is_none(), "agent exited");
+}
