@@ -403,3 +403,27 @@ impl PeerWatcher {
         Ok(updates)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_records_why_and_since_when_the_watch_is_down() {
+        let stats = WatchStats::default();
+        assert_eq!(stats.health(), WatchHealth::Connecting);
+        stats.set_health(WatchHealth::Up);
+        assert_eq!(stats.down_for(), Duration::ZERO);
+        stats.set_health(WatchHealth::NoLeader);
+        std::thread::sleep(Duration::from_millis(20));
+        // A second failure for another reason keeps the time it went down.
+        stats.set_health(WatchHealth::Unauthenticated);
+        assert_eq!(stats.health(), WatchHealth::Unauthenticated);
+        assert!(stats.down_for() >= Duration::from_millis(20));
+        stats.set_health(WatchHealth::Up);
+        assert_eq!(stats.down_for(), Duration::ZERO);
+        for h in WatchHealth::ALL {
+            assert_eq!(WatchHealth::from_u8(h as u8), h);
+        }
+    }
+}
