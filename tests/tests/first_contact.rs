@@ -123,7 +123,7 @@ fn tls_setup(cluster: &Cluster) -> TlsSetup {
     let dir = cluster.dir.0.join("pki");
     let ca = Ca::new(&dir, "ca").unwrap();
     let other_ca = Ca::new(&dir, "other-ca").unwrap();
-    let server = ca.server("etcd-server", "192.0.2.2").unwrap();
+    let server = ca.server("etcd-server", &["192.0.2.2"]).unwrap();
     let client = ca.client("flannel-client", "flannel").unwrap();
     cluster
         .switch
