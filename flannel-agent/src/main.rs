@@ -438,7 +438,7 @@ enum ReclaimError {
 /// Our key is gone. Deleted by hand while our etcd lease lives: the operator wants us off it,
 /// so exit as upstream does (a restart acquires afresh). Expired: put it back if still free.
 async fn handle_own_key_gone(
-    manager: &LeaseManager,
+    manager: &LeaseManager<EtcdRegistry>,
     registry: &EtcdRegistry,
     own: &Lease,
 ) -> Result<Lease, ReclaimError> {

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use crate::config::{ConfigError, NetworkConfig};
-use crate::subnet::registry::{ConfigState, EtcdRegistry};
+use crate::subnet::etcd::{ConfigState, EtcdRegistry};
 
 /// How often a node still waiting for a missing config says so again.
 const MISSING_REMINDER: Duration = Duration::from_secs(30);

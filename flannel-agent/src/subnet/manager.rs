@@ -8,7 +8,7 @@ use ipnetwork::Ipv4Network;
 use rand::Rng;
 
 use super::allocate::{choose, Choice};
-use super::registry::{EtcdRegistry, RegistryError};
+use super::registry::{Registry, RegistryError};
 use crate::config::NetworkConfig;
 use crate::lease::{Lease, LeaseAttrs};
 
@@ -41,17 +41,17 @@ pub enum RenewOutcome {
     Lost,
 }
 
-pub struct LeaseManager {
-    registry: EtcdRegistry,
+pub struct LeaseManager<R: Registry> {
+    registry: R,
     config: NetworkConfig,
     attrs: LeaseAttrs,
     ttl: Duration,
     renew_margin: Duration,
 }
 
-impl LeaseManager {
+impl<R: Registry> LeaseManager<R> {
     pub fn new(
-        registry: EtcdRegistry,
+        registry: R,
         config: NetworkConfig,
         attrs: LeaseAttrs,
         ttl: Duration,
@@ -222,3 +222,6 @@ impl LeaseManager {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -3,12 +3,16 @@
 
 pub mod allocate;
 pub mod config_wait;
+pub mod etcd;
 pub mod etcd_hint;
 pub mod manager;
+pub mod memory;
 pub mod registry;
 pub mod sanity;
 pub mod watch;
 
+pub use etcd::{EtcdRegistry, RegistryError};
 pub use manager::{LeaseManager, OwnLease};
-pub use registry::{EtcdRegistry, RegistryError};
+pub use memory::MemoryRegistry;
+pub use registry::Registry;
 pub use watch::{PeerEvent, PeerWatcher, WatchUpdate};

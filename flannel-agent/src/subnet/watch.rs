@@ -7,10 +7,10 @@ use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use etcd_client::EventType;
 use tokio::sync::mpsc;
 
-use super::registry::{is_auth_error, EtcdRegistry, RegistryError};
+use super::etcd::is_auth_error;
+use super::registry::{Registry, RegistryError, SubnetChange, SubnetWatch};
 use super::sanity::LeaseSanity;
 use crate::lease::{Lease, SubnetKey};
 
@@ -85,6 +85,7 @@ impl WatchHealth {
     pub fn of_error(e: &RegistryError) -> Self {
         match e {
             RegistryError::Etcd(e) => Self::of_etcd_error(e),
+            RegistryError::Unavailable(m) if m.contains("no leader") => WatchHealth::NoLeader,
             _ => WatchHealth::Unavailable,
         }
     }
@@ -137,8 +138,8 @@ impl WatchStats {
     }
 }
 
-pub struct PeerWatcher {
-    registry: EtcdRegistry,
+pub struct PeerWatcher<R: Registry> {
+    registry: R,
     own: SubnetKey,
     sanity: Option<LeaseSanity>,
     view: BTreeMap<SubnetKey, Lease>,
@@ -154,8 +155,8 @@ enum StreamEnd {
     Compacted,
 }
 
-impl PeerWatcher {
-    pub fn new(registry: EtcdRegistry, own: SubnetKey, stats: Arc<WatchStats>) -> Self {
+impl<R: Registry> PeerWatcher<R> {
+    pub fn new(registry: R, own: SubnetKey, stats: Arc<WatchStats>) -> Self {
         PeerWatcher {
             registry,
             own,
@@ -255,21 +256,20 @@ impl PeerWatcher {
                     Ok(None) => break StreamEnd::Broken(WatchHealth::Unavailable),
                     Err(e) => {
                         log::warn!("subnet watch broke: {e}");
-                        break StreamEnd::Broken(WatchHealth::of_etcd_error(&e));
+                        break StreamEnd::Broken(WatchHealth::of_error(&e));
                     }
                 };
                 unanswered = 0;
                 progress.reset();
-                if resp.compact_revision() > 0 {
+                if resp.compact_revision > 0 {
                     log::warn!(
                         "subnet watch: revision {} is compacted (oldest {}); re-listing",
                         self.revision + 1,
-                        resp.compact_revision()
+                        resp.compact_revision
                     );
                     break StreamEnd::Compacted;
                 }
-                if resp.canceled() {
-                    let reason = resp.cancel_reason();
+                if let Some(reason) = &resp.canceled {
                     log::warn!("subnet watch canceled by etcd: {reason}");
                     let health = if reason.contains("permission denied") || reason.contains("auth")
                     {
@@ -285,7 +285,7 @@ impl PeerWatcher {
                     self.stats.set_health(WatchHealth::Up);
                 }
                 backoff = BACKOFF_MIN;
-                let updates = self.apply_events(resp.events());
+                let updates = self.apply_events(&resp.events);
                 for u in updates {
                     if tx.send(u).await.is_err() {
                         return;
@@ -312,27 +312,17 @@ impl PeerWatcher {
     }
 
     /// Turn one watch response into updates, keeping the view in step.
-    fn apply_events(&mut self, events: &[etcd_client::Event]) -> Vec<WatchUpdate> {
+    fn apply_events(&mut self, events: &[SubnetChange]) -> Vec<WatchUpdate> {
         let mut peers = Vec::new();
         let mut updates = Vec::new();
         for ev in events {
-            let Some(kv) = ev.kv() else { continue };
-            self.set_revision(kv.mod_revision());
-            let Some(key) = self.registry.parse_key(kv.key()) else {
-                log::warn!(
-                    "ignoring etcd key {}: not a subnet key",
-                    String::from_utf8_lossy(kv.key())
-                );
+            self.set_revision(ev.mod_revision);
+            let Some(key) = ev.key else {
+                log::warn!("ignoring etcd key {}: not a subnet key", ev.name);
                 continue;
             };
-            let lease = match ev.event_type() {
-                EventType::Put => {
-                    self.registry
-                        .parse_kv(kv.key(), kv.value(), kv.lease(), kv.mod_revision())
-                }
-                // A malformed value replaced what was there: etcd no longer holds a valid lease.
-                EventType::Delete => None,
-            };
+            // A malformed value replaced what was there: the store no longer holds a valid lease.
+            let lease = ev.lease.clone();
             if key == self.own {
                 if self.own_lease.as_ref() != lease.as_ref() {
                     self.own_lease = lease.clone();
@@ -340,7 +330,7 @@ impl PeerWatcher {
                 }
                 continue;
             }
-            let lease = lease.filter(|l| self.admit(kv.key(), l));
+            let lease = lease.filter(|l| self.admit(ev.name.as_bytes(), l));
             match lease {
                 Some(l) => {
                     let changed = self.view.get(&key).is_none_or(|old| !old.same_content(&l));
@@ -405,25 +395,4 @@ impl PeerWatcher {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn health_records_why_and_since_when_the_watch_is_down() {
-        let stats = WatchStats::default();
-        assert_eq!(stats.health(), WatchHealth::Connecting);
-        stats.set_health(WatchHealth::Up);
-        assert_eq!(stats.down_for(), Duration::ZERO);
-        stats.set_health(WatchHealth::NoLeader);
-        std::thread::sleep(Duration::from_millis(20));
-        // A second failure for another reason keeps the time it went down.
-        stats.set_health(WatchHealth::Unauthenticated);
-        assert_eq!(stats.health(), WatchHealth::Unauthenticated);
-        assert!(stats.down_for() >= Duration::from_millis(20));
-        stats.set_health(WatchHealth::Up);
-        assert_eq!(stats.down_for(), Duration::ZERO);
-        for h in WatchHealth::ALL {
-            assert_eq!(WatchHealth::from_u8(h as u8), h);
-        }
-    }
-}
+mod tests;
