@@ -2,21 +2,19 @@
 //! upstream, plus `/peers` (this node's view of its peers, JSON) for operators and tests, and
 //! `/metrics` (Prometheus text format).
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use ipnetwork::Ipv4Network;
 
-use crate::lease::Lease;
-use crate::metrics::{self, DataplaneSample};
-use crate::subnet::watch::WatchStats;
+use crate::metrics;
+use crate::sampling::LatestSample;
+use crate::status::AgentStatus;
 
 /// `/readyz` stays 200 through short etcd blips; longer than this without seeing etcd's
 /// changes (watch down, no leader, unauthenticated), the node is not ready.
@@ -29,93 +27,71 @@ const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
 /// listener can never take the process to its file descriptor limit.
 pub const MAX_CONNECTIONS: usize = 64;
 
-/// What the agent publishes about itself.
-#[derive(Default)]
-pub struct AgentState {
-    pub ready: AtomicBool,
-    pub own: RwLock<Option<Lease>>,
-    pub peers: RwLock<BTreeMap<Ipv4Network, Lease>>,
-    pub watch: Arc<WatchStats>,
-    /// Unix time our lease expires unless renewed; 0 for a reservation (or no lease yet).
-    pub lease_expiry: AtomicI64,
-    /// Latest data plane counters, refreshed by the main loop (None: no udp data plane).
-    pub dataplane: RwLock<Option<DataplaneSample>>,
-}
-
-impl AgentState {
-    /// Records that `lease` was just acquired or renewed with `ttl`.
-    pub fn set_lease_expiry(&self, lease: &Lease, ttl: Duration) {
-        let expiry = if lease.is_reservation() {
-            0
-        } else {
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default();
-            i64::try_from((now + ttl).as_secs()).unwrap_or(i64::MAX)
-        };
-        self.lease_expiry.store(expiry, Ordering::Relaxed);
-    }
-
-    pub fn peers_json(&self) -> String {
-        let peers = self.peers.read().map(|p| p.clone()).unwrap_or_default();
-        let items: Vec<String> = peers
-            .values()
-            .map(|l| {
-                format!(
-                    "{{\"Subnet\":\"{}\",\"Lease\":{}}}",
-                    l.subnet(),
-                    l.attrs.to_json()
-                )
-            })
-            .collect();
-        format!("[{}]", items.join(","))
-    }
+/// What the handlers read.
+#[derive(Clone)]
+struct Published {
+    status: Arc<AgentStatus>,
+    dataplane: Arc<LatestSample>,
 }
 
 async fn healthz() -> &'static str {
     "flanneld is running"
 }
 
-async fn readyz(State(state): State<Arc<AgentState>>) -> impl IntoResponse {
-    if !state.ready.load(Ordering::Relaxed) {
+async fn readyz(State(p): State<Published>) -> impl IntoResponse {
+    let state = &p.status;
+    if !state.is_ready() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "flanneld is not ready".to_owned(),
         );
     }
-    let down = state.watch.down_for();
+    let down = state.watch().down_for();
     if down > WATCH_DOWN_GRACE {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
                 "flanneld cannot see etcd changes for {}s: {}",
                 down.as_secs(),
-                state.watch.health().name()
+                state.watch().health().name()
             ),
         );
     }
     (StatusCode::OK, "flanneld is ready".to_owned())
 }
 
-async fn peers(State(state): State<Arc<AgentState>>) -> impl IntoResponse {
+async fn peers(State(p): State<Published>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "application/json")],
-        state.peers_json(),
+        p.status.peers_json(),
     )
 }
 
-async fn metrics(State(state): State<Arc<AgentState>>) -> impl IntoResponse {
+async fn metrics(State(p): State<Published>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
-        metrics::render(&state),
+        metrics::render(&p.status, p.dataplane.get().as_ref()),
     )
+}
+
+/// Binds `--healthz-ip`/`--healthz-port` and serves there in its own task.
+pub async fn listen(
+    addr: SocketAddr,
+    status: Arc<AgentStatus>,
+    dataplane: Arc<LatestSample>,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tokio::spawn(serve(listener, status, dataplane));
+    Ok(())
 }
 
 /// Serve on a bound listener until the process exits.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    state: Arc<AgentState>,
+    status: Arc<AgentStatus>,
+    dataplane: Arc<LatestSample>,
 ) -> std::io::Result<()> {
+    let state = Published { status, dataplane };
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

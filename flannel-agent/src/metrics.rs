@@ -1,7 +1,7 @@
 //! `/metrics`: the agent's state in the Prometheus text exposition format (version 0.0.4).
 //!
-//! Rendered from [`AgentState`] on each scrape; the data plane counters reach the state through
-//! [`DataplaneSample`], which the agent's main loop refreshes (handlers cannot reach the backend).
+//! Rendered from [`AgentStatus`] on each scrape; the data plane counters arrive as a
+//! [`DataplaneSample`], which the sampling task refreshes (handlers cannot reach the backend).
 
 use std::fmt::Write;
 use std::path::Path;
@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use crate::backend::udp::ebpf::read_pinned_stats;
 use crate::backend::DataplaneStats;
 use crate::cli::UdpDataplaneKind;
-use crate::health::AgentState;
+use crate::status::AgentStatus;
 use crate::subnet::watch::WatchHealth;
 
 /// The `Content-Type` of the text exposition format.
@@ -115,7 +115,7 @@ fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: impl std
 }
 
 /// The whole `/metrics` body.
-pub fn render(state: &AgentState) -> String {
+pub fn render(state: &AgentStatus, dataplane: Option<&DataplaneSample>) -> String {
     let mut out = String::new();
     family(
         &mut out,
@@ -130,7 +130,7 @@ pub fn render(state: &AgentState) -> String {
         1,
     );
 
-    let own = state.own.read().map(|o| o.clone()).unwrap_or_default();
+    let own = state.own();
     if let Some(own) = own {
         family(
             &mut out,
@@ -158,10 +158,10 @@ pub fn render(state: &AgentState) -> String {
         &mut out,
         "flannel_lease_expiry_timestamp_seconds",
         &[],
-        state.lease_expiry.load(Ordering::Relaxed),
+        state.lease_expiry(),
     );
 
-    let peers = state.peers.read().map(|p| p.len()).unwrap_or(0);
+    let peers = state.peer_count();
     family(
         &mut out,
         "flannel_peers",
@@ -170,7 +170,7 @@ pub fn render(state: &AgentState) -> String {
     );
     sample(&mut out, "flannel_peers", &[], peers);
 
-    let watch = &state.watch;
+    let watch = state.watch();
     family(
         &mut out,
         "flannel_watch_reconnects_total",
@@ -235,13 +235,8 @@ pub fn render(state: &AgentState) -> String {
         watch.down_for().as_secs(),
     );
 
-    let dataplane = state
-        .dataplane
-        .read()
-        .map(|d| d.clone())
-        .unwrap_or_default();
     if let Some(dp) = dataplane {
-        render_dataplane(&mut out, &dp);
+        render_dataplane(&mut out, dp);
     }
     out
 }
@@ -348,7 +343,7 @@ mod tests {
 
     #[test]
     fn fresh_agent_renders_zeroes_and_no_lease_or_dataplane() {
-        let body = render(&AgentState::default());
+        let body = render(&AgentStatus::default(), None);
         assert_eq!(value(&body, "flannel_peers").as_deref(), Some("0"));
         assert_eq!(
             value(&body, "flannel_lease_expiry_timestamp_seconds").as_deref(),
@@ -360,18 +355,18 @@ mod tests {
 
     #[test]
     fn renders_lease_peers_watch_and_dataplane_counters() {
-        let state = AgentState::default();
+        let state = AgentStatus::default();
         let own = lease("10.244.1.0/24", [192, 0, 2, 1], 77);
         state.set_lease_expiry(&own, std::time::Duration::from_secs(3600));
-        *state.own.write().expect("lock") = Some(own);
+        state.set_own(&own);
         for (i, s) in ["10.244.2.0/24", "10.244.3.0/24"].iter().enumerate() {
             let l = lease(s, [192, 0, 2, 2 + i as u8], 5);
-            state.peers.write().expect("lock").insert(l.subnet(), l);
+            state.apply_peer_events(&[crate::subnet::PeerEvent::Added(l)]);
         }
-        state.watch.reconnects.store(3, Ordering::Relaxed);
-        state.watch.relists.store(2, Ordering::Relaxed);
-        state.watch.revision.store(1234, Ordering::Relaxed);
-        *state.dataplane.write().expect("lock") = Some(DataplaneSample {
+        state.watch().reconnects.store(3, Ordering::Relaxed);
+        state.watch().relists.store(2, Ordering::Relaxed);
+        state.watch().revision.store(1234, Ordering::Relaxed);
+        let dataplane = Some(DataplaneSample {
             kind: DataplaneKind::Ebpf,
             stats: DataplaneStats {
                 tx_packets: 10,
@@ -390,7 +385,7 @@ mod tests {
                 not_configured: 8,
             }),
         });
-        let body = render(&state);
+        let body = render(&state, dataplane.as_ref());
         let expect = [
             (
                 "flannel_lease_info{subnet=\"10.244.1.0/24\",public_ip=\"192.0.2.1\"}",
@@ -452,14 +447,14 @@ mod tests {
 
     #[test]
     fn every_family_has_help_and_type_and_every_sample_a_family() {
-        let state = AgentState::default();
-        *state.own.write().expect("lock") = Some(lease("10.244.1.0/24", [192, 0, 2, 1], 0));
-        *state.dataplane.write().expect("lock") = Some(DataplaneSample {
+        let state = AgentStatus::default();
+        state.set_own(&lease("10.244.1.0/24", [192, 0, 2, 1], 0));
+        let dataplane = Some(DataplaneSample {
             kind: DataplaneKind::Tun,
             stats: DataplaneStats::default(),
             ebpf_drops: None,
         });
-        let body = render(&state);
+        let body = render(&state, dataplane.as_ref());
         let mut typed = Vec::new();
         for line in body.lines() {
             if let Some(rest) = line.strip_prefix("# TYPE ") {
@@ -490,12 +485,12 @@ mod tests {
 
     #[test]
     fn reservations_never_expire() {
-        let state = AgentState::default();
+        let state = AgentStatus::default();
         state.set_lease_expiry(
             &lease("10.244.1.0/24", [192, 0, 2, 1], 0),
             std::time::Duration::from_secs(60),
         );
-        assert_eq!(state.lease_expiry.load(Ordering::Relaxed), 0);
+        assert_eq!(state.lease_expiry(), 0);
     }
 
     #[test]

@@ -8,6 +8,7 @@ use crate::subnet::PeerEvent;
 
 pub mod alloc;
 pub mod hostgw;
+pub mod network;
 pub mod route;
 pub mod udp;
 pub mod vxlan;

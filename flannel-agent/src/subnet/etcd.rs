@@ -109,6 +109,18 @@ pub enum ConfigState {
 }
 
 impl EtcdSettings {
+    pub fn from_flags(flags: &crate::cli::Flags) -> Self {
+        EtcdSettings {
+            endpoints: flags.etcd_endpoint_list(),
+            prefix: flags.etcd_prefix.clone(),
+            keyfile: flags.etcd_keyfile.clone(),
+            certfile: flags.etcd_certfile.clone(),
+            cafile: flags.etcd_cafile.clone(),
+            username: flags.etcd_username.clone(),
+            password: flags.etcd_password.clone(),
+        }
+    }
+
     /// Where and how we connect, as error messages name it (never the password). With a CA
     /// file, `http://` endpoints are upgraded to `https://`, as upstream's client does.
     pub fn target(&self) -> EtcdTarget {
@@ -194,6 +206,19 @@ impl EtcdRegistry {
             target,
             authenticated: !settings.username.is_empty(),
         })
+    }
+
+    /// Connects, retrying while etcd is unreachable; only a mistake in the flags or files
+    /// (retrying cannot fix it) comes back as an error.
+    pub async fn connect_when_up(settings: &EtcdSettings) -> Result<Self, RegistryError> {
+        let target = settings.target();
+        crate::retry::with_backoff(
+            "connecting to etcd",
+            |e: &RegistryError| explain_with(e, &target),
+            RegistryError::is_permanent,
+            || Self::connect(settings),
+        )
+        .await
     }
 
     /// One line for an error from this registry: endpoint, flag or file, likely fix.

@@ -5,6 +5,7 @@ pub mod allocate;
 pub mod config_wait;
 pub mod etcd;
 pub mod etcd_hint;
+pub mod lease_keeper;
 pub mod manager;
 pub mod memory;
 pub mod registry;

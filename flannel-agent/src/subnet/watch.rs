@@ -148,6 +148,26 @@ pub struct PeerWatcher<R: Registry> {
     stats: Arc<WatchStats>,
 }
 
+/// Where updates go.
+enum Sink {
+    One(mpsc::Sender<WatchUpdate>),
+    Split {
+        peers: mpsc::Sender<Vec<PeerEvent>>,
+        own: mpsc::Sender<Option<Lease>>,
+    },
+}
+
+impl Sink {
+    /// Err when the receiver went away.
+    async fn send(&self, u: WatchUpdate) -> Result<(), ()> {
+        match (self, u) {
+            (Sink::One(tx), u) => tx.send(u).await.map_err(drop),
+            (Sink::Split { peers, .. }, WatchUpdate::Peers(p)) => peers.send(p).await.map_err(drop),
+            (Sink::Split { own, .. }, WatchUpdate::OwnKey(o)) => own.send(o).await.map_err(drop),
+        }
+    }
+}
+
 enum StreamEnd {
     /// The stream broke (etcd down, network, no leader, auth): resume from the last revision.
     Broken(WatchHealth),
@@ -195,7 +215,21 @@ impl<R: Registry> PeerWatcher<R> {
     }
 
     /// Run until the receiver goes away. The first update is a full listing.
-    pub async fn run(mut self, tx: mpsc::Sender<WatchUpdate>) {
+    pub async fn run(self, tx: mpsc::Sender<WatchUpdate>) {
+        self.run_into(Sink::One(tx)).await
+    }
+
+    /// Run with peer changes and our own key on separate channels (their consumers are
+    /// separate tasks), until either receiver goes away.
+    pub async fn run_split(
+        self,
+        peers: mpsc::Sender<Vec<PeerEvent>>,
+        own: mpsc::Sender<Option<Lease>>,
+    ) {
+        self.run_into(Sink::Split { peers, own }).await
+    }
+
+    async fn run_into(mut self, tx: Sink) {
         let mut backoff = BACKOFF_MIN;
         let mut need_relist = true;
         loop {

@@ -1,0 +1,52 @@
+//! Data plane sampling for `/metrics`, as its own task: once a second it asks the backend
+//! network for the backend's counters (a quick map read there) and adds what only the pinned
+//! eBPF maps know, so a slow read never holds up peer updates.
+
+use std::path::PathBuf;
+use std::sync::RwLock;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::backend::DataplaneStats;
+use crate::cli::UdpDataplaneKind;
+use crate::metrics::DataplaneSample;
+
+/// How often the data plane counters behind `/metrics` are refreshed.
+pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A request to the backend network for its counters (None: no data plane of its own).
+pub type StatsRequest = oneshot::Sender<Option<DataplaneStats>>;
+
+/// The latest sample, read by `/metrics` (None: no udp data plane, or none taken yet).
+#[derive(Default)]
+pub struct LatestSample(RwLock<Option<DataplaneSample>>);
+
+impl LatestSample {
+    pub fn get(&self) -> Option<DataplaneSample> {
+        self.0.read().map(|d| d.clone()).unwrap_or_default()
+    }
+
+    fn set(&self, sample: Option<DataplaneSample>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = sample;
+    }
+}
+
+/// Samples until the backend network goes away.
+pub async fn run(
+    backend: mpsc::Sender<StatsRequest>,
+    requested: UdpDataplaneKind,
+    pin_dir: PathBuf,
+    latest: std::sync::Arc<LatestSample>,
+) {
+    let mut tick = tokio::time::interval(SAMPLE_INTERVAL);
+    loop {
+        tick.tick().await;
+        let (reply, answer) = oneshot::channel();
+        if backend.send(reply).await.is_err() {
+            return;
+        }
+        let Ok(stats) = answer.await else { return };
+        latest.set(DataplaneSample::collect(stats, requested, &pin_dir));
+    }
+}
