@@ -57,12 +57,17 @@ pub fn require_root() {
     );
 }
 
-/// The flanneld binary under test: $FLANNELD_BIN, else target/{release,debug}/flanneld.
+/// The flanneld binary under test: $FLANNELD_BIN, else `flanneld` in the release or debug
+/// dir of the target dir this test binary was built in (`<target>/<profile>/deps/<test>`), so
+/// no guess about `CARGO_TARGET_DIR` or the working directory is needed.
 pub fn flanneld_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("FLANNELD_BIN") {
         return PathBuf::from(p);
     }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
+    let exe = std::env::current_exe().unwrap_or_default();
+    let target = exe
+        .ancestors()
+        .nth(3)
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
     for profile in ["release", "debug"] {
@@ -72,7 +77,7 @@ pub fn flanneld_bin() -> PathBuf {
         }
     }
     panic!(
-        "flanneld binary not found under {}: build it first (cargo build -p flannel-agent) or set FLANNELD_BIN",
+        "flanneld binary not found under {}: build it first (cargo xtask build) or set FLANNELD_BIN",
         target.display()
     );
 }

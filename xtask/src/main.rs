@@ -8,12 +8,11 @@ mod build_ebpf;
 mod demo;
 mod setup;
 mod setup_ebpf;
+mod workspace;
 
-use std::path::PathBuf;
-use std::process::Command;
-
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
+use workspace::{cargo, flanneld_release, run};
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -65,56 +64,17 @@ enum Cmd {
     },
 }
 
-pub fn workspace_root() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    dir.parent().map(PathBuf::from).unwrap_or(dir)
-}
-
-pub fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"))
-}
-
-pub fn flanneld_release() -> PathBuf {
-    target_dir().join("release/flanneld")
-}
-
-pub fn run(cmd: &mut Command) -> Result<()> {
-    eprintln!("+ {cmd:?}");
-    let st = cmd.status().with_context(|| format!("running {cmd:?}"))?;
-    if !st.success() {
-        bail!("{cmd:?} failed: {st}");
-    }
-    Ok(())
-}
-
 fn build_all() -> Result<()> {
     build_ebpf::run(true)?;
-    run(Command::new("cargo").current_dir(workspace_root()).args([
-        "build",
-        "--release",
-        "-p",
-        "flannel-agent",
-    ]))
+    run(cargo().args(["build", "--release", "-p", "flannel-agent"]))
 }
 
 fn test(args: &[String]) -> Result<()> {
     setup::ensure()?;
     build_all()?;
-    let root = workspace_root();
-    run(Command::new("cargo")
-        .current_dir(&root)
-        .args(["fmt", "--all", "--check"]))?;
-    run(Command::new("cargo").current_dir(&root).args([
-        "clippy",
-        "--all-targets",
-        "--",
-        "-D",
-        "warnings",
-    ]))?;
-    run(Command::new("cargo")
-        .current_dir(&root)
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+    run(cargo()
         .env("FLANNELD_BIN", flanneld_release())
         .args(["test", "--release"])
         .args(args))
@@ -135,17 +95,14 @@ fn from_scratch() -> Result<()> {
     demo::run(&flanneld_release())?;
     let demo_s = t.elapsed().as_secs();
     let t = std::time::Instant::now();
-    run(Command::new("cargo")
-        .current_dir(workspace_root())
-        .env("FLANNELD_BIN", flanneld_release())
-        .args([
-            "test",
-            "--release",
-            "-p",
-            "flannel-tests",
-            "--test",
-            "first_contact",
-        ]))?;
+    run(cargo().env("FLANNELD_BIN", flanneld_release()).args([
+        "test",
+        "--release",
+        "-p",
+        "flannel-tests",
+        "--test",
+        "first_contact",
+    ]))?;
     let test_s = t.elapsed().as_secs();
     println!("\n== setup --from-scratch");
     println!(

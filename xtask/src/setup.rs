@@ -4,7 +4,8 @@ use std::process::Command;
 
 use anyhow::{bail, Result};
 
-use crate::{run, setup_ebpf};
+use crate::setup_ebpf;
+use crate::workspace::run;
 
 /// Debian packages the build, the tests and the demo use.
 const PACKAGES: &[&str] = &[

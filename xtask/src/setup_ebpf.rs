@@ -9,6 +9,8 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
+use crate::workspace::run;
+
 /// bpf-linker version known to work with the pinned aya-ebpf and nightly's LLVM.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -146,12 +148,4 @@ fn ensure_bpf_linker(llvm_prefix: &Path, llvm_major: u32) -> Result<()> {
             &root_arg,
         ])
         .env("LLVM_PREFIX", llvm_prefix))
-}
-
-fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
-    if !status.success() {
-        bail!("{cmd:?} failed: {status}");
-    }
-    Ok(())
 }

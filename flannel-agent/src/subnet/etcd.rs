@@ -286,22 +286,6 @@ impl EtcdRegistry {
             .await?)
     }
 
-    /// All subnet leases. Malformed keys or values are skipped with a warning naming the key.
-    pub async fn list_leases(&self) -> Result<LeaseListing, RegistryError> {
-        let resp = self
-            .kv
-            .clone()
-            .get(self.subnets_prefix(), Some(GetOptions::new().with_prefix()))
-            .await?;
-        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-        let leases = resp
-            .kvs()
-            .iter()
-            .filter_map(|kv| self.parse_kv(kv.key(), kv.value(), kv.lease(), kv.mod_revision()))
-            .collect();
-        Ok(LeaseListing { leases, revision })
-    }
-
     /// Parse one subnet key/value; `None` (with a warning) if it is not a valid lease.
     pub fn parse_kv(
         &self,
@@ -318,91 +302,8 @@ impl EtcdRegistry {
         parse_key(&self.subnets_prefix(), key)
     }
 
-    pub async fn grant(&self, ttl: Duration) -> Result<i64, RegistryError> {
-        let ttl = ttl.as_secs().max(1) as i64;
-        Ok(self.client.lease_client().grant(ttl, None).await?.id())
-    }
-
-    pub async fn revoke(&self, etcd_lease: i64) -> Result<(), RegistryError> {
-        match self.client.lease_client().revoke(etcd_lease).await {
-            Ok(_) => Ok(()),
-            // Already gone is what we wanted.
-            Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("not found") => Ok(()),
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    /// Refresh an etcd lease once. Returns the new TTL in seconds, 0 if the lease is gone
-    /// (expired or revoked).
-    pub async fn keep_alive_once(&self, etcd_lease: i64) -> Result<i64, RegistryError> {
-        let call = async {
-            // etcd-client sends the first keep-alive itself and reports TTL 0 (the lease is
-            // gone) as an error, not as a response.
-            let (mut keeper, mut stream) =
-                match self.client.lease_client().keep_alive(etcd_lease).await {
-                    Ok(v) => v,
-                    Err(e) if is_lease_gone(&e) => return Ok(0),
-                    Err(e) => return Err(e.into()),
-                };
-            keeper.keep_alive().await?;
-            match stream.message().await {
-                Ok(Some(resp)) => Ok(resp.ttl().max(0)),
-                Ok(None) => Ok(0),
-                Err(e) if is_lease_gone(&e) => Ok(0),
-                Err(e) => Err(e.into()),
-            }
-        };
-        // A keep-alive stream to a member without a leader can hang: give up and retry.
-        tokio::time::timeout(KEEPALIVE_CALL_TIMEOUT, call)
-            .await
-            .unwrap_or(Err(RegistryError::KeepAliveTimeout(KEEPALIVE_CALL_TIMEOUT)))
-    }
-
-    /// Create `key` only if it does not exist (the compare-and-create of upstream).
-    pub async fn create_if_absent(
-        &self,
-        key: &SubnetKey,
-        attrs: &LeaseAttrs,
-        etcd_lease: i64,
-    ) -> Result<bool, RegistryError> {
-        let k = self.subnet_key(key);
-        let put = put_options(etcd_lease);
-        let txn = Txn::new()
-            .when([Compare::version(k.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(k, attrs.to_json(), put)]);
-        Ok(self.kv.clone().txn(txn).await?.succeeded())
-    }
-
-    /// Replace `key` only if it is still at `mod_revision` (nobody changed it since we read it).
-    pub async fn replace_if_unchanged(
-        &self,
-        key: &SubnetKey,
-        attrs: &LeaseAttrs,
-        etcd_lease: i64,
-        mod_revision: i64,
-    ) -> Result<bool, RegistryError> {
-        let k = self.subnet_key(key);
-        let txn = Txn::new()
-            .when([Compare::mod_revision(
-                k.clone(),
-                CompareOp::Equal,
-                mod_revision,
-            )])
-            .and_then([TxnOp::put(k, attrs.to_json(), put_options(etcd_lease))]);
-        Ok(self.kv.clone().txn(txn).await?.succeeded())
-    }
-
-    /// Current value of one subnet key.
-    pub async fn get_lease(&self, key: &SubnetKey) -> Result<Option<Lease>, RegistryError> {
-        let resp = self.kv.clone().get(self.subnet_key(key), None).await?;
-        Ok(resp
-            .kvs()
-            .first()
-            .and_then(|kv| self.parse_kv(kv.key(), kv.value(), kv.lease(), kv.mod_revision())))
-    }
-
     /// Watch all subnet keys from `start_revision` on.
-    pub async fn watch_subnets(&self, start_revision: i64) -> Result<WatchStream, RegistryError> {
+    async fn open_subnet_watch(&self, start_revision: i64) -> Result<WatchStream, RegistryError> {
         let opts = WatchOptions::new()
             .with_prefix()
             .with_start_revision(start_revision)
@@ -492,19 +393,60 @@ impl Registry for EtcdRegistry {
         EtcdRegistry::refresh_token(self).await
     }
     async fn list_leases(&self) -> Result<LeaseListing, RegistryError> {
-        EtcdRegistry::list_leases(self).await
+        let resp = self
+            .kv
+            .clone()
+            .get(self.subnets_prefix(), Some(GetOptions::new().with_prefix()))
+            .await?;
+        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let leases = resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| self.parse_kv(kv.key(), kv.value(), kv.lease(), kv.mod_revision()))
+            .collect();
+        Ok(LeaseListing { leases, revision })
     }
     async fn get_lease(&self, key: &SubnetKey) -> Result<Option<Lease>, RegistryError> {
-        EtcdRegistry::get_lease(self, key).await
+        let resp = self.kv.clone().get(self.subnet_key(key), None).await?;
+        Ok(resp
+            .kvs()
+            .first()
+            .and_then(|kv| self.parse_kv(kv.key(), kv.value(), kv.lease(), kv.mod_revision())))
     }
     async fn grant(&self, ttl: Duration) -> Result<i64, RegistryError> {
-        EtcdRegistry::grant(self, ttl).await
+        let ttl = ttl.as_secs().max(1) as i64;
+        Ok(self.client.lease_client().grant(ttl, None).await?.id())
     }
     async fn revoke(&self, etcd_lease: i64) -> Result<(), RegistryError> {
-        EtcdRegistry::revoke(self, etcd_lease).await
+        match self.client.lease_client().revoke(etcd_lease).await {
+            Ok(_) => Ok(()),
+            // Already gone is what we wanted.
+            Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("not found") => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
     async fn keep_alive_once(&self, etcd_lease: i64) -> Result<i64, RegistryError> {
-        EtcdRegistry::keep_alive_once(self, etcd_lease).await
+        let call = async {
+            // etcd-client sends the first keep-alive itself and reports TTL 0 (the lease is
+            // gone) as an error, not as a response.
+            let (mut keeper, mut stream) =
+                match self.client.lease_client().keep_alive(etcd_lease).await {
+                    Ok(v) => v,
+                    Err(e) if is_lease_gone(&e) => return Ok(0),
+                    Err(e) => return Err(e.into()),
+                };
+            keeper.keep_alive().await?;
+            match stream.message().await {
+                Ok(Some(resp)) => Ok(resp.ttl().max(0)),
+                Ok(None) => Ok(0),
+                Err(e) if is_lease_gone(&e) => Ok(0),
+                Err(e) => Err(e.into()),
+            }
+        };
+        // A keep-alive stream to a member without a leader can hang: give up and retry.
+        tokio::time::timeout(KEEPALIVE_CALL_TIMEOUT, call)
+            .await
+            .unwrap_or(Err(RegistryError::KeepAliveTimeout(KEEPALIVE_CALL_TIMEOUT)))
     }
     async fn create_if_absent(
         &self,
@@ -512,7 +454,12 @@ impl Registry for EtcdRegistry {
         attrs: &LeaseAttrs,
         etcd_lease: i64,
     ) -> Result<bool, RegistryError> {
-        EtcdRegistry::create_if_absent(self, key, attrs, etcd_lease).await
+        let k = self.subnet_key(key);
+        let put = put_options(etcd_lease);
+        let txn = Txn::new()
+            .when([Compare::version(k.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(k, attrs.to_json(), put)]);
+        Ok(self.kv.clone().txn(txn).await?.succeeded())
     }
     async fn replace_if_unchanged(
         &self,
@@ -521,11 +468,19 @@ impl Registry for EtcdRegistry {
         etcd_lease: i64,
         mod_revision: i64,
     ) -> Result<bool, RegistryError> {
-        EtcdRegistry::replace_if_unchanged(self, key, attrs, etcd_lease, mod_revision).await
+        let k = self.subnet_key(key);
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                k.clone(),
+                CompareOp::Equal,
+                mod_revision,
+            )])
+            .and_then([TxnOp::put(k, attrs.to_json(), put_options(etcd_lease))]);
+        Ok(self.kv.clone().txn(txn).await?.succeeded())
     }
     async fn watch_subnets(&self, start_revision: i64) -> Result<EtcdSubnetWatch, RegistryError> {
         Ok(EtcdSubnetWatch {
-            stream: EtcdRegistry::watch_subnets(self, start_revision).await?,
+            stream: self.open_subnet_watch(start_revision).await?,
             subnets_prefix: self.subnets_prefix(),
         })
     }

@@ -161,6 +161,31 @@ impl MemoryRegistry {
         }
     }
 
+    /// A compare-and-put: writes when `cond` holds for what is stored now.
+    fn write_if(
+        &self,
+        key: &SubnetKey,
+        attrs: &LeaseAttrs,
+        etcd_lease: i64,
+        cond: impl FnOnce(Option<&Entry>) -> bool,
+    ) -> Result<bool, RegistryError> {
+        self.run_write_hook();
+        drop(self.up()?);
+        let name = key.to_string();
+        self.mutate(|s| {
+            if etcd_lease != 0 && !s.leases.contains_key(&etcd_lease) {
+                return Err(RegistryError::Unavailable(
+                    "requested lease not found".into(),
+                ));
+            }
+            if !cond(s.keys.get(&name)) {
+                return Ok(false);
+            }
+            s.write(&name, Some(attrs.to_json().into_bytes()), etcd_lease);
+            Ok(true)
+        })
+    }
+
     /// Store `value` under `<prefix>/subnets/<name>` as another writer would.
     pub fn put_raw(&self, name: &str, value: &[u8], etcd_lease: i64) -> i64 {
         self.mutate(|s| {
@@ -285,21 +310,8 @@ impl Registry for MemoryRegistry {
         attrs: &LeaseAttrs,
         etcd_lease: i64,
     ) -> Result<bool, RegistryError> {
-        self.run_write_hook();
-        drop(self.up()?);
-        let name = key.to_string();
-        self.mutate(|s| {
-            if etcd_lease != 0 && !s.leases.contains_key(&etcd_lease) {
-                return Err(RegistryError::Unavailable(
-                    "requested lease not found".into(),
-                ));
-            }
-            if s.keys.contains_key(&name) {
-                return Ok(false);
-            }
-            s.write(&name, Some(attrs.to_json().into_bytes()), etcd_lease);
-            Ok(true)
-        })
+        // As etcd's `version == 0`: only an absent key.
+        self.write_if(key, attrs, etcd_lease, |current| current.is_none())
     }
     async fn replace_if_unchanged(
         &self,
@@ -308,22 +320,9 @@ impl Registry for MemoryRegistry {
         etcd_lease: i64,
         mod_revision: i64,
     ) -> Result<bool, RegistryError> {
-        self.run_write_hook();
-        drop(self.up()?);
-        let name = key.to_string();
-        self.mutate(|s| {
-            if etcd_lease != 0 && !s.leases.contains_key(&etcd_lease) {
-                return Err(RegistryError::Unavailable(
-                    "requested lease not found".into(),
-                ));
-            }
-            // As etcd: an absent key has mod_revision 0.
-            let current = s.keys.get(&name).map(|e| e.mod_revision).unwrap_or(0);
-            if current != mod_revision {
-                return Ok(false);
-            }
-            s.write(&name, Some(attrs.to_json().into_bytes()), etcd_lease);
-            Ok(true)
+        // As etcd: an absent key has mod_revision 0.
+        self.write_if(key, attrs, etcd_lease, |current| {
+            current.map_or(0, |e| e.mod_revision) == mod_revision
         })
     }
     async fn watch_subnets(&self, start_revision: i64) -> Result<MemoryWatch, RegistryError> {

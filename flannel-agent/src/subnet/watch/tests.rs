@@ -124,30 +124,26 @@ async fn peers_in(reg: &MemoryRegistry) -> Map<SubnetKey, LeaseAttrs> {
         .collect()
 }
 
+/// The peers an update adds (`adds`) or removes.
+fn changed(u: &WatchUpdate, adds: bool) -> Vec<SubnetKey> {
+    let WatchUpdate::Peers(evs) = u else {
+        return Vec::new();
+    };
+    evs.iter()
+        .filter_map(|e| match e {
+            PeerEvent::Added(l) if adds => Some(l.key),
+            PeerEvent::Removed(l) if !adds => Some(l.key),
+            _ => None,
+        })
+        .collect()
+}
+
 fn added(u: &WatchUpdate) -> Vec<SubnetKey> {
-    match u {
-        WatchUpdate::Peers(evs) => evs
-            .iter()
-            .filter_map(|e| match e {
-                PeerEvent::Added(l) => Some(l.key),
-                PeerEvent::Removed(_) => None,
-            })
-            .collect(),
-        WatchUpdate::OwnKey(_) => Vec::new(),
-    }
+    changed(u, true)
 }
 
 fn removed(u: &WatchUpdate) -> Vec<SubnetKey> {
-    match u {
-        WatchUpdate::Peers(evs) => evs
-            .iter()
-            .filter_map(|e| match e {
-                PeerEvent::Removed(l) => Some(l.key),
-                PeerEvent::Added(_) => None,
-            })
-            .collect(),
-        WatchUpdate::OwnKey(_) => Vec::new(),
-    }
+    changed(u, false)
 }
 
 async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
