@@ -35,13 +35,34 @@ impl DataplaneKind {
 pub struct DataplaneSample {
     pub kind: DataplaneKind,
     pub stats: DataplaneStats,
-    /// TTL expiries at the tunnel hop: only the eBPF programs count them (in the pinned map).
-    pub ttl_exceeded: Option<u64>,
+    /// Drop reasons only the eBPF programs count (in the pinned map).
+    pub ebpf_drops: Option<EbpfDrops>,
+}
+
+/// Drop counters of the eBPF programs that the TUN data plane has no equivalent of.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EbpfDrops {
+    /// TTL expiries at the tunnel hop.
+    pub ttl_exceeded: u64,
+    /// Outer IPv4 header checksum wrong.
+    pub bad_ip_checksum: u64,
+    /// Frames for another host's MAC.
+    pub other_host: u64,
+}
+
+impl EbpfDrops {
+    fn from_stats(s: &flannel_common::Stats) -> Self {
+        EbpfDrops {
+            ttl_exceeded: s.drop_ttl_exceeded,
+            bad_ip_checksum: s.drop_bad_ip_checksum,
+            other_host: s.drop_other_host,
+        }
+    }
 }
 
 impl DataplaneSample {
     /// Reads the running data plane: `stats` from the backend (None: no udp data plane), the
-    /// TTL counter from the pinned eBPF map when the eBPF data plane may be the one running.
+    /// eBPF-only counters from the pinned map when the eBPF data plane may be the one running.
     pub fn collect(
         stats: Option<DataplaneStats>,
         requested: UdpDataplaneKind,
@@ -60,7 +81,7 @@ impl DataplaneSample {
         Some(DataplaneSample {
             kind,
             stats,
-            ttl_exceeded: pinned.map(|p| p.drop_ttl_exceeded),
+            ebpf_drops: pinned.as_ref().map(EbpfDrops::from_stats),
         })
     }
 }
@@ -254,8 +275,10 @@ fn render_dataplane(out: &mut String, dp: &DataplaneSample) {
         ("unknown_sender", s.drop_unknown_sender),
         ("spoofed_source", s.drop_spoofed_source),
     ];
-    if let Some(ttl) = dp.ttl_exceeded {
-        drops.push(("ttl_exceeded", ttl));
+    if let Some(e) = &dp.ebpf_drops {
+        drops.push(("ttl_exceeded", e.ttl_exceeded));
+        drops.push(("bad_ip_checksum", e.bad_ip_checksum));
+        drops.push(("other_host", e.other_host));
     }
     for (reason, n) in drops {
         sample(
@@ -327,7 +350,11 @@ mod tests {
                 drop_unknown_sender: 4,
                 drop_spoofed_source: 5,
             },
-            ttl_exceeded: Some(6),
+            ebpf_drops: Some(EbpfDrops {
+                ttl_exceeded: 6,
+                bad_ip_checksum: 7,
+                other_host: 8,
+            }),
         });
         let body = render(&state);
         let expect = [
@@ -359,6 +386,11 @@ mod tests {
                 "flannel_dataplane_drops_total{reason=\"ttl_exceeded\"}",
                 "6",
             ),
+            (
+                "flannel_dataplane_drops_total{reason=\"bad_ip_checksum\"}",
+                "7",
+            ),
+            ("flannel_dataplane_drops_total{reason=\"other_host\"}", "8"),
         ];
         for (series, want) in expect {
             assert_eq!(
@@ -387,7 +419,7 @@ mod tests {
         *state.dataplane.write().expect("lock") = Some(DataplaneSample {
             kind: DataplaneKind::Tun,
             stats: DataplaneStats::default(),
-            ttl_exceeded: None,
+            ebpf_drops: None,
         });
         let body = render(&state);
         let mut typed = Vec::new();
@@ -412,8 +444,10 @@ mod tests {
             body.contains("flannel_dataplane_info{kind=\"tun\"} 1"),
             "{body}"
         );
-        // The TUN data plane does not count TTL expiries: no made-up zero.
-        assert!(!body.contains("ttl_exceeded"), "{body}");
+        // The TUN data plane does not count these: no made-up zeros.
+        for reason in ["ttl_exceeded", "bad_ip_checksum", "other_host"] {
+            assert!(!body.contains(reason), "{body}");
+        }
     }
 
     #[test]
