@@ -165,15 +165,12 @@ impl Agent {
 
     /// FLANNEL_SUBNET from subnet.env, as the network address (e.g. 10.244.5.0/24).
     pub fn subnet(&self) -> Option<String> {
-        let line = self.subnet_env_value("FLANNEL_SUBNET")?;
-        let (ip, len) = line.split_once('/')?;
-        let ip: std::net::Ipv4Addr = ip.parse().ok()?;
-        let len: u32 = len.parse().ok()?;
-        let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
-        Some(format!(
-            "{}/{len}",
-            std::net::Ipv4Addr::from(u32::from(ip) & mask)
-        ))
+        self.subnet_env().ok()?.subnet_network().ok()
+    }
+
+    /// This agent's subnet.env, as the CNI rendering reads it.
+    pub fn subnet_env(&self) -> Result<crate::cni::SubnetEnv> {
+        crate::cni::SubnetEnv::read(&self.subnet_file)
     }
 
     pub fn signal(&self, sig: Signal) -> Result<()> {

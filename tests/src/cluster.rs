@@ -1,5 +1,6 @@
 //! A small cluster: a "switch" namespace with a bridge on the underlay 192.0.2.0/24 and etcd at
-//! 192.0.2.1, and N host namespaces each joined to the bridge by a veth (`eth0`, 192.0.2.10+i).
+//! 192.0.2.1, and N host namespaces each joined to the bridge by a veth (`eth0`, 192.0.2.10+i),
+//! in one of two [`Underlay`] modes.
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -14,6 +15,37 @@ use crate::{Result, TempDir};
 pub const ETCD_IP: &str = "192.0.2.1";
 pub const DEFAULT_PREFIX: &str = "/coreos.com/network";
 
+/// How the underlay carries frames between hosts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Underlay {
+    /// Plain veths: GSO super-packets (64 KB) cross from host to host whole. The best case.
+    Veth,
+    /// Like a physical NIC and switch: the switch port towards each host segments to MTU-sized
+    /// frames (`ethtool -K <port> tso off gso off tx-udp-segmentation off`) and the host's
+    /// `eth0` aggregates them again with GRO (`ethtool -K eth0 gro on`). What real hosts see.
+    Nic,
+}
+
+impl Underlay {
+    pub const ALL: [Underlay; 2] = [Underlay::Veth, Underlay::Nic];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Underlay::Veth => "veth",
+            Underlay::Nic => "nic",
+        }
+    }
+
+    /// `$FLANNEL_TEST_UNDERLAY` (`veth` or `nic`), else `veth`: runs any test on either.
+    pub fn from_env() -> Result<Self> {
+        match std::env::var("FLANNEL_TEST_UNDERLAY").as_deref() {
+            Err(_) | Ok("") | Ok("veth") => Ok(Underlay::Veth),
+            Ok("nic") => Ok(Underlay::Nic),
+            Ok(other) => anyhow::bail!("FLANNEL_TEST_UNDERLAY={other}: expected veth or nic"),
+        }
+    }
+}
+
 pub struct Host {
     pub index: usize,
     pub ns: Netns,
@@ -23,6 +55,11 @@ pub struct Host {
 }
 
 impl Host {
+    /// host-local's state for containers on this host (never the machine-wide default).
+    pub fn cni_data_dir(&self) -> PathBuf {
+        self.dir.join("cni")
+    }
+
     /// Where this host's agent pins its eBPF state (the harness's --bpf-pin-dir).
     pub fn pin_dir(&self) -> String {
         format!("/sys/fs/bpf/{}", self.ns.name)
@@ -54,6 +91,7 @@ impl Host {
 
 pub struct Cluster {
     pub tag: String,
+    pub underlay: Underlay,
     // Field order is drop order: hosts and etcd go before the switch and the temp dir.
     pub hosts: Vec<Host>,
     pub etcd: Etcd,
@@ -62,8 +100,12 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Bring up etcd and `n` hosts (n <= 200).
+    /// Bring up etcd and `n` hosts (n <= 200) on the underlay `$FLANNEL_TEST_UNDERLAY` names.
     pub fn new(n: usize) -> Result<Self> {
+        Self::with_underlay(n, Underlay::from_env()?)
+    }
+
+    pub fn with_underlay(n: usize, underlay: Underlay) -> Result<Self> {
         crate::require_root();
         netns::remove_stale();
         let tag = netns::unique_tag();
@@ -75,6 +117,7 @@ impl Cluster {
         let etcd = Etcd::start(&switch, ETCD_IP, dir.0.join("etcd"))?;
         let mut cluster = Cluster {
             tag,
+            underlay,
             hosts: Vec::new(),
             etcd,
             switch,
@@ -103,6 +146,22 @@ impl Cluster {
         // A veth hands a UDP GSO train to its peer in one piece; a real wire (or NIC) never
         // does. Segment UDP GSO on transmit, as a NIC without UDP segmentation offload would.
         ns.exec("ethtool", &["-K", "eth0", "tx-udp-segmentation", "off"])?;
+        if self.underlay == Underlay::Nic {
+            self.switch.exec(
+                "ethtool",
+                &[
+                    "-K",
+                    &port,
+                    "tso",
+                    "off",
+                    "gso",
+                    "off",
+                    "tx-udp-segmentation",
+                    "off",
+                ],
+            )?;
+            ns.exec("ethtool", &["-K", "eth0", "gro", "on"])?;
+        }
         ns.ip(&["route", "add", "default", "via", ETCD_IP])?;
         ns.sysctl("net.ipv4.ip_forward", "1")?;
         let dir = self.dir.0.join(format!("h{index}"));

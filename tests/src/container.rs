@@ -1,103 +1,61 @@
-//! A "container" behind a host: its own namespace joined to the host by a veth, with the
-//! host's flannel subnet on the link (host side .1, container side .2), as the flannel CNI
-//! bridge would give it.
+//! A container on a host: its own namespace attached by the real CNI plugins with the
+//! delegate config flannel's CNI plugin renders from the host's subnet.env (see `cni`), so it
+//! hangs off the host's `cni0` bridge like a pod. CNI DEL runs before the namespace goes.
 
 use std::net::Ipv4Addr;
-
-use anyhow::Context;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::cluster::Host;
+use crate::cni::{self, Attachment, SubnetEnv};
 use crate::netns::Netns;
 use crate::Result;
 
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
 pub struct Container {
+    /// Dropped first: CNI DEL needs the namespace.
+    pub attachment: Attachment,
     pub ns: Netns,
     pub ip: Ipv4Addr,
+    /// Index of the host it runs on.
+    pub host: usize,
 }
 
 impl Container {
-    /// Create a container for `host` in `subnet` (e.g. "10.244.5.0/24"), with `mtu` on its link.
-    pub fn create(host: &Host, subnet: &str, mtu: u32) -> Result<Self> {
-        let (net, len) = subnet.split_once('/').context("subnet without length")?;
-        let net: Ipv4Addr = net.parse()?;
-        let gw = Ipv4Addr::from(u32::from(net) + 1);
-        let ip = Ipv4Addr::from(u32::from(net) + 2);
-        let ns = Netns::create(&format!("{}-c", host.ns.name))?;
-        let mtu = mtu.to_string();
-        // The container end is born in the container namespace: the host has its own eth0.
-        host.ns.ip(&[
-            "link", "add", "veth-c", "mtu", &mtu, "type", "veth", "peer", "name", "eth0", "mtu",
-            &mtu, "netns", &ns.name,
-        ])?;
-        host.ns
-            .ip(&["addr", "add", &format!("{gw}/{len}"), "dev", "veth-c"])?;
-        host.ns.ip(&["link", "set", "veth-c", "up"])?;
-        ns.ip(&["addr", "add", &format!("{ip}/{len}"), "dev", "eth0"])?;
-        ns.ip(&["link", "set", "eth0", "up"])?;
-        ns.ip(&["route", "add", "default", "via", &gw.to_string()])?;
-        Ok(Container { ns, ip })
+    /// Attach a new container to `host` with the CNI config rendered from `env` (the host's
+    /// subnet.env).
+    pub fn attach(host: &Host, env: &SubnetEnv) -> Result<Self> {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let ns = Netns::create(&format!("{}-c{n}", host.ns.name))?;
+        let config = cni::delegate_config(env, &host.cni_data_dir())?;
+        let attachment = Attachment::add(&host.ns.path(), &ns.path(), &ns.name, config)?;
+        Ok(Container {
+            ip: attachment.ip,
+            attachment,
+            ns,
+            host: host.index,
+        })
+    }
+
+    /// CNI DEL now (instead of on drop), reporting the plugin's errors.
+    pub fn detach(&mut self) -> Result<()> {
+        self.attachment.detach()
+    }
+
+    /// `ping -n -q -c count -i 0.01 <extra> dst` from inside the container.
+    pub fn ping_command(&self, dst: Ipv4Addr, count: u32, extra: &[&str]) -> std::process::Command {
+        let mut c = self.ns.command("ping");
+        c.args(["-n", "-q", "-c", &count.to_string(), "-i", "0.01"])
+            .args(extra)
+            .arg(dst.to_string());
+        c
     }
 
     /// `ping -c count` to `dst`; Ok(true) when every reply came back.
     pub fn ping(&self, dst: Ipv4Addr, count: u32, timeout_s: u32) -> Result<bool> {
         let out = self
-            .ns
-            .command("ping")
-            .args([
-                "-n",
-                "-q",
-                "-c",
-                &count.to_string(),
-                "-i",
-                "0.01",
-                "-W",
-                &timeout_s.to_string(),
-            ])
-            .arg(dst.to_string())
+            .ping_command(dst, count, &["-W", &timeout_s.to_string()])
             .output()?;
         Ok(out.status.success())
     }
-}
-
-/// Send `bytes` over TCP from `src` to `dst` (port 5001); returns what `dst` received.
-pub fn tcp_transfer(src: &Container, dst: &Container, bytes: usize) -> Result<usize> {
-    use std::io::{Read, Write};
-    use std::net::{SocketAddr, TcpListener, TcpStream};
-    use std::time::Duration;
-    let addr = SocketAddr::from((dst.ip, 5001));
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let server = dst.ns.spawn_in(move || -> Result<usize> {
-        let l = TcpListener::bind(addr);
-        let _ = ready_tx.send(());
-        let l = l?;
-        // Never hang the test: give up accepting after a deadline.
-        l.set_nonblocking(true)?;
-        let mut s = crate::wait_for(Duration::from_secs(15), "a TCP connection", || {
-            l.accept().ok()
-        })?
-        .0;
-        s.set_nonblocking(false)?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf)?;
-        Ok(buf.len())
-    })?;
-    ready_rx.recv_timeout(Duration::from_secs(5))?;
-    let sent = src.ns.run_in(move || -> Result<()> {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-        s.set_write_timeout(Some(Duration::from_secs(10)))?;
-        let chunk = vec![0x5au8; 64 * 1024];
-        let mut left = bytes;
-        while left > 0 {
-            let n = left.min(chunk.len());
-            s.write_all(&chunk[..n])?;
-            left -= n;
-        }
-        Ok(())
-    })?;
-    let received = server
-        .join()
-        .map_err(|_| anyhow::anyhow!("server thread panicked"))?;
-    sent?;
-    received?
 }

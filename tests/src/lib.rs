@@ -1,21 +1,28 @@
-//! Test harness: network namespaces, a real etcd server, hosts and flanneld agents, all kept
-//! inside namespaces this process creates (and removes on success and failure).
+//! Test harness: network namespaces, a real etcd server, hosts and flanneld agents, containers
+//! attached by the real CNI plugins, all kept inside namespaces this process creates (and
+//! removes on success and failure). `overlay::Overlay` puts them together.
 
 pub mod agent;
 pub mod bpf;
 pub mod cluster;
+pub mod cni;
 pub mod container;
 pub mod etcd;
 pub mod netns;
+pub mod overlay;
+pub mod traffic;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 pub use agent::Agent;
-pub use cluster::{Cluster, Host};
-pub use container::{tcp_transfer, Container};
+pub use cluster::{Cluster, Host, Underlay};
+pub use cni::SubnetEnv;
+pub use container::Container;
 pub use etcd::Etcd;
 pub use netns::Netns;
+pub use overlay::{Overlay, OverlayBuilder};
+pub use traffic::{tcp_send, tcp_transfer, Transfer};
 
 pub type Result<T> = anyhow::Result<T>;
 

@@ -1,9 +1,9 @@
 //! `/metrics` end to end: two hosts on the udp backend with the eBPF data plane, real etcd,
-//! a ping across the overlay, then the Prometheus text from each agent's health listener.
+//! a ping between CNI-attached containers across the overlay, then the Prometheus text from each agent's health listener.
 
 use std::time::Duration;
 
-use flannel_tests::{wait_for, Cluster, Container};
+use flannel_tests::{wait_for, Overlay};
 
 const UDP: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#;
 
@@ -16,22 +16,11 @@ fn value(body: &str, series: &str) -> Option<f64> {
 
 #[test]
 fn metrics_show_lease_peers_and_dataplane_counters() {
-    let cluster = Cluster::new(2).unwrap();
-    cluster.set_config(UDP).unwrap();
-    let mut agents: Vec<_> = (0..2)
-        .map(|i| cluster.start_agent(i, &["--udp-dataplane=ebpf"]).unwrap())
-        .collect();
-    let mut containers = Vec::new();
-    for (i, a) in agents.iter_mut().enumerate() {
-        a.wait_ready(Duration::from_secs(20)).unwrap();
-        containers.push(Container::create(&cluster.hosts[i], &a.subnet().unwrap(), 1472).unwrap());
-    }
-    for a in &agents {
-        wait_for(Duration::from_secs(5), "peer known", || {
-            (a.peers().ok()?.len() == 1).then_some(())
-        })
+    let o = Overlay::builder(UDP, 2)
+        .flags(&["--udp-dataplane=ebpf"])
+        .start()
         .unwrap();
-    }
+    let (agents, containers) = (&o.agents, &o.containers);
     assert!(
         containers[0].ping(containers[1].ip, 3, 2).unwrap(),
         "ping across the overlay"
@@ -67,6 +56,4 @@ fn metrics_show_lease_peers_and_dataplane_counters() {
             "{body}"
         );
     }
-    drop(containers);
-    drop(agents);
 }

@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use flannel_tests::{flanneld_bin, wait_for, Agent, Cluster, Container};
+use flannel_tests::{flanneld_bin, wait_for, Container, Overlay};
 use nix::sys::signal::Signal;
 
 const UDP: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#;
@@ -18,28 +18,6 @@ const FAKE_LEASE: &str = r#"{"PublicIP":"198.51.100.250"}"#;
 /// Long enough that no lease expires during an outage.
 const TTL: &str = "--subnet-lease-ttl=24h";
 
-struct Overlay {
-    // Drop order: containers and agents before the cluster's namespaces.
-    containers: Vec<Container>,
-    agents: Vec<Agent>,
-    cluster: Cluster,
-}
-
-impl Drop for Overlay {
-    /// Agents first, then their pins: the harness removes namespaces, not bpffs pins.
-    fn drop(&mut self) {
-        for a in &mut self.agents {
-            let _ = a.stop();
-        }
-        for h in 0..self.cluster.hosts.len() {
-            let dir = pin_dir(self, h);
-            if std::path::Path::new(&dir).exists() {
-                let _ = std::fs::remove_dir_all(&dir);
-            }
-        }
-    }
-}
-
 fn agent_flags(extra: &[&'static str]) -> Vec<&'static str> {
     let mut f = vec!["--udp-dataplane=ebpf", TTL];
     f.extend_from_slice(extra);
@@ -48,35 +26,18 @@ fn agent_flags(extra: &[&'static str]) -> Vec<&'static str> {
 
 /// Two eBPF hosts with a container each, plus the fake peer lease in every peer map.
 fn overlay(extra: &[&'static str]) -> Overlay {
-    let cluster = Cluster::new(2).unwrap();
-    cluster.set_config(UDP).unwrap();
-    cluster
-        .etcd
-        .put(&format!("{SUBNETS}{FAKE_KEY}"), FAKE_LEASE)
+    let o = Overlay::builder(UDP, 2)
+        .flags(&agent_flags(extra))
+        .before_agents(|cluster| {
+            cluster
+                .etcd
+                .put(&format!("{SUBNETS}{FAKE_KEY}"), FAKE_LEASE)
+        })
+        .no_peer_wait()
+        .start()
         .unwrap();
-    let mut agents = Vec::new();
-    for i in 0..2 {
-        agents.push(cluster.start_agent(i, &agent_flags(extra)).unwrap());
-    }
-    let mut containers = Vec::new();
-    for (i, a) in agents.iter_mut().enumerate() {
-        a.wait_ready(Duration::from_secs(20)).unwrap();
+    for (h, a) in o.agents.iter().enumerate() {
         assert!(a.log().contains("eBPF data plane"), "{}", a.log());
-        containers.push(
-            Container::create(
-                &cluster.hosts[i],
-                &a.subnet().unwrap(),
-                a.mtu().expect("FLANNEL_MTU in subnet.env"),
-            )
-            .unwrap(),
-        );
-    }
-    let o = Overlay {
-        containers,
-        agents,
-        cluster,
-    };
-    for h in 0..2 {
         wait_for(Duration::from_secs(5), "both peers in the map", || {
             (pinned_peer_subnets(&o, h).len() == 2).then_some(())
         })
@@ -96,19 +57,7 @@ fn pinned_peer_subnets(o: &Overlay, host: usize) -> Vec<String> {
 
 /// Ping at 100 packets per second, in the background.
 fn start_ping(src: &Container, dst: Ipv4Addr, count: u32) -> Child {
-    src.ns
-        .command("ping")
-        .args([
-            "-n",
-            "-q",
-            "-i",
-            "0.01",
-            "-W",
-            "2",
-            "-c",
-            &count.to_string(),
-        ])
-        .arg(dst.to_string())
+    src.ping_command(dst, count, &["-W", "2"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

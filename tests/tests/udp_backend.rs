@@ -1,34 +1,21 @@
-//! The udp backend end to end: three hosts with a container each, real etcd, real packets, with
-//! the eBPF data plane, the TUN data plane, and both mixed.
+//! The udp backend end to end: three hosts with a CNI-attached container each, real etcd, real
+//! packets, with the eBPF data plane, the TUN data plane, and both mixed.
 
 use std::time::{Duration, Instant};
 
-use flannel_tests::{tcp_transfer, wait_for, Agent, Cluster, Container};
+use flannel_tests::{wait_for, Overlay};
 
 const UDP: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#;
 const SUBNETS: &str = "/coreos.com/network/subnets/";
 
-struct Overlay {
-    // Drop order: containers and agents before the cluster's namespaces.
-    containers: Vec<Container>,
-    agents: Vec<Agent>,
-    cluster: Cluster,
-}
-
+/// One host per entry of `dataplanes` (`ebpf` or `tun`), a CNI-attached container on each.
 fn overlay(dataplanes: &[&str]) -> Overlay {
-    let cluster = Cluster::new(dataplanes.len()).unwrap();
-    cluster.set_config(UDP).unwrap();
-    let mut agents = Vec::new();
+    let mut b = Overlay::builder(UDP, dataplanes.len());
     for (i, dp) in dataplanes.iter().enumerate() {
-        agents.push(
-            cluster
-                .start_agent(i, &[&format!("--udp-dataplane={dp}")])
-                .unwrap(),
-        );
+        b = b.host_flags(i, &[&format!("--udp-dataplane={dp}")]);
     }
-    let mut containers = Vec::new();
-    for (i, a) in agents.iter_mut().enumerate() {
-        a.wait_ready(Duration::from_secs(20)).unwrap();
+    let o = b.start().unwrap();
+    for (i, a) in o.agents.iter().enumerate() {
         assert_eq!(a.mtu().expect("FLANNEL_MTU in subnet.env"), 1500 - 28);
         let want = if dataplanes[i] == "tun" {
             "TUN data plane"
@@ -40,74 +27,27 @@ fn overlay(dataplanes: &[&str]) -> Overlay {
             "host {i}: expected {want}:\n{}",
             a.log()
         );
-        containers.push(
-            Container::create(
-                &cluster.hosts[i],
-                &a.subnet().unwrap(),
-                a.mtu().expect("FLANNEL_MTU in subnet.env"),
-            )
-            .unwrap(),
-        );
     }
-    for a in &agents {
-        wait_for(Duration::from_secs(5), "all peers known", || {
-            (a.peers().ok()?.len() == dataplanes.len() - 1).then_some(())
-        })
-        .unwrap();
-    }
-    Overlay {
-        containers,
-        agents,
-        cluster,
-    }
-}
-
-fn all_pairs_talk(o: &Overlay) {
-    let n = o.containers.len();
-    for i in 0..n {
-        for j in 0..n {
-            if i == j {
-                continue;
-            }
-            let (src, dst) = (&o.containers[i], &o.containers[j]);
-            assert!(
-                src.ping(dst.ip, 3, 2).unwrap(),
-                "ping {} -> {} failed\n{}",
-                src.ip,
-                dst.ip,
-                o.agents[i].log()
-            );
-            // Large enough for full-size segments and GSO super-packets.
-            let got = tcp_transfer(src, dst, 4 << 20).unwrap_or_else(|e| {
-                panic!(
-                    "TCP {} -> {}: {e}\n{}\n{}",
-                    src.ip,
-                    dst.ip,
-                    o.agents[i].log(),
-                    o.agents[j].log()
-                )
-            });
-            assert_eq!(got, 4 << 20, "TCP {} -> {}", src.ip, dst.ip);
-        }
-    }
+    o
 }
 
 #[test]
 fn ebpf_all_pairs_ping_and_tcp() {
     let o = overlay(&["ebpf", "ebpf", "ebpf"]);
-    all_pairs_talk(&o);
+    // Large enough for full-size segments and GSO super-packets.
+    o.check_all_pairs(4 << 20).unwrap();
 }
 
 #[test]
 fn tun_all_pairs_ping_and_tcp() {
     let o = overlay(&["tun", "tun", "tun"]);
-    all_pairs_talk(&o);
+    o.check_all_pairs(4 << 20).unwrap();
 }
 
 #[test]
 fn mixed_ebpf_and_tun_hosts_interoperate() {
     let o = overlay(&["ebpf", "ebpf", "tun"]);
-    all_pairs_talk(&o);
+    o.check_all_pairs(4 << 20).unwrap();
 }
 
 fn pinned_peer_subnets(o: &Overlay, host: usize) -> Vec<String> {

@@ -1,14 +1,10 @@
 //! The vxlan and host-gw backends and the iptables rules, end to end: hosts in namespaces with a
 //! container each, real etcd, real kernel devices, routes and netfilter.
 
-use std::fs::File;
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
-use std::os::fd::AsFd;
+use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
-use flannel_tests::{wait_for, Agent, Cluster, Container, Netns, Result};
+use flannel_tests::{tcp_send, wait_for, Agent, Cluster, Netns, Overlay};
 
 const VXLAN: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
 const HOSTGW: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#;
@@ -17,147 +13,13 @@ const READY: Duration = Duration::from_secs(20);
 /// The agents re-check devices and routes every 10 s.
 const RESYNC: Duration = Duration::from_secs(15);
 
-struct Net {
-    // Field order is drop order: containers and agents before the cluster's namespaces.
-    containers: Vec<Container>,
-    agents: Vec<Agent>,
-    cluster: Cluster,
-}
-
 fn subnet_env_value(agent: &Agent, key: &str) -> String {
     agent.subnet_env_value(key).unwrap_or_default()
 }
 
-fn start(config: &str, n: usize, extra: &[&str]) -> Net {
-    let cluster = Cluster::new(n).unwrap();
-    cluster.set_config(config).unwrap();
-    let mut agents: Vec<Agent> = (0..n)
-        .map(|i| cluster.start_agent(i, extra).unwrap())
-        .collect();
-    for a in agents.iter_mut() {
-        a.wait_ready(READY).unwrap();
-    }
-    for a in &agents {
-        let r = wait_for(Duration::from_secs(5), "all peers", || {
-            (a.peers().ok()?.len() == n - 1).then_some(())
-        });
-        assert!(
-            r.is_ok(),
-            "agent {} does not see {} peers\n{}",
-            a.ip,
-            n - 1,
-            a.log()
-        );
-    }
-    let containers = agents
-        .iter()
-        .enumerate()
-        .map(|(i, a)| {
-            let mtu: u32 = subnet_env_value(a, "FLANNEL_MTU")
-                .parse()
-                .expect("FLANNEL_MTU");
-            Container::create(&cluster.hosts[i], &a.subnet().expect("subnet.env"), mtu).unwrap()
-        })
-        .collect();
-    Net {
-        containers,
-        agents,
-        cluster,
-    }
-}
-
-/// Run `f` on a new thread inside `ns` (returns at once).
-fn spawn_in<T: Send + 'static>(
-    ns: &Netns,
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> std::thread::JoinHandle<Result<T>> {
-    let file = File::open(ns.path());
-    std::thread::spawn(move || {
-        nix::sched::setns(file?.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).context("setns")?;
-        f()
-    })
-}
-
-/// A TCP echo of `bytes` bytes from `src` to a server at `dst` in `dst_ns`; returns the client
-/// address the server saw.
-fn tcp_echo(src: &Netns, dst_ns: &Netns, dst: Ipv4Addr, bytes: usize) -> Result<SocketAddr> {
-    let addr = SocketAddrV4::new(dst, 7007);
-    let (tx, rx) = std::sync::mpsc::channel();
-    let server = spawn_in(dst_ns, move || {
-        let listener = TcpListener::bind(addr);
-        let _ = tx.send(());
-        let (mut conn, peer) = listener?.accept()?;
-        conn.set_read_timeout(Some(Duration::from_secs(10)))?;
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = conn.read(&mut buf)?;
-            if n == 0 {
-                return Ok(peer);
-            }
-            conn.write_all(&buf[..n])?;
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(5))?;
-    let client = spawn_in(src, move || {
-        let conn = TcpStream::connect_timeout(&addr.into(), Duration::from_secs(5))?;
-        conn.set_read_timeout(Some(Duration::from_secs(10)))?;
-        let mut writer = conn.try_clone()?;
-        let payload: Vec<u8> = (0..bytes).map(|i| (i % 251) as u8).collect();
-        let expected = payload.clone();
-        let w = std::thread::spawn(move || -> std::io::Result<()> {
-            writer.write_all(&payload)?;
-            writer.shutdown(std::net::Shutdown::Write)
-        });
-        let mut echoed = Vec::new();
-        (&conn).read_to_end(&mut echoed)?;
-        w.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
-        anyhow::ensure!(
-            echoed == expected,
-            "echo differs: {} of {} bytes back",
-            echoed.len(),
-            bytes
-        );
-        Ok(())
-    });
-    let client = client
-        .join()
-        .map_err(|_| anyhow::anyhow!("client panicked"))?;
-    let server = server
-        .join()
-        .map_err(|_| anyhow::anyhow!("server panicked"))?;
-    client?;
-    server
-}
-
-/// Ping and TCP between every ordered pair of containers.
-fn assert_full_mesh(net: &Net) {
-    for (i, a) in net.containers.iter().enumerate() {
-        for (j, b) in net.containers.iter().enumerate() {
-            if i == j {
-                continue;
-            }
-            let ok = wait_for(Duration::from_secs(5), "ping", || {
-                a.ping(b.ip, 1, 1).ok()?.then_some(())
-            });
-            assert!(
-                ok.is_ok(),
-                "container {i} cannot ping container {j} ({})\n{}",
-                b.ip,
-                net.agents[i].log()
-            );
-            assert!(
-                a.ping(b.ip, 3, 2).unwrap(),
-                "container {i} -> {j}: lost pings"
-            );
-            let seen = tcp_echo(&a.ns, &b.ns, b.ip, 256 * 1024)
-                .unwrap_or_else(|e| panic!("TCP {i} -> {j}: {e:#}"));
-            assert_eq!(
-                seen.ip(),
-                std::net::IpAddr::V4(a.ip),
-                "no NAT inside the overlay"
-            );
-        }
-    }
+/// `n` hosts with `config` and a CNI-attached container each; every agent knows every other.
+fn start(config: &str, n: usize) -> Overlay {
+    Overlay::builder(config, n).start().unwrap()
 }
 
 /// Host `public_ip`'s lease: (key, raw value, parsed value).
@@ -199,7 +61,7 @@ fn vxlan_entries(ns: &Netns, subnet: &str, mac: &str) -> (bool, bool, bool) {
 
 #[test]
 fn vxlan_three_hosts_full_mesh_and_peers_follow_etcd() {
-    let mut net = start(VXLAN, 3, &[]);
+    let mut net = start(VXLAN, 3);
     for (i, a) in net.agents.iter().enumerate() {
         assert_eq!(subnet_env_value(a, "FLANNEL_MTU"), "1450");
         let host = &net.cluster.hosts[i];
@@ -229,7 +91,7 @@ fn vxlan_three_hosts_full_mesh_and_peers_follow_etcd() {
         let own = a.subnet().unwrap().replace("/24", "/32");
         assert!(addr.contains(&format!("inet {own}")), "{addr}");
     }
-    assert_full_mesh(&net);
+    net.check_all_pairs(256 * 1024).unwrap();
 
     // Host 2's entries on the others, then its lease deleted in etcd: gone within 1 s.
     let gone_subnet = net.agents[2].subnet().unwrap();
@@ -317,8 +179,8 @@ fn vxlan_three_hosts_full_mesh_and_peers_follow_etcd() {
         vxlan_entries(ns0, stale_subnet, stale_mac),
         (true, true, true)
     );
-    net.agents[0] = net.cluster.start_agent(0, &[]).unwrap();
-    net.agents[0].wait_ready(READY).unwrap();
+    net.start_agent(0).unwrap();
+    let ns0 = &net.cluster.hosts[0].ns;
     let r = wait_for(RESYNC, "stale entries pruned", || {
         (vxlan_entries(ns0, stale_subnet, stale_mac) == (false, false, false)).then_some(())
     });
@@ -336,7 +198,7 @@ fn vxlan_three_hosts_full_mesh_and_peers_follow_etcd() {
 
 #[test]
 fn vxlan_device_comes_back_and_vtep_mac_survives_restarts() {
-    let mut net = start(VXLAN, 2, &[]);
+    let mut net = start(VXLAN, 2);
     let h0 = &net.cluster.hosts[0];
     let mac = device_mac(&h0.ns, "flannel.1");
     assert!(net.containers[0].ping(net.containers[1].ip, 1, 2).unwrap());
@@ -358,8 +220,8 @@ fn vxlan_device_comes_back_and_vtep_mac_survives_restarts() {
 
     // Restarted: same MAC on the device and in the lease; the peer's entries stay valid.
     net.agents[0].stop().unwrap();
-    net.agents[0] = net.cluster.start_agent(0, &[]).unwrap();
-    net.agents[0].wait_ready(READY).unwrap();
+    net.start_agent(0).unwrap();
+    let h0 = &net.cluster.hosts[0];
     assert_eq!(device_mac(&h0.ns, "flannel.1"), mac);
     assert_eq!(
         lease_of(&net.cluster, h0.ip).2["BackendData"]["VtepMAC"],
@@ -370,8 +232,8 @@ fn vxlan_device_comes_back_and_vtep_mac_survives_restarts() {
     // Restarted without its device: the MAC is derived, not random, so it is the same again.
     net.agents[0].stop().unwrap();
     h0.ns.ip(&["link", "del", "flannel.1"]).unwrap();
-    net.agents[0] = net.cluster.start_agent(0, &[]).unwrap();
-    net.agents[0].wait_ready(READY).unwrap();
+    net.start_agent(0).unwrap();
+    let h0 = &net.cluster.hosts[0];
     assert_eq!(device_mac(&h0.ns, "flannel.1"), mac);
     let subnet0 = net.agents[0].subnet().unwrap();
     assert_eq!(
@@ -404,7 +266,7 @@ fn hostgw_route(ns: &Netns, subnet: &str, via: Ipv4Addr) -> bool {
 
 #[test]
 fn hostgw_three_hosts_full_mesh_and_routes_follow_etcd() {
-    let mut net = start(HOSTGW, 3, &[]);
+    let mut net = start(HOSTGW, 3);
     for (i, a) in net.agents.iter().enumerate() {
         assert_eq!(subnet_env_value(a, "FLANNEL_MTU"), "1500");
         let (_, raw, _) = lease_of(&net.cluster, net.cluster.hosts[i].ip);
@@ -416,7 +278,7 @@ fn hostgw_three_hosts_full_mesh_and_routes_follow_etcd() {
             )
         );
     }
-    assert_full_mesh(&net);
+    net.check_all_pairs(256 * 1024).unwrap();
 
     // A route deleted by hand is put back by the periodic check.
     let s1 = net.agents[1].subnet().unwrap();
@@ -468,17 +330,13 @@ fn iptables_save(ns: &Netns) -> String {
     ns.exec("iptables-save", &[]).unwrap()
 }
 
-#[test]
-fn ip_masq_hides_containers_outside_the_overlay_with_upstreams_rules() {
-    let cluster = Cluster::new(2).unwrap();
-    cluster.set_config(VXLAN).unwrap();
-    // Host 0 ran before with another network: its rules must be cleaned up.
+/// Host 0 ran before with another network: its rules must be cleaned up.
+fn host0_ran_before_with_another_network(cluster: &Cluster) -> flannel_tests::Result<()> {
     let h0 = &cluster.hosts[0];
     std::fs::write(
         h0.dir.join("subnet.env"),
         "FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.3.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n",
-    )
-    .unwrap();
+    )?;
     for rule in [
         &["-t", "nat", "-N", "FLANNEL-POSTRTG"][..],
         &[
@@ -514,22 +372,23 @@ fn ip_masq_hides_containers_outside_the_overlay_with_upstreams_rules() {
             "ACCEPT",
         ],
     ] {
-        h0.ns
-            .exec("iptables", &[&["-w"][..], rule].concat())
-            .unwrap();
+        h0.ns.exec("iptables", &[&["-w"][..], rule].concat())?;
     }
-    assert!(iptables_save(&h0.ns).contains("10.1.3.0/24"));
+    anyhow::ensure!(iptables_save(&h0.ns).contains("10.1.3.0/24"));
+    Ok(())
+}
 
-    let mut agents: Vec<Agent> = (0..2)
-        .map(|i| {
-            cluster
-                .start_agent(i, &["--ip-masq", "--iptables-resync=1"])
-                .unwrap()
-        })
-        .collect();
-    for a in agents.iter_mut() {
-        a.wait_ready(READY).unwrap();
-    }
+#[test]
+fn ip_masq_hides_containers_outside_the_overlay_with_upstreams_rules() {
+    // Containers come once the rules have been checked: these are in place as soon as ready.
+    let mut o = Overlay::builder(VXLAN, 2)
+        .flags(&["--ip-masq", "--iptables-resync=1"])
+        .containers_per_host(0)
+        .before_agents(host0_ran_before_with_another_network)
+        .start()
+        .unwrap();
+    let (cluster, agents) = (&o.cluster, &o.agents);
+    let h0 = &cluster.hosts[0];
     // Rules are in place as soon as the node is ready.
     let subnet0 = agents[0].subnet().unwrap();
     let saved = iptables_save(&h0.ns);
@@ -586,13 +445,13 @@ fn ip_masq_hides_containers_outside_the_overlay_with_upstreams_rules() {
         .ip(&["addr", "add", "192.0.2.200/24", "dev", "eth0"])
         .unwrap();
     outside.ip(&["link", "set", "eth0", "up"]).unwrap();
-    let containers: Vec<Container> = (0..2)
-        .map(|i| Container::create(&cluster.hosts[i], &agents[i].subnet().unwrap(), 1450).unwrap())
-        .collect();
+    o.attach(0).unwrap();
+    o.attach(1).unwrap();
+    let (h0, agents, containers) = (&o.cluster.hosts[0], &o.agents, &o.containers);
     let far: Ipv4Addr = "192.0.2.200".parse().unwrap();
-    let seen = tcp_echo(&containers[0].ns, &outside, far, 64 * 1024).unwrap();
+    let seen = tcp_send(&containers[0].ns, &outside, far, 64 * 1024).unwrap();
     assert_eq!(
-        seen.ip(),
+        seen.client,
         std::net::IpAddr::V4(h0.ip),
         "masqueraded to the host address"
     );
@@ -604,14 +463,14 @@ fn ip_masq_hides_containers_outside_the_overlay_with_upstreams_rules() {
             .then_some(())
     });
     assert!(ok.is_ok(), "{}", agents[0].log());
-    let seen = tcp_echo(
+    let seen = tcp_send(
         &containers[0].ns,
         &containers[1].ns,
         containers[1].ip,
         64 * 1024,
     )
     .unwrap();
-    assert_eq!(seen.ip(), std::net::IpAddr::V4(containers[0].ip));
+    assert_eq!(seen.client, std::net::IpAddr::V4(containers[0].ip));
 
     // Rules flushed by hand come back within the resync period.
     h0.ns
@@ -650,8 +509,6 @@ fn ip_masq_hides_containers_outside_the_overlay_with_upstreams_rules() {
         iptables_save(&h0.ns),
         agents[0].log()
     );
-    let seen = tcp_echo(&containers[0].ns, &outside, far, 1024).unwrap();
-    assert_eq!(seen.ip(), std::net::IpAddr::V4(h0.ip));
-    drop(containers);
-    drop(agents);
+    let seen = tcp_send(&containers[0].ns, &outside, far, 1024).unwrap();
+    assert_eq!(seen.client, std::net::IpAddr::V4(h0.ip));
 }

@@ -53,6 +53,9 @@ enum Cmd {
         /// Only the scale figures (1000 leases, change rate, memory).
         #[arg(long)]
         scale_only: bool,
+        /// Underlay modes to measure (repeatable): veth, nic. Default: both.
+        #[arg(long, value_parser = ["veth", "nic"])]
+        underlay: Vec<String>,
     },
 }
 
@@ -129,13 +132,22 @@ fn main() -> Result<()> {
             rounds,
             seconds,
             scale_only,
+            underlay,
         } => {
             setup::ensure()?;
             build_all()?;
             if scale_only {
                 bench::scale(&flanneld_release())
             } else {
-                bench::run(&flanneld_release(), rounds, seconds)
+                let underlays: Vec<flannel_tests::Underlay> = if underlay.is_empty() {
+                    flannel_tests::Underlay::ALL.to_vec()
+                } else {
+                    flannel_tests::Underlay::ALL
+                        .into_iter()
+                        .filter(|u| underlay.iter().any(|n| n == u.name()))
+                        .collect()
+                };
+                bench::run(&flanneld_release(), &underlays, rounds, seconds)
             }
         }
     }
