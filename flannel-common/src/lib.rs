@@ -95,6 +95,10 @@ pub struct Config {
     pub ready: u16,
     /// `CONFIG_F_*` bits.
     pub flags: u32,
+    /// With [`CONFIG_F_OVERLAY_L2`]: the overlay device's MAC, the destination of decapsulated
+    /// frames delivered to it.
+    pub overlay_mac: [u8; 6],
+    pub _reserved: u16,
 }
 
 /// [`Config::flags`]: the external device is a virtual wire (veth, virtio, ...) that hands
@@ -102,6 +106,10 @@ pub struct Config {
 /// TCP/UDP checksum of every packet it sends whole (non-GSO) itself. A NIC computes it in
 /// hardware, so the bit stays clear there.
 pub const CONFIG_F_COMPLETE_CSUM: u32 = 1 << 0;
+
+/// [`Config::flags`]: the overlay device has an Ethernet header (the eBPF data plane's `ifb`,
+/// which keeps its carrier with no process attached), not a TUN's bare IPv4.
+pub const CONFIG_F_OVERLAY_L2: u32 = 1 << 1;
 
 /// Counters, one copy per CPU (the agent sums them).
 #[repr(C)]
@@ -155,6 +163,6 @@ const _: () = {
     assert!(core::mem::size_of::<PeerValue>() == 4);
     assert!(core::mem::size_of::<SenderKey>() == 4);
     assert!(core::mem::size_of::<SenderValue>() == 4);
-    assert!(core::mem::size_of::<Config>() == 32);
+    assert!(core::mem::size_of::<Config>() == 40);
     assert!(core::mem::size_of::<Stats>() == 14 * 8);
 };

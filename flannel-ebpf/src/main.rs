@@ -28,14 +28,15 @@ use aya_ebpf::{
     },
     btf_maps::{Array, HashMap, PerCpuArray},
     helpers::{
-        bpf_csum_diff, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_head, bpf_skb_load_bytes,
-        bpf_skb_store_bytes,
+        bpf_csum_diff, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_head, bpf_skb_change_tail,
+        bpf_skb_load_bytes, bpf_skb_store_bytes,
     },
     macros::{btf_map, classifier},
     programs::TcContext,
 };
 use flannel_common::{
-    Config, PeerKey, PeerValue, SenderKey, SenderValue, Stats, CONFIG_F_COMPLETE_CSUM, MAX_PEERS,
+    Config, PeerKey, PeerValue, SenderKey, SenderValue, Stats, CONFIG_F_COMPLETE_CSUM,
+    CONFIG_F_OVERLAY_L2, MAX_PEERS,
 };
 use hdr::{addr, be16, fold, ipv4, tcp, udp};
 
@@ -150,7 +151,16 @@ fn config() -> Option<Config> {
 
 #[classifier]
 pub fn flannel_encap(ctx: TcContext) -> i32 {
-    match encap(&ctx) {
+    let Some(cfg) = config() else {
+        return drop_packet(Drop::NotConfigured);
+    };
+    // One instance per overlay device type, so every packet offset stays a constant.
+    let result = if cfg.flags & CONFIG_F_OVERLAY_L2 != 0 {
+        encap::<ETH_HLEN>(&ctx, &cfg)
+    } else {
+        encap::<0>(&ctx, &cfg)
+    };
+    match result {
         Ok(action) => action,
         Err(reason) => drop_packet(reason),
     }
@@ -164,23 +174,24 @@ pub fn flannel_decap(ctx: TcContext) -> i32 {
     }
 }
 
-/// TC egress on the TUN: `data` starts at the inner IPv4 header.
+/// TC egress on the overlay device: `data` starts at the inner IPv4 header (TUN, `L2` = 0) or
+/// at the Ethernet header in front of it (ifb, `L2` = 14).
 #[inline(always)]
-fn encap(ctx: &TcContext) -> Result<i32, Drop> {
+fn encap<const L2: usize>(ctx: &TcContext, cfg: &Config) -> Result<i32, Drop> {
     if ctx.skb.protocol() != u32::from(ETH_P_IP.to_be()) {
         return Err(Drop::NotIpv4);
     }
-    let cfg = config().ok_or(Drop::NotConfigured)?;
-    let inner_len = ctx.len() as usize;
-    if inner_len < IPV4_HLEN {
+    let skb_len = ctx.len() as usize;
+    if skb_len < L2 + IPV4_HLEN {
         return Err(Drop::Malformed);
     }
-    let hdr = match bytes_at::<IPV4_HLEN>(ctx, 0) {
+    let inner_len = skb_len - L2;
+    let hdr = match bytes_at::<IPV4_HLEN>(ctx, L2) {
         Some(h) => h,
         None => {
-            ctx.pull_data(IPV4_HLEN as u32)
+            ctx.pull_data((L2 + IPV4_HLEN) as u32)
                 .map_err(|_| Drop::HelperError)?;
-            bytes_at::<IPV4_HLEN>(ctx, 0).ok_or(Drop::Malformed)?
+            bytes_at::<IPV4_HLEN>(ctx, L2).ok_or(Drop::Malformed)?
         }
     };
     // SAFETY: bounds checked against data_end above.
@@ -232,7 +243,7 @@ fn encap(ctx: &TcContext) -> Result<i32, Drop> {
     let mut saved = [0u8; SAVED_MAX];
     let mut restore = 0;
     if gso_size == 0 && cfg.flags & CONFIG_F_COMPLETE_CSUM != 0 {
-        restore = complete_l4_checksum(ctx, &inner_hdr, ihl, inner_len, &mut saved)?;
+        restore = complete_l4_checksum(ctx, L2, &inner_hdr, ihl, inner_len, &mut saved)?;
     }
 
     let mut flags = u64::from(BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP);
@@ -246,9 +257,9 @@ fn encap(ctx: &TcContext) -> Result<i32, Drop> {
     ctx.adjust_room((ENCAP_LEN + restore) as i32, BPF_ADJ_ROOM_MAC, flags)
         .map_err(|_| Drop::HelperError)?;
     // bpf_redirect_neigh needs a MAC header in front of the network header; it fills the
-    // addresses from the neighbour entry.
+    // addresses from the neighbour entry. The ifb's frames have one already.
     // SAFETY: helper call on our own context.
-    if unsafe { bpf_skb_change_head(ctx.skb.skb, ETH_HLEN as u32, 0) } != 0 {
+    if L2 == 0 && unsafe { bpf_skb_change_head(ctx.skb.skb, ETH_HLEN as u32, 0) } != 0 {
         return Err(Drop::HelperError);
     }
     let out = bytes_at::<{ ETH_HLEN + ENCAP_LEN }>(ctx, 0).ok_or(Drop::HelperError)?;
@@ -301,6 +312,11 @@ fn encap(ctx: &TcContext) -> Result<i32, Drop> {
 
     if restore != 0 {
         store_saved(ctx, ETH_HLEN + ENCAP_LEN, &saved, restore)?;
+        // Drop the padding complete_l4_checksum may have added.
+        let want = (ETH_HLEN + outer_len) as u32;
+        if ctx.len() != want {
+            change_tail(ctx, want)?;
+        }
     }
 
     if let Some(s) = stats() {
@@ -314,9 +330,9 @@ fn encap(ctx: &TcContext) -> Result<i32, Drop> {
     Ok(action as i32)
 }
 
-/// Bytes `complete_l4_checksum` may take off the front of a packet: the longest IPv4 header
-/// and one byte more.
-const SAVED_MAX: usize = ipv4::MAX_LEN + 4;
+/// Bytes `complete_l4_checksum` may take off the front of a packet: an Ethernet header's
+/// worth, the longest IPv4 header and one byte more (rounded up).
+const SAVED_MAX: usize = ETH_HLEN + ipv4::MAX_LEN + 6;
 
 /// Completes the TCP/UDP checksum of a whole (non-GSO) inner packet that the stack left to the
 /// device (CHECKSUM_PARTIAL: the field holds only the pseudo-header sum). A virtual wire passes
@@ -326,15 +342,17 @@ const SAVED_MAX: usize = ipv4::MAX_LEN + 4;
 /// The program cannot see skb->ip_summed, so a field equal to the pseudo-header sum is what
 /// marks such a packet (a complete checksum equals it by chance once in 65536, and is then
 /// rewritten with the same value). Writing the sum is not enough: the skb would still say
-/// "partial", and a later NAT or a device would treat the full sum as a seed. So the first
-/// `ihl + 1` bytes are cut off as well: bpf_skb_adjust_room's pop calls skb_postpull_rcsum,
-/// which turns CHECKSUM_PARTIAL into CHECKSUM_NONE once csum_start lies before skb->data.
-/// Those bytes are copied to `saved`, and the caller puts them back behind the outer headers.
-/// Returns how many bytes were cut (0: nothing to do, or too short to cut; the field then
-/// holds the full sum, which no virtual wire touches).
+/// "partial", and a later NAT or a device would treat the full sum as a seed. So the inner
+/// packet's first `l2 + ihl + 1` bytes are cut off as well (right behind the `l2`-byte MAC
+/// header, if any): bpf_skb_adjust_room's pop calls skb_postpull_rcsum, which turns
+/// CHECKSUM_PARTIAL into CHECKSUM_NONE once csum_start lies before skb->data. adjust_room
+/// keeps 20 bytes behind the cut, so short packets are padded at the tail first (the caller
+/// trims it). The cut bytes are copied to `saved`; the caller puts them back behind the outer
+/// headers. Returns how many bytes were cut (0: nothing to do).
 #[inline(always)]
 fn complete_l4_checksum(
     ctx: &TcContext,
+    l2: usize,
     ip: &[u8; IPV4_HLEN],
     ihl: usize,
     inner_len: usize,
@@ -356,7 +374,8 @@ fn complete_l4_checksum(
     if l4_len < min_l4 || l4_len > CSUM_MAX_L4 {
         return Ok(0);
     }
-    let Ok(have) = ctx.load::<[u8; 2]>(ihl + field) else {
+    let l4 = l2 + ihl;
+    let Ok(have) = ctx.load::<[u8; 2]>(l4 + field) else {
         return Ok(0);
     };
     let have = u16::from_be_bytes(have);
@@ -369,7 +388,7 @@ fn complete_l4_checksum(
     // Sum the segment as it is (its field included) in chunks, then take the field out.
     let buf = SCRATCH.get_ptr_mut(0).ok_or(Drop::HelperError)?;
     let mut wsum: u32 = 0;
-    let mut off = ihl;
+    let mut off = l4;
     // Counted down on its own (not inner_len - off): the verifier must see n >= 1.
     let mut left = l4_len;
     for _ in 0..CSUM_MAX_L4 / CSUM_CHUNK {
@@ -405,19 +424,22 @@ fn complete_l4_checksum(
     if proto == IPPROTO_UDP && c == 0 {
         c = 0xffff;
     }
-    ctx.store(ihl + field, &c.to_be_bytes(), 0)
+    ctx.store(l4 + field, &c.to_be_bytes(), 0)
         .map_err(|_| Drop::HelperError)?;
 
-    let cut = ihl + 1;
-    // adjust_room keeps at least an IPv4 header's worth after the cut.
-    if inner_len - cut < IPV4_HLEN || cut > SAVED_MAX {
+    let cut = l2 + ihl + 1;
+    if cut > SAVED_MAX {
         return Ok(0);
+    }
+    if inner_len < cut + IPV4_HLEN {
+        let padded = (l2 + cut + IPV4_HLEN) as u32;
+        change_tail(ctx, padded)?;
     }
     // SAFETY: saved holds SAVED_MAX >= cut bytes.
     let rc = unsafe {
         bpf_skb_load_bytes(
             ctx.skb.skb as *const _,
-            0,
+            l2 as u32,
             saved.as_mut_ptr().cast(),
             cut as u32,
         )
@@ -428,6 +450,16 @@ fn complete_l4_checksum(
     ctx.adjust_room(-(cut as i32), BPF_ADJ_ROOM_MAC, 0)
         .map_err(|_| Drop::HelperError)?;
     Ok(cut)
+}
+
+/// Grows (zero-filled) or trims the packet to `len` bytes.
+#[inline(always)]
+fn change_tail(ctx: &TcContext, len: u32) -> Result<(), Drop> {
+    // SAFETY: helper call on our own context.
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, len, 0) } != 0 {
+        return Err(Drop::HelperError);
+    }
+    Ok(())
 }
 
 /// Writes the first `len` bytes of `saved` at `offset`, keeping a CHECKSUM_COMPLETE sum right.
@@ -591,6 +623,11 @@ fn decap(ctx: &TcContext) -> Result<i32, Drop> {
     }
     if cfg.decap_ifindex == 0 {
         return Ok(TC_ACT_OK);
+    }
+    if cfg.flags & CONFIG_F_OVERLAY_L2 != 0 {
+        // An Ethernet overlay device takes the frame as its own only when addressed to it.
+        ctx.store(0, &cfg.overlay_mac, 0)
+            .map_err(|_| Drop::HelperError)?;
     }
     // As if the packet had been written to the TUN: it enters the stack on flannel0.
     // SAFETY: plain helper call.

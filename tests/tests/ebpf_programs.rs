@@ -130,8 +130,19 @@ impl Drop for Netns {
     }
 }
 
-/// One "host": a namespace with a `flannel0` TUN (overlay route through it) and an external
-/// veth end `ext0` at `ip`, plus its own pin directory.
+/// What `flannel0` is.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Overlay {
+    /// A TUN with a reader (the programs work either way).
+    TunRead,
+    /// A persistent TUN nobody reads (NO-CARRIER).
+    Tun,
+    /// An ifb without ARP, what the agent's eBPF mode creates: always with carrier.
+    Ifb,
+}
+
+/// One "host": a namespace with a `flannel0` overlay device (overlay route through it) and an
+/// external veth end `ext0` at `ip`, plus its own pin directory.
 struct Host {
     /// A reader on `flannel0`, or None for a persistent TUN nobody reads (NO-CARRIER), which
     /// is what the agent's eBPF mode creates: the programs work either way.
@@ -143,15 +154,21 @@ struct Host {
 }
 
 impl Host {
-    fn new(ip: Ipv4Addr, subnet: &str, tun_reader: bool) -> Host {
+    fn new(ip: Ipv4Addr, subnet: &str, overlay: Overlay) -> Host {
         let ns = Netns::new();
         let subnet = net(subnet);
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", ns.name));
-        let tun = if tun_reader {
-            Some(ns.enter(open_tun))
-        } else {
-            ns.ip(&["tuntap", "add", "dev", "flannel0", "mode", "tun"]);
-            None
+        let tun = match overlay {
+            Overlay::TunRead => Some(ns.enter(open_tun)),
+            Overlay::Tun => {
+                ns.ip(&["tuntap", "add", "dev", "flannel0", "mode", "tun"]);
+                None
+            }
+            Overlay::Ifb => {
+                ns.ip(&["link", "add", "flannel0", "type", "ifb"]);
+                ns.ip(&["link", "set", "flannel0", "arp", "off"]);
+                None
+            }
         };
         ns.ip(&[
             "addr",
@@ -173,7 +190,11 @@ impl Host {
 
     /// A standalone host whose `ext0` peer end (`ext1`) stays in the same namespace.
     fn alone() -> Host {
-        let host = Host::new(OUR_IP, OUR_SUBNET, true);
+        Host::alone_with(Overlay::TunRead)
+    }
+
+    fn alone_with(overlay: Overlay) -> Host {
+        let host = Host::new(OUR_IP, OUR_SUBNET, overlay);
         host.ns.ip(&[
             "link", "add", "ext0", "type", "veth", "peer", "name", "ext1",
         ]);
@@ -369,9 +390,9 @@ fn open_tun() -> OwnedFd {
 }
 
 /// Two hosts whose `ext0` devices are the two ends of one veth pair.
-fn two_hosts(tun_reader: bool) -> (Host, Host) {
-    let a = Host::new(OUR_IP, OUR_SUBNET, tun_reader);
-    let b = Host::new(PEER_IP, PEER_SUBNET, tun_reader);
+fn two_hosts(overlay: Overlay) -> (Host, Host) {
+    let a = Host::new(OUR_IP, OUR_SUBNET, overlay);
+    let b = Host::new(PEER_IP, PEER_SUBNET, overlay);
     a.ns.ip(&[
         "link", "add", "ext0", "type", "veth", "peer", "name", "ext0", "netns", &b.ns.name,
     ]);
@@ -553,8 +574,17 @@ fn encap_drops_and_counts_what_it_cannot_send() {
 
 #[test]
 fn encap_output_is_byte_exact() {
+    encap_output_is_byte_exact_on(Overlay::TunRead);
+}
+
+#[test]
+fn encap_output_is_byte_exact_over_an_ifb() {
+    encap_output_is_byte_exact_on(Overlay::Ifb);
+}
+
+fn encap_output_is_byte_exact_on(overlay: Overlay) {
     require_object();
-    let host = Host::alone();
+    let host = Host::alone_with(overlay);
     let mut dp = host.load();
     dp.set_peer(net(PEER_SUBNET), PEER_IP).expect("set peer");
     let capture = host.capture();
@@ -595,8 +625,17 @@ fn inner_of(frame: &[u8]) -> &[u8] {
 
 #[test]
 fn encap_completes_checksums_left_to_a_virtual_wire_and_nothing_else() {
+    encap_completes_checksums_left_to_a_virtual_wire_and_nothing_else_on(Overlay::TunRead);
+}
+
+#[test]
+fn encap_completes_checksums_left_to_a_virtual_wire_and_nothing_else_over_an_ifb() {
+    encap_completes_checksums_left_to_a_virtual_wire_and_nothing_else_on(Overlay::Ifb);
+}
+
+fn encap_completes_checksums_left_to_a_virtual_wire_and_nothing_else_on(overlay: Overlay) {
     require_object();
-    let host = Host::alone();
+    let host = Host::alone_with(overlay);
     let mut dp = host.load();
     dp.set_peer(net(PEER_SUBNET), PEER_IP).expect("set peer");
     let capture = host.capture();
@@ -680,8 +719,17 @@ fn tcp_syn_frame(host: &Host, capture: &OwnedFd, dst: std::net::SocketAddr) -> V
 
 #[test]
 fn the_stacks_offloaded_tcp_checksums_leave_complete_and_stay_right() {
+    the_stacks_offloaded_tcp_checksums_leave_complete_and_stay_right_on(Overlay::TunRead);
+}
+
+#[test]
+fn the_stacks_offloaded_tcp_checksums_leave_complete_and_stay_right_over_an_ifb() {
+    the_stacks_offloaded_tcp_checksums_leave_complete_and_stay_right_on(Overlay::Ifb);
+}
+
+fn the_stacks_offloaded_tcp_checksums_leave_complete_and_stay_right_on(overlay: Overlay) {
     require_object();
-    let host = Host::alone();
+    let host = Host::alone_with(overlay);
     let mut dp = host.load();
     dp.set_peer(net(PEER_SUBNET), PEER_IP).expect("set peer");
     let capture = host.capture();
@@ -977,8 +1025,17 @@ fn round_trip(a: &Host, b: &Host, timeout: Duration) -> bool {
 
 #[test]
 fn traffic_crosses_the_tunnel_with_strict_rp_filter() {
+    traffic_crosses_the_tunnel_with_strict_rp_filter_on(Overlay::TunRead);
+}
+
+#[test]
+fn traffic_crosses_the_tunnel_with_strict_rp_filter_over_an_ifb() {
+    traffic_crosses_the_tunnel_with_strict_rp_filter_on(Overlay::Ifb);
+}
+
+fn traffic_crosses_the_tunnel_with_strict_rp_filter_on(overlay: Overlay) {
     require_object();
-    let (a_host, b_host) = two_hosts(true);
+    let (a_host, b_host) = two_hosts(overlay);
     for h in [&a_host, &b_host] {
         for dev in ["all", "default", "ext0", "flannel0"] {
             h.ns.sysctl(&format!("net.ipv4.conf.{dev}.rp_filter"), "1");
@@ -1016,7 +1073,7 @@ fn traffic_crosses_the_tunnel_with_strict_rp_filter() {
 fn reload_adopts_pinned_state_and_unload_removes_it() {
     require_object();
     // Persistent TUNs without a reader, as the agent creates them.
-    let (a_host, b_host) = two_hosts(false);
+    let (a_host, b_host) = two_hosts(Overlay::Tun);
     let mut dpa = a_host.load();
     let mut dpb = b_host.load();
     dpa.set_peer(b_host.subnet, b_host.ip).expect("peer");
@@ -1078,10 +1135,19 @@ fn reload_adopts_pinned_state_and_unload_removes_it() {
 
 #[test]
 fn decap_leaves_a_checksum_state_nat_can_update() {
+    decap_leaves_a_checksum_state_nat_can_update_on(Overlay::Tun);
+}
+
+#[test]
+fn decap_leaves_a_checksum_state_nat_can_update_over_an_ifb() {
+    decap_leaves_a_checksum_state_nat_can_update_on(Overlay::Ifb);
+}
+
+fn decap_leaves_a_checksum_state_nat_can_update_on(overlay: Overlay) {
     require_object();
     // b is a plain upstream-style sender: a UDP socket on the underlay, whose kernel leaves the
     // outer UDP checksum to the veth (CHECKSUM_PARTIAL arrives at a).
-    let (a_host, b_host) = two_hosts(false);
+    let (a_host, b_host) = two_hosts(overlay);
     let mut dpa = a_host.load();
     dpa.set_peer(b_host.subnet, b_host.ip).expect("peer");
     // NAT on the decapsulated packet: port 7777 is redirected to 7778.
@@ -1142,8 +1208,17 @@ fn decap_leaves_a_checksum_state_nat_can_update() {
 
 #[test]
 fn bulk_tcp_keeps_gso_super_packets_whole_and_data_intact() {
+    bulk_tcp_keeps_gso_super_packets_whole_and_data_intact_on(Overlay::Tun);
+}
+
+#[test]
+fn bulk_tcp_keeps_gso_super_packets_whole_and_data_intact_over_an_ifb() {
+    bulk_tcp_keeps_gso_super_packets_whole_and_data_intact_on(Overlay::Ifb);
+}
+
+fn bulk_tcp_keeps_gso_super_packets_whole_and_data_intact_on(overlay: Overlay) {
     require_object();
-    let (a_host, b_host) = two_hosts(false);
+    let (a_host, b_host) = two_hosts(overlay);
     let mut dpa = a_host.load();
     let mut dpb = b_host.load();
     dpa.set_peer(b_host.subnet, b_host.ip).expect("peer");

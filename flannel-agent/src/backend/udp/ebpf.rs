@@ -33,7 +33,7 @@ use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use flannel_common::{
     map_names, prog_names, Config, PeerKey, PeerValue, SenderKey, SenderValue, Stats,
-    CONFIG_F_COMPLETE_CSUM, MAX_PEERS,
+    CONFIG_F_COMPLETE_CSUM, CONFIG_F_OVERLAY_L2, MAX_PEERS,
 };
 use ipnetwork::Ipv4Network;
 
@@ -186,6 +186,16 @@ impl EbpfDataplane {
                 driver.as_deref().unwrap_or("?")
             );
         }
+        // An Ethernet overlay device (the ifb): its frames carry a MAC header, and delivered
+        // frames must be addressed to it.
+        let overlay_mac = ethernet_address(&overlay_name);
+        let mut flags = 0;
+        if complete_csum {
+            flags |= CONFIG_F_COMPLETE_CSUM;
+        }
+        if overlay_mac.is_some() {
+            flags |= CONFIG_F_OVERLAY_L2;
+        }
         let config = Config {
             public_ip: opts.ext_ip.octets(),
             network: opts.network.network().octets(),
@@ -195,11 +205,9 @@ impl EbpfDataplane {
             decap_ifindex: opts.overlay_ifindex,
             port: opts.port,
             ready: 1,
-            flags: if complete_csum {
-                CONFIG_F_COMPLETE_CSUM
-            } else {
-                0
-            },
+            flags,
+            overlay_mac: overlay_mac.unwrap_or_default(),
+            _reserved: 0,
         };
         {
             let map = bpf
@@ -516,6 +524,49 @@ const VIRTUAL_WIRE_DRIVERS: [&str; 4] = ["veth", "virtio_net", "tun", "netkit"];
 
 fn passes_partial_checksums(driver: &str) -> bool {
     VIRTUAL_WIRE_DRIVERS.contains(&driver)
+}
+
+/// The MAC address of `ifname` when it is an Ethernet device (SIOCGIFHWADDR); None for a TUN
+/// or when the device cannot be asked.
+fn ethernet_address(ifname: &str) -> Option<[u8; 6]> {
+    const ARPHRD_ETHER: u16 = 1;
+    // SAFETY: ifreq is plain data; all-zero is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req
+        .ifr_name
+        .iter_mut()
+        .zip(ifname.bytes().take(libc::IF_NAMESIZE - 1))
+    {
+        *dst = src as libc::c_char;
+    }
+    // SAFETY: plain socket(2) call.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: a fresh descriptor owned here.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: SIOCGIFHWADDR reads and writes the ifreq, which lives for the call.
+    let rc = unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            libc::SIOCGIFHWADDR,
+            &mut req as *mut libc::ifreq,
+        )
+    };
+    if rc < 0 {
+        return None;
+    }
+    // SAFETY: SIOCGIFHWADDR filled the hwaddr member of the union.
+    let hw = unsafe { req.ifr_ifru.ifru_hwaddr };
+    if hw.sa_family != ARPHRD_ETHER {
+        return None;
+    }
+    let mut mac = [0u8; 6];
+    for (m, b) in mac.iter_mut().zip(hw.sa_data.iter()) {
+        *m = *b as u8;
+    }
+    Some(mac)
 }
 
 /// The driver of `ifname` (ETHTOOL_GDRVINFO), None when the device does not say.
