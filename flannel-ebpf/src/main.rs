@@ -79,6 +79,9 @@ const DECAP_PULL_LEN: usize = ETH_HLEN + ipv4::MAX_LEN + UDP_HLEN + IPV4_HLEN;
 const CSUM_CHUNK: usize = 256;
 /// ... up to this length: the overlay MTU of a 9216-byte jumbo underlay.
 const CSUM_MAX_L4: usize = 9216;
+/// `bpf_skb_adjust_room` flag of newer kernels (bpf-next 2026, not in 6.18): the removed
+/// header was a UDP tunnel's; resets skb->encapsulation and the tunnel GSO type.
+const BPF_F_ADJ_ROOM_DECAP_L4_UDP: u64 = 1 << 10;
 /// Inner bytes removed together with the outer headers on decap when the outer UDP checksum
 /// is still to be computed (see `decap`), then put back.
 const DECAP_RESET_EXTRA: usize = 8;
@@ -614,8 +617,26 @@ fn decap(ctx: &TcContext) -> Result<i32, Drop> {
             .map_err(|_| Drop::HelperError)?;
         store_saved(ctx, ETH_HLEN, &inner_head, DECAP_RESET_EXTRA)?;
     } else {
-        ctx.adjust_room(-(outer_hlen as i32), BPF_ADJ_ROOM_MAC, fixed_gso)
-            .map_err(|_| Drop::HelperError)?;
+        // SAFETY: ctx.skb.skb is the program's context pointer.
+        let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
+        // A super-packet from an eBPF sender over a veth still says "UDP tunnel"
+        // (skb->encapsulation, SKB_GSO_UDP_TUNNEL); left so, a bridge (cni0, whose
+        // hw_enc_features lack TSO and checksum offload) segments and checksums it in
+        // software on the way to the pod. Kernels with BPF_F_ADJ_ROOM_DECAP_L4_UDP clear
+        // that state; older ones (6.18 included) refuse the flag with -EINVAL up front,
+        // changing nothing, and the packet is decapsulated without it.
+        let cleared = gso
+            && ctx
+                .adjust_room(
+                    -(outer_hlen as i32),
+                    BPF_ADJ_ROOM_MAC,
+                    fixed_gso | BPF_F_ADJ_ROOM_DECAP_L4_UDP,
+                )
+                .is_ok();
+        if !cleared {
+            ctx.adjust_room(-(outer_hlen as i32), BPF_ADJ_ROOM_MAC, fixed_gso)
+                .map_err(|_| Drop::HelperError)?;
+        }
     }
     if let Some(s) = stats() {
         s.rx_packets += 1;
