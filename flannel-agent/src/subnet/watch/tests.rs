@@ -146,6 +146,22 @@ fn removed(u: &WatchUpdate) -> Vec<SubnetKey> {
     changed(u, false)
 }
 
+/// A watcher past its first listing and the own-key update that follows it.
+async fn listed(reg: &MemoryRegistry) -> Watching {
+    let mut w = start(reg);
+    while !matches!(w.next().await, WatchUpdate::OwnKey(_)) {}
+    w
+}
+
+/// Takes the store down and waits until the watch says so.
+async fn outage_noticed(reg: &MemoryRegistry, w: &Watching) {
+    reg.set_down(true);
+    wait_for("the watch notices the outage", || {
+        w.stats.health() == WatchHealth::Unavailable
+    })
+    .await;
+}
+
 async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + DEADLINE;
     while !cond() {
@@ -183,9 +199,7 @@ async fn an_empty_store_still_gives_a_first_listing_and_no_own_key() {
 async fn puts_changes_and_deletes_arrive_in_store_order() {
     let reg = MemoryRegistry::new();
     reg.put(&key(2), &attrs(2), 0);
-    let mut w = start(&reg);
-    w.until_in_step(&reg).await;
-    w.next().await; // OwnKey(None)
+    let mut w = listed(&reg).await;
     reg.put(&key(3), &attrs(3), 0);
     assert_eq!(added(&w.next().await), vec![key(3)]);
     // A renewal put with the same content says nothing; a new owner does.
@@ -220,9 +234,7 @@ async fn delete_then_put_of_one_key_in_one_response_ends_present() {
 async fn malformed_values_remove_the_peer_and_foreign_keys_are_ignored() {
     let reg = MemoryRegistry::new();
     reg.put(&key(2), &attrs(2), 0);
-    let mut w = start(&reg);
-    w.until_in_step(&reg).await;
-    w.next().await; // OwnKey(None)
+    let mut w = listed(&reg).await;
     reg.put_raw("not-a-subnet", b"{}", 0);
     reg.put_raw(&key(2).to_string(), b"not json", 0);
     let u = w.next().await;
@@ -268,9 +280,7 @@ async fn an_expired_peer_lease_removes_the_peer() {
     let reg = MemoryRegistry::new();
     let ttl = reg.grant_now(10);
     reg.put(&key(2), &attrs(2), ttl);
-    let mut w = start(&reg);
-    w.until_in_step(&reg).await;
-    w.next().await; // OwnKey(None)
+    let mut w = listed(&reg).await;
     reg.expire(ttl);
     assert_eq!(removed(&w.next().await), vec![key(2)]);
 }
@@ -279,14 +289,8 @@ async fn an_expired_peer_lease_removes_the_peer() {
 async fn an_outage_resumes_from_the_last_revision_without_relisting() {
     let reg = MemoryRegistry::new();
     reg.put(&key(2), &attrs(2), 0);
-    let mut w = start(&reg);
-    w.until_in_step(&reg).await;
-    w.next().await;
-    reg.set_down(true);
-    wait_for("the watch notices the outage", || {
-        w.stats.health() == WatchHealth::Unavailable
-    })
-    .await;
+    let mut w = listed(&reg).await;
+    outage_noticed(&reg, &w).await;
     // Changes while we cannot see them arrive once etcd is back.
     reg.put(&key(3), &attrs(3), 0);
     reg.delete(&key(2));
@@ -308,14 +312,8 @@ async fn compacted_history_is_relisted_and_only_the_difference_emitted() {
     let reg = MemoryRegistry::new();
     reg.put(&key(2), &attrs(2), 0);
     reg.put(&key(3), &attrs(3), 0);
-    let mut w = start(&reg);
-    w.until_in_step(&reg).await;
-    w.next().await;
-    reg.set_down(true);
-    wait_for("the watch notices the outage", || {
-        w.stats.health() == WatchHealth::Unavailable
-    })
-    .await;
+    let mut w = listed(&reg).await;
+    outage_noticed(&reg, &w).await;
     reg.delete(&key(2));
     reg.put(&key(4), &attrs(4), 0);
     reg.put(&key(3), &attrs(3), 0); // same content: no event after the re-list either
@@ -337,9 +335,7 @@ async fn compacted_history_is_relisted_and_only_the_difference_emitted() {
 async fn a_store_restored_to_an_older_revision_is_the_truth() {
     let reg = MemoryRegistry::new();
     reg.put(&key(2), &attrs(2), 0);
-    let mut w = start(&reg);
-    w.until_in_step(&reg).await;
-    w.next().await;
+    let mut w = listed(&reg).await;
     // Compacting everything forces a re-list; the listing's revision is taken as is.
     reg.set_down(true);
     reg.put(&key(5), &attrs(5), 0);
