@@ -48,6 +48,9 @@ fn main() -> ExitCode {
         Err(e) => e.exit(),
     };
     init_logging(flags.verbosity);
+    for line in &flags.env_errors {
+        log::error!("{line}");
+    }
     if flags.kube_subnet_mgr {
         log::error!(
             "--kube-subnet-mgr is not supported by this flanneld: it manages subnets in etcd only"
