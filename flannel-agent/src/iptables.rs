@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use ipnetwork::Ipv4Network;
 use tokio::process::Command;
+use tokio::sync::watch;
 
 use crate::subnet_env::PreviousSubnetEnv;
 
@@ -259,10 +260,32 @@ impl RuleSet {
         Ok(true)
     }
 
-    /// Re-check every `period`, forever.
-    pub async fn keep(self, period: Duration) {
+    /// Re-check every `period`, forever; when our subnet changes, swap the rules that name
+    /// it (the old ones are deleted, the new ones put in upstream's order).
+    pub async fn keep(
+        mut self,
+        period: Duration,
+        mut subnet: watch::Receiver<Ipv4Network>,
+        want: impl Fn(Ipv4Network) -> Vec<Rule>,
+    ) {
+        let mut following = true;
         loop {
-            tokio::time::sleep(period).await;
+            tokio::select! {
+                _ = tokio::time::sleep(period) => {}
+                changed = subnet.changed(), if following => {
+                    if changed.is_err() {
+                        following = false;
+                        continue;
+                    }
+                    let now = *subnet.borrow_and_update();
+                    let next = want(now);
+                    for old in self.rules.iter().filter(|r| !next.contains(r) && r.position == Position::Append) {
+                        delete_rule(old.table, old.chain, &old.spec).await;
+                    }
+                    self.rules = next;
+                    log::info!("iptables: our subnet is now {now}: rules follow");
+                }
+            }
             match self.ensure().await {
                 Ok(true) => log::info!("iptables: rules were missing and have been restored"),
                 Ok(false) => {}
@@ -273,22 +296,33 @@ impl RuleSet {
 }
 
 /// The rule set for the flags: forward rules unless disabled, masquerading with `--ip-masq`.
-pub async fn wanted_rules(
-    ip_masq: bool,
-    forward: bool,
+pub fn wanted_rules(
+    opts: &RuleOptions,
     network: Ipv4Network,
     subnet: Ipv4Network,
-) -> Result<Vec<Rule>, IptablesError> {
+    random_fully: bool,
+) -> Vec<Rule> {
     let mut rules = Vec::new();
-    if forward {
+    if opts.forward {
         rules.extend(forward_rules(network));
     }
-    if ip_masq {
-        let version = iptables(&["--version"]).await?;
-        let random_fully = version_supports_random_fully(&String::from_utf8_lossy(&version.stdout));
+    if opts.ip_masq {
         rules.extend(masq_rules(network, subnet, random_fully));
     }
-    Ok(rules)
+    rules
+}
+
+/// What the flags ask of the traffic rules (iptables or nftables alike).
+#[derive(Debug, Clone, Copy)]
+pub struct RuleOptions {
+    /// `--ip-masq`
+    pub ip_masq: bool,
+    /// `--iptables-forward-rules`
+    pub forward: bool,
+    /// `--ip-masq-fully-random-disable`
+    pub random_fully_disable: bool,
+    /// `--iptables-resync`
+    pub resync: Duration,
 }
 
 /// Rules a previous run (recorded in the old subnet.env) installed that the current ones do
@@ -308,17 +342,20 @@ pub fn stale_rules(previous: &PreviousSubnetEnv, current: &[Rule]) -> Vec<Rule> 
 /// Clean up after the previous run, install our rules and spawn the periodic re-check.
 /// Returns once the rules are in place (readiness depends on it).
 pub async fn install_and_keep(
-    ip_masq: bool,
-    forward: bool,
-    resync: Duration,
+    opts: RuleOptions,
     network: Ipv4Network,
-    subnet: Ipv4Network,
+    subnet: watch::Receiver<Ipv4Network>,
     previous: &PreviousSubnetEnv,
 ) -> Result<(), IptablesError> {
-    let rules = wanted_rules(ip_masq, forward, network, subnet).await?;
-    if rules.is_empty() {
+    if !opts.ip_masq && !opts.forward {
         return Ok(());
     }
+    let random_fully = opts.ip_masq && !opts.random_fully_disable && {
+        let version = iptables(&["--version"]).await?;
+        version_supports_random_fully(&String::from_utf8_lossy(&version.stdout))
+    };
+    let want = move |subnet| wanted_rules(&opts, network, subnet, random_fully);
+    let rules = want(*subnet.borrow());
     for stale in stale_rules(previous, &rules) {
         if chain_exists(stale.table, stale.chain).await? && rule_exists(&stale).await? {
             log::info!("iptables: removing rule of a previous network/subnet: {stale}");
@@ -328,7 +365,7 @@ pub async fn install_and_keep(
     let set = RuleSet::new(rules);
     set.ensure().await?;
     log::info!("iptables: {} rules in place", set.rules().len());
-    tokio::spawn(set.keep(resync.max(Duration::from_secs(1))));
+    tokio::spawn(set.keep(opts.resync.max(Duration::from_secs(1)), subnet, want));
     Ok(())
 }
 

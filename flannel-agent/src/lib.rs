@@ -1,6 +1,7 @@
 //! flanneld: the overlay-network agent, as a library so tests and tools can reuse its parts.
 
 pub mod backend;
+pub mod blackhole;
 pub mod cli;
 pub mod config;
 pub mod error_line;

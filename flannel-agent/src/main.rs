@@ -302,16 +302,29 @@ async fn agent(flags: Flags) -> anyhow::Result<()> {
     };
     env.write(&flags.subnet_file)
         .with_context(|| format!("writing {}", flags.subnet_file.display()))?;
+    // Rules and routes that name our subnet follow it when a lost lease comes back as another.
+    let (subnet_tx, subnet_rx) = tokio::sync::watch::channel(own.subnet());
+    let rule_opts = flannel_agent::iptables::RuleOptions {
+        ip_masq: flags.ip_masq,
+        forward: flags.iptables_forward_rules,
+        random_fully_disable: flags.ip_masq_fully_random_disable,
+        resync: Duration::from_secs(flags.iptables_resync),
+    };
     flannel_agent::iptables::install_and_keep(
-        flags.ip_masq,
-        flags.iptables_forward_rules,
-        Duration::from_secs(flags.iptables_resync),
+        rule_opts,
         config.network,
-        own.subnet(),
+        subnet_rx.clone(),
         &previous,
     )
     .await
     .context("installing iptables rules")?;
+    if flags.ip_blackhole_route {
+        tokio::spawn(flannel_agent::blackhole::keep(
+            handle.clone(),
+            subnet_rx.clone(),
+            rule_opts.resync,
+        ));
+    }
 
     let (tx, mut rx) = mpsc::channel(64);
     let watcher = PeerWatcher::new(registry.clone(), own.key, state.watch.clone());
@@ -353,6 +366,7 @@ async fn agent(flags: Flags) -> anyhow::Result<()> {
                     }
                 }
                 *state.own.write().unwrap_or_else(|e| e.into_inner()) = Some(own.clone());
+                subnet_tx.send_if_modified(|s| std::mem::replace(s, own.subnet()) != own.subnet());
             }
             _ = tokio::time::sleep_until(renew_at) => {
                 renew_at = tokio::time::Instant::now() + match manager.renew(&own).await {
@@ -364,6 +378,7 @@ async fn agent(flags: Flags) -> anyhow::Result<()> {
                         log::warn!("our etcd lease for {} expired", own.subnet());
                         own = manager.reclaim(&own).await?;
                         state.set_lease_expiry(&own, flags.subnet_lease_ttl);
+                        subnet_tx.send_if_modified(|s| std::mem::replace(s, own.subnet()) != own.subnet());
                         manager.renew_interval()
                     }
                     Err(e) => {
