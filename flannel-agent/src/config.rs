@@ -59,6 +59,8 @@ pub struct NetworkConfig {
     pub ipv6_subnet_len: u8,
     pub ipv6_subnet_min: Option<Ipv6Addr>,
     pub ipv6_subnet_max: Option<Ipv6Addr>,
+    /// `EnableNFTables`: traffic rules in nftables tables instead of iptables chains.
+    pub enable_nftables: bool,
     pub backend: BackendConfig,
 }
 
@@ -148,6 +150,7 @@ impl NetworkConfig {
 
         let enable_ipv4 = get_bool(&map, "EnableIPv4", true)?;
         let enable_ipv6 = get_bool(&map, "EnableIPv6", false)?;
+        let enable_nftables = get_bool(&map, "EnableNFTables", false)?;
         if !enable_ipv4 && !enable_ipv6 {
             return Err(ConfigError::Invalid(
                 "EnableIPv4 and EnableIPv6 are both false: nothing to do".into(),
@@ -286,6 +289,7 @@ impl NetworkConfig {
             ipv6_subnet_len,
             ipv6_subnet_min,
             ipv6_subnet_max,
+            enable_nftables,
             backend,
         })
     }

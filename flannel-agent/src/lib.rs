@@ -11,6 +11,7 @@ pub mod instance_lock;
 pub mod iptables;
 pub mod lease;
 pub mod metrics;
+pub mod nftables;
 pub mod notify;
 pub mod subnet;
 pub mod subnet_env;

@@ -310,14 +310,20 @@ async fn agent(flags: Flags) -> anyhow::Result<()> {
         random_fully_disable: flags.ip_masq_fully_random_disable,
         resync: Duration::from_secs(flags.iptables_resync),
     };
-    flannel_agent::iptables::install_and_keep(
-        rule_opts,
-        config.network,
-        subnet_rx.clone(),
-        &previous,
-    )
-    .await
-    .context("installing iptables rules")?;
+    if config.enable_nftables {
+        flannel_agent::nftables::install_and_keep(rule_opts, config.network, subnet_rx.clone())
+            .await
+            .context("installing nftables rules")?;
+    } else {
+        flannel_agent::iptables::install_and_keep(
+            rule_opts,
+            config.network,
+            subnet_rx.clone(),
+            &previous,
+        )
+        .await
+        .context("installing iptables rules")?;
+    }
     if flags.ip_blackhole_route {
         tokio::spawn(flannel_agent::blackhole::keep(
             handle.clone(),

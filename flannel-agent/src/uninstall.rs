@@ -70,6 +70,16 @@ pub async fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {
     if let Err(e) = remove_iptables_chains().await {
         failures.push(format!("iptables: {e:#}"));
     }
+    match flannel_agent::nftables::remove_tables().await {
+        Ok(removed) => {
+            for t in removed {
+                log::info!("nftables table {t} removed");
+            }
+        }
+        // No nft: nothing of ours can be in nftables either.
+        Err(flannel_agent::nftables::NftError::Spawn(_)) => {}
+        Err(e) => failures.push(format!("nftables: {e}")),
+    }
     for file in [
         args.subnet_file.clone(),
         instance_lock::lock_path(&args.subnet_file),
