@@ -40,6 +40,10 @@ impl Agent {
         env: &[(&str, &str)],
     ) -> Result<Self> {
         let mut flags = Self::harness_flags(host, etcd_endpoint);
+        // --iface collects every value: one in `extra` replaces the harness's eth0.
+        if extra.iter().any(|f| f.starts_with("--iface=")) {
+            flags.retain(|f| f != "--iface=eth0");
+        }
         flags.extend(extra.iter().map(|s| s.to_string()));
         Self::spawn(host, &flags, env)
     }

@@ -24,6 +24,8 @@ pub struct HostGwBackend {
     routes: BTreeMap<Ipv4Network, Route>,
     /// Peer events seen at least once: only then may resync drop routes nobody owns.
     peers_known: bool,
+    /// Peers whose public IP is not on our link: reported once each, re-checked on resync.
+    off_link: BTreeMap<Ipv4Network, Lease>,
 }
 
 impl HostGwBackend {
@@ -34,11 +36,20 @@ impl HostGwBackend {
             handle: None,
             routes: BTreeMap::new(),
             peers_known: false,
+            off_link: BTreeMap::new(),
         }
     }
 
     fn handle(&self) -> anyhow::Result<&Handle> {
         self.handle.as_ref().context("host-gw backend not started")
+    }
+
+    /// Is the peer's public IP directly on our external interface's link (no gateway)?
+    async fn on_our_link(&self, handle: &Handle, lease: &Lease) -> bool {
+        matches!(
+            route::lookup(handle, lease.attrs.public_ip).await,
+            Ok((None, Some(oif))) if oif == self.ext.index
+        )
     }
 
     fn route_for(&self, lease: &Lease) -> Route {
@@ -104,15 +115,38 @@ impl Backend for HostGwBackend {
                         None => Ok(()),
                     }
                 }
+                PeerEvent::Added(lease) if !self.on_our_link(&handle, lease).await => {
+                    // Upstream refuses such a peer too; say so once, not at every resync.
+                    let again = self
+                        .off_link
+                        .insert(lease.subnet(), lease.clone())
+                        .is_some_and(|old| old.attrs.public_ip == lease.attrs.public_ip);
+                    if !again {
+                        log::error!(
+                            "host-gw: peer {} at {} is not on our link ({}): no route to it; host-gw needs all hosts on one L2 network (vxlan with DirectRouting handles mixed networks)",
+                            lease.subnet(),
+                            lease.attrs.public_ip,
+                            self.ext.name
+                        );
+                    }
+                    match self.routes.remove(&lease.subnet()) {
+                        Some(old) => old.delete(&handle).await,
+                        None => Ok(()),
+                    }
+                }
                 PeerEvent::Added(lease) => {
+                    self.off_link.remove(&lease.subnet());
                     let route = self.route_for(lease);
                     self.routes.insert(route.dst, route);
                     route.replace(&handle).await
                 }
-                PeerEvent::Removed(lease) => match self.routes.remove(&lease.subnet()) {
-                    Some(old) => old.delete(&handle).await,
-                    None => Ok(()),
-                },
+                PeerEvent::Removed(lease) => {
+                    self.off_link.remove(&lease.subnet());
+                    match self.routes.remove(&lease.subnet()) {
+                        Some(old) => old.delete(&handle).await,
+                        None => Ok(()),
+                    }
+                }
             };
             if let Err(e) = result {
                 let subnet = match ev {
@@ -128,6 +162,23 @@ impl Backend for HostGwBackend {
     /// Put back routes someone deleted and drop routes into the network that no peer owns.
     async fn resync(&mut self) -> anyhow::Result<()> {
         let handle = self.handle()?.clone();
+        // A peer that was off our link may be reachable now (addresses or routes changed).
+        let mut now_on_link = Vec::new();
+        for lease in self.off_link.values() {
+            if self.on_our_link(&handle, lease).await {
+                now_on_link.push(lease.clone());
+            }
+        }
+        for lease in now_on_link {
+            log::info!(
+                "host-gw: peer {} at {} is on our link now",
+                lease.subnet(),
+                lease.attrs.public_ip
+            );
+            self.off_link.remove(&lease.subnet());
+            let route = self.route_for(&lease);
+            self.routes.insert(route.dst, route);
+        }
         let present = route::list_gateway_routes(&handle).await?;
         for want in self.routes.values() {
             let installed = present
