@@ -18,6 +18,17 @@ use crate::lease::Lease;
 use crate::metrics::{self, DataplaneSample};
 use crate::subnet::watch::WatchStats;
 
+/// `/readyz` stays 200 through short etcd blips; longer than this without seeing etcd's
+/// changes (watch down, no leader, unauthenticated), the node is not ready.
+pub const WATCH_DOWN_GRACE: Duration = Duration::from_secs(10);
+/// A client must send its request headers within this time.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// No connection lives longer than this (idle, slow readers, slow writers).
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections served at once; beyond that new ones are closed at once, so the health
+/// listener can never take the process to its file descriptor limit.
+pub const MAX_CONNECTIONS: usize = 64;
+
 /// What the agent publishes about itself.
 #[derive(Default)]
 pub struct AgentState {
@@ -66,11 +77,24 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(state): State<Arc<AgentState>>) -> impl IntoResponse {
-    if state.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "flanneld is ready")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "flanneld is not ready")
+    if !state.ready.load(Ordering::Relaxed) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "flanneld is not ready".to_owned(),
+        );
     }
+    let down = state.watch.down_for();
+    if down > WATCH_DOWN_GRACE {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "flanneld cannot see etcd changes for {}s: {}",
+                down.as_secs(),
+                state.watch.health().name()
+            ),
+        );
+    }
+    (StatusCode::OK, "flanneld is ready".to_owned())
 }
 
 async fn peers(State(state): State<Arc<AgentState>>) -> impl IntoResponse {
@@ -101,5 +125,31 @@ pub async fn serve(
     if let Ok(addr) = listener.local_addr() {
         log::info!("health listener on http://{addr}");
     }
-    axum::serve(listener, app).await
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // EMFILE and the like: back off instead of spinning; the cap makes it rare.
+                log::debug!("health listener accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            drop(stream);
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                // One request per connection: no idle keep-alive connections to hold.
+                .keep_alive(false)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await;
+            drop(slot);
+        });
+    }
 }

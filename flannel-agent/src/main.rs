@@ -21,6 +21,7 @@ use flannel_agent::subnet::config_wait::wait_for_config;
 use flannel_agent::subnet::manager::ManagerError;
 use flannel_agent::subnet::manager::RenewOutcome;
 use flannel_agent::subnet::registry::{explain_with, EtcdSettings};
+use flannel_agent::subnet::sanity::LeaseSanity;
 use flannel_agent::subnet::RegistryError;
 use flannel_agent::subnet::{EtcdRegistry, LeaseManager, PeerEvent, PeerWatcher, WatchUpdate};
 use flannel_agent::subnet_env::{PreviousSubnetEnv, SubnetEnv};
@@ -333,13 +334,17 @@ async fn agent(flags: Flags) -> anyhow::Result<()> {
     }
 
     let (tx, mut rx) = mpsc::channel(64);
-    let watcher = PeerWatcher::new(registry.clone(), own.key, state.watch.clone());
+    let watcher = PeerWatcher::new(registry.clone(), own.key, state.watch.clone())
+        .checked_by(LeaseSanity::new(config.network, own.attrs.public_ip));
     tokio::spawn(watcher.run(tx));
 
     let mut renew_at = tokio::time::Instant::now() + manager.renew_interval();
     let mut resync = tokio::time::interval(RESYNC_INTERVAL);
     let mut sample = tokio::time::interval(METRICS_SAMPLE_INTERVAL);
     let mut announced = false;
+    // Our key is gone and putting it back failed for a reason that may pass (etcd down): the
+    // renewal timer retries the reclaim instead of renewing.
+    let mut reclaim_pending = false;
     loop {
         tokio::select! {
             update = rx.recv() => {
@@ -361,8 +366,19 @@ async fn agent(flags: Flags) -> anyhow::Result<()> {
                         }
                     }
                     WatchUpdate::OwnKey(None) => {
-                        own = handle_own_key_gone(&manager, &registry, &own).await?;
-                        state.set_lease_expiry(&own, flags.subnet_lease_ttl);
+                        match handle_own_key_gone(&manager, &registry, &own).await {
+                            Ok(l) => {
+                                own = l;
+                                reclaim_pending = false;
+                                state.set_lease_expiry(&own, flags.subnet_lease_ttl);
+                            }
+                            Err(e) => {
+                                let e = fatal_reclaim_error(e)?;
+                                log::warn!("putting our lease {} back: {e}; retrying", own.subnet());
+                                reclaim_pending = true;
+                                renew_at = tokio::time::Instant::now() + Duration::from_secs(1);
+                            }
+                        }
                     }
                     WatchUpdate::OwnKey(Some(current)) => {
                         if current.attrs.public_ip != own.attrs.public_ip {
@@ -375,17 +391,34 @@ async fn agent(flags: Flags) -> anyhow::Result<()> {
                 subnet_tx.send_if_modified(|s| std::mem::replace(s, own.subnet()) != own.subnet());
             }
             _ = tokio::time::sleep_until(renew_at) => {
-                renew_at = tokio::time::Instant::now() + match manager.renew(&own).await {
+                let outcome = if reclaim_pending {
+                    Ok(RenewOutcome::Lost)
+                } else {
+                    manager.renew(&own).await
+                };
+                renew_at = tokio::time::Instant::now() + match outcome {
                     Ok(RenewOutcome::Renewed) => {
                         state.set_lease_expiry(&own, flags.subnet_lease_ttl);
                         manager.renew_interval()
                     }
                     Ok(RenewOutcome::Lost) => {
-                        log::warn!("our etcd lease for {} expired", own.subnet());
-                        own = manager.reclaim(&own).await?;
-                        state.set_lease_expiry(&own, flags.subnet_lease_ttl);
-                        subnet_tx.send_if_modified(|s| std::mem::replace(s, own.subnet()) != own.subnet());
-                        manager.renew_interval()
+                        if !reclaim_pending {
+                            log::warn!("our etcd lease for {} expired or was revoked", own.subnet());
+                        }
+                        match manager.reclaim(&own).await {
+                            Ok(l) => {
+                                own = l;
+                                reclaim_pending = false;
+                                subnet_tx.send_if_modified(|s| std::mem::replace(s, own.subnet()) != own.subnet());
+                                state.set_lease_expiry(&own, flags.subnet_lease_ttl);
+                                manager.renew_interval()
+                            }
+                            Err(e) => {
+                                log::warn!("putting our lease {} back: {}; retrying", own.subnet(), fatal_reclaim_error(ReclaimError::Manager(e))?);
+                                reclaim_pending = true;
+                                Duration::from_secs(1)
+                            }
+                        }
                     }
                     Err(e) => {
                         log::warn!("renewing lease {}: {e}; retrying", own.subnet());
@@ -406,23 +439,48 @@ async fn agent(flags: Flags) -> anyhow::Result<()> {
     }
 }
 
+/// Exit (the error) when our subnet now belongs to someone else; anything else is passed back
+/// to be retried.
+fn fatal_reclaim_error(e: ReclaimError) -> anyhow::Result<ReclaimError> {
+    match e {
+        ReclaimError::Manager(e @ ManagerError::SubnetTaken { .. }) | ReclaimError::Deleted(e) => {
+            Err(e.into())
+        }
+        e => Ok(e),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ReclaimError {
+    #[error(transparent)]
+    Manager(ManagerError),
+    /// Deleted by hand: exit (carried as the message to exit with).
+    #[error(transparent)]
+    Deleted(ManagerError),
+}
+
 /// Our key is gone. Deleted by hand while our etcd lease lives: the operator wants us off it,
 /// so exit as upstream does (a restart acquires afresh). Expired: put it back if still free.
 async fn handle_own_key_gone(
     manager: &LeaseManager,
     registry: &EtcdRegistry,
     own: &Lease,
-) -> anyhow::Result<Lease> {
+) -> Result<Lease, ReclaimError> {
+    // The event may be stale: the renewal path can already have put the key back.
+    if let Ok(Some(current)) = registry.get_lease(&own.key).await {
+        if current.attrs.public_ip == own.attrs.public_ip {
+            return Ok(current);
+        }
+    }
     if !own.is_reservation() && registry.keep_alive_once(own.etcd_lease).await.unwrap_or(0) > 0 {
         if let Err(e) = manager.release(own).await {
             log::warn!("revoking our etcd lease: {e}");
         }
-        bail!(
-            "our subnet lease {} was deleted from etcd: exiting so that a restart acquires a lease afresh",
-            own.subnet()
-        );
+        return Err(ReclaimError::Deleted(ManagerError::DeletedByHand(
+            own.subnet(),
+        )));
     }
-    Ok(manager.reclaim(own).await?)
+    manager.reclaim(own).await.map_err(ReclaimError::Manager)
 }
 
 async fn apply_peer_events(backend: &mut AnyBackend, state: &AgentState, events: &[PeerEvent]) {

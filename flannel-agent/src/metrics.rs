@@ -11,6 +11,7 @@ use crate::backend::udp::ebpf::read_pinned_stats;
 use crate::backend::DataplaneStats;
 use crate::cli::UdpDataplaneKind;
 use crate::health::AgentState;
+use crate::subnet::watch::WatchHealth;
 
 /// The `Content-Type` of the text exposition format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -205,6 +206,33 @@ pub fn render(state: &AgentState) -> String {
         "flannel_watch_revision",
         &[],
         watch.revision.load(Ordering::Relaxed),
+    );
+    let health = watch.health();
+    family(
+        &mut out,
+        "flannel_watch_state",
+        "gauge",
+        "1 for the lease watch's current state: up, or why it cannot see etcd's changes.",
+    );
+    for h in WatchHealth::ALL {
+        sample(
+            &mut out,
+            "flannel_watch_state",
+            &[("state", h.name())],
+            u8::from(h == health),
+        );
+    }
+    family(
+        &mut out,
+        "flannel_watch_down_seconds",
+        "gauge",
+        "How long the lease watch has not been up (0 while up); /readyz is 503 past a grace period.",
+    );
+    sample(
+        &mut out,
+        "flannel_watch_down_seconds",
+        &[],
+        watch.down_for().as_secs(),
     );
 
     let dataplane = state

@@ -8,9 +8,11 @@ pub mod cluster;
 pub mod cni;
 pub mod container;
 pub mod etcd;
+pub mod etcd_cluster;
 pub mod netns;
 pub mod overlay;
 pub mod pki;
+pub mod tls;
 pub mod traffic;
 
 use std::path::PathBuf;

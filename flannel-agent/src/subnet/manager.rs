@@ -22,6 +22,8 @@ pub enum ManagerError {
     NoFreeSubnet { min: Ipv4Addr, max: Ipv4Addr },
     #[error("could not acquire a subnet after {0} attempts (too many conflicting writers)")]
     TooManyConflicts(usize),
+    #[error("our subnet lease {0} was deleted from etcd: exiting so that a restart acquires a lease afresh")]
+    DeletedByHand(Ipv4Network),
     #[error("subnet {subnet} is now leased to {owner}: refusing to keep using it")]
     SubnetTaken {
         subnet: Ipv4Network,

@@ -6,6 +6,7 @@ pub mod config_wait;
 pub mod etcd_hint;
 pub mod manager;
 pub mod registry;
+pub mod sanity;
 pub mod watch;
 
 pub use manager::{LeaseManager, OwnLease};

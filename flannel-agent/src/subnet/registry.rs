@@ -4,8 +4,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
-    WatchStream,
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, KvClient, PutOptions, Txn, TxnOp,
+    WatchClient, WatchOptions, WatchStream,
 };
 
 use crate::config::{ConfigError, NetworkConfig};
@@ -31,6 +31,8 @@ pub enum RegistryError {
     HttpsWithoutCa(String),
     #[error("--etcd-endpoints: none given")]
     NoEndpoints,
+    #[error("etcd did not answer a lease keep-alive within {0:?}")]
+    KeepAliveTimeout(Duration),
 }
 
 impl RegistryError {
@@ -41,7 +43,37 @@ impl RegistryError {
             _ => true,
         }
     }
+
+    /// etcd refused our credentials or token (expired, or etcd restarted and forgot it).
+    pub fn is_auth(&self) -> bool {
+        match self {
+            RegistryError::Etcd(e) => is_auth_error(e),
+            _ => false,
+        }
+    }
 }
+
+/// Whether an etcd error means "authenticate again" rather than "try again".
+pub fn is_auth_error(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            s.code() == tonic::Code::Unauthenticated
+                || s.message().contains("invalid auth token")
+                || s.message().contains("permission denied")
+        }
+        _ => false,
+    }
+}
+
+/// HTTP/2 pings: etcd's `--grpc-keepalive-min-time` defaults to 5 s and it answers pings that
+/// come faster (or without an open stream) with GOAWAY `too_many_pings`, tearing down the watch.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Upstream's clientv3 accepts responses up to 2 GiB (`MaxCallRecvMsgSize` = math.MaxInt32);
+/// tonic's default of 4 MiB stops a listing of a few large leases.
+pub const MAX_DECODING_MESSAGE_SIZE: usize = i32::MAX as usize;
+/// How long one lease keep-alive round trip may take before we call it failed.
+const KEEPALIVE_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Connection settings (the `--etcd-*` flags).
 #[derive(Debug, Clone, Default)]
@@ -105,9 +137,12 @@ pub struct LeaseListing {
 #[derive(Clone)]
 pub struct EtcdRegistry {
     client: Client,
+    kv: KvClient,
+    watch: WatchClient,
     prefix: String,
     /// For error messages: where we talk to and with which flags.
     target: Arc<EtcdTarget>,
+    authenticated: bool,
 }
 
 impl EtcdRegistry {
@@ -127,11 +162,18 @@ impl EtcdRegistry {
         let mut opts = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(5))
             .with_timeout(Duration::from_secs(10))
-            // HTTP/2 pings notice a dead etcd (or a partition) while a watch is idle.
-            .with_keep_alive(Duration::from_secs(3), Duration::from_secs(3))
-            .with_keep_alive_while_idle(true);
+            // HTTP/2 pings notice a dead etcd (or a partition) while the watch stream is open;
+            // within etcd's keepalive policy (see KEEPALIVE_INTERVAL), never on an idle connection.
+            .with_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
+            .with_keep_alive_while_idle(false)
+            // A member cut off from its cluster refuses requests and ends watches ("no leader")
+            // instead of serving stale data, so the retry goes to a member that has a leader.
+            .with_require_leader(true);
         if !settings.username.is_empty() {
-            opts = opts.with_user(settings.username.clone(), settings.password.clone());
+            opts = opts
+                .with_user(settings.username.clone(), settings.password.clone())
+                // Tokens expire and a restarted etcd forgets them: re-authenticate and retry.
+                .with_auto_token_refresh(true);
         }
         if !settings.cafile.is_empty()
             || !settings.certfile.is_empty()
@@ -142,9 +184,16 @@ impl EtcdRegistry {
         let target = Arc::new(settings.target());
         let client = Client::connect(target.endpoints.clone(), Some(opts)).await?;
         Ok(EtcdRegistry {
+            kv: client
+                .kv_client()
+                .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE),
+            watch: client
+                .watch_client()
+                .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE),
             client,
             prefix: target.prefix.clone(),
             target,
+            authenticated: !settings.username.is_empty(),
         })
     }
 
@@ -156,6 +205,19 @@ impl EtcdRegistry {
     /// The `--etcd-prefix` in use (without a trailing slash).
     pub fn prefix(&self) -> &str {
         &self.prefix
+    }
+
+    /// Whether we log in with a username (tokens to refresh).
+    pub fn authenticated(&self) -> bool {
+        self.authenticated
+    }
+
+    /// Get a fresh auth token (streams such as the watch do not refresh it by themselves).
+    pub async fn refresh_token(&self) -> Result<(), RegistryError> {
+        if self.authenticated {
+            self.client.refresh_token().await?;
+        }
+        Ok(())
     }
 
     pub fn config_key(&self) -> String {
@@ -172,7 +234,7 @@ impl EtcdRegistry {
 
     /// The config as it is in etcd now, and the revision it was read at.
     pub async fn read_config(&self) -> Result<(ConfigState, i64), RegistryError> {
-        let resp = self.client.kv_client().get(self.config_key(), None).await?;
+        let resp = self.kv.clone().get(self.config_key(), None).await?;
         let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
         let state = match resp.kvs().first() {
             None => ConfigState::Missing,
@@ -194,8 +256,8 @@ impl EtcdRegistry {
     pub async fn watch_config(&self, revision: i64) -> Result<WatchStream, RegistryError> {
         let opts = WatchOptions::new().with_start_revision(revision);
         Ok(self
-            .client
-            .watch_client()
+            .watch
+            .clone()
             .watch(self.config_key(), Some(opts))
             .await?)
     }
@@ -203,8 +265,8 @@ impl EtcdRegistry {
     /// All subnet leases. Malformed keys or values are skipped with a warning naming the key.
     pub async fn list_leases(&self) -> Result<LeaseListing, RegistryError> {
         let resp = self
-            .client
-            .kv_client()
+            .kv
+            .clone()
             .get(self.subnets_prefix(), Some(GetOptions::new().with_prefix()))
             .await?;
         let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
@@ -267,14 +329,30 @@ impl EtcdRegistry {
         }
     }
 
-    /// Refresh an etcd lease once. Returns the new TTL in seconds, 0 if the lease is gone.
+    /// Refresh an etcd lease once. Returns the new TTL in seconds, 0 if the lease is gone
+    /// (expired or revoked).
     pub async fn keep_alive_once(&self, etcd_lease: i64) -> Result<i64, RegistryError> {
-        let (mut keeper, mut stream) = self.client.lease_client().keep_alive(etcd_lease).await?;
-        keeper.keep_alive().await?;
-        match stream.message().await? {
-            Some(resp) => Ok(resp.ttl()),
-            None => Ok(0),
-        }
+        let call = async {
+            // etcd-client sends the first keep-alive itself and reports TTL 0 (the lease is
+            // gone) as an error, not as a response.
+            let (mut keeper, mut stream) =
+                match self.client.lease_client().keep_alive(etcd_lease).await {
+                    Ok(v) => v,
+                    Err(e) if is_lease_gone(&e) => return Ok(0),
+                    Err(e) => return Err(e.into()),
+                };
+            keeper.keep_alive().await?;
+            match stream.message().await {
+                Ok(Some(resp)) => Ok(resp.ttl().max(0)),
+                Ok(None) => Ok(0),
+                Err(e) if is_lease_gone(&e) => Ok(0),
+                Err(e) => Err(e.into()),
+            }
+        };
+        // A keep-alive stream to a member without a leader can hang: give up and retry.
+        tokio::time::timeout(KEEPALIVE_CALL_TIMEOUT, call)
+            .await
+            .unwrap_or(Err(RegistryError::KeepAliveTimeout(KEEPALIVE_CALL_TIMEOUT)))
     }
 
     /// Create `key` only if it does not exist (the compare-and-create of upstream).
@@ -289,7 +367,7 @@ impl EtcdRegistry {
         let txn = Txn::new()
             .when([Compare::version(k.clone(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(k, attrs.to_json(), put)]);
-        Ok(self.client.kv_client().txn(txn).await?.succeeded())
+        Ok(self.kv.clone().txn(txn).await?.succeeded())
     }
 
     /// Replace `key` only if it is still at `mod_revision` (nobody changed it since we read it).
@@ -308,16 +386,12 @@ impl EtcdRegistry {
                 mod_revision,
             )])
             .and_then([TxnOp::put(k, attrs.to_json(), put_options(etcd_lease))]);
-        Ok(self.client.kv_client().txn(txn).await?.succeeded())
+        Ok(self.kv.clone().txn(txn).await?.succeeded())
     }
 
     /// Current value of one subnet key.
     pub async fn get_lease(&self, key: &SubnetKey) -> Result<Option<Lease>, RegistryError> {
-        let resp = self
-            .client
-            .kv_client()
-            .get(self.subnet_key(key), None)
-            .await?;
+        let resp = self.kv.clone().get(self.subnet_key(key), None).await?;
         Ok(resp
             .kvs()
             .first()
@@ -328,12 +402,24 @@ impl EtcdRegistry {
     pub async fn watch_subnets(&self, start_revision: i64) -> Result<WatchStream, RegistryError> {
         let opts = WatchOptions::new()
             .with_prefix()
-            .with_start_revision(start_revision);
+            .with_start_revision(start_revision)
+            // etcd tells a watcher when it falls behind compaction or loses its leader; the
+            // notifications also show an idle watch is still alive (see the watcher's checks).
+            .with_progress_notify();
         Ok(self
-            .client
-            .watch_client()
+            .watch
+            .clone()
             .watch(self.subnets_prefix(), Some(opts))
             .await?)
+    }
+}
+
+/// "lease not found" from etcd-client (TTL 0 on the keep-alive stream) or etcd itself.
+fn is_lease_gone(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::LeaseKeepAliveError(m) => m.contains("not found"),
+        etcd_client::Error::GRpcStatus(s) => s.message().contains("lease not found"),
+        _ => false,
     }
 }
 

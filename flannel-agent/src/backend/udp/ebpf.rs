@@ -287,6 +287,8 @@ impl EbpfDataplane {
                 remove_pin(&path)?;
             }
         }
+        // The namespace marker of pin_lock.rs.
+        let _ = std::fs::remove_file(pin_dir.join(super::pin_lock::NETNS_MARKER));
         match std::fs::remove_dir(pin_dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::DirectoryNotEmpty => {

@@ -10,6 +10,7 @@ use ipnetwork::Ipv4Network;
 
 pub mod device;
 pub mod ebpf;
+pub mod pin_lock;
 pub mod tun;
 
 /// Packet and drop counters of a data plane, summed over CPUs / threads.
@@ -47,6 +48,8 @@ pub struct UdpBackend {
     ext: crate::iface::ExternalInterface,
     opts: super::BackendOptions,
     dataplane: Option<Box<dyn UdpDataplane>>,
+    /// Held while we run: no other agent may use our pin dir.
+    pin_lock: Option<pin_lock::PinDirLock>,
 }
 
 impl UdpBackend {
@@ -74,6 +77,7 @@ impl UdpBackend {
             ext: ext.clone(),
             opts: opts.clone(),
             dataplane: None,
+            pin_lock: None,
         })
     }
 
@@ -160,6 +164,8 @@ impl super::Backend for UdpBackend {
         let (conn, handle, _) = rtnetlink::new_connection()?;
         tokio::spawn(conn);
         let kind = self.opts.udp_dataplane;
+        // Before touching the pins (eBPF adopts them, TUN removes them).
+        self.pin_lock = pin_lock::PinDirLock::acquire(&self.opts.bpf_pin_dir)?;
         let (dp, name) = match kind {
             UdpDataplaneKind::Tun => (self.start_tun(&handle, own, config).await?, "TUN"),
             UdpDataplaneKind::Ebpf => (self.start_ebpf(&handle, own, config).await?, "eBPF"),
@@ -173,6 +179,10 @@ impl super::Backend for UdpBackend {
                 }
             }
         };
+        if self.pin_lock.is_none() && self.opts.bpf_pin_dir.exists() {
+            // The loader has just mounted bpffs and made the directory.
+            self.pin_lock = pin_lock::PinDirLock::acquire(&self.opts.bpf_pin_dir)?;
+        }
         log::info!("udp backend: port {}, {name} data plane", self.port);
         self.dataplane = Some(dp);
         Ok(())
