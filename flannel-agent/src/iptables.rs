@@ -240,7 +240,12 @@ impl RuleSet {
         for rule in &self.rules {
             let chain = rule.own_chain();
             if !chain_exists(rule.table, chain).await? {
-                run(&["-t", rule.table, "-N", chain]).await?;
+                // Another agent on this host (another network) may create it at the same time.
+                if let Err(e) = run(&["-t", rule.table, "-N", chain]).await {
+                    if !chain_exists(rule.table, chain).await? {
+                        return Err(e);
+                    }
+                }
             }
             delete_rule(rule.table, rule.chain, &rule.spec).await;
         }
