@@ -10,6 +10,7 @@ use anyhow::Context;
 use aya::maps::{Array, HashMap, Map, MapData};
 use aya::programs::{tc::TcAttachType, SchedClassifier};
 use flannel_agent::backend::udp::ebpf::{read_pinned_stats, DEFAULT_PIN_DIR};
+use flannel_agent::backend::udp::pin_lock::NETNS_MARKER;
 use flannel_common::{map_names, Config, PeerKey, PeerValue, Stats};
 
 /// The udp backend's overlay device (upstream's name, fixed).
@@ -73,7 +74,7 @@ pub fn render(pin_dir: &Path) -> anyhow::Result<String> {
     )?;
     writeln!(out)?;
     writeln!(out, "{:<30} PROGRAMS", "HOOK")?;
-    match foreign_namespace(config.decap_ifindex) {
+    match foreign_namespace(pin_dir, config.decap_ifindex) {
         // Interface indexes are per namespace: here they name other devices (or none).
         Some(why) => {
             writeln!(
@@ -109,8 +110,20 @@ pub fn render(pin_dir: &Path) -> anyhow::Result<String> {
 }
 
 /// Why this is not the namespace of the agent that pinned the data plane (`None`: it is).
-/// The encap program sits on the overlay device, which the agent always names flannel0.
-fn foreign_namespace(overlay_ifindex: u32) -> Option<String> {
+/// The agent records its namespace in the pin dir; pins from before that are judged by the
+/// overlay device, which the agent always names flannel0.
+fn foreign_namespace(pin_dir: &Path, overlay_ifindex: u32) -> Option<String> {
+    let theirs = std::fs::read_link(pin_dir.join(NETNS_MARKER)).ok();
+    let ours = std::fs::read_link("/proc/thread-self/ns/net").ok();
+    if let (Some(theirs), Some(ours)) = (theirs, ours) {
+        return (theirs != ours).then(|| {
+            format!(
+                "pinned from network namespace {}, this is {}",
+                theirs.display(),
+                ours.display()
+            )
+        });
+    }
     match interface_name(overlay_ifindex) {
         Some(name) if name == OVERLAY_DEVICE => None,
         Some(name) => Some(format!(
@@ -128,7 +141,7 @@ pub fn wrong_namespace(pin_dir: &Path) -> Option<String> {
     let config: Array<MapData, Config> =
         Array::try_from(Map::Array(open_pinned(pin_dir, map_names::CONFIG).ok()?)).ok()?;
     let config = config.get(&0, 0).ok()?;
-    foreign_namespace(config.decap_ifindex)
+    foreign_namespace(pin_dir, config.decap_ifindex)
 }
 
 fn interface_name(ifindex: u32) -> Option<String> {

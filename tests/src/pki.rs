@@ -112,13 +112,16 @@ impl Ca {
         Ok(pair)
     }
 
-    /// A server certificate for `ip` (subjectAltName IP).
-    pub fn server(&self, name: &str, ip: &str) -> Result<CertPair> {
+    /// A server certificate for `ips` (subjectAltName IPs); etcd members also present it to
+    /// each other as clients.
+    pub fn server(&self, name: &str, ips: &[&str]) -> Result<CertPair> {
+        let sans: Vec<String> = ips.iter().map(|ip| format!("IP:{ip}")).collect();
         self.issue(
             name,
             name,
             &format!(
-                "subjectAltName=IP:{ip}\nextendedKeyUsage=serverAuth,clientAuth\nkeyUsage=digitalSignature,keyEncipherment\n"
+                "subjectAltName={}\nextendedKeyUsage=serverAuth,clientAuth\nkeyUsage=digitalSignature,keyEncipherment\n",
+                sans.join(",")
             ),
         )
     }

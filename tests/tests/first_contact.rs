@@ -123,7 +123,7 @@ fn tls_setup(cluster: &Cluster) -> TlsSetup {
     let dir = cluster.dir.0.join("pki");
     let ca = Ca::new(&dir, "ca").unwrap();
     let other_ca = Ca::new(&dir, "other-ca").unwrap();
-    let server = ca.server("etcd-server", "192.0.2.2").unwrap();
+    let server = ca.server("etcd-server", &["192.0.2.2"]).unwrap();
     let client = ca.client("flannel-client", "flannel").unwrap();
     cluster
         .switch
@@ -430,6 +430,10 @@ fn dataplane_outside_the_agents_namespace_says_so() {
     let text = String::from_utf8_lossy(&here.stdout);
     assert!(text.contains("tcx egress of flannel0"), "{text}");
 
+    // The other host runs an agent of its own: it too has flannel0 and eth0, at the same
+    // interface indexes, so only the recorded namespace tells the pins apart.
+    let mut other = cluster.start_agent(1, &["--udp-dataplane=ebpf"]).unwrap();
+    other.wait_ready(Duration::from_secs(20)).unwrap();
     let elsewhere = flanneld_in(&cluster.hosts[1], &["dataplane", &pin_dir]);
     assert_eq!(elsewhere.status.code(), Some(2));
     let text = String::from_utf8_lossy(&elsewhere.stdout);
