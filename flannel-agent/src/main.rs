@@ -264,10 +264,26 @@ async fn agent(flags: Flags) -> anyhow::Result<()> {
         config.backend.backend_type
     );
 
+    let mut attrs = backend.lease_attrs(ext.ext_addr);
+    if config.enable_ipv6 {
+        attrs.public_ipv6 = match flags.public_ipv6 {
+            Some(std::net::IpAddr::V6(ip)) => Some(ip),
+            Some(other) => bail!("--public-ipv6 {other} is not an IPv6 address"),
+            None => flannel_agent::iface::ipv6_address(&handle, ext.index)
+                .await
+                .context("reading the external interface's IPv6 addresses")?,
+        };
+        if attrs.public_ipv6.is_none() {
+            bail!(
+                "EnableIPv6: interface {} has no global IPv6 address; add one or pass --public-ipv6",
+                ext.name
+            );
+        }
+    }
     let manager = LeaseManager::new(
         registry.clone(),
         config.clone(),
-        backend.lease_attrs(ext.ext_addr),
+        attrs,
         flags.subnet_lease_ttl,
         Duration::from_secs(u64::from(flags.subnet_lease_renew_margin) * 60),
     );
@@ -300,6 +316,7 @@ async fn agent(flags: Flags) -> anyhow::Result<()> {
         subnet: own.subnet(),
         mtu: backend.mtu(),
         ip_masq: flags.ip_masq,
+        ipv6: config.ipv6_network.zip(own.key.ipv6),
     };
     env.write(&flags.subnet_file)
         .with_context(|| format!("writing {}", flags.subnet_file.display()))?;

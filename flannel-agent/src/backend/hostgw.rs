@@ -8,6 +8,7 @@ use ipnetwork::Ipv4Network;
 use rtnetlink::Handle;
 
 use super::route::{self, Route};
+use super::route6::{self, Route6};
 use super::Backend;
 use crate::config::NetworkConfig;
 use crate::iface::ExternalInterface;
@@ -26,6 +27,9 @@ pub struct HostGwBackend {
     peers_known: bool,
     /// Peers whose public IP is not on our link: reported once each, re-checked on resync.
     off_link: BTreeMap<Ipv4Network, Lease>,
+    /// With EnableIPv6: the IPv6 route of each dual-stack peer, keyed by its IPv4 subnet.
+    routes6: BTreeMap<Ipv4Network, Route6>,
+    ipv6: bool,
 }
 
 impl HostGwBackend {
@@ -37,6 +41,8 @@ impl HostGwBackend {
             routes: BTreeMap::new(),
             peers_known: false,
             off_link: BTreeMap::new(),
+            routes6: BTreeMap::new(),
+            ipv6: false,
         }
     }
 
@@ -50,6 +56,39 @@ impl HostGwBackend {
             route::lookup(handle, lease.attrs.public_ip).await,
             Ok((None, Some(oif))) if oif == self.ext.index
         )
+    }
+
+    /// `<v6 subnet> via <PublicIPv6> dev <ext>` for a dual-stack peer.
+    fn route6_for(&self, lease: &Lease) -> Option<Route6> {
+        Some(Route6 {
+            dst: lease.key.ipv6?,
+            gateway: lease.attrs.public_ipv6?,
+            oif: self.ext.index,
+        })
+    }
+
+    /// Follow one peer event for IPv6 (logged, never failing the IPv4 side).
+    async fn apply_v6(&mut self, handle: &Handle, ev: &PeerEvent) {
+        if !self.ipv6 {
+            return;
+        }
+        let (lease, added) = match ev {
+            PeerEvent::Added(l) => (l, l.attrs.backend_type == BACKEND_TYPE),
+            PeerEvent::Removed(l) => (l, false),
+        };
+        let want = if added { self.route6_for(lease) } else { None };
+        let old = self.routes6.remove(&lease.subnet());
+        if let Some(old) = old.filter(|o| Some(*o) != want) {
+            if let Err(e) = old.delete(handle).await {
+                log::warn!("host-gw: removing IPv6 route {}: {e}", old.dst);
+            }
+        }
+        if let Some(r) = want {
+            self.routes6.insert(lease.subnet(), r);
+            if let Err(e) = r.replace(handle).await {
+                log::warn!("host-gw: IPv6 route {} via {}: {e}", r.dst, r.gateway);
+            }
+        }
     }
 
     fn route_for(&self, lease: &Lease) -> Route {
@@ -93,6 +132,7 @@ impl Backend for HostGwBackend {
         tokio::spawn(conn);
         self.handle = Some(handle);
         self.network = Some(config.network);
+        self.ipv6 = config.enable_ipv6;
         Ok(())
     }
 
@@ -101,6 +141,7 @@ impl Backend for HostGwBackend {
         self.peers_known = true;
         let mut first_error = None;
         for ev in events {
+            self.apply_v6(&handle, ev).await;
             let result = match ev {
                 PeerEvent::Added(lease) if lease.attrs.backend_type != BACKEND_TYPE => {
                     log::warn!(
@@ -188,6 +229,21 @@ impl Backend for HostGwBackend {
                 log::info!("host-gw: restoring route {} via {}", want.dst, want.gateway);
                 if let Err(e) = want.replace(&handle).await {
                     log::warn!("host-gw: restoring route {}: {e}", want.dst);
+                }
+            }
+        }
+        if !self.routes6.is_empty() {
+            let present6 = route6::list_gateway_routes(&handle).await?;
+            for want in self.routes6.values() {
+                if !present6.contains(want) {
+                    log::info!(
+                        "host-gw: restoring IPv6 route {} via {}",
+                        want.dst,
+                        want.gateway
+                    );
+                    if let Err(e) = want.replace(&handle).await {
+                        log::warn!("host-gw: restoring IPv6 route {}: {e}", want.dst);
+                    }
                 }
             }
         }

@@ -9,6 +9,7 @@ use crate::subnet::PeerEvent;
 pub mod alloc;
 pub mod hostgw;
 pub mod route;
+pub mod route6;
 pub mod udp;
 pub mod vxlan;
 

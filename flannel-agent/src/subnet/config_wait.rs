@@ -101,7 +101,7 @@ fn runnable((state, revision): (ConfigState, i64)) -> (ConfigState, i64) {
         ConfigState::Valid {
             config,
             mod_revision,
-        } if config.enable_ipv6 => (
+        } if config.enable_ipv6 && !runs_ipv6(&config.backend.backend_type) => (
             ConfigState::Invalid {
                 error: ConfigError::Field {
                     field: "EnableIPv6",
@@ -116,13 +116,20 @@ fn runnable((state, revision): (ConfigState, i64)) -> (ConfigState, i64) {
     }
 }
 
+/// Backends that carry IPv6 here: host-gw (IPv6 routes) and alloc (leases only).
+fn runs_ipv6(backend_type: &str) -> bool {
+    ["host-gw", "alloc"]
+        .iter()
+        .any(|b| backend_type.eq_ignore_ascii_case(b))
+}
+
 /// Why EnableIPv6 cannot run: the udp backend is IPv4 only (upstream's too); the others are
 /// IPv4 only in this flanneld for now.
 fn ipv6_refusal(backend_type: &str) -> &'static str {
     if backend_type.eq_ignore_ascii_case("udp") {
-        "the udp backend carries IPv4 only (as upstream's): use vxlan or host-gw for IPv6, or set EnableIPv6 to false"
+        "the udp backend carries IPv4 only (as upstream's): use host-gw for IPv6 (this flanneld has no IPv6 vxlan yet), or set EnableIPv6 to false"
     } else {
-        "this flanneld runs IPv4 only; set it to false"
+        "this flanneld carries IPv6 with the host-gw backend only so far; use host-gw or set EnableIPv6 to false"
     }
 }
 
