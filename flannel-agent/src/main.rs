@@ -341,6 +341,11 @@ async fn agent(flags: Flags) -> anyhow::Result<()> {
         )
         .await
         .context("installing iptables rules")?;
+        if let (Some(network6), Some(subnet6)) = (config.ipv6_network, own.key.ipv6) {
+            flannel_agent::iptables::install_and_keep_v6(rule_opts, network6, subnet6)
+                .await
+                .context("installing ip6tables rules")?;
+        }
     }
     if flags.ip_blackhole_route {
         tokio::spawn(flannel_agent::blackhole::keep(

@@ -126,6 +126,23 @@ fn dual_stack_host_gw_three_hosts_v4_and_v6_pods_talk_and_v6_routes_follow_etcd(
         v6_subnets.push(v6_subnet);
     }
 
+    // ip6tables: upstream's forward and masquerade rules for the IPv6 network and subnet.
+    let saved = o.cluster.hosts[0].ns.exec("ip6tables-save", &[]).unwrap();
+    let s6 = &v6_subnets[0];
+    for line in [
+        "-A FORWARD -m comment --comment \"flanneld forward\" -j FLANNEL-FWD".to_owned(),
+        format!("-A FLANNEL-FWD -s {V6_NET} -m comment --comment \"flanneld forward\" -j ACCEPT"),
+        format!("-A FLANNEL-FWD -d {V6_NET} -m comment --comment \"flanneld forward\" -j ACCEPT"),
+        "-A POSTROUTING -m comment --comment \"flanneld masq\" -j FLANNEL-POSTRTG".to_owned(),
+        format!("-A FLANNEL-POSTRTG -s {s6} -d {V6_NET} -m comment --comment \"flanneld masq\" -j RETURN"),
+        format!("-A FLANNEL-POSTRTG -s {V6_NET} -d {s6} -m comment --comment \"flanneld masq\" -j RETURN"),
+        format!("-A FLANNEL-POSTRTG ! -s {V6_NET} -d {s6} -m comment --comment \"flanneld masq\" -j RETURN"),
+        format!("-A FLANNEL-POSTRTG -s {V6_NET} ! -d ff00::/8 -m comment --comment \"flanneld masq\" -j MASQUERADE --random-fully"),
+        format!("-A FLANNEL-POSTRTG ! -s {V6_NET} -d {V6_NET} -m comment --comment \"flanneld masq\" -j MASQUERADE --random-fully"),
+    ] {
+        assert!(saved.contains(&line), "missing {line:?} in\n{saved}");
+    }
+
     // IPv6 routes to the peers via their PublicIPv6.
     let h0 = &o.cluster.hosts[0];
     for (i, s) in v6_subnets.iter().enumerate().skip(1) {
