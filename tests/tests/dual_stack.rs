@@ -208,6 +208,27 @@ fn dual_stack_host_gw_three_hosts_v4_and_v6_pods_talk_and_v6_routes_follow_etcd(
     )
     .unwrap_or_else(|e| panic!("{e}\n{}", o.agent_log(0)));
     assert!(ping(&pods[0], pods[1].v6));
+
+    // uninstall removes the ip6tables chains too.
+    o.agents[0].stop().unwrap();
+    let out = h0
+        .ns
+        .command(&flannel_tests::flanneld_bin().to_string_lossy())
+        .args([
+            "uninstall",
+            &format!("--subnet-file={}", o.agents[0].subnet_file.display()),
+            &format!("--bpf-pin-dir={}", h0.pin_dir()),
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("ip6tables chain FLANNEL-POSTRTG (table nat) removed"),
+        "{err}"
+    );
+    let saved = h0.ns.exec("ip6tables-save", &[]).unwrap();
+    assert!(!saved.contains("FLANNEL"), "{saved}");
 }
 
 #[test]
