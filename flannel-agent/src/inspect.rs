@@ -174,7 +174,7 @@ fn attached(ifindex: u32, attach: TcAttachType) -> String {
     }
 }
 
-fn counters(s: &Stats) -> [(&'static str, u64); 12] {
+fn counters(s: &Stats) -> [(&'static str, u64); 14] {
     [
         ("tx_packets", s.tx_packets),
         ("tx_bytes", s.tx_bytes),
@@ -188,5 +188,7 @@ fn counters(s: &Stats) -> [(&'static str, u64); 12] {
         ("drop_ttl_exceeded", s.drop_ttl_exceeded),
         ("drop_helper_error", s.drop_helper_error),
         ("drop_not_configured", s.drop_not_configured),
+        ("drop_bad_ip_checksum", s.drop_bad_ip_checksum),
+        ("drop_other_host", s.drop_other_host),
     ]
 }

@@ -36,24 +36,40 @@ impl DataplaneKind {
 pub struct DataplaneSample {
     pub kind: DataplaneKind,
     pub stats: DataplaneStats,
-    /// Drops only the eBPF programs count (in the pinned map); None on the TUN data plane.
-    pub ebpf_drops: Option<EbpfOnlyDrops>,
+    /// Drop reasons only the eBPF programs count (in the pinned map); None on TUN.
+    pub ebpf_drops: Option<EbpfDrops>,
 }
 
-/// Drop reasons of the eBPF programs that the TUN data plane has no equivalent of.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct EbpfOnlyDrops {
-    /// The inner TTL ran out at the tunnel hop.
+/// Drop counters of the eBPF programs that the TUN data plane has no equivalent of.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EbpfDrops {
+    /// TTL expiries at the tunnel hop.
     pub ttl_exceeded: u64,
     /// A BPF helper (adjust_room, redirect, FIB lookup) failed.
     pub helper_error: u64,
     /// A packet arrived before the agent wrote the program's config.
     pub not_configured: u64,
+    /// Outer IPv4 header checksum wrong.
+    pub bad_ip_checksum: u64,
+    /// Frames for another host's MAC.
+    pub other_host: u64,
+}
+
+impl EbpfDrops {
+    fn from_stats(s: &flannel_common::Stats) -> Self {
+        EbpfDrops {
+            ttl_exceeded: s.drop_ttl_exceeded,
+            helper_error: s.drop_helper_error,
+            not_configured: s.drop_not_configured,
+            bad_ip_checksum: s.drop_bad_ip_checksum,
+            other_host: s.drop_other_host,
+        }
+    }
 }
 
 impl DataplaneSample {
     /// Reads the running data plane: `stats` from the backend (None: no udp data plane), the
-    /// TTL counter from the pinned eBPF map when the eBPF data plane may be the one running.
+    /// eBPF-only counters from the pinned map when the eBPF data plane may be the one running.
     pub fn collect(
         stats: Option<DataplaneStats>,
         requested: UdpDataplaneKind,
@@ -72,11 +88,7 @@ impl DataplaneSample {
         Some(DataplaneSample {
             kind,
             stats,
-            ebpf_drops: pinned.map(|p| EbpfOnlyDrops {
-                ttl_exceeded: p.drop_ttl_exceeded,
-                helper_error: p.drop_helper_error,
-                not_configured: p.drop_not_configured,
-            }),
+            ebpf_drops: pinned.as_ref().map(EbpfDrops::from_stats),
         })
     }
 }
@@ -309,10 +321,12 @@ fn render_dataplane(out: &mut String, dp: &DataplaneSample) {
         ("unknown_sender", s.drop_unknown_sender),
         ("spoofed_source", s.drop_spoofed_source),
     ];
-    if let Some(e) = dp.ebpf_drops {
+    if let Some(e) = &dp.ebpf_drops {
         drops.push(("ttl_exceeded", e.ttl_exceeded));
         drops.push(("helper_error", e.helper_error));
         drops.push(("not_configured", e.not_configured));
+        drops.push(("bad_ip_checksum", e.bad_ip_checksum));
+        drops.push(("other_host", e.other_host));
     }
     for (reason, n) in drops {
         sample(
@@ -384,10 +398,12 @@ mod tests {
                 drop_unknown_sender: 4,
                 drop_spoofed_source: 5,
             },
-            ebpf_drops: Some(EbpfOnlyDrops {
+            ebpf_drops: Some(EbpfDrops {
                 ttl_exceeded: 6,
                 helper_error: 7,
                 not_configured: 8,
+                bad_ip_checksum: 9,
+                other_host: 10,
             }),
         });
         let body = render(&state);
@@ -428,6 +444,11 @@ mod tests {
                 "flannel_dataplane_drops_total{reason=\"not_configured\"}",
                 "8",
             ),
+            (
+                "flannel_dataplane_drops_total{reason=\"bad_ip_checksum\"}",
+                "9",
+            ),
+            ("flannel_dataplane_drops_total{reason=\"other_host\"}", "10"),
             ("flannel_build_info{version=\"0.1.0\"}", "1"),
         ];
         for (series, want) in expect {
@@ -482,8 +503,14 @@ mod tests {
             body.contains("flannel_dataplane_info{kind=\"tun\"} 1"),
             "{body}"
         );
-        // The TUN data plane has no such counters: no made-up zeroes.
-        for reason in ["ttl_exceeded", "helper_error", "not_configured"] {
+        // The TUN data plane has no such counters: no made-up zeros.
+        for reason in [
+            "ttl_exceeded",
+            "helper_error",
+            "not_configured",
+            "bad_ip_checksum",
+            "other_host",
+        ] {
             assert!(!body.contains(reason), "{body}");
         }
     }

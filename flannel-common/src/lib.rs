@@ -93,7 +93,23 @@ pub struct Config {
     pub port: u16,
     /// Non-zero once the agent has written this entry; programs pass/drop until then.
     pub ready: u16,
+    /// `CONFIG_F_*` bits.
+    pub flags: u32,
+    /// With [`CONFIG_F_OVERLAY_L2`]: the overlay device's MAC, the destination of decapsulated
+    /// frames delivered to it.
+    pub overlay_mac: [u8; 6],
+    pub _reserved: u16,
 }
+
+/// [`Config::flags`]: the external device is a virtual wire (veth, virtio, ...) that hands
+/// checksum-offloaded packets to the other side unfinished, so encap completes the inner
+/// TCP/UDP checksum of every packet it sends whole (non-GSO) itself. A NIC computes it in
+/// hardware, so the bit stays clear there.
+pub const CONFIG_F_COMPLETE_CSUM: u32 = 1 << 0;
+
+/// [`Config::flags`]: the overlay device has an Ethernet header (the eBPF data plane's `ifb`,
+/// which keeps its carrier with no process attached), not a TUN's bare IPv4.
+pub const CONFIG_F_OVERLAY_L2: u32 = 1 << 1;
 
 /// Counters, one copy per CPU (the agent sums them).
 #[repr(C)]
@@ -122,6 +138,11 @@ pub struct Stats {
     pub drop_helper_error: u64,
     /// Encap ran before the agent wrote the configuration (decap passes everything then).
     pub drop_not_configured: u64,
+    /// Decap: the outer IPv4 header checksum is wrong (the stack would drop it too).
+    pub drop_bad_ip_checksum: u64,
+    /// Decap: the frame was addressed to another host's MAC (pkt_type other-host, seen in
+    /// promiscuous mode or on a flooding switch), which the stack drops.
+    pub drop_other_host: u64,
 }
 
 #[cfg(feature = "user")]
@@ -142,6 +163,6 @@ const _: () = {
     assert!(core::mem::size_of::<PeerValue>() == 4);
     assert!(core::mem::size_of::<SenderKey>() == 4);
     assert!(core::mem::size_of::<SenderValue>() == 4);
-    assert!(core::mem::size_of::<Config>() == 28);
-    assert!(core::mem::size_of::<Stats>() == 12 * 8);
+    assert!(core::mem::size_of::<Config>() == 40);
+    assert!(core::mem::size_of::<Stats>() == 14 * 8);
 };

@@ -18,18 +18,27 @@
 #![no_std]
 #![no_main]
 
+mod hdr;
+
 use aya_ebpf::{
     bindings::{
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
-        BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_INGRESS, TC_ACT_OK,
-        TC_ACT_SHOT,
+        BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_INGRESS, BPF_F_RECOMPUTE_CSUM,
+        TC_ACT_OK, TC_ACT_SHOT,
     },
     btf_maps::{Array, HashMap, PerCpuArray},
-    helpers::{bpf_redirect, bpf_redirect_neigh, bpf_skb_change_head},
+    helpers::{
+        bpf_csum_diff, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_head, bpf_skb_change_tail,
+        bpf_skb_load_bytes, bpf_skb_store_bytes,
+    },
     macros::{btf_map, classifier},
     programs::TcContext,
 };
-use flannel_common::{Config, PeerKey, PeerValue, SenderKey, SenderValue, Stats, MAX_PEERS};
+use flannel_common::{
+    Config, PeerKey, PeerValue, SenderKey, SenderValue, Stats, CONFIG_F_COMPLETE_CSUM,
+    CONFIG_F_OVERLAY_L2, MAX_PEERS,
+};
+use hdr::{addr, be16, fold, ipv4, tcp, udp};
 
 #[btf_map(name = "flannel_peers")]
 static PEERS: HashMap<PeerKey, PeerValue, { MAX_PEERS as usize }> = HashMap::new();
@@ -43,25 +52,39 @@ static CONFIG: Array<Config, 1> = Array::new();
 #[btf_map(name = "flannel_stats")]
 static STATS: PerCpuArray<Stats, 1> = PerCpuArray::new();
 
+/// Per-CPU scratch space for checksum completion (the BPF stack has room for 512 bytes only).
+#[btf_map(name = "flannel_scratch")]
+static SCRATCH: PerCpuArray<[u8; CSUM_CHUNK], 1> = PerCpuArray::new();
+
 /// Verdict for packets that are not ours: TC_ACT_UNSPEC, which TCX calls TCX_NEXT. Unlike
 /// TC_ACT_OK it does not end the device's program chain, so programs attached after us still
 /// run; at the end of the chain the stack gets the packet as usual.
 const NOT_OURS: i32 = -1;
-const ETH_HLEN: usize = 14;
-const IPV4_HLEN: usize = 20;
-const UDP_HLEN: usize = 8;
+const ETH_HLEN: usize = hdr::eth::LEN;
+const IPV4_HLEN: usize = ipv4::MIN_LEN;
+const UDP_HLEN: usize = udp::LEN;
 /// Outer IPv4 + UDP, without options: what encapsulation adds in front of the inner packet.
 const ENCAP_LEN: usize = IPV4_HLEN + UDP_HLEN;
-const ETH_P_IP: u16 = 0x0800;
-const IPPROTO_UDP: u8 = 17;
+const ETH_P_IP: u16 = hdr::eth::P_IP;
+const IPPROTO_UDP: u8 = ipv4::PROTO_UDP;
 const OUTER_TTL: u8 = 64;
 /// DF set, fragment offset 0.
-const IP_DF: u16 = 0x4000;
-const IP_MF: u16 = 0x2000;
-const IP_OFFSET_MASK: u16 = 0x1fff;
+const IP_DF: u16 = ipv4::DF;
+const IP_MF: u16 = ipv4::MF;
+const IP_OFFSET_MASK: u16 = ipv4::OFFSET_MASK;
 /// Largest packet we read headers of on ingress: Ethernet, outer IPv4 with the longest
 /// options, UDP, inner IPv4 without options.
-const DECAP_PULL_LEN: usize = ETH_HLEN + 60 + UDP_HLEN + IPV4_HLEN;
+const DECAP_PULL_LEN: usize = ETH_HLEN + ipv4::MAX_LEN + UDP_HLEN + IPV4_HLEN;
+/// Checksum completion reads the L4 segment in chunks of this size (a stack buffer) ...
+const CSUM_CHUNK: usize = 256;
+/// ... up to this length: the overlay MTU of a 9216-byte jumbo underlay.
+const CSUM_MAX_L4: usize = 9216;
+/// `bpf_skb_adjust_room` flag of newer kernels (bpf-next 2026, not in 6.18): the removed
+/// header was a UDP tunnel's; resets skb->encapsulation and the tunnel GSO type.
+const BPF_F_ADJ_ROOM_DECAP_L4_UDP: u64 = 1 << 10;
+/// Inner bytes removed together with the outer headers on decap when the outer UDP checksum
+/// is still to be computed (see `decap`), then put back.
+const DECAP_RESET_EXTRA: usize = 8;
 
 /// Which counter a dropped packet goes to.
 #[derive(Clone, Copy)]
@@ -74,6 +97,8 @@ enum Drop {
     TtlExceeded,
     HelperError,
     NotConfigured,
+    BadIpChecksum,
+    OtherHost,
 }
 
 #[inline(always)]
@@ -95,6 +120,8 @@ fn drop_packet(reason: Drop) -> i32 {
             Drop::TtlExceeded => &mut s.drop_ttl_exceeded,
             Drop::HelperError => &mut s.drop_helper_error,
             Drop::NotConfigured => &mut s.drop_not_configured,
+            Drop::BadIpChecksum => &mut s.drop_bad_ip_checksum,
+            Drop::OtherHost => &mut s.drop_other_host,
         };
         *counter += 1;
     }
@@ -113,25 +140,8 @@ fn bytes_at<const N: usize>(ctx: &TcContext, offset: usize) -> Option<*mut [u8; 
 }
 
 #[inline(always)]
-fn be16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([b[at], b[at + 1]])
-}
-
-#[inline(always)]
-fn addr(b: &[u8], at: usize) -> [u8; 4] {
-    [b[at], b[at + 1], b[at + 2], b[at + 3]]
-}
-
-#[inline(always)]
 fn mask(a: [u8; 4], m: [u8; 4]) -> [u8; 4] {
     (u32::from_ne_bytes(a) & u32::from_ne_bytes(m)).to_ne_bytes()
-}
-
-#[inline(always)]
-fn fold(mut sum: u32) -> u16 {
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum as u16
 }
 
 #[inline(always)]
@@ -144,7 +154,16 @@ fn config() -> Option<Config> {
 
 #[classifier]
 pub fn flannel_encap(ctx: TcContext) -> i32 {
-    match encap(&ctx) {
+    let Some(cfg) = config() else {
+        return drop_packet(Drop::NotConfigured);
+    };
+    // One instance per overlay device type, so every packet offset stays a constant.
+    let result = if cfg.flags & CONFIG_F_OVERLAY_L2 != 0 {
+        encap::<ETH_HLEN>(&ctx, &cfg)
+    } else {
+        encap::<0>(&ctx, &cfg)
+    };
+    match result {
         Ok(action) => action,
         Err(reason) => drop_packet(reason),
     }
@@ -158,23 +177,24 @@ pub fn flannel_decap(ctx: TcContext) -> i32 {
     }
 }
 
-/// TC egress on the TUN: `data` starts at the inner IPv4 header.
+/// TC egress on the overlay device: `data` starts at the inner IPv4 header (TUN, `L2` = 0) or
+/// at the Ethernet header in front of it (ifb, `L2` = 14).
 #[inline(always)]
-fn encap(ctx: &TcContext) -> Result<i32, Drop> {
+fn encap<const L2: usize>(ctx: &TcContext, cfg: &Config) -> Result<i32, Drop> {
     if ctx.skb.protocol() != u32::from(ETH_P_IP.to_be()) {
         return Err(Drop::NotIpv4);
     }
-    let cfg = config().ok_or(Drop::NotConfigured)?;
-    let inner_len = ctx.len() as usize;
-    if inner_len < IPV4_HLEN {
+    let skb_len = ctx.len() as usize;
+    if skb_len < L2 + IPV4_HLEN {
         return Err(Drop::Malformed);
     }
-    let hdr = match bytes_at::<IPV4_HLEN>(ctx, 0) {
+    let inner_len = skb_len - L2;
+    let hdr = match bytes_at::<IPV4_HLEN>(ctx, L2) {
         Some(h) => h,
         None => {
-            ctx.pull_data(IPV4_HLEN as u32)
+            ctx.pull_data((L2 + IPV4_HLEN) as u32)
                 .map_err(|_| Drop::HelperError)?;
-            bytes_at::<IPV4_HLEN>(ctx, 0).ok_or(Drop::Malformed)?
+            bytes_at::<IPV4_HLEN>(ctx, L2).ok_or(Drop::Malformed)?
         }
     };
     // SAFETY: bounds checked against data_end above.
@@ -202,31 +222,47 @@ fn encap(ctx: &TcContext) -> Result<i32, Drop> {
 
     // Upstream's proxy decrements the inner TTL (it routes once more); so do we. RFC 1624
     // incremental checksum update for the (ttl, protocol) word.
-    let ttl = ip[8];
+    let ttl = ip[ipv4::TTL];
     if ttl <= 1 {
         return Err(Drop::TtlExceeded);
     }
-    let old_word = be16(ip, 8);
+    let old_word = be16(ip, ipv4::TTL);
     let new_word = old_word - 0x0100;
-    let old_csum = be16(ip, 10);
+    let old_csum = be16(ip, ipv4::CSUM);
     let csum = !fold(u32::from(!old_csum) + u32::from(!old_word) + u32::from(new_word));
-    ip[8] = ttl - 1;
-    ip[10..12].copy_from_slice(&csum.to_be_bytes());
+    ip[ipv4::TTL] = ttl - 1;
+    ip[ipv4::CSUM..ipv4::CSUM + 2].copy_from_slice(&csum.to_be_bytes());
+    // Helpers below invalidate packet pointers: keep a copy of the header.
+    let inner_hdr = *ip;
+    let ihl = usize::from(inner_hdr[ipv4::VER_IHL] & 0x0f) * 4;
 
     // Read before adjust_room changes the skb: FIXED_GSO keeps the inner MSS, so each
     // segment grows by exactly the outer headers (the overlay MTU leaves room for them).
     // SAFETY: ctx.skb.skb is the program's context pointer.
     let gso_size = unsafe { (*ctx.skb.skb).gso_size };
+
+    // Inner bytes taken off the front to end CHECKSUM_PARTIAL, put back behind the outer
+    // headers below (see complete_l4_checksum).
+    let mut saved = [0u8; SAVED_MAX];
+    let mut restore = 0;
+    if gso_size == 0 && cfg.flags & CONFIG_F_COMPLETE_CSUM != 0 {
+        restore = complete_l4_checksum(ctx, L2, &inner_hdr, ihl, inner_len, &mut saved)?;
+    }
+
     let mut flags = u64::from(BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP);
     if gso_size != 0 {
         flags |= u64::from(BPF_F_ADJ_ROOM_FIXED_GSO);
+    } else if restore != 0 {
+        // The inner header offsets would be off by `restore`, and nothing needs them: the
+        // packet is complete and will not be segmented.
+        flags = 0;
     }
-    ctx.adjust_room(ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, flags)
+    ctx.adjust_room((ENCAP_LEN + restore) as i32, BPF_ADJ_ROOM_MAC, flags)
         .map_err(|_| Drop::HelperError)?;
     // bpf_redirect_neigh needs a MAC header in front of the network header; it fills the
-    // addresses from the neighbour entry.
+    // addresses from the neighbour entry. The ifb's frames have one already.
     // SAFETY: helper call on our own context.
-    if unsafe { bpf_skb_change_head(ctx.skb.skb, ETH_HLEN as u32, 0) } != 0 {
+    if L2 == 0 && unsafe { bpf_skb_change_head(ctx.skb.skb, ETH_HLEN as u32, 0) } != 0 {
         return Err(Drop::HelperError);
     }
     let out = bytes_at::<{ ETH_HLEN + ENCAP_LEN }>(ctx, 0).ok_or(Drop::HelperError)?;
@@ -277,6 +313,15 @@ fn encap(ctx: &TcContext) -> Result<i32, Drop> {
     out[u + 6] = 0;
     out[u + 7] = 0;
 
+    if restore != 0 {
+        store_saved(ctx, ETH_HLEN + ENCAP_LEN, &saved, restore)?;
+        // Drop the padding complete_l4_checksum may have added.
+        let want = (ETH_HLEN + outer_len) as u32;
+        if ctx.len() != want {
+            change_tail(ctx, want)?;
+        }
+    }
+
     if let Some(s) = stats() {
         s.tx_packets += 1;
         s.tx_bytes += inner_len as u64;
@@ -286,6 +331,165 @@ fn encap(ctx: &TcContext) -> Result<i32, Drop> {
     // SAFETY: a null params pointer with length 0 is the documented "use the FIB" form.
     let action = unsafe { bpf_redirect_neigh(cfg.ext_ifindex, core::ptr::null_mut(), 0, 0) };
     Ok(action as i32)
+}
+
+/// Bytes `complete_l4_checksum` may take off the front of a packet: an Ethernet header's
+/// worth, the longest IPv4 header and one byte more (rounded up).
+const SAVED_MAX: usize = ETH_HLEN + ipv4::MAX_LEN + 6;
+
+/// Completes the TCP/UDP checksum of a whole (non-GSO) inner packet that the stack left to the
+/// device (CHECKSUM_PARTIAL: the field holds only the pseudo-header sum). A virtual wire passes
+/// it on like that and a user-space receiver (upstream flanneld, a TUN node) then writes a
+/// packet with a wrong checksum to its TUN.
+///
+/// The program cannot see skb->ip_summed, so a field equal to the pseudo-header sum is what
+/// marks such a packet (a complete checksum equals it by chance once in 65536, and is then
+/// rewritten with the same value). Writing the sum is not enough: the skb would still say
+/// "partial", and a later NAT or a device would treat the full sum as a seed. So the inner
+/// packet's first `l2 + ihl + 1` bytes are cut off as well (right behind the `l2`-byte MAC
+/// header, if any): bpf_skb_adjust_room's pop calls skb_postpull_rcsum, which turns
+/// CHECKSUM_PARTIAL into CHECKSUM_NONE once csum_start lies before skb->data. adjust_room
+/// keeps 20 bytes behind the cut, so short packets are padded at the tail first (the caller
+/// trims it). The cut bytes are copied to `saved`; the caller puts them back behind the outer
+/// headers. Returns how many bytes were cut (0: nothing to do).
+#[inline(always)]
+fn complete_l4_checksum(
+    ctx: &TcContext,
+    l2: usize,
+    ip: &[u8; IPV4_HLEN],
+    ihl: usize,
+    inner_len: usize,
+    saved: &mut [u8; SAVED_MAX],
+) -> Result<usize, Drop> {
+    let proto = ip[ipv4::PROTO];
+    if be16(ip, ipv4::FRAG) & (IP_MF | IP_OFFSET_MASK) != 0
+        || usize::from(be16(ip, ipv4::TOT_LEN)) != inner_len
+        || ihl > ipv4::MAX_LEN
+    {
+        return Ok(0);
+    }
+    let (field, min_l4) = match proto {
+        ipv4::PROTO_TCP => (tcp::CSUM, tcp::MIN_LEN),
+        ipv4::PROTO_UDP => (udp::CSUM, UDP_HLEN),
+        _ => return Ok(0),
+    };
+    let l4_len = inner_len - ihl;
+    if l4_len < min_l4 || l4_len > CSUM_MAX_L4 {
+        return Ok(0);
+    }
+    let l4 = l2 + ihl;
+    let Ok(have) = ctx.load::<[u8; 2]>(l4 + field) else {
+        return Ok(0);
+    };
+    let have = u16::from_be_bytes(have);
+    let pseudo = hdr::pseudo_sum(addr(ip, ipv4::SRC), addr(ip, ipv4::DST), proto, l4_len);
+    if (proto == IPPROTO_UDP && have == 0) || have != fold(pseudo) {
+        // No UDP checksum, or a finished (or broken) one: not ours to touch.
+        return Ok(0);
+    }
+
+    // Sum the segment as it is (its field included) in chunks, then take the field out.
+    let buf = SCRATCH.get_ptr_mut(0).ok_or(Drop::HelperError)?;
+    let mut wsum: u32 = 0;
+    let mut off = l4;
+    // Counted down on its own (not inner_len - off): the verifier must see n >= 1.
+    let mut left = l4_len;
+    for _ in 0..CSUM_MAX_L4 / CSUM_CHUNK {
+        if left == 0 {
+            break;
+        }
+        let n = if left < CSUM_CHUNK { left } else { CSUM_CHUNK };
+        left -= n;
+        // The padding up to the next 4 bytes must be zero: clear the last word first.
+        let last = (n - 1) & (CSUM_CHUNK - 4);
+        // SAFETY: last + 4 <= CSUM_CHUNK; this CPU's scratch slot, nobody else's meanwhile.
+        unsafe { (buf as *mut u8).add(last).cast::<u32>().write_unaligned(0) };
+        // SAFETY: the scratch slot holds CSUM_CHUNK >= n bytes.
+        let rc = unsafe {
+            bpf_skb_load_bytes(ctx.skb.skb as *const _, off as u32, buf.cast(), n as u32)
+        };
+        if rc != 0 {
+            return Err(Drop::HelperError);
+        }
+        // n rounded up to 4, written so the verifier sees n4 <= CSUM_CHUNK.
+        let n4 = ((n - 1) | 3) + 1;
+        // SAFETY: from is null with size 0; to is the scratch slot, n4 <= CSUM_CHUNK bytes.
+        let r = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, buf.cast(), n4 as u32, wsum) };
+        if r < 0 {
+            return Err(Drop::HelperError);
+        }
+        wsum = r as u32;
+        off += n;
+    }
+    // csum_diff adds native-endian words; the folded sum of big-endian words is its swap.
+    let data = u16::from_be(fold(wsum));
+    let mut c = !fold(pseudo + u32::from(data) + u32::from(!have));
+    if proto == IPPROTO_UDP && c == 0 {
+        c = 0xffff;
+    }
+    ctx.store(l4 + field, &c.to_be_bytes(), 0)
+        .map_err(|_| Drop::HelperError)?;
+
+    let cut = l2 + ihl + 1;
+    if cut > SAVED_MAX {
+        return Ok(0);
+    }
+    if inner_len < cut + IPV4_HLEN {
+        let padded = (l2 + cut + IPV4_HLEN) as u32;
+        change_tail(ctx, padded)?;
+    }
+    // SAFETY: saved holds SAVED_MAX >= cut bytes.
+    let rc = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb as *const _,
+            l2 as u32,
+            saved.as_mut_ptr().cast(),
+            cut as u32,
+        )
+    };
+    if rc != 0 {
+        return Err(Drop::HelperError);
+    }
+    ctx.adjust_room(-(cut as i32), BPF_ADJ_ROOM_MAC, 0)
+        .map_err(|_| Drop::HelperError)?;
+    Ok(cut)
+}
+
+/// Grows (zero-filled) or trims the packet to `len` bytes.
+#[inline(always)]
+fn change_tail(ctx: &TcContext, len: u32) -> Result<(), Drop> {
+    // SAFETY: helper call on our own context.
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, len, 0) } != 0 {
+        return Err(Drop::HelperError);
+    }
+    Ok(())
+}
+
+/// Writes the first `len` bytes of `saved` at `offset`, keeping a CHECKSUM_COMPLETE sum right.
+#[inline(always)]
+fn store_saved(
+    ctx: &TcContext,
+    offset: usize,
+    saved: &[u8; SAVED_MAX],
+    len: usize,
+) -> Result<(), Drop> {
+    if len == 0 || len > SAVED_MAX {
+        return Err(Drop::HelperError);
+    }
+    // SAFETY: saved holds SAVED_MAX >= len bytes.
+    let rc = unsafe {
+        bpf_skb_store_bytes(
+            ctx.skb.skb as *mut _,
+            offset as u32,
+            saved.as_ptr().cast(),
+            len as u32,
+            u64::from(BPF_F_RECOMPUTE_CSUM),
+        )
+    };
+    if rc != 0 {
+        return Err(Drop::HelperError);
+    }
+    Ok(())
 }
 
 /// TC ingress on the external device: `data` starts at the Ethernet header.
@@ -313,7 +517,7 @@ fn decap(ctx: &TcContext) -> Result<i32, Drop> {
     };
     // SAFETY: bounds checked against data_end above.
     let outer = unsafe { &*outer };
-    if be16(outer, 12) != ETH_P_IP {
+    if be16(outer, hdr::eth::PROTO) != ETH_P_IP {
         return Ok(NOT_OURS);
     }
     let o = ETH_HLEN;
@@ -322,16 +526,16 @@ fn decap(ctx: &TcContext) -> Result<i32, Drop> {
     if ver_ihl >> 4 != 4 || ihl < IPV4_HLEN {
         return Ok(NOT_OURS);
     }
-    if outer[o + 9] != IPPROTO_UDP || addr(outer, o + 16) != cfg.public_ip {
+    if outer[o + ipv4::PROTO] != IPPROTO_UDP || addr(outer, o + ipv4::DST) != cfg.public_ip {
         return Ok(NOT_OURS);
     }
-    let frag = be16(outer, o + 6);
+    let frag = be16(outer, o + ipv4::FRAG);
     if frag & IP_OFFSET_MASK != 0 {
         // A non-first fragment has no UDP header: we cannot tell whether it is ours.
         return Ok(NOT_OURS);
     }
-    let outer_src = addr(outer, o + 12);
-    let outer_total = usize::from(be16(outer, o + 2));
+    let outer_src = addr(outer, o + ipv4::SRC);
+    let outer_total = usize::from(be16(outer, o + ipv4::TOT_LEN));
 
     let udp_off = ETH_HLEN + ihl;
     let Some(udp) = bytes_at::<UDP_HLEN>(ctx, udp_off) else {
@@ -339,11 +543,20 @@ fn decap(ctx: &TcContext) -> Result<i32, Drop> {
     };
     // SAFETY: bounds checked against data_end above.
     let udp = unsafe { &*udp };
-    if be16(udp, 2) != cfg.port {
+    if be16(udp, udp::DPORT) != cfg.port {
         return Ok(NOT_OURS);
     }
 
     // From here on the packet is addressed to our tunnel endpoint.
+    // SAFETY: ctx.skb.skb is the program's context pointer.
+    if unsafe { (*ctx.skb.skb).pkt_type } == hdr::PACKET_OTHERHOST {
+        // Sent to another MAC (a flooding switch, promiscuous mode): not for this host, as
+        // ip_rcv would decide.
+        return Err(Drop::OtherHost);
+    }
+    if !outer_header_checksum_ok(ctx, outer, ihl) {
+        return Err(Drop::BadIpChecksum);
+    }
     if frag & IP_MF != 0 {
         // First fragment: decapsulating it needs reassembly, which TC cannot do. Senders set
         // DF and the overlay MTU leaves room for the headers, so this only happens when
@@ -353,7 +566,7 @@ fn decap(ctx: &TcContext) -> Result<i32, Drop> {
     if outer_total < ihl + UDP_HLEN + IPV4_HLEN || outer_total > len - ETH_HLEN {
         return Err(Drop::Malformed);
     }
-    let udp_len = usize::from(be16(udp, 4));
+    let udp_len = usize::from(be16(udp, udp::LENGTH));
     if udp_len != outer_total - ihl {
         return Err(Drop::Malformed);
     }
@@ -364,6 +577,9 @@ fn decap(ctx: &TcContext) -> Result<i32, Drop> {
     if inner[0] >> 4 != 4 || inner[0] & 0x0f < 5 || inner_total != udp_len - UDP_HLEN {
         return Err(Drop::Malformed);
     }
+    let mut inner_head = [0u8; SAVED_MAX];
+    inner_head[..DECAP_RESET_EXTRA].copy_from_slice(&inner[..DECAP_RESET_EXTRA]);
+    let outer_udp_partial = outer_udp_checksum_partial(outer, udp, udp_len);
 
     let key = PeerKey {
         subnet: mask(addr(inner, 12), cfg.subnet_mask),
@@ -382,12 +598,46 @@ fn decap(ctx: &TcContext) -> Result<i32, Drop> {
         };
     }
 
-    ctx.adjust_room(
-        -((ihl + UDP_HLEN) as i32),
-        BPF_ADJ_ROOM_MAC,
-        u64::from(BPF_F_ADJ_ROOM_FIXED_GSO),
-    )
-    .map_err(|_| Drop::HelperError)?;
+    let outer_hlen = ihl + UDP_HLEN;
+    let fixed_gso = u64::from(BPF_F_ADJ_ROOM_FIXED_GSO);
+    if outer_udp_partial && inner_total >= IPV4_HLEN + DECAP_RESET_EXTRA {
+        // The outer UDP checksum was left to a device (a local sender over a veth): the skb
+        // is CHECKSUM_PARTIAL with csum_start at the UDP header we remove. Left so, NAT
+        // would update the (complete) inner checksum as if it were a pseudo-header seed and
+        // the receiver would then find it wrong. Removing a few inner bytes as well moves
+        // skb->data past csum_start, and skb_postpull_rcsum (in adjust_room's pop) then
+        // resets the skb to CHECKSUM_NONE; the bytes are put back at once.
+        ctx.adjust_room(
+            -((outer_hlen + DECAP_RESET_EXTRA) as i32),
+            BPF_ADJ_ROOM_MAC,
+            fixed_gso,
+        )
+        .map_err(|_| Drop::HelperError)?;
+        ctx.adjust_room(DECAP_RESET_EXTRA as i32, BPF_ADJ_ROOM_MAC, fixed_gso)
+            .map_err(|_| Drop::HelperError)?;
+        store_saved(ctx, ETH_HLEN, &inner_head, DECAP_RESET_EXTRA)?;
+    } else {
+        // SAFETY: ctx.skb.skb is the program's context pointer.
+        let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
+        // A super-packet from an eBPF sender over a veth still says "UDP tunnel"
+        // (skb->encapsulation, SKB_GSO_UDP_TUNNEL); left so, a bridge (cni0, whose
+        // hw_enc_features lack TSO and checksum offload) segments and checksums it in
+        // software on the way to the pod. Kernels with BPF_F_ADJ_ROOM_DECAP_L4_UDP clear
+        // that state; older ones (6.18 included) refuse the flag with -EINVAL up front,
+        // changing nothing, and the packet is decapsulated without it.
+        let cleared = gso
+            && ctx
+                .adjust_room(
+                    -(outer_hlen as i32),
+                    BPF_ADJ_ROOM_MAC,
+                    fixed_gso | BPF_F_ADJ_ROOM_DECAP_L4_UDP,
+                )
+                .is_ok();
+        if !cleared {
+            ctx.adjust_room(-(outer_hlen as i32), BPF_ADJ_ROOM_MAC, fixed_gso)
+                .map_err(|_| Drop::HelperError)?;
+        }
+    }
     if let Some(s) = stats() {
         s.rx_packets += 1;
         s.rx_bytes += inner_total as u64;
@@ -395,10 +645,58 @@ fn decap(ctx: &TcContext) -> Result<i32, Drop> {
     if cfg.decap_ifindex == 0 {
         return Ok(TC_ACT_OK);
     }
+    if cfg.flags & CONFIG_F_OVERLAY_L2 != 0 {
+        // An Ethernet overlay device takes the frame as its own only when addressed to it.
+        ctx.store(0, &cfg.overlay_mac, 0)
+            .map_err(|_| Drop::HelperError)?;
+    }
     // As if the packet had been written to the TUN: it enters the stack on flannel0.
     // SAFETY: plain helper call.
     let action = unsafe { bpf_redirect(cfg.decap_ifindex, u64::from(BPF_F_INGRESS)) };
     Ok(action as i32)
+}
+
+/// Whether the outer IPv4 header (`ihl` bytes, its first 20 in `outer` after the Ethernet
+/// header) has a correct checksum.
+#[inline(always)]
+fn outer_header_checksum_ok(
+    ctx: &TcContext,
+    outer: &[u8; ETH_HLEN + IPV4_HLEN],
+    ihl: usize,
+) -> bool {
+    let mut sum = hdr::ipv4_base_sum(&outer[ETH_HLEN..]);
+    let mut off = IPV4_HLEN;
+    for _ in 0..(ipv4::MAX_LEN - IPV4_HLEN) / 4 {
+        if off >= ihl {
+            break;
+        }
+        // Options are rare: a helper read is simpler for the verifier than packet pointers.
+        let Ok(word) = ctx.load::<[u8; 4]>(ETH_HLEN + off) else {
+            return false;
+        };
+        sum += u32::from(be16(&word, 0)) + u32::from(be16(&word, 2));
+        off += 4;
+    }
+    fold(sum) == 0xffff
+}
+
+/// Whether the outer UDP checksum field holds only its pseudo-header sum: what a sender's
+/// kernel leaves for the device to finish (CHECKSUM_PARTIAL), and what arrives that way over
+/// a veth. A finished checksum equals it once in 65536; the caller's reset is harmless then.
+#[inline(always)]
+fn outer_udp_checksum_partial(
+    outer: &[u8; ETH_HLEN + IPV4_HLEN],
+    udp: &[u8; UDP_HLEN],
+    udp_len: usize,
+) -> bool {
+    let have = be16(udp, udp::CSUM);
+    let pseudo = hdr::pseudo_sum(
+        addr(outer, ETH_HLEN + ipv4::SRC),
+        addr(outer, ETH_HLEN + ipv4::DST),
+        IPPROTO_UDP,
+        udp_len,
+    );
+    have != 0 && have == fold(pseudo)
 }
 
 #[cfg(not(test))]

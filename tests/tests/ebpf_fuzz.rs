@@ -106,6 +106,8 @@ impl Host {
         host.ip(&[
             "link", "add", "ext0", "type", "veth", "peer", "name", "ext1",
         ]);
+        // The destination MAC of the generated frames: they arrive as for this host.
+        host.ip(&["link", "set", "ext0", "address", "02:00:00:00:00:01"]);
         host.ip(&["addr", "add", "192.0.2.1/24", "dev", "ext0"]);
         host.ip(&["link", "set", "ext0", "up"]);
         host.ip(&["link", "set", "ext1", "up"]);
@@ -221,10 +223,18 @@ fn valid_frame(rng: &mut Rng) -> Vec<u8> {
         17,
         &udp(40000, 7777, &payload),
     );
-    ether(
-        0x0800,
-        &ipv4(outer_src, OUR_IP, 64, 17, &udp(PORT, PORT, &inner)),
-    )
+    let mut outer_udp = udp(PORT, PORT, &inner);
+    if rng.below(3) == 0 {
+        // Outer UDP checksum left to the device, as a sender's kernel does over a veth.
+        let mut pseudo = Vec::new();
+        pseudo.extend_from_slice(&outer_src.octets());
+        pseudo.extend_from_slice(&OUR_IP.octets());
+        pseudo.extend_from_slice(&[0, 17]);
+        pseudo.extend_from_slice(&(outer_udp.len() as u16).to_be_bytes());
+        let seed = !checksum(&pseudo);
+        outer_udp[6..8].copy_from_slice(&seed.to_be_bytes());
+    }
+    ether(0x0800, &ipv4(outer_src, OUR_IP, 64, 17, &outer_udp))
 }
 
 /// A few random edits: byte flips and overwrites (mostly in the headers), cuts and growth;
@@ -232,7 +242,15 @@ fn valid_frame(rng: &mut Rng) -> Vec<u8> {
 fn mutate(rng: &mut Rng, mut f: Vec<u8>) -> Vec<u8> {
     for _ in 0..1 + rng.below(4) {
         let headers = f.len().min(14 + 20 + 8 + 20);
-        match rng.below(5) {
+        match rng.below(6) {
+            5 => {
+                // Another host's MAC (the low byte), or a broadcast.
+                if rng.below(2) == 0 {
+                    f[5] = rng.byte();
+                } else {
+                    f[..6].copy_from_slice(&[0xff; 6]);
+                }
+            }
             0 => {
                 let i = 14 + rng.below(headers.saturating_sub(14).max(1));
                 if let Some(b) = f.get_mut(i) {
@@ -304,6 +322,8 @@ fn drops(s: &Stats) -> u64 {
         + s.drop_ttl_exceeded
         + s.drop_helper_error
         + s.drop_not_configured
+        + s.drop_bad_ip_checksum
+        + s.drop_other_host
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -322,6 +342,7 @@ fn decap_answers_random_packets_with_a_known_verdict_and_counts_each_once() {
     let mut dp = host.load();
     dp.set_peer(net(PEER_SUBNET), PEER_IP).expect("set peer");
     let prog = obj_get(&host.pin_dir.join("flannel_decap")).expect("pinned decap program");
+    let ext0 = host.ifindex("ext0");
 
     let mut seen = [0usize; 3]; // pass, drop, redirect
     let mut before = host.stats();
@@ -335,7 +356,12 @@ fn decap_answers_random_packets_with_a_known_verdict_and_counts_each_once() {
             }
         };
         let frame = fit_for_test_run(&mut rng, frame);
-        let (verdict, out) = test_run(&prog, &frame, None);
+        // Run as received by ext0, so pkt_type comes from its MAC as for a frame off the wire.
+        let (verdict, out) = {
+            let prog = prog.try_clone().expect("dup program fd");
+            let frame = frame.clone();
+            host.enter(move || test_run(&prog, &frame, Some(ext0)))
+        };
         let after = host.stats();
         let ctx = || format!("seed {seed}, run {i}, verdict {verdict}, frame {frame:02x?}");
         let rx = after.rx_packets - before.rx_packets;

@@ -130,8 +130,19 @@ impl Drop for Netns {
     }
 }
 
-/// One "host": a namespace with a `flannel0` TUN (overlay route through it) and an external
-/// veth end `ext0` at `ip`, plus its own pin directory.
+/// What `flannel0` is.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Overlay {
+    /// A TUN with a reader (the programs work either way).
+    TunRead,
+    /// A persistent TUN nobody reads (NO-CARRIER).
+    Tun,
+    /// An ifb without ARP, what the agent's eBPF mode creates: always with carrier.
+    Ifb,
+}
+
+/// One "host": a namespace with a `flannel0` overlay device (overlay route through it) and an
+/// external veth end `ext0` at `ip`, plus its own pin directory.
 struct Host {
     /// A reader on `flannel0`, or None for a persistent TUN nobody reads (NO-CARRIER), which
     /// is what the agent's eBPF mode creates: the programs work either way.
@@ -143,15 +154,21 @@ struct Host {
 }
 
 impl Host {
-    fn new(ip: Ipv4Addr, subnet: &str, tun_reader: bool) -> Host {
+    fn new(ip: Ipv4Addr, subnet: &str, overlay: Overlay) -> Host {
         let ns = Netns::new();
         let subnet = net(subnet);
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", ns.name));
-        let tun = if tun_reader {
-            Some(ns.enter(open_tun))
-        } else {
-            ns.ip(&["tuntap", "add", "dev", "flannel0", "mode", "tun"]);
-            None
+        let tun = match overlay {
+            Overlay::TunRead => Some(ns.enter(open_tun)),
+            Overlay::Tun => {
+                ns.ip(&["tuntap", "add", "dev", "flannel0", "mode", "tun"]);
+                None
+            }
+            Overlay::Ifb => {
+                ns.ip(&["link", "add", "flannel0", "type", "ifb"]);
+                ns.ip(&["link", "set", "flannel0", "arp", "off"]);
+                None
+            }
         };
         ns.ip(&[
             "addr",
@@ -173,7 +190,11 @@ impl Host {
 
     /// A standalone host whose `ext0` peer end (`ext1`) stays in the same namespace.
     fn alone() -> Host {
-        let host = Host::new(OUR_IP, OUR_SUBNET, true);
+        Host::alone_with(Overlay::TunRead)
+    }
+
+    fn alone_with(overlay: Overlay) -> Host {
+        let host = Host::new(OUR_IP, OUR_SUBNET, overlay);
         host.ns.ip(&[
             "link", "add", "ext0", "type", "veth", "peer", "name", "ext1",
         ]);
@@ -258,6 +279,16 @@ impl Host {
                 Ok(())
             }
         })
+    }
+
+    /// BPF_PROG_TEST_RUN of `prog` on `frame` as received by `ext0`: the kernel then sets
+    /// pkt_type from ext0's MAC, as for a frame from the wire.
+    fn run_on_ext0(&self, prog: &OwnedFd, frame: &[u8]) -> (u32, Vec<u8>) {
+        let ifindex = self.ns.ifindex("ext0");
+        let prog = prog.try_clone().expect("dup program fd");
+        let frame = frame.to_vec();
+        self.ns
+            .enter(move || test_run(&prog, &frame, Some(ifindex)))
     }
 
     /// A raw socket on `ext1` (the far end of `ext0`), reading whole Ethernet frames.
@@ -359,9 +390,9 @@ fn open_tun() -> OwnedFd {
 }
 
 /// Two hosts whose `ext0` devices are the two ends of one veth pair.
-fn two_hosts(tun_reader: bool) -> (Host, Host) {
-    let a = Host::new(OUR_IP, OUR_SUBNET, tun_reader);
-    let b = Host::new(PEER_IP, PEER_SUBNET, tun_reader);
+fn two_hosts(overlay: Overlay) -> (Host, Host) {
+    let a = Host::new(OUR_IP, OUR_SUBNET, overlay);
+    let b = Host::new(PEER_IP, PEER_SUBNET, overlay);
     a.ns.ip(&[
         "link", "add", "ext0", "type", "veth", "peer", "name", "ext0", "netns", &b.ns.name,
     ]);
@@ -450,6 +481,54 @@ fn a(s: &str) -> Ipv4Addr {
     s.parse().expect("test constant")
 }
 
+/// The folded TCP/UDP pseudo-header sum: what a sender's kernel leaves in the checksum field
+/// when the device is to finish it (CHECKSUM_PARTIAL).
+fn pseudo_seed(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, l4_len: usize) -> u16 {
+    let mut b = Vec::with_capacity(12);
+    b.extend_from_slice(&src.octets());
+    b.extend_from_slice(&dst.octets());
+    b.extend_from_slice(&[0, proto]);
+    b.extend_from_slice(&(l4_len as u16).to_be_bytes());
+    !checksum(&b)
+}
+
+/// Whether the TCP/UDP checksum of the IPv4 packet `p` (no options) checks out.
+fn l4_checksum_ok(p: &[u8]) -> bool {
+    let mut b = Vec::with_capacity(12 + p.len() - 20);
+    b.extend_from_slice(&p[12..20]);
+    b.extend_from_slice(&[0, p[9]]);
+    b.extend_from_slice(&((p.len() - 20) as u16).to_be_bytes());
+    b.extend_from_slice(&p[20..]);
+    checksum(&b) == 0
+}
+
+/// A TCP/IPv4 packet (no options) whose checksum field is `field`, or complete when None.
+fn tcp4(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8], field: Option<u16>) -> Vec<u8> {
+    let mut t = vec![0u8; 20];
+    t[0..2].copy_from_slice(&40000u16.to_be_bytes());
+    t[2..4].copy_from_slice(&80u16.to_be_bytes());
+    t[4..8].copy_from_slice(&7u32.to_be_bytes());
+    t[12] = 5 << 4;
+    t[13] = 0x18; // PSH ACK
+    t[14..16].copy_from_slice(&512u16.to_be_bytes());
+    t.extend_from_slice(payload);
+    let mut p = ipv4(src, dst, 64, 6, &[], &t);
+    let c = match field {
+        Some(f) => f,
+        None => {
+            let mut b = Vec::new();
+            b.extend_from_slice(&src.octets());
+            b.extend_from_slice(&dst.octets());
+            b.extend_from_slice(&[0, 6]);
+            b.extend_from_slice(&(t.len() as u16).to_be_bytes());
+            b.extend_from_slice(&t);
+            checksum(&b)
+        }
+    };
+    p[36..38].copy_from_slice(&c.to_be_bytes());
+    p
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tests: encapsulation verdicts (BPF_PROG_TEST_RUN on the TUN's egress program)
 
@@ -495,8 +574,17 @@ fn encap_drops_and_counts_what_it_cannot_send() {
 
 #[test]
 fn encap_output_is_byte_exact() {
+    encap_output_is_byte_exact_on(Overlay::TunRead);
+}
+
+#[test]
+fn encap_output_is_byte_exact_over_an_ifb() {
+    encap_output_is_byte_exact_on(Overlay::Ifb);
+}
+
+fn encap_output_is_byte_exact_on(overlay: Overlay) {
     require_object();
-    let host = Host::alone();
+    let host = Host::alone_with(overlay);
     let mut dp = host.load();
     dp.set_peer(net(PEER_SUBNET), PEER_IP).expect("set peer");
     let capture = host.capture();
@@ -528,6 +616,144 @@ fn encap_output_is_byte_exact() {
 
     let s = host.stats();
     assert_eq!((s.tx_packets, s.tx_bytes), (1, input.len() as u64), "{s:?}");
+}
+
+/// The inner packet of an encapsulated frame captured on ext1.
+fn inner_of(frame: &[u8]) -> &[u8] {
+    &frame[14 + 28..]
+}
+
+#[test]
+fn encap_completes_checksums_left_to_a_virtual_wire_and_nothing_else() {
+    encap_completes_checksums_left_to_a_virtual_wire_and_nothing_else_on(Overlay::TunRead);
+}
+
+#[test]
+fn encap_completes_checksums_left_to_a_virtual_wire_and_nothing_else_over_an_ifb() {
+    encap_completes_checksums_left_to_a_virtual_wire_and_nothing_else_on(Overlay::Ifb);
+}
+
+fn encap_completes_checksums_left_to_a_virtual_wire_and_nothing_else_on(overlay: Overlay) {
+    require_object();
+    let host = Host::alone_with(overlay);
+    let mut dp = host.load();
+    dp.set_peer(net(PEER_SUBNET), PEER_IP).expect("set peer");
+    let capture = host.capture();
+    let (src, dst) = (a("10.244.1.5"), a("10.244.2.7"));
+    // The TTL drops by one on the way; nothing else changes unless noted.
+    let sent = |p: &[u8]| {
+        let mut p = p.to_vec();
+        p[8] -= 1;
+        p[10..12].copy_from_slice(&[0, 0]);
+        let c = checksum(&p[..20]);
+        p[10..12].copy_from_slice(&c.to_be_bytes());
+        p
+    };
+    let payload: Vec<u8> = (0..1000u32).map(|i| (i * 7) as u8).collect();
+
+    // TCP left to the device: the field holds the pseudo-header sum. Odd and chunk-crossing
+    // lengths exercise the program's chunked sum.
+    for len in [0usize, 1, 235, 236, 237, 1000] {
+        let seed = pseudo_seed(src, dst, 6, 20 + len);
+        let partial = tcp4(src, dst, &payload[..len], Some(seed));
+        host.inject(0x0800, &partial).expect("send");
+        let frame = next_tunnel_frame(&capture).expect("encapsulated");
+        let got = inner_of(&frame);
+        assert!(l4_checksum_ok(got), "TCP, {len} bytes: checksum completed");
+        assert_eq!(
+            got,
+            &sent(&tcp4(src, dst, &payload[..len], None))[..],
+            "TCP, {len} bytes"
+        );
+    }
+    // UDP left to the device is completed; UDP without a checksum (0) stays so.
+    let mut u = udp(40000, 7777, &payload[..333]);
+    let seed = pseudo_seed(src, dst, 17, u.len());
+    u[6..8].copy_from_slice(&seed.to_be_bytes());
+    host.inject(0x0800, &ipv4(src, dst, 64, 17, &[], &u))
+        .expect("send");
+    let frame = next_tunnel_frame(&capture).expect("encapsulated");
+    assert!(l4_checksum_ok(inner_of(&frame)), "UDP checksum completed");
+    let no_csum = ipv4(src, dst, 64, 17, &[], &udp(40000, 7777, &payload[..333]));
+    host.inject(0x0800, &no_csum).expect("send");
+    let frame = next_tunnel_frame(&capture).expect("encapsulated");
+    assert_eq!(
+        inner_of(&frame),
+        &sent(&no_csum)[..],
+        "UDP without checksum"
+    );
+    // A finished checksum and a wrong one are passed as they are.
+    let complete = tcp4(src, dst, &payload[..100], None);
+    let wrong = tcp4(src, dst, &payload[..100], Some(0x1234));
+    for p in [complete, wrong] {
+        host.inject(0x0800, &p).expect("send");
+        let frame = next_tunnel_frame(&capture).expect("encapsulated");
+        assert_eq!(inner_of(&frame), &sent(&p)[..], "untouched");
+    }
+    let s = host.stats();
+    assert_eq!(s.tx_packets, 10, "{s:?}");
+    assert_eq!(s.drop_helper_error, 0, "{s:?}");
+}
+
+/// Opens a TCP connection attempt from this namespace to `dst` and returns the first
+/// encapsulated frame carrying a TCP segment to it.
+fn tcp_syn_frame(host: &Host, capture: &OwnedFd, dst: std::net::SocketAddr) -> Vec<u8> {
+    let h = host.ns.enter(move || {
+        std::thread::spawn(move || {
+            let _ = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(2));
+        })
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let frame = next_tunnel_frame(capture).expect("an encapsulated SYN");
+        let tcp_to_dst = frame.len() >= 42 + 40
+            && frame[42 + 9] == 6
+            && frame[42 + 22..42 + 24] == dst.port().to_be_bytes();
+        if tcp_to_dst {
+            let _ = h.join();
+            return frame;
+        }
+        assert!(Instant::now() < deadline, "no TCP segment encapsulated");
+    }
+}
+
+#[test]
+fn the_stacks_offloaded_tcp_checksums_leave_complete_and_stay_right() {
+    the_stacks_offloaded_tcp_checksums_leave_complete_and_stay_right_on(Overlay::TunRead);
+}
+
+#[test]
+fn the_stacks_offloaded_tcp_checksums_leave_complete_and_stay_right_over_an_ifb() {
+    the_stacks_offloaded_tcp_checksums_leave_complete_and_stay_right_on(Overlay::Ifb);
+}
+
+fn the_stacks_offloaded_tcp_checksums_leave_complete_and_stay_right_on(overlay: Overlay) {
+    require_object();
+    let host = Host::alone_with(overlay);
+    let mut dp = host.load();
+    dp.set_peer(net(PEER_SUBNET), PEER_IP).expect("set peer");
+    let capture = host.capture();
+    let dst: std::net::SocketAddr = "10.244.2.7:80".parse().expect("addr");
+
+    // The stack leaves TCP checksums to the device (CHECKSUM_PARTIAL); ext0 is a veth, which
+    // would carry them on unfinished.
+    let frame = tcp_syn_frame(&host, &capture, dst);
+    assert!(
+        l4_checksum_ok(inner_of(&frame)),
+        "SYN checksum complete on the wire"
+    );
+
+    // A device that checksums in software finishes whatever is still marked partial: the
+    // packet must not be (it would then compute over the finished sum and break it).
+    run(Command::new("nsenter")
+        .arg(format!("--net={}", host.ns.path().display()))
+        .args(["ethtool", "-K", "ext0", "tx", "off"]));
+    let other_port: std::net::SocketAddr = "10.244.2.7:81".parse().expect("addr");
+    let frame = tcp_syn_frame(&host, &capture, other_port);
+    assert!(
+        l4_checksum_ok(inner_of(&frame)),
+        "SYN checksum right after software checksumming"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -566,6 +792,11 @@ fn decap_accepts_peers_and_strips_exactly_the_outer_headers() {
         &udp(PORT, PORT, &plain),
     );
     set_frag(&mut outer_opts, 0x4000);
+    // Outer UDP checksum still to be computed (a sender's kernel over a veth): decap resets
+    // the checksum state by cutting a few inner bytes too and putting them back.
+    let mut outer_partial = tunnelled(PEER_IP, OUR_IP, PORT, &plain);
+    let seed = pseudo_seed(PEER_IP, OUR_IP, 17, 8 + plain.len());
+    outer_partial[40..42].copy_from_slice(&seed.to_be_bytes());
     let cases = [
         (tunnelled(PEER_IP, OUR_IP, PORT, &plain), &plain),
         (
@@ -573,18 +804,19 @@ fn decap_accepts_peers_and_strips_exactly_the_outer_headers() {
             &with_options,
         ),
         (ether(0x0800, &outer_opts), &plain),
+        (outer_partial, &plain),
     ];
     for (frame, inner) in cases {
-        let (verdict, out) = test_run(&prog, &frame, None);
+        let (verdict, out) = host.run_on_ext0(&prog, &frame);
         assert_eq!(verdict, TC_ACT_REDIRECT, "delivered to flannel0");
         assert_eq!(&out[..14], &frame[..14], "Ethernet header kept");
         assert_eq!(&out[14..], &inner[..], "inner packet intact");
     }
     let s = host.stats();
-    assert_eq!(s.rx_packets, 3, "{s:?}");
+    assert_eq!(s.rx_packets, 4, "{s:?}");
     assert_eq!(
         s.rx_bytes,
-        (2 * plain.len() + with_options.len()) as u64,
+        (3 * plain.len() + with_options.len()) as u64,
         "{s:?}"
     );
     assert_eq!(
@@ -651,7 +883,7 @@ fn decap_passes_what_is_not_ours_untouched() {
         },
     ];
     for case in cases {
-        let (verdict, out) = test_run(&prog, &case.frame, None);
+        let (verdict, out) = host.run_on_ext0(&prog, &case.frame);
         assert_eq!(verdict, case.verdict, "{}", case.name);
         assert_eq!(out, case.frame, "{}: passed untouched", case.name);
     }
@@ -679,6 +911,9 @@ fn decap_drops_and_counts_by_reason() {
     let mut long_outer = tunnelled(PEER_IP, OUR_IP, PORT, &plain);
     let total = u16::from_be_bytes([long_outer[16], long_outer[17]]) + 10;
     long_outer[16..18].copy_from_slice(&total.to_be_bytes());
+    long_outer[24..26].copy_from_slice(&[0, 0]);
+    let c = checksum(&long_outer[14..34]);
+    long_outer[24..26].copy_from_slice(&c.to_be_bytes());
     // Not an IPv4 inner packet.
     let mut not_v4_inner = plain.clone();
     not_v4_inner[0] = 0x65;
@@ -690,11 +925,11 @@ fn decap_drops_and_counts_by_reason() {
         tunnelled(PEER_IP, OUR_IP, PORT, &not_v4_inner),
     ];
     for frame in &malformed {
-        assert_eq!(test_run(&prog, frame, None).0, TC_ACT_SHOT);
+        assert_eq!(host.run_on_ext0(&prog, frame).0, TC_ACT_SHOT);
     }
     // A stranger, even one sending from an inner address of a real peer.
     let unknown = tunnelled(STRANGER_IP, OUR_IP, PORT, &plain);
-    assert_eq!(test_run(&prog, &unknown, None).0, TC_ACT_SHOT);
+    assert_eq!(host.run_on_ext0(&prog, &unknown).0, TC_ACT_SHOT);
     // A peer sending an inner source from another peer's subnet, and from outside the network.
     let spoof1 = tunnelled(
         OTHER_PEER_IP,
@@ -703,19 +938,42 @@ fn decap_drops_and_counts_by_reason() {
         &inner(a("10.244.2.7"), a("10.244.1.5")),
     );
     let spoof2 = tunnelled(PEER_IP, OUR_IP, PORT, &inner(a("8.8.8.8"), a("10.244.1.5")));
-    assert_eq!(test_run(&prog, &spoof1, None).0, TC_ACT_SHOT);
-    assert_eq!(test_run(&prog, &spoof2, None).0, TC_ACT_SHOT);
+    assert_eq!(host.run_on_ext0(&prog, &spoof1).0, TC_ACT_SHOT);
+    assert_eq!(host.run_on_ext0(&prog, &spoof2).0, TC_ACT_SHOT);
+
+    // A wrong outer header checksum, in the base header and in an option.
+    let mut bad_csum = tunnelled(PEER_IP, OUR_IP, PORT, &plain);
+    bad_csum[14 + 10] ^= 0x40;
+    let mut bad_option = ipv4(
+        PEER_IP,
+        OUR_IP,
+        64,
+        17,
+        &[1, 1, 1, 0],
+        &udp(PORT, PORT, &plain),
+    );
+    set_frag(&mut bad_option, 0x4000);
+    bad_option[21] = 7;
+    for frame in [bad_csum, ether(0x0800, &bad_option)] {
+        assert_eq!(host.run_on_ext0(&prog, &frame).0, TC_ACT_SHOT);
+    }
+    // A frame for another MAC (flooded by a switch, seen in promiscuous mode).
+    let mut other_host = tunnelled(PEER_IP, OUR_IP, PORT, &plain);
+    other_host[..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x99]);
+    assert_eq!(host.run_on_ext0(&prog, &other_host).0, TC_ACT_SHOT);
 
     let s = host.stats();
     assert_eq!(s.drop_malformed, malformed.len() as u64, "{s:?}");
     assert_eq!(s.drop_unknown_sender, 1, "{s:?}");
     assert_eq!(s.drop_spoofed_source, 2, "{s:?}");
+    assert_eq!(s.drop_bad_ip_checksum, 2, "{s:?}");
+    assert_eq!(s.drop_other_host, 1, "{s:?}");
     assert_eq!(s.rx_packets, 0, "{s:?}");
 
     // Once the peer is gone, its packets come from a stranger.
     dp.remove_peer(net(PEER_SUBNET)).expect("remove peer");
     let ok_before = tunnelled(PEER_IP, OUR_IP, PORT, &plain);
-    assert_eq!(test_run(&prog, &ok_before, None).0, TC_ACT_SHOT);
+    assert_eq!(host.run_on_ext0(&prog, &ok_before).0, TC_ACT_SHOT);
     assert_eq!(host.stats().drop_unknown_sender, 2);
 }
 
@@ -767,8 +1025,17 @@ fn round_trip(a: &Host, b: &Host, timeout: Duration) -> bool {
 
 #[test]
 fn traffic_crosses_the_tunnel_with_strict_rp_filter() {
+    traffic_crosses_the_tunnel_with_strict_rp_filter_on(Overlay::TunRead);
+}
+
+#[test]
+fn traffic_crosses_the_tunnel_with_strict_rp_filter_over_an_ifb() {
+    traffic_crosses_the_tunnel_with_strict_rp_filter_on(Overlay::Ifb);
+}
+
+fn traffic_crosses_the_tunnel_with_strict_rp_filter_on(overlay: Overlay) {
     require_object();
-    let (a_host, b_host) = two_hosts(true);
+    let (a_host, b_host) = two_hosts(overlay);
     for h in [&a_host, &b_host] {
         for dev in ["all", "default", "ext0", "flannel0"] {
             h.ns.sysctl(&format!("net.ipv4.conf.{dev}.rp_filter"), "1");
@@ -806,7 +1073,7 @@ fn traffic_crosses_the_tunnel_with_strict_rp_filter() {
 fn reload_adopts_pinned_state_and_unload_removes_it() {
     require_object();
     // Persistent TUNs without a reader, as the agent creates them.
-    let (a_host, b_host) = two_hosts(false);
+    let (a_host, b_host) = two_hosts(Overlay::Tun);
     let mut dpa = a_host.load();
     let mut dpb = b_host.load();
     dpa.set_peer(b_host.subnet, b_host.ip).expect("peer");
@@ -867,9 +1134,91 @@ fn reload_adopts_pinned_state_and_unload_removes_it() {
 }
 
 #[test]
-fn bulk_tcp_keeps_gso_super_packets_whole_and_data_intact() {
+fn decap_leaves_a_checksum_state_nat_can_update() {
+    decap_leaves_a_checksum_state_nat_can_update_on(Overlay::Tun);
+}
+
+#[test]
+fn decap_leaves_a_checksum_state_nat_can_update_over_an_ifb() {
+    decap_leaves_a_checksum_state_nat_can_update_on(Overlay::Ifb);
+}
+
+fn decap_leaves_a_checksum_state_nat_can_update_on(overlay: Overlay) {
     require_object();
-    let (a_host, b_host) = two_hosts(false);
+    // b is a plain upstream-style sender: a UDP socket on the underlay, whose kernel leaves the
+    // outer UDP checksum to the veth (CHECKSUM_PARTIAL arrives at a).
+    let (a_host, b_host) = two_hosts(overlay);
+    let mut dpa = a_host.load();
+    dpa.set_peer(b_host.subnet, b_host.ip).expect("peer");
+    // NAT on the decapsulated packet: port 7777 is redirected to 7778.
+    run(Command::new("nsenter")
+        .arg(format!("--net={}", a_host.ns.path().display()))
+        .args([
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-i",
+            "flannel0",
+            "-p",
+            "udp",
+            "--dport",
+            "7777",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            "7778",
+        ]));
+    let a_overlay = a_host.subnet.network();
+    let receiver = a_host.ns.enter(move || {
+        let s = UdpSocket::bind((a_overlay, 7778)).expect("bind on a");
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .expect("timeout");
+        s
+    });
+    // A complete inner UDP packet, as upstream's proxy sends it.
+    let src = a("10.244.2.7");
+    let mut u = udp(40000, 7777, b"through NAT");
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&a_overlay.octets());
+    pseudo.extend_from_slice(&[0, 17]);
+    pseudo.extend_from_slice(&(u.len() as u16).to_be_bytes());
+    pseudo.extend_from_slice(&u);
+    let c = checksum(&pseudo);
+    u[6..8].copy_from_slice(&c.to_be_bytes());
+    let inner_packet = ipv4(src, a_overlay, 64, 17, &[], &u);
+    let (b_ip, a_ip) = (b_host.ip, a_host.ip);
+    let sender = b_host.ns.enter(move || {
+        let s = UdpSocket::bind((b_ip, PORT)).expect("bind on b");
+        s.connect((a_ip, PORT)).expect("connect");
+        s
+    });
+    // The first datagrams may wait for ARP on the underlay.
+    let got = wait_for("the datagram through NAT", Duration::from_secs(10), || {
+        sender.send(&inner_packet).expect("send");
+        let mut buf = [0u8; 64];
+        receiver.recv(&mut buf).ok().map(|n| buf[..n].to_vec())
+    });
+    assert_eq!(got, b"through NAT");
+    let s = a_host.stats();
+    assert!(s.rx_packets >= 1, "{s:?}");
+}
+
+#[test]
+fn bulk_tcp_keeps_gso_super_packets_whole_and_data_intact() {
+    bulk_tcp_keeps_gso_super_packets_whole_and_data_intact_on(Overlay::Tun);
+}
+
+#[test]
+fn bulk_tcp_keeps_gso_super_packets_whole_and_data_intact_over_an_ifb() {
+    bulk_tcp_keeps_gso_super_packets_whole_and_data_intact_on(Overlay::Ifb);
+}
+
+fn bulk_tcp_keeps_gso_super_packets_whole_and_data_intact_on(overlay: Overlay) {
+    require_object();
+    let (a_host, b_host) = two_hosts(overlay);
     let mut dpa = a_host.load();
     let mut dpb = b_host.load();
     dpa.set_peer(b_host.subnet, b_host.ip).expect("peer");

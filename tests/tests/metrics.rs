@@ -65,6 +65,8 @@ fn metrics_show_lease_peers_and_dataplane_counters() {
             "ttl_exceeded",
             "helper_error",
             "not_configured",
+            "bad_ip_checksum",
+            "other_host",
         ] {
             let series = format!("flannel_dataplane_drops_total{{reason=\"{reason}\"}}");
             assert!(value(&body, &series).is_some(), "no {series}:\n{body}");

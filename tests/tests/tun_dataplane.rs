@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use flannel_agent::backend::udp::device::{
-    setup_overlay_device, OverlayDevice, OverlayDeviceConfig,
+    setup_overlay_device, OverlayDevice, OverlayDeviceConfig, OverlayKind,
 };
 use flannel_agent::backend::udp::ebpf::{EbpfDataplane, EbpfOptions};
 use flannel_agent::backend::udp::tun::TunDataplane;
@@ -88,6 +88,7 @@ impl Topology {
     fn start_dataplane(&self, i: u8, peer: u8, vnet_hdr: bool) -> Result<TunDataplane> {
         let cfg = OverlayDeviceConfig {
             name: "flannel0".into(),
+            kind: OverlayKind::Tun,
             own_subnet: subnet(i),
             network: network(),
             mtu: OVERLAY_MTU,
@@ -114,6 +115,7 @@ impl Topology {
     ) -> Result<EbpfDataplane> {
         let cfg = OverlayDeviceConfig {
             name: "flannel0".into(),
+            kind: OverlayKind::Ifb,
             own_subnet: subnet(i),
             network: network(),
             mtu: OVERLAY_MTU,
@@ -493,9 +495,10 @@ fn drops_are_counted_by_reason_and_unknown_subnets_get_net_unreachable() -> Resu
 fn device_setup_is_idempotent_and_repairs_drift() -> Result<()> {
     let t = Topology::new()?;
     let h = t.host(1);
-    // eBPF-style: persistent, no queues kept.
+    // eBPF-style: an ifb, no queues.
     let ebpf_cfg = OverlayDeviceConfig {
         name: "flannel0".into(),
+        kind: OverlayKind::Ifb,
         own_subnet: subnet(1),
         network: network(),
         mtu: OVERLAY_MTU,
@@ -522,7 +525,15 @@ fn device_setup_is_idempotent_and_repairs_drift() -> Result<()> {
         );
         Ok(())
     };
-    check("after creation, with no descriptor open (persistent)")?;
+    check("after creation, with no descriptor open")?;
+    // Carrier with no reader: the route is usable where linkdown routes are ignored.
+    let link = h.ip(&["-o", "link", "show", "flannel0"])?;
+    assert!(
+        link.contains("LOWER_UP") && link.contains("NOARP"),
+        "{link}"
+    );
+    let routes = h.ip(&["-4", "route", "show", "10.244.0.0/16"])?;
+    assert!(!routes.contains("linkdown"), "{routes}");
 
     // Drift: wrong MTU, a stray address, no route. Setting up again repairs it.
     h.ip(&["link", "set", "flannel0", "mtu", "1400"])?;
@@ -532,11 +543,13 @@ fn device_setup_is_idempotent_and_repairs_drift() -> Result<()> {
     h.run_in(move || setup_device(&cfg))??;
     check("after repair")?;
 
-    // The TUN data plane adopts the persistent device with offloads and queues.
+    // The TUN data plane replaces the ifb with a TUN, with offloads and queues.
     let tun_cfg = OverlayDeviceConfig {
+        kind: OverlayKind::Tun,
+        persistent: false,
         queues: 2,
         vnet_hdr: true,
-        ..ebpf_cfg
+        ..ebpf_cfg.clone()
     };
     let cfg = tun_cfg.clone();
     let dev = h.run_in(move || setup_device(&cfg))??;

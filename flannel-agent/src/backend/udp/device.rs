@@ -1,9 +1,13 @@
-//! The udp backend's overlay device: a TUN (`flannel0`) holding the lease's network address as
-//! /32 and the one route for the whole overlay network.
+//! The udp backend's overlay device (`flannel0`), holding the lease's network address as /32
+//! and the one route for the whole overlay network.
 //!
-//! Both data planes use it: the eBPF programs attach to it and never read it (the device is
-//! then persistent so it outlives agent restarts), the user-space forwarder reads and writes its
-//! queues. Setup is idempotent: an existing device is adopted and its settings corrected.
+//! The user-space forwarder reads and writes a TUN's queues. The eBPF programs attach to the
+//! device and never read it, and a TUN nobody reads has no carrier: its route is `linkdown`,
+//! and a host with `net.ipv4.conf.all.ignore_routes_with_linkdown=1` ignores it. So the eBPF
+//! data plane uses an `ifb` instead: an Ethernet device without ARP whose carrier is up as long
+//! as the device is, with no process attached, so it keeps forwarding while the agent restarts.
+//! Setup is idempotent: an existing device of the wanted kind is adopted and its settings
+//! corrected; one of the other kind (the other data plane ran before) is replaced.
 //!
 //! The TUN is created in the network namespace of the calling thread (where /dev/net/tun is
 //! opened); `handle` must be connected in that same namespace.
@@ -18,7 +22,7 @@ use futures::TryStreamExt;
 use ipnetwork::Ipv4Network;
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
-use rtnetlink::{LinkUnspec, RouteMessageBuilder};
+use rtnetlink::{LinkIfb, LinkUnspec, RouteMessageBuilder};
 
 /// Largest interface name the kernel accepts (IFNAMSIZ - 1).
 const MAX_IFNAME_LEN: usize = 15;
@@ -28,11 +32,31 @@ const TUN_OFFLOADS: libc::c_uint = libc::TUN_F_CSUM | libc::TUN_F_TSO4;
 /// IPv4 minimum MTU (RFC 791).
 const MIN_MTU: u32 = 68;
 
+/// Which device carries the overlay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OverlayKind {
+    /// A TUN: the user-space data plane reads and writes it.
+    Tun,
+    /// An ifb with ARP off: the eBPF data plane's, always with carrier.
+    Ifb,
+}
+
+impl OverlayKind {
+    fn info_kind(self) -> InfoKind {
+        match self {
+            OverlayKind::Tun => InfoKind::Tun,
+            OverlayKind::Ifb => InfoKind::Ifb,
+        }
+    }
+}
+
 /// What the overlay device should look like.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OverlayDeviceConfig {
     /// Interface name, `flannel0` upstream.
     pub name: String,
+    /// TUN or ifb; the TUN settings below apply to a TUN only.
+    pub kind: OverlayKind,
     /// This node's lease; its network address goes on the device as /32.
     pub own_subnet: Ipv4Network,
     /// The whole overlay network, routed through the device.
@@ -53,6 +77,7 @@ impl OverlayDeviceConfig {
     pub fn for_lease(own_subnet: Ipv4Network, network: Ipv4Network, external_mtu: u32) -> Self {
         Self {
             name: "flannel0".to_string(),
+            kind: OverlayKind::Tun,
             own_subnet,
             network,
             mtu: external_mtu.saturating_sub(28),
@@ -73,7 +98,7 @@ impl OverlayDeviceConfig {
         if self.mtu < MIN_MTU || self.mtu > 65_535 {
             return bad(format!("MTU {} out of range {MIN_MTU}..=65535", self.mtu));
         }
-        if !self.persistent && self.queues == 0 {
+        if self.kind == OverlayKind::Tun && !self.persistent && self.queues == 0 {
             return bad(
                 "a non-persistent device needs at least one queue, else it vanishes at once".into(),
             );
@@ -127,7 +152,9 @@ impl OverlayDevice {
 pub enum DeviceError {
     #[error("invalid overlay device config: {0}")]
     InvalidConfig(String),
-    #[error("{name} exists but is a {kind} device, not a TUN; remove it or choose another name")]
+    #[error(
+        "{name} exists but is a {kind} device, not a TUN or ifb; remove it or choose another name"
+    )]
     NotTun { name: String, kind: String },
     #[error("TUN {op} on {name}: {source}")]
     Tun {
@@ -164,20 +191,55 @@ pub async fn setup_overlay_device(
         }
     };
 
-    let existing = find_link(handle, name).await?;
+    let mut existing = find_link(handle, name).await?;
     if let Some(link) = &existing {
-        if let Some(kind) = link_kind(link) {
-            if kind != InfoKind::Tun {
+        match link_kind(link) {
+            Some(kind) if kind == cfg.kind.info_kind() => {}
+            Some(kind @ (InfoKind::Tun | InfoKind::Ifb)) => {
+                log::info!(
+                    "{name} is a {} device: replacing it with a {} for this data plane",
+                    format!("{kind:?}").to_lowercase(),
+                    format!("{:?}", cfg.kind).to_lowercase()
+                );
+                handle
+                    .link()
+                    .del(link.header.index)
+                    .execute()
+                    .await
+                    .map_err(nl_err("delete link"))?;
+                existing = None;
+            }
+            Some(kind) => {
                 return Err(DeviceError::NotTun {
                     name: name.to_string(),
                     kind: format!("{kind:?}").to_lowercase(),
                 });
             }
+            None => {}
         }
     }
 
-    let queues = open_queues(cfg, existing.is_some())?;
-    let queues = if cfg.queues == 0 { Vec::new() } else { queues };
+    let queues = match cfg.kind {
+        OverlayKind::Tun => {
+            let queues = open_queues(cfg, existing.is_some())?;
+            if cfg.queues == 0 {
+                Vec::new()
+            } else {
+                queues
+            }
+        }
+        OverlayKind::Ifb => {
+            if existing.is_none() {
+                handle
+                    .link()
+                    .add(LinkIfb::new(name).build())
+                    .execute()
+                    .await
+                    .map_err(nl_err("add ifb"))?;
+            }
+            Vec::new()
+        }
+    };
 
     let link = find_link(handle, name)
         .await?
@@ -185,16 +247,23 @@ pub async fn setup_overlay_device(
             name: name.to_string(),
         })?;
     let ifindex = link.header.index;
+    if cfg.kind == OverlayKind::Ifb {
+        // No IPv6 on it: link-local autoconfiguration would only send packets encap drops.
+        let knob = format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6");
+        if let Err(e) = std::fs::write(&knob, "1") {
+            log::debug!("{knob}: {e}");
+        }
+    }
 
     // MTU and up first: IPv4 refuses routes through a device that is down.
+    let mut settings = LinkUnspec::new_with_index(ifindex).mtu(cfg.mtu).up();
+    if cfg.kind == OverlayKind::Ifb {
+        // The ifb is Ethernet: without ARP, routed packets reach encap at once.
+        settings = settings.arp(false);
+    }
     handle
         .link()
-        .set(
-            LinkUnspec::new_with_index(ifindex)
-                .mtu(cfg.mtu)
-                .up()
-                .build(),
-        )
+        .set(settings.build())
         .execute()
         .await
         .map_err(nl_err("set mtu/up"))?;

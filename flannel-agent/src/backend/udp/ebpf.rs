@@ -32,7 +32,8 @@ use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
 use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use flannel_common::{
-    map_names, prog_names, Config, PeerKey, PeerValue, SenderKey, SenderValue, Stats, MAX_PEERS,
+    map_names, prog_names, Config, PeerKey, PeerValue, SenderKey, SenderValue, Stats,
+    CONFIG_F_COMPLETE_CSUM, CONFIG_F_OVERLAY_L2, MAX_PEERS,
 };
 use ipnetwork::Ipv4Network;
 
@@ -177,6 +178,24 @@ impl EbpfDataplane {
         }
         let mut bpf = loader.load(object).map_err(Box::new)?;
 
+        let driver = driver_name(&ext_name);
+        let complete_csum = driver.as_deref().is_some_and(passes_partial_checksums);
+        if complete_csum {
+            log::info!(
+                "{ext_name} (driver {}) hands checksum-offloaded packets on unfinished: the encap program completes inner checksums",
+                driver.as_deref().unwrap_or("?")
+            );
+        }
+        // An Ethernet overlay device (the ifb): its frames carry a MAC header, and delivered
+        // frames must be addressed to it.
+        let overlay_mac = ethernet_address(&overlay_name);
+        let mut flags = 0;
+        if complete_csum {
+            flags |= CONFIG_F_COMPLETE_CSUM;
+        }
+        if overlay_mac.is_some() {
+            flags |= CONFIG_F_OVERLAY_L2;
+        }
         let config = Config {
             public_ip: opts.ext_ip.octets(),
             network: opts.network.network().octets(),
@@ -186,6 +205,9 @@ impl EbpfDataplane {
             decap_ifindex: opts.overlay_ifindex,
             port: opts.port,
             ready: 1,
+            flags,
+            overlay_mac: overlay_mac.unwrap_or_default(),
+            _reserved: 0,
         };
         {
             let map = bpf
@@ -490,8 +512,102 @@ pub fn read_pinned_stats(pin_dir: &Path) -> Result<Stats, EbpfError> {
         t.drop_ttl_exceeded += s.drop_ttl_exceeded;
         t.drop_helper_error += s.drop_helper_error;
         t.drop_not_configured += s.drop_not_configured;
+        t.drop_bad_ip_checksum += s.drop_bad_ip_checksum;
+        t.drop_other_host += s.drop_other_host;
     }
     Ok(t)
+}
+
+/// Drivers of virtual wires: they accept checksum offload and hand the packet to the other
+/// side (another namespace, the hypervisor, another VM) with the checksum still unfinished,
+/// where a user-space receiver (upstream flanneld, a TUN node) gets it as it is. A physical
+/// NIC computes offloaded checksums in hardware.
+const VIRTUAL_WIRE_DRIVERS: [&str; 4] = ["veth", "virtio_net", "tun", "netkit"];
+
+fn passes_partial_checksums(driver: &str) -> bool {
+    VIRTUAL_WIRE_DRIVERS.contains(&driver)
+}
+
+/// The MAC address of `ifname` when it is an Ethernet device (SIOCGIFHWADDR); None for a TUN
+/// or when the device cannot be asked.
+fn ethernet_address(ifname: &str) -> Option<[u8; 6]> {
+    const ARPHRD_ETHER: u16 = 1;
+    // SAFETY: ifreq is plain data; all-zero is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req
+        .ifr_name
+        .iter_mut()
+        .zip(ifname.bytes().take(libc::IF_NAMESIZE - 1))
+    {
+        *dst = src as libc::c_char;
+    }
+    // SAFETY: plain socket(2) call.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: a fresh descriptor owned here.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: SIOCGIFHWADDR reads and writes the ifreq, which lives for the call.
+    let rc = unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            libc::SIOCGIFHWADDR,
+            &mut req as *mut libc::ifreq,
+        )
+    };
+    if rc < 0 {
+        return None;
+    }
+    // SAFETY: SIOCGIFHWADDR filled the hwaddr member of the union.
+    let hw = unsafe { req.ifr_ifru.ifru_hwaddr };
+    if hw.sa_family != ARPHRD_ETHER {
+        return None;
+    }
+    let mut mac = [0u8; 6];
+    for (m, b) in mac.iter_mut().zip(hw.sa_data.iter()) {
+        *m = *b as u8;
+    }
+    Some(mac)
+}
+
+/// The driver of `ifname` (ETHTOOL_GDRVINFO), None when the device does not say.
+fn driver_name(ifname: &str) -> Option<String> {
+    const ETHTOOL_GDRVINFO: u32 = 0x3;
+    // struct ethtool_drvinfo: cmd, then driver[32], version[32], ...; 196 bytes in all.
+    let mut info = [0u8; 196];
+    info[..4].copy_from_slice(&ETHTOOL_GDRVINFO.to_ne_bytes());
+    // SAFETY: ifreq is plain data; all-zero is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req
+        .ifr_name
+        .iter_mut()
+        .zip(ifname.bytes().take(libc::IF_NAMESIZE - 1))
+    {
+        *dst = src as libc::c_char;
+    }
+    req.ifr_ifru.ifru_data = info.as_mut_ptr().cast();
+    // SAFETY: plain socket(2) call.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: a fresh descriptor owned here.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: SIOCETHTOOL reads the ifreq and writes into `info`, both alive for the call.
+    let rc = unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            libc::SIOCETHTOOL,
+            &mut req as *mut libc::ifreq,
+        )
+    };
+    if rc < 0 {
+        return None;
+    }
+    let driver = &info[4..36];
+    let end = driver.iter().position(|&b| b == 0).unwrap_or(driver.len());
+    std::str::from_utf8(&driver[..end]).ok().map(str::to_string)
 }
 
 fn take_map(bpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, EbpfError> {

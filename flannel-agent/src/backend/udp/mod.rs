@@ -98,8 +98,10 @@ impl UdpBackend {
         if !ebpf::EbpfDataplane::embedded() {
             anyhow::bail!("this flanneld was built without the eBPF object (run `cargo xtask build-ebpf` before building it)");
         }
-        // The eBPF programs never read the TUN: it only needs to exist (and survive restarts).
+        // The eBPF programs never read the device: an ifb, which has carrier with no reader
+        // and outlives the agent (see device.rs).
         let dev_cfg = device::OverlayDeviceConfig {
+            kind: device::OverlayKind::Ifb,
             persistent: true,
             queues: 0,
             vnet_hdr: false,
