@@ -329,9 +329,14 @@ async fn agent(flags: Flags) -> anyhow::Result<()> {
         resync: Duration::from_secs(flags.iptables_resync),
     };
     if config.enable_nftables {
-        flannel_agent::nftables::install_and_keep(rule_opts, config.network, subnet_rx.clone())
-            .await
-            .context("installing nftables rules")?;
+        flannel_agent::nftables::install_and_keep(
+            rule_opts,
+            config.network,
+            subnet_rx.clone(),
+            config.ipv6_network.zip(own.key.ipv6),
+        )
+        .await
+        .context("installing nftables rules")?;
     } else {
         flannel_agent::iptables::install_and_keep(
             rule_opts,

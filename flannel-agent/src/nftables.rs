@@ -10,7 +10,7 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 use tokio::sync::watch;
@@ -35,6 +35,8 @@ pub enum NftError {
 /// One of our chains: its header as `nft` lists it and its rules.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Chain {
+    /// `ip` (table flannel-ipv4) or `ip6` (table flannel-ipv6).
+    pub family: &'static str,
     pub name: &'static str,
     pub comment: &'static str,
     /// `type ... hook ... priority ...` as in `nft list` (policy accept is implied).
@@ -44,45 +46,84 @@ pub struct Chain {
 
 /// Upstream's forward chain for `network`.
 pub fn forward_chain(network: Ipv4Network) -> Chain {
+    forward_chain_for("ip", &network.to_string())
+}
+
+/// Upstream's IPv6 forward chain (table ip6 flannel-ipv6) for IPv6Network.
+pub fn forward_chain_v6(network: Ipv6Network) -> Chain {
+    forward_chain_for("ip6", &network.to_string())
+}
+
+fn forward_chain_for(family: &'static str, network: &str) -> Chain {
     Chain {
+        family,
         name: FORWARD_CHAIN,
         comment: FORWARD_COMMENT,
         kind: "type filter hook forward priority filter",
         rules: vec![
-            format!("ip saddr {network} accept"),
-            format!("ip daddr {network} accept"),
+            format!("{family} saddr {network} accept"),
+            format!("{family} daddr {network} accept"),
         ],
     }
 }
 
 /// Upstream's masquerade chain for `network` and our `subnet`, in upstream's order.
 pub fn postrtg_chain(network: Ipv4Network, subnet: Ipv4Network, fully_random: bool) -> Chain {
+    postrtg_chain_for(
+        "ip",
+        &network.to_string(),
+        &subnet.to_string(),
+        "224.0.0.0/4",
+        fully_random,
+    )
+}
+
+/// Upstream's IPv6 masquerade chain: the same rules with `ip6` and multicast ff00::/8.
+pub fn postrtg_chain_v6(network: Ipv6Network, subnet: Ipv6Network, fully_random: bool) -> Chain {
+    postrtg_chain_for(
+        "ip6",
+        &network.to_string(),
+        &subnet.to_string(),
+        "ff00::/8",
+        fully_random,
+    )
+}
+
+fn postrtg_chain_for(
+    f: &'static str,
+    network: &str,
+    subnet: &str,
+    multicast: &str,
+    fully_random: bool,
+) -> Chain {
     let masq = if fully_random {
         "masquerade fully-random"
     } else {
         "masquerade"
     };
     Chain {
+        family: f,
         name: POSTRTG_CHAIN,
         comment: POSTRTG_COMMENT,
         kind: "type nat hook postrouting priority srcnat",
         rules: vec![
             // kube-proxy's mark: it masquerades those itself (double NAT breaks some kernels).
             "meta mark 0x00004000 return".to_owned(),
-            format!("ip saddr {subnet} ip daddr {network} return"),
-            format!("ip saddr {network} ip daddr {subnet} return"),
-            format!("ip saddr != {subnet} ip daddr {network} return"),
-            format!("ip saddr {network} ip daddr != 224.0.0.0/4 {masq}"),
-            format!("ip saddr != {network} ip daddr {network} {masq}"),
+            format!("{f} saddr {subnet} {f} daddr {network} return"),
+            format!("{f} saddr {network} {f} daddr {subnet} return"),
+            format!("{f} saddr != {subnet} {f} daddr {network} return"),
+            format!("{f} saddr {network} {f} daddr != {multicast} {masq}"),
+            format!("{f} saddr != {network} {f} daddr {network} {masq}"),
         ],
     }
 }
 
-/// The chains the flags ask for.
+/// The chains the flags ask for; `ipv6` (IPv6Network, our IPv6 subnet) adds the ip6 ones.
 pub fn wanted_chains(
     opts: &RuleOptions,
     network: Ipv4Network,
     subnet: Ipv4Network,
+    ipv6: Option<(Ipv6Network, Ipv6Network)>,
     fully_random: bool,
 ) -> Vec<Chain> {
     let mut chains = Vec::new();
@@ -92,7 +133,23 @@ pub fn wanted_chains(
     if opts.ip_masq {
         chains.push(postrtg_chain(network, subnet, fully_random));
     }
+    if let Some((network6, subnet6)) = ipv6 {
+        if opts.forward {
+            chains.push(forward_chain_v6(network6));
+        }
+        if opts.ip_masq {
+            chains.push(postrtg_chain_v6(network6, subnet6, fully_random));
+        }
+    }
     chains
+}
+
+fn table_of(c: &Chain) -> &'static str {
+    if c.family == "ip6" {
+        IPV6_TABLE
+    } else {
+        IPV4_TABLE
+    }
 }
 
 /// The `nft -f` transaction that creates our tables and (re)fills `chains`.
@@ -102,13 +159,14 @@ pub fn script(chains: &[Chain]) -> String {
         s += &format!("add table {family} {table} {{ comment \"rules for {table}\" ; }}\n");
     }
     for c in chains {
+        let (family, table) = (c.family, table_of(c));
         s += &format!(
-            "add chain ip {IPV4_TABLE} {} {{ {} ; comment \"{}\" ; }}\n",
+            "add chain {family} {table} {} {{ {} ; comment \"{}\" ; }}\n",
             c.name, c.kind, c.comment
         );
-        s += &format!("flush chain ip {IPV4_TABLE} {}\n", c.name);
+        s += &format!("flush chain {family} {table} {}\n", c.name);
         for r in &c.rules {
-            s += &format!("add rule ip {IPV4_TABLE} {} {r}\n", c.name);
+            s += &format!("add rule {family} {table} {} {r}\n", c.name);
         }
     }
     s
@@ -117,7 +175,7 @@ pub fn script(chains: &[Chain]) -> String {
 /// What `nft list chain ip flannel-ipv4 <chain>` prints for `c` (upstream's e2e golden text).
 pub fn listing(c: &Chain) -> String {
     let mut lines = vec![
-        format!("table ip {IPV4_TABLE} {{"),
+        format!("table {} {} {{", c.family, table_of(c)),
         format!("\tchain {} {{", c.name),
         format!("\t\tcomment \"{}\"", c.comment),
         format!("\t\t{}; policy accept;", c.kind),
@@ -179,7 +237,7 @@ async fn supports_fully_random() -> Result<bool, NftError> {
 /// True when every chain is listed exactly as we install it.
 pub async fn complete(chains: &[Chain]) -> Result<bool, NftError> {
     for c in chains {
-        match nft(&["list", "chain", "ip", IPV4_TABLE, c.name], None).await {
+        match nft(&["list", "chain", c.family, table_of(c), c.name], None).await {
             Ok(text) if text.trim_end() == listing(c) => {}
             Ok(_) => return Ok(false),
             Err(NftError::Spawn(e)) => return Err(NftError::Spawn(e)),
@@ -204,11 +262,12 @@ pub async fn install_and_keep(
     opts: RuleOptions,
     network: Ipv4Network,
     mut subnet: watch::Receiver<Ipv4Network>,
+    ipv6: Option<(Ipv6Network, Ipv6Network)>,
 ) -> Result<(), NftError> {
     log::info!("starting flannel in nftables mode");
     let fully_random =
         opts.ip_masq && !opts.random_fully_disable && supports_fully_random().await?;
-    let want = move |s| wanted_chains(&opts, network, s, fully_random);
+    let want = move |s| wanted_chains(&opts, network, s, ipv6, fully_random);
     let mut chains = want(*subnet.borrow_and_update());
     // The tables exist even with no chains, as upstream's Init creates them.
     nft(&["-f", "-"], Some(&script(&chains))).await?;
@@ -294,6 +353,35 @@ mod tests {
              \t}\n\
              }"
         );
+        // Upstream's e2e expectedNft6Postrouting / expectedNft6Forward.
+        let n6 = "fd00:10:244::/48".parse().unwrap();
+        let s6 = "fd00:10:244:3a::/64".parse().unwrap();
+        assert_eq!(
+            listing(&postrtg_chain_v6(n6, s6, true)),
+            "table ip6 flannel-ipv6 {\n\
+             \tchain postrtg {\n\
+             \t\tcomment \"chain to manage traffic masquerading by flannel\"\n\
+             \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+             \t\tmeta mark 0x00004000 return\n\
+             \t\tip6 saddr fd00:10:244:3a::/64 ip6 daddr fd00:10:244::/48 return\n\
+             \t\tip6 saddr fd00:10:244::/48 ip6 daddr fd00:10:244:3a::/64 return\n\
+             \t\tip6 saddr != fd00:10:244:3a::/64 ip6 daddr fd00:10:244::/48 return\n\
+             \t\tip6 saddr fd00:10:244::/48 ip6 daddr != ff00::/8 masquerade fully-random\n\
+             \t\tip6 saddr != fd00:10:244::/48 ip6 daddr fd00:10:244::/48 masquerade fully-random\n\
+             \t}\n\
+             }"
+        );
+        assert_eq!(
+            listing(&forward_chain_v6(n6)),
+            "table ip6 flannel-ipv6 {\n\
+             \tchain forward {\n\
+             \t\tcomment \"chain to accept flannel traffic\"\n\
+             \t\ttype filter hook forward priority filter; policy accept;\n\
+             \t\tip6 saddr fd00:10:244::/48 accept\n\
+             \t\tip6 daddr fd00:10:244::/48 accept\n\
+             \t}\n\
+             }"
+        );
         let plain = postrtg_chain(net("10.244.0.0/16"), net("10.244.7.0/24"), false);
         assert!(plain.rules.iter().all(|r| !r.contains("fully-random")));
     }
@@ -310,6 +398,7 @@ mod tests {
             &opts,
             net("10.244.0.0/16"),
             net("10.244.7.0/24"),
+            None,
             true,
         ));
         assert!(s.starts_with("add table ip flannel-ipv4 { comment \"rules for flannel-ipv4\" ; }\nadd table ip6 flannel-ipv6"));

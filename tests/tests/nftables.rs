@@ -140,3 +140,78 @@ fn nftables_mode_has_upstreams_tables_traffic_masquerade_and_resync() {
     let ruleset = h0.ns.exec("nft", &["list", "ruleset"]).unwrap();
     assert!(!ruleset.contains("flannel"), "{ruleset}");
 }
+
+/// Upstream's e2e golden text for the IPv6 chains (expectedNft6Postrouting / expectedNft6Forward).
+fn golden6(chain: &str, net6: &str, pod6: &str) -> String {
+    let body: Vec<String> = if chain == "postrtg" {
+        vec![
+            "\t\tcomment \"chain to manage traffic masquerading by flannel\"".into(),
+            "\t\ttype nat hook postrouting priority srcnat; policy accept;".into(),
+            "\t\tmeta mark 0x00004000 return".into(),
+            format!("\t\tip6 saddr {pod6} ip6 daddr {net6} return"),
+            format!("\t\tip6 saddr {net6} ip6 daddr {pod6} return"),
+            format!("\t\tip6 saddr != {pod6} ip6 daddr {net6} return"),
+            format!("\t\tip6 saddr {net6} ip6 daddr != ff00::/8 masquerade fully-random"),
+            format!("\t\tip6 saddr != {net6} ip6 daddr {net6} masquerade fully-random"),
+        ]
+    } else {
+        vec![
+            "\t\tcomment \"chain to accept flannel traffic\"".into(),
+            "\t\ttype filter hook forward priority filter; policy accept;".into(),
+            format!("\t\tip6 saddr {net6} accept"),
+            format!("\t\tip6 daddr {net6} accept"),
+        ]
+    };
+    let mut lines = vec![
+        "table ip6 flannel-ipv6 {".to_owned(),
+        format!("\tchain {chain} {{"),
+    ];
+    lines.extend(body);
+    lines.push("\t}".into());
+    lines.push("}".into());
+    lines.join("\n")
+}
+
+#[test]
+fn nftables_dual_stack_fills_the_ip6_table_as_upstream() {
+    let o = Overlay::builder(
+        r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/48","EnableNFTables":true,"Backend":{"Type":"host-gw"}}"#,
+        2,
+    )
+    .containers_per_host(0)
+    .before_agents(|c| {
+        for h in &c.hosts {
+            h.ns.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("2001:db8::{}/64", 10 + h.index),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+        }
+        Ok(())
+    })
+    .start()
+    .unwrap();
+    for (i, h) in o.cluster.hosts.iter().enumerate() {
+        let env = std::fs::read_to_string(&o.agents[i].subnet_file).unwrap();
+        let first6 = env
+            .lines()
+            .find_map(|l| l.strip_prefix("FLANNEL_IPV6_SUBNET="))
+            .unwrap();
+        let (ip, len) = first6.split_once('/').unwrap();
+        let ip: std::net::Ipv6Addr = ip.parse().unwrap();
+        let pod6 = format!("{}/{len}", std::net::Ipv6Addr::from(u128::from(ip) - 1));
+        for chain in ["postrtg", "forward"] {
+            let listed =
+                h.ns.exec("nft", &["list", "chain", "ip6", "flannel-ipv6", chain])
+                    .unwrap();
+            assert_eq!(listed.trim_end(), golden6(chain, "fd00:10:244::/48", &pod6));
+        }
+        // Not ip6tables as well.
+        let saved = h.ns.exec("ip6tables-save", &[]).unwrap();
+        assert!(!saved.contains("FLANNEL-"), "{saved}");
+    }
+}
