@@ -59,6 +59,8 @@ pub struct NetworkConfig {
     pub ipv6_subnet_len: u8,
     pub ipv6_subnet_min: Option<Ipv6Addr>,
     pub ipv6_subnet_max: Option<Ipv6Addr>,
+    /// `EnableNFTables`: traffic rules in nftables tables instead of iptables chains.
+    pub enable_nftables: bool,
     pub backend: BackendConfig,
 }
 
@@ -148,6 +150,7 @@ impl NetworkConfig {
 
         let enable_ipv4 = get_bool(&map, "EnableIPv4", true)?;
         let enable_ipv6 = get_bool(&map, "EnableIPv6", false)?;
+        let enable_nftables = get_bool(&map, "EnableNFTables", false)?;
         if !enable_ipv4 && !enable_ipv6 {
             return Err(ConfigError::Invalid(
                 "EnableIPv4 and EnableIPv6 are both false: nothing to do".into(),
@@ -286,6 +289,7 @@ impl NetworkConfig {
             ipv6_subnet_len,
             ipv6_subnet_min,
             ipv6_subnet_max,
+            enable_nftables,
             backend,
         })
     }
@@ -311,6 +315,47 @@ impl NetworkConfig {
         let size = 1u64 << (32 - self.subnet_len);
         let addr = u64::from(u32::from(self.subnet_min)) + i * size;
         Ipv4Network::new(Ipv4Addr::from(addr as u32), self.subnet_len).ok()
+    }
+}
+
+impl NetworkConfig {
+    /// The IPv6 subnet range as network addresses: IPv6SubnetMin (default: the second subnet
+    /// of IPv6Network, as upstream) to IPv6SubnetMax (default: the last one).
+    fn ipv6_range(&self) -> Option<(u128, u128, u128)> {
+        let net = self.ipv6_network.filter(|_| self.enable_ipv6)?;
+        let len = self.ipv6_subnet_len;
+        if len == 0 || len > 128 || len < net.prefix() {
+            return None;
+        }
+        let size = 1u128.checked_shl(u32::from(128 - len)).unwrap_or(0);
+        let mask = |a: u128| if size == 0 { a } else { a & !(size - 1) };
+        let base = u128::from(net.network());
+        let last = base | (u128::MAX.checked_shr(u32::from(net.prefix())).unwrap_or(0));
+        let min = self
+            .ipv6_subnet_min
+            .map_or(base.wrapping_add(size), |a| mask(u128::from(a)));
+        let max = self
+            .ipv6_subnet_max
+            .map_or(mask(last), |a| mask(u128::from(a)));
+        (size > 0 && min <= max).then_some((min, max, size))
+    }
+
+    /// The `i`-th IPv6 subnet from IPv6SubnetMin (None past IPv6SubnetMax or without IPv6).
+    pub fn nth_ipv6_subnet(&self, i: u64) -> Option<Ipv6Network> {
+        let (min, max, size) = self.ipv6_range()?;
+        let addr = min.checked_add(size.checked_mul(u128::from(i))?)?;
+        (addr <= max)
+            .then(|| Ipv6Network::new(Ipv6Addr::from(addr), self.ipv6_subnet_len).ok())
+            .flatten()
+    }
+
+    /// Is `subnet` one this config could hand out as an IPv6 subnet?
+    pub fn contains_ipv6_subnet(&self, subnet: Ipv6Network) -> bool {
+        let Some((min, max, _)) = self.ipv6_range() else {
+            return false;
+        };
+        let a = u128::from(subnet.network());
+        subnet.prefix() == self.ipv6_subnet_len && a >= min && a <= max
     }
 }
 
@@ -473,6 +518,29 @@ mod tests {
     fn network_address_is_masked_like_go() {
         let c = parse(r#"{"Network":"10.244.7.9/16"}"#).unwrap();
         assert_eq!(c.network.to_string(), "10.244.0.0/16");
+    }
+
+    #[test]
+    fn ipv6_subnets_walk_upstreams_default_range() {
+        let c = parse(
+            r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/48"}"#,
+        )
+        .unwrap();
+        assert_eq!(c.ipv6_subnet_len, 64);
+        assert_eq!(
+            c.nth_ipv6_subnet(0).unwrap().to_string(),
+            "fd00:10:244:1::/64"
+        );
+        assert_eq!(
+            c.nth_ipv6_subnet(65534).unwrap().to_string(),
+            "fd00:10:244:ffff::/64"
+        );
+        assert!(c.nth_ipv6_subnet(65535).is_none());
+        assert!(c.contains_ipv6_subnet("fd00:10:244:7::/64".parse().unwrap()));
+        assert!(!c.contains_ipv6_subnet("fd00:10:244::/64".parse().unwrap()));
+        assert!(!c.contains_ipv6_subnet("fd00:10:245:7::/64".parse().unwrap()));
+        let v4 = parse(r#"{"Network":"10.244.0.0/16"}"#).unwrap();
+        assert!(v4.nth_ipv6_subnet(0).is_none());
     }
 
     #[test]

@@ -310,6 +310,30 @@ pub async fn lookup_external_interface(
     })
 }
 
+/// The first global IPv6 address of interface `index` (upstream's default PublicIPv6 when
+/// `--public-ipv6` is not given); link-local and ULA-less corner cases are left to the flag.
+pub async fn ipv6_address(
+    handle: &Handle,
+    index: u32,
+) -> Result<Option<std::net::Ipv6Addr>, rtnetlink::Error> {
+    let mut addrs = handle
+        .address()
+        .get()
+        .set_link_index_filter(index)
+        .execute();
+    while let Some(msg) = addrs.try_next().await? {
+        for a in &msg.attributes {
+            if let AddressAttribute::Address(IpAddr::V6(ip)) = a {
+                // fe80::/10 is link-local: other hosts cannot route to it.
+                if (ip.segments()[0] & 0xffc0) != 0xfe80 && !ip.is_loopback() {
+                    return Ok(Some(*ip));
+                }
+            }
+        }
+    }
+    Ok(None)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

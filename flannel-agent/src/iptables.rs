@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use ipnetwork::Ipv4Network;
 use tokio::process::Command;
+use tokio::sync::watch;
 
 use crate::subnet_env::PreviousSubnetEnv;
 
@@ -24,8 +25,12 @@ const KUBE_PROXY_MARK: &str = "0x4000/0x4000";
 pub enum IptablesError {
     #[error("running iptables: {0} (install the iptables package, or pass --iptables-forward-rules=false and no --ip-masq)")]
     Spawn(std::io::Error),
-    #[error("iptables {args}: {stderr}")]
-    Failed { args: String, stderr: String },
+    #[error("{bin} {args}: {stderr}")]
+    Failed {
+        bin: &'static str,
+        args: String,
+        stderr: String,
+    },
 }
 
 /// Where a rule goes in its chain: `-I` (first) or `-A` (last).
@@ -81,7 +86,16 @@ impl fmt::Display for Rule {
 
 /// Upstream's forward rules for `network`.
 pub fn forward_rules(network: Ipv4Network) -> Vec<Rule> {
-    let n = network.to_string();
+    forward_rules_for(&network.to_string())
+}
+
+/// Upstream's ip6tables forward rules for IPv6Network (the same rules).
+pub fn forward_rules_v6(network: ipnetwork::Ipv6Network) -> Vec<Rule> {
+    forward_rules_for(&network.to_string())
+}
+
+fn forward_rules_for(n: &str) -> Vec<Rule> {
+    let n = n.to_owned();
     let c = FORWARD_COMMENT;
     vec![
         Rule::new(
@@ -107,8 +121,93 @@ pub fn forward_rules(network: Ipv4Network) -> Vec<Rule> {
 
 /// Upstream's masquerade rules for `network` and our `subnet`, in upstream's order.
 pub fn masq_rules(network: Ipv4Network, subnet: Ipv4Network, random_fully: bool) -> Vec<Rule> {
-    let n = network.to_string();
-    let sn = subnet.to_string();
+    masq_rules_for(
+        &network.to_string(),
+        &subnet.to_string(),
+        "224.0.0.0/4",
+        random_fully,
+    )
+}
+
+/// Upstream's ip6tables masquerade rules (its masqIP6Rules, in order): RETURN for traffic
+/// between our IPv6 subnet and the IPv6Network both ways and for outside traffic to our
+/// subnet, MASQUERADE for the rest leaving the overlay (but multicast ff00::/8).
+pub fn masq_rules_v6(
+    network: ipnetwork::Ipv6Network,
+    subnet: ipnetwork::Ipv6Network,
+    random_fully: bool,
+) -> Vec<Rule> {
+    let (n, sn) = (network.to_string(), subnet.to_string());
+    let c = MASQ_COMMENT;
+    let masq: &[&str] = if random_fully {
+        &["-j", "MASQUERADE", "--random-fully"]
+    } else {
+        &["-j", "MASQUERADE"]
+    };
+    let rule = |head: &[&str], tail: &[&str]| Rule {
+        table: "nat",
+        position: Position::Append,
+        chain: MASQ_CHAIN,
+        spec: head
+            .iter()
+            .chain(["-m", "comment", "--comment", c].iter())
+            .chain(tail)
+            .map(|s| s.to_string())
+            .collect(),
+    };
+    vec![
+        Rule::new(
+            "nat",
+            Position::Insert,
+            "POSTROUTING",
+            &["-m", "comment", "--comment", c, "-j", MASQ_CHAIN],
+        ),
+        rule(
+            &["-m", "mark", "--mark", KUBE_PROXY_MARK],
+            &["-j", "RETURN"],
+        ),
+        rule(&["-s", &sn, "-d", &n], &["-j", "RETURN"]),
+        rule(&["-s", &n, "-d", &sn], &["-j", "RETURN"]),
+        rule(&["!", "-s", &n, "-d", &sn], &["-j", "RETURN"]),
+        rule(&["-s", &n, "!", "-d", "ff00::/8"], masq),
+        rule(&["!", "-s", &n, "-d", &n], masq),
+    ]
+}
+
+/// Install and keep the ip6tables rules for a dual-stack node (IPv6Network, our IPv6 subnet).
+pub async fn install_and_keep_v6(
+    opts: RuleOptions,
+    network: ipnetwork::Ipv6Network,
+    subnet: ipnetwork::Ipv6Network,
+) -> Result<(), IptablesError> {
+    if !opts.ip_masq && !opts.forward {
+        return Ok(());
+    }
+    let random_fully = opts.ip_masq && !opts.random_fully_disable && {
+        let version = iptables(IP6TABLES, &["--version"]).await?;
+        version_supports_random_fully(&String::from_utf8_lossy(&version.stdout))
+    };
+    let want = move |subnet| {
+        let mut rules = Vec::new();
+        if opts.forward {
+            rules.extend(forward_rules_v6(network));
+        }
+        if opts.ip_masq {
+            rules.extend(masq_rules_v6(network, subnet, random_fully));
+        }
+        rules
+    };
+    let set = RuleSet::with_command(IP6TABLES, want(subnet));
+    set.ensure().await?;
+    log::info!("ip6tables: {} rules in place", set.rules().len());
+    // Our IPv6 subnet does not change while we run: a closed channel, never followed.
+    let (_, fixed) = watch::channel(subnet);
+    tokio::spawn(set.keep(opts.resync.max(Duration::from_secs(1)), fixed, want));
+    Ok(())
+}
+
+fn masq_rules_for(n: &str, sn: &str, multicast: &str, random_fully: bool) -> Vec<Rule> {
+    let (n, sn) = (n.to_owned(), sn.to_owned());
     let c = MASQ_COMMENT;
     let masq: &[&str] = if random_fully {
         &["-j", "MASQUERADE", "--random-fully"]
@@ -140,7 +239,7 @@ pub fn masq_rules(network: Ipv4Network, subnet: Ipv4Network, random_fully: bool)
             &["-j", "RETURN"],
         )),
         rule(with(&["-s", &n, "-d", &n], &["-j", "RETURN"])),
-        rule(with(&["-s", &n, "!", "-d", "224.0.0.0/4"], masq)),
+        rule(with(&["-s", &n, "!", "-d", multicast], masq)),
         rule(with(&["!", "-s", &n, "-d", &sn], &["-j", "RETURN"])),
         rule(with(&["!", "-s", &n, "-d", &n], masq)),
     ]
@@ -162,8 +261,12 @@ pub fn version_supports_random_fully(version_output: &str) -> bool {
     }
 }
 
-async fn iptables(args: &[&str]) -> Result<Output, IptablesError> {
-    Command::new("iptables")
+/// `iptables` for IPv4 rules, `ip6tables` for IPv6 ones.
+pub const IPTABLES: &str = "iptables";
+pub const IP6TABLES: &str = "ip6tables";
+
+async fn iptables(bin: &'static str, args: &[&str]) -> Result<Output, IptablesError> {
+    Command::new(bin)
         .args(args)
         .output()
         .await
@@ -171,36 +274,37 @@ async fn iptables(args: &[&str]) -> Result<Output, IptablesError> {
 }
 
 /// Run `iptables -w <args>`, failing with its stderr.
-async fn run(args: &[&str]) -> Result<(), IptablesError> {
+async fn run(bin: &'static str, args: &[&str]) -> Result<(), IptablesError> {
     let mut full = vec!["-w"];
     full.extend_from_slice(args);
-    let out = iptables(&full).await?;
+    let out = iptables(bin, &full).await?;
     if out.status.success() {
         Ok(())
     } else {
         Err(IptablesError::Failed {
+            bin,
             args: args.join(" "),
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
         })
     }
 }
 
-async fn chain_exists(table: &str, chain: &str) -> Result<bool, IptablesError> {
-    Ok(run(&["-t", table, "-S", chain]).await.is_ok())
+async fn chain_exists(bin: &'static str, table: &str, chain: &str) -> Result<bool, IptablesError> {
+    Ok(run(bin, &["-t", table, "-S", chain]).await.is_ok())
 }
 
-async fn rule_exists(rule: &Rule) -> Result<bool, IptablesError> {
+async fn rule_exists(bin: &'static str, rule: &Rule) -> Result<bool, IptablesError> {
     let mut args = vec!["-t", rule.table, "-C", rule.chain];
     args.extend(rule.spec.iter().map(String::as_str));
-    Ok(run(&args).await.is_ok())
+    Ok(run(bin, &args).await.is_ok())
 }
 
 /// Delete every copy of `rule` (it may have been added more than once).
-async fn delete_rule(table: &str, chain: &str, spec: &[String]) {
+async fn delete_rule(bin: &'static str, table: &str, chain: &str, spec: &[String]) {
     let mut args = vec!["-t", table, "-D", chain];
     args.extend(spec.iter().map(String::as_str));
     for _ in 0..64 {
-        if run(&args).await.is_err() {
+        if run(bin, &args).await.is_err() {
             break;
         }
     }
@@ -209,11 +313,17 @@ async fn delete_rule(table: &str, chain: &str, spec: &[String]) {
 /// The rules this node wants, kept in place.
 pub struct RuleSet {
     rules: Vec<Rule>,
+    bin: &'static str,
 }
 
 impl RuleSet {
     pub fn new(rules: Vec<Rule>) -> Self {
-        RuleSet { rules }
+        Self::with_command(IPTABLES, rules)
+    }
+
+    /// Rules kept with `bin` (`iptables` or `ip6tables`).
+    pub fn with_command(bin: &'static str, rules: Vec<Rule>) -> Self {
+        RuleSet { rules, bin }
     }
 
     pub fn rules(&self) -> &[Rule] {
@@ -223,7 +333,9 @@ impl RuleSet {
     /// True when every rule (and our chains) exists.
     pub async fn complete(&self) -> Result<bool, IptablesError> {
         for rule in &self.rules {
-            if !chain_exists(rule.table, rule.own_chain()).await? || !rule_exists(rule).await? {
+            if !chain_exists(self.bin, rule.table, rule.own_chain()).await?
+                || !rule_exists(self.bin, rule).await?
+            {
                 return Ok(false);
             }
         }
@@ -238,10 +350,15 @@ impl RuleSet {
         }
         for rule in &self.rules {
             let chain = rule.own_chain();
-            if !chain_exists(rule.table, chain).await? {
-                run(&["-t", rule.table, "-N", chain]).await?;
+            if !chain_exists(self.bin, rule.table, chain).await? {
+                // Another agent on this host (another network) may create it at the same time.
+                if let Err(e) = run(self.bin, &["-t", rule.table, "-N", chain]).await {
+                    if !chain_exists(self.bin, rule.table, chain).await? {
+                        return Err(e);
+                    }
+                }
             }
-            delete_rule(rule.table, rule.chain, &rule.spec).await;
+            delete_rule(self.bin, rule.table, rule.chain, &rule.spec).await;
         }
         for rule in &self.rules {
             let mut args = vec![
@@ -254,41 +371,74 @@ impl RuleSet {
                 rule.chain,
             ];
             args.extend(rule.spec.iter().map(String::as_str));
-            run(&args).await?;
+            run(self.bin, &args).await?;
         }
         Ok(true)
     }
 
-    /// Re-check every `period`, forever.
-    pub async fn keep(self, period: Duration) {
+    /// Re-check every `period`, forever; when our subnet changes, swap the rules that name
+    /// it (the old ones are deleted, the new ones put in upstream's order).
+    pub async fn keep<N: Copy + std::fmt::Display>(
+        mut self,
+        period: Duration,
+        mut subnet: watch::Receiver<N>,
+        want: impl Fn(N) -> Vec<Rule>,
+    ) {
+        let mut following = true;
         loop {
-            tokio::time::sleep(period).await;
+            tokio::select! {
+                _ = tokio::time::sleep(period) => {}
+                changed = subnet.changed(), if following => {
+                    if changed.is_err() {
+                        following = false;
+                        continue;
+                    }
+                    let now = *subnet.borrow_and_update();
+                    let next = want(now);
+                    for old in self.rules.iter().filter(|r| !next.contains(r) && r.position == Position::Append) {
+                        delete_rule(self.bin, old.table, old.chain, &old.spec).await;
+                    }
+                    self.rules = next;
+                    log::info!("iptables: our subnet is now {now}: rules follow");
+                }
+            }
             match self.ensure().await {
-                Ok(true) => log::info!("iptables: rules were missing and have been restored"),
+                Ok(true) => log::info!("{}: rules were missing and have been restored", self.bin),
                 Ok(false) => {}
-                Err(e) => log::warn!("iptables: {e}"),
+                Err(e) => log::warn!("{}: {e}", self.bin),
             }
         }
     }
 }
 
 /// The rule set for the flags: forward rules unless disabled, masquerading with `--ip-masq`.
-pub async fn wanted_rules(
-    ip_masq: bool,
-    forward: bool,
+pub fn wanted_rules(
+    opts: &RuleOptions,
     network: Ipv4Network,
     subnet: Ipv4Network,
-) -> Result<Vec<Rule>, IptablesError> {
+    random_fully: bool,
+) -> Vec<Rule> {
     let mut rules = Vec::new();
-    if forward {
+    if opts.forward {
         rules.extend(forward_rules(network));
     }
-    if ip_masq {
-        let version = iptables(&["--version"]).await?;
-        let random_fully = version_supports_random_fully(&String::from_utf8_lossy(&version.stdout));
+    if opts.ip_masq {
         rules.extend(masq_rules(network, subnet, random_fully));
     }
-    Ok(rules)
+    rules
+}
+
+/// What the flags ask of the traffic rules (iptables or nftables alike).
+#[derive(Debug, Clone, Copy)]
+pub struct RuleOptions {
+    /// `--ip-masq`
+    pub ip_masq: bool,
+    /// `--iptables-forward-rules`
+    pub forward: bool,
+    /// `--ip-masq-fully-random-disable`
+    pub random_fully_disable: bool,
+    /// `--iptables-resync`
+    pub resync: Duration,
 }
 
 /// Rules a previous run (recorded in the old subnet.env) installed that the current ones do
@@ -308,27 +458,32 @@ pub fn stale_rules(previous: &PreviousSubnetEnv, current: &[Rule]) -> Vec<Rule> 
 /// Clean up after the previous run, install our rules and spawn the periodic re-check.
 /// Returns once the rules are in place (readiness depends on it).
 pub async fn install_and_keep(
-    ip_masq: bool,
-    forward: bool,
-    resync: Duration,
+    opts: RuleOptions,
     network: Ipv4Network,
-    subnet: Ipv4Network,
+    subnet: watch::Receiver<Ipv4Network>,
     previous: &PreviousSubnetEnv,
 ) -> Result<(), IptablesError> {
-    let rules = wanted_rules(ip_masq, forward, network, subnet).await?;
-    if rules.is_empty() {
+    if !opts.ip_masq && !opts.forward {
         return Ok(());
     }
+    let random_fully = opts.ip_masq && !opts.random_fully_disable && {
+        let version = iptables(IPTABLES, &["--version"]).await?;
+        version_supports_random_fully(&String::from_utf8_lossy(&version.stdout))
+    };
+    let want = move |subnet| wanted_rules(&opts, network, subnet, random_fully);
+    let rules = want(*subnet.borrow());
     for stale in stale_rules(previous, &rules) {
-        if chain_exists(stale.table, stale.chain).await? && rule_exists(&stale).await? {
+        if chain_exists(IPTABLES, stale.table, stale.chain).await?
+            && rule_exists(IPTABLES, &stale).await?
+        {
             log::info!("iptables: removing rule of a previous network/subnet: {stale}");
-            delete_rule(stale.table, stale.chain, &stale.spec).await;
+            delete_rule(IPTABLES, stale.table, stale.chain, &stale.spec).await;
         }
     }
     let set = RuleSet::new(rules);
     set.ensure().await?;
     log::info!("iptables: {} rules in place", set.rules().len());
-    tokio::spawn(set.keep(resync.max(Duration::from_secs(1))));
+    tokio::spawn(set.keep(opts.resync.max(Duration::from_secs(1)), subnet, want));
     Ok(())
 }
 
@@ -381,6 +536,29 @@ mod tests {
             .iter()
             .all(|r| !r.spec.contains(&"--random-fully".to_string())));
         assert_eq!(plain.len(), 6);
+    }
+
+    #[test]
+    fn ip6tables_rules_are_upstreams_in_order() {
+        let n6 = "fd00:10:244::/48".parse().unwrap();
+        let s6 = "fd00:10:244:3a::/64".parse().unwrap();
+        let mut rules = forward_rules_v6(n6);
+        rules.extend(masq_rules_v6(n6, s6, true));
+        assert_eq!(
+            lines(&rules),
+            [
+                "-t filter -A FORWARD -m comment --comment flanneld forward -j FLANNEL-FWD",
+                "-t filter -A FLANNEL-FWD -s fd00:10:244::/48 -m comment --comment flanneld forward -j ACCEPT",
+                "-t filter -A FLANNEL-FWD -d fd00:10:244::/48 -m comment --comment flanneld forward -j ACCEPT",
+                "-t nat -A POSTROUTING -m comment --comment flanneld masq -j FLANNEL-POSTRTG",
+                "-t nat -A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 -m comment --comment flanneld masq -j RETURN",
+                "-t nat -A FLANNEL-POSTRTG -s fd00:10:244:3a::/64 -d fd00:10:244::/48 -m comment --comment flanneld masq -j RETURN",
+                "-t nat -A FLANNEL-POSTRTG -s fd00:10:244::/48 -d fd00:10:244:3a::/64 -m comment --comment flanneld masq -j RETURN",
+                "-t nat -A FLANNEL-POSTRTG ! -s fd00:10:244::/48 -d fd00:10:244:3a::/64 -m comment --comment flanneld masq -j RETURN",
+                "-t nat -A FLANNEL-POSTRTG -s fd00:10:244::/48 ! -d ff00::/8 -m comment --comment flanneld masq -j MASQUERADE --random-fully",
+                "-t nat -A FLANNEL-POSTRTG ! -s fd00:10:244::/48 -d fd00:10:244::/48 -m comment --comment flanneld masq -j MASQUERADE --random-fully",
+            ]
+        );
     }
 
     #[test]

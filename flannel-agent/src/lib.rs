@@ -1,6 +1,7 @@
 //! flanneld: the overlay-network agent, as a library so tests and tools can reuse its parts.
 
 pub mod backend;
+pub mod blackhole;
 pub mod cli;
 pub mod config;
 pub mod error_line;
@@ -10,6 +11,7 @@ pub mod instance_lock;
 pub mod iptables;
 pub mod lease;
 pub mod metrics;
+pub mod nftables;
 pub mod notify;
 pub mod retry;
 pub mod sampling;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use flannel_agent::backend::{network::Network, Backend};
+use flannel_agent::backend::network::Network;
 use flannel_agent::cli::Flags;
 use flannel_agent::status::AgentStatus;
 use flannel_agent::subnet::lease_keeper::LeaseKeeper;
@@ -30,6 +30,9 @@ fn main() -> ExitCode {
     }
     let flags = Flags::parse_go_style(std::env::args()).unwrap_or_else(|e| e.exit());
     commands::init_logging(flags.verbosity);
+    for line in &flags.env_errors {
+        log::error!("{line}");
+    }
     if flags.kube_subnet_mgr {
         log::error!(
             "--kube-subnet-mgr is not supported by this flanneld: it manages subnets in etcd only"
@@ -71,17 +74,18 @@ async fn agent(flags: Flags) -> anyhow::Result<()> {
             .with_context(|| format!("listening on --healthz-ip/--healthz-port {addr}"))?;
     }
     let registry = startup::connect_etcd(&flags).await?;
-    let ext = startup::external_interface(&flags).await?;
+    let (handle, ext) = startup::external_interface(&flags).await?;
     let (config, mut backend) = startup::network_config(&registry, &ext, &flags).await;
 
     let (ttl, margin) = (flags.subnet_lease_ttl, flags.subnet_lease_renew_margin);
-    let attrs = backend.lease_attrs(ext.ext_addr);
+    let attrs = startup::lease_attrs(&flags, &config, &backend, &handle, &ext).await?;
     let margin = Duration::from_secs(u64::from(margin) * 60);
     let manager = LeaseManager::new(registry.clone(), config.clone(), attrs, ttl, margin);
     let keeper = LeaseKeeper::new(manager, registry.clone(), status.clone(), ttl);
     let previous = PreviousSubnetEnv::read(&flags.subnet_file);
     let own = keeper.acquire(previous.subnet).await?;
-    startup::set_up_host(&flags, &config, &own, &mut backend, &previous).await?;
+    let subnet_tx =
+        startup::set_up_host(&flags, &config, &own, &mut backend, &previous, &handle).await?;
 
     // One task each: the watch, our lease, the backend network, data plane sampling.
     let (peers_tx, peers_rx) = mpsc::channel(64);
@@ -98,7 +102,7 @@ async fn agent(flags: Flags) -> anyhow::Result<()> {
         latest_sample,
     ));
     let network = tokio::spawn(Network::new(backend, status).run(peers_rx, stats_rx));
-    let lease = tokio::spawn(keeper.run(own, own_rx));
+    let lease = tokio::spawn(keeper.run(own, own_rx, subnet_tx));
     tokio::select! {
         r = network => r.context("the backend network task")??,
         r = lease => r.context("the lease keeper task")??,

@@ -1,16 +1,19 @@
 //! The agent's start-up steps before its tasks run, each with the error line an operator
-//! sees: etcd, the external interface, the network config and its backend, the host set-up
-//! for our lease (subnet.env, iptables).
+//! sees: etcd, the external interface, the network config and its backend, our lease's
+//! attributes, the host set-up for our lease (subnet.env, firewall rules, blackhole route).
 
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
+use ipnetwork::Ipv4Network;
+use rtnetlink::Handle;
+use tokio::sync::watch;
 
 use crate::backend::{AnyBackend, Backend, BackendOptions};
 use crate::cli::Flags;
 use crate::config::NetworkConfig;
 use crate::iface::{lookup_external_interface, ExternalInterface, IfaceSelector};
-use crate::lease::Lease;
+use crate::lease::{Lease, LeaseAttrs};
 use crate::subnet::config_wait::wait_for_config;
 use crate::subnet::registry::{explain_with, EtcdSettings};
 use crate::subnet::EtcdRegistry;
@@ -24,8 +27,9 @@ pub async fn connect_etcd(flags: &Flags) -> anyhow::Result<EtcdRegistry> {
         .map_err(|e| anyhow::anyhow!(explain_with(&e, &settings.target())))
 }
 
-/// The interface flags select (first, as upstream: the backend is built for it).
-pub async fn external_interface(flags: &Flags) -> anyhow::Result<ExternalInterface> {
+/// The interface flags select (first, as upstream: the backend is built for it), and the
+/// rtnetlink handle later steps use.
+pub async fn external_interface(flags: &Flags) -> anyhow::Result<(Handle, ExternalInterface)> {
     let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
     tokio::spawn(conn);
     let selector = IfaceSelector {
@@ -45,7 +49,35 @@ pub async fn external_interface(flags: &Flags) -> anyhow::Result<ExternalInterfa
         ext.iface_addr,
         ext.ext_addr
     );
-    Ok(ext)
+    Ok((handle, ext))
+}
+
+/// What goes into our lease: the backend's attributes, with EnableIPv6 our public IPv6 address
+/// (`--public-ipv6`, else the interface's global one).
+pub async fn lease_attrs(
+    flags: &Flags,
+    config: &NetworkConfig,
+    backend: &AnyBackend,
+    handle: &Handle,
+    ext: &ExternalInterface,
+) -> anyhow::Result<LeaseAttrs> {
+    let mut attrs = backend.lease_attrs(ext.ext_addr);
+    if config.enable_ipv6 {
+        attrs.public_ipv6 = match flags.public_ipv6 {
+            Some(std::net::IpAddr::V6(ip)) => Some(ip),
+            Some(other) => bail!("--public-ipv6 {other} is not an IPv6 address"),
+            None => crate::iface::ipv6_address(handle, ext.index)
+                .await
+                .context("reading the external interface's IPv6 addresses")?,
+        };
+        if attrs.public_ipv6.is_none() {
+            bail!(
+                "EnableIPv6: interface {} has no global IPv6 address; add one or pass --public-ipv6",
+                ext.name
+            );
+        }
+    }
+    Ok(attrs)
 }
 
 /// The network config and the backend it names, built for `ext`: a config naming an unknown
@@ -74,14 +106,17 @@ pub async fn network_config(
     (config, backend)
 }
 
-/// Starts the backend for `own`, writes subnet.env and installs (and keeps) the iptables rules.
+/// Starts the backend for `own`, writes subnet.env and installs (and keeps) the firewall rules
+/// and the blackhole route. They follow our subnet through the returned sender when a lost
+/// lease comes back as another.
 pub async fn set_up_host(
     flags: &Flags,
     config: &NetworkConfig,
     own: &Lease,
     backend: &mut AnyBackend,
     previous: &PreviousSubnetEnv,
-) -> anyhow::Result<()> {
+    handle: &Handle,
+) -> anyhow::Result<watch::Sender<Ipv4Network>> {
     backend
         .start(own, config)
         .await
@@ -91,17 +126,42 @@ pub async fn set_up_host(
         subnet: own.subnet(),
         mtu: backend.mtu(),
         ip_masq: flags.ip_masq,
+        ipv6: config.ipv6_network.zip(own.key.ipv6),
     };
     env.write(&flags.subnet_file)
         .with_context(|| format!("writing {}", flags.subnet_file.display()))?;
-    crate::iptables::install_and_keep(
-        flags.ip_masq,
-        flags.iptables_forward_rules,
-        Duration::from_secs(flags.iptables_resync),
-        config.network,
-        own.subnet(),
-        previous,
-    )
-    .await
-    .context("installing iptables rules")
+    let (subnet_tx, subnet_rx) = watch::channel(own.subnet());
+    let rule_opts = crate::iptables::RuleOptions {
+        ip_masq: flags.ip_masq,
+        forward: flags.iptables_forward_rules,
+        random_fully_disable: flags.ip_masq_fully_random_disable,
+        resync: Duration::from_secs(flags.iptables_resync),
+    };
+    if config.enable_nftables {
+        crate::nftables::install_and_keep(
+            rule_opts,
+            config.network,
+            subnet_rx.clone(),
+            config.ipv6_network.zip(own.key.ipv6),
+        )
+        .await
+        .context("installing nftables rules")?;
+    } else {
+        crate::iptables::install_and_keep(rule_opts, config.network, subnet_rx.clone(), previous)
+            .await
+            .context("installing iptables rules")?;
+        if let (Some(network6), Some(subnet6)) = (config.ipv6_network, own.key.ipv6) {
+            crate::iptables::install_and_keep_v6(rule_opts, network6, subnet6)
+                .await
+                .context("installing ip6tables rules")?;
+        }
+    }
+    if flags.ip_blackhole_route {
+        tokio::spawn(crate::blackhole::keep(
+            handle.clone(),
+            subnet_rx,
+            rule_opts.resync,
+        ));
+    }
+    Ok(subnet_tx)
 }

@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 
 /// What a previous run left in subnet.env (both fields optional: the file may be partial).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -22,19 +22,30 @@ pub struct SubnetEnv {
     pub subnet: Ipv4Network,
     pub mtu: u32,
     pub ip_masq: bool,
+    /// With EnableIPv6: IPv6Network and our IPv6 subnet.
+    pub ipv6: Option<(Ipv6Network, Ipv6Network)>,
 }
 
 impl SubnetEnv {
     pub fn render(&self) -> String {
         // FLANNEL_SUBNET is the subnet's first host address with the subnet length.
         let first_host = Ipv4Addr::from(u32::from(self.subnet.network()).wrapping_add(1));
-        format!(
-            "FLANNEL_NETWORK={}\nFLANNEL_SUBNET={}/{}\nFLANNEL_MTU={}\nFLANNEL_IPMASQ={}\n",
+        let mut out = format!(
+            "FLANNEL_NETWORK={}\nFLANNEL_SUBNET={}/{}\n",
             self.network,
             first_host,
-            self.subnet.prefix(),
-            self.mtu,
-            self.ip_masq
+            self.subnet.prefix()
+        );
+        if let Some((network, subnet)) = self.ipv6 {
+            let first = std::net::Ipv6Addr::from(u128::from(subnet.network()).wrapping_add(1));
+            out += &format!(
+                "FLANNEL_IPV6_NETWORK={network}\nFLANNEL_IPV6_SUBNET={first}/{}\n",
+                subnet.prefix()
+            );
+        }
+        out + &format!(
+            "FLANNEL_MTU={}\nFLANNEL_IPMASQ={}\n",
+            self.mtu, self.ip_masq
         )
     }
 
@@ -99,6 +110,7 @@ mod tests {
             subnet: "10.244.58.0/24".parse().unwrap(),
             mtu: 1472,
             ip_masq: false,
+            ipv6: None,
         };
         assert_eq!(
             env.render(),
@@ -112,6 +124,25 @@ mod tests {
         assert_eq!(prev.network, Some("10.244.0.0/16".parse().unwrap()));
         assert!(!dir.join("deep/.subnet.env").exists());
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Upstream's WriteSubnetFile for a dual-stack node, byte for byte.
+    #[test]
+    fn dual_stack_renders_upstreams_ipv6_lines() {
+        let env = SubnetEnv {
+            network: "10.244.0.0/16".parse().unwrap(),
+            subnet: "10.244.58.0/24".parse().unwrap(),
+            mtu: 1450,
+            ip_masq: true,
+            ipv6: Some((
+                "fd00:10:244::/48".parse().unwrap(),
+                "fd00:10:244:3a::/64".parse().unwrap(),
+            )),
+        };
+        assert_eq!(
+            env.render(),
+            "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.58.1/24\nFLANNEL_IPV6_NETWORK=fd00:10:244::/48\nFLANNEL_IPV6_SUBNET=fd00:10:244:3a::1/64\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n"
+        );
     }
 
     #[test]

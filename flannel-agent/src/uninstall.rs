@@ -67,8 +67,20 @@ pub async fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {
             failures.push(format!("routes: {e:#}"));
         }
     }
-    if let Err(e) = remove_iptables_chains().await {
-        failures.push(format!("iptables: {e:#}"));
+    for bin in [iptables::IPTABLES, iptables::IP6TABLES] {
+        if let Err(e) = remove_iptables_chains(bin).await {
+            failures.push(format!("{bin}: {e:#}"));
+        }
+    }
+    match flannel_agent::nftables::remove_tables().await {
+        Ok(removed) => {
+            for t in removed {
+                log::info!("nftables table {t} removed");
+            }
+        }
+        // No nft: nothing of ours can be in nftables either.
+        Err(flannel_agent::nftables::NftError::Spawn(_)) => {}
+        Err(e) => failures.push(format!("nftables: {e}")),
     }
     for file in [
         args.subnet_file.clone(),
@@ -137,30 +149,27 @@ async fn remove_peer_routes(
     Ok(())
 }
 
-async fn run_iptables(args: &[&str]) -> anyhow::Result<bool> {
-    let out = Command::new("iptables")
-        .arg("-w")
-        .args(args)
-        .output()
-        .await?;
+async fn run_iptables(bin: &str, args: &[&str]) -> anyhow::Result<bool> {
+    let out = Command::new(bin).arg("-w").args(args).output().await?;
     Ok(out.status.success())
 }
 
 /// Upstream's jumps into our chains, then the chains themselves. The jump rules do not depend
 /// on the network, so any network gives the same ones.
-async fn remove_iptables_chains() -> anyhow::Result<()> {
+/// Same in `bin` (iptables, or ip6tables for a dual-stack node).
+async fn remove_iptables_chains(bin: &str) -> anyhow::Result<()> {
     let any_net = ipnetwork::Ipv4Network::new(std::net::Ipv4Addr::new(10, 244, 0, 0), 16)?;
     let jumps: Vec<Rule> = iptables::forward_rules(any_net)
         .into_iter()
         .chain(iptables::masq_rules(any_net, any_net, false))
         .filter(|r| r.position == Position::Insert)
         .collect();
-    match Command::new("iptables").arg("--version").output().await {
+    match Command::new(bin).arg("--version").output().await {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            log::info!("no iptables command: no iptables rules to remove");
+            log::info!("no {bin} command: no {bin} rules to remove");
             return Ok(());
         }
-        Err(e) => return Err(e).context("running iptables"),
+        Err(e) => return Err(e).with_context(|| format!("running {bin}")),
         Ok(_) => {}
     }
     for jump in &jumps {
@@ -169,20 +178,20 @@ async fn remove_iptables_chains() -> anyhow::Result<()> {
         delete.extend(jump.spec.iter().map(String::as_str));
         // It may have been added more than once.
         for _ in 0..64 {
-            if !run_iptables(&delete).await? {
+            if !run_iptables(bin, &delete).await? {
                 break;
             }
         }
-        if run_iptables(&["-t", jump.table, "-S", target]).await? {
-            if !run_iptables(&["-t", jump.table, "-F", target]).await?
-                || !run_iptables(&["-t", jump.table, "-X", target]).await?
+        if run_iptables(bin, &["-t", jump.table, "-S", target]).await? {
+            if !run_iptables(bin, &["-t", jump.table, "-F", target]).await?
+                || !run_iptables(bin, &["-t", jump.table, "-X", target]).await?
             {
                 anyhow::bail!(
                     "could not remove chain {target} (table {}): is something else jumping to it?",
                     jump.table
                 );
             }
-            log::info!("iptables chain {target} (table {}) removed", jump.table);
+            log::info!("{bin} chain {target} (table {}) removed", jump.table);
         }
     }
     Ok(())

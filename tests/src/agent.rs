@@ -21,6 +21,8 @@ pub struct Agent {
     pub ns_path: PathBuf,
     ns_name: String,
     pub ip: std::net::Ipv4Addr,
+    /// The `--healthz-port` it was started with (the last one given, as flanneld reads them).
+    pub health_port: u16,
     pub subnet_file: PathBuf,
     pub log_file: PathBuf,
     /// Where this process's part of the (shared, appended) log file starts.
@@ -40,6 +42,10 @@ impl Agent {
         env: &[(&str, &str)],
     ) -> Result<Self> {
         let mut flags = Self::harness_flags(host, etcd_endpoint);
+        // --iface collects every value: one in `extra` replaces the harness's eth0.
+        if extra.iter().any(|f| f.starts_with("--iface=")) {
+            flags.retain(|f| f != "--iface=eth0");
+        }
         flags.extend(extra.iter().map(|s| s.to_string()));
         Self::spawn(host, &flags, env)
     }
@@ -64,6 +70,11 @@ impl Agent {
             .find_map(|f| f.strip_prefix("--subnet-file="))
             .map(PathBuf::from)
             .unwrap_or_else(|| host.dir.join("subnet.env"));
+        let health_port = flags
+            .iter()
+            .rev()
+            .find_map(|f| f.strip_prefix("--healthz-port=")?.parse().ok())
+            .unwrap_or(HEALTH_PORT);
         let log_file = host.dir.join("flanneld.log");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -88,6 +99,7 @@ impl Agent {
             ns_path: host.ns.path(),
             ns_name: host.ns.name.clone(),
             ip: host.ip,
+            health_port,
             subnet_file,
             log_file,
             log_start,
@@ -132,7 +144,7 @@ impl Agent {
         let ns = Netns {
             name: self.ns_name.clone(),
         };
-        let addr = SocketAddr::from((self.ip, HEALTH_PORT));
+        let addr = SocketAddr::from((self.ip, self.health_port));
         let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
         let r = ns.run_in(move || -> Result<String> {
             let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;

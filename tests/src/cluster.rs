@@ -170,6 +170,22 @@ impl Cluster {
         self.hosts.last().context("host just added")
     }
 
+    /// A machine on the underlay outside the overlay (no agent), at `ip`/24 on the switch:
+    /// what a pod reaching beyond the cluster talks to. Named `<tag>-<name>`.
+    pub fn add_outside(&self, name: &str, ip: Ipv4Addr) -> Result<Netns> {
+        let ns = Netns::create(&format!("{}-{name}", self.tag))?;
+        let port = format!("o{name}");
+        self.switch
+            .ip(&["link", "add", &port, "type", "veth", "peer", "name", "eth0"])?;
+        self.switch
+            .ip(&["link", "set", "eth0", "netns", &ns.path().to_string_lossy()])?;
+        self.switch
+            .ip(&["link", "set", &port, "master", "br0", "up"])?;
+        ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        ns.ip(&["link", "set", "eth0", "up"])?;
+        Ok(ns)
+    }
+
     /// Write the network config.
     pub fn set_config(&self, json: &str) -> Result<()> {
         self.etcd.put(&format!("{DEFAULT_PREFIX}/config"), json)

@@ -37,6 +37,28 @@ impl Container {
         })
     }
 
+    /// Attach to a second flannel network on `host`: the same delegate config with its own
+    /// CNI network name, bridge and host-local state (as a second flannel CNI config would).
+    pub fn attach_to_network(
+        host: &Host,
+        env: &SubnetEnv,
+        network: &str,
+        bridge: &str,
+    ) -> Result<Self> {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let ns = Netns::create(&format!("{}-c{n}", host.ns.name))?;
+        let mut config = cni::delegate_config(env, &host.cni_data_dir().join(network))?;
+        config["name"] = network.into();
+        config["bridge"] = bridge.into();
+        let attachment = Attachment::add(&host.ns.path(), &ns.path(), &ns.name, config)?;
+        Ok(Container {
+            ip: attachment.ip,
+            attachment,
+            ns,
+            host: host.index,
+        })
+    }
+
     /// CNI DEL now (instead of on drop), reporting the plugin's errors.
     pub fn detach(&mut self) -> Result<()> {
         self.attachment.detach()

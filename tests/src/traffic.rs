@@ -34,6 +34,11 @@ impl Fnv {
 /// Send `bytes` of pseudo-random data over TCP from namespace `src` to `dst` (port 5001) in
 /// namespace `dst_ns`; fails unless all of it arrived and hashes to what was sent.
 pub fn tcp_send(src: &Netns, dst_ns: &Netns, dst: Ipv4Addr, bytes: usize) -> Result<Transfer> {
+    tcp_send_ip(src, dst_ns, IpAddr::V4(dst), bytes)
+}
+
+/// [`tcp_send`] to an IPv4 or IPv6 address.
+pub fn tcp_send_ip(src: &Netns, dst_ns: &Netns, dst: IpAddr, bytes: usize) -> Result<Transfer> {
     let addr = SocketAddr::from((dst, 5001));
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let server = dst_ns.spawn_in(move || -> Result<(usize, u64, IpAddr)> {

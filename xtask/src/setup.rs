@@ -13,6 +13,7 @@ const PACKAGES: &[&str] = &[
     "etcd-client",
     "iproute2",
     "iptables",
+    "nftables", // nft: the EnableNFTables traffic rules
     "bpftool",
     "iperf3",
     "tcpdump",
@@ -67,6 +68,7 @@ fn verify() -> Result<()> {
         ("tcpdump", "tcpdump", vec!["--version"], "tcpdump"),
         ("ethtool", "ethtool", vec!["--version"], "ethtool"),
         ("iptables", "iptables", vec!["--version"], "iptables"),
+        ("nft", "nft", vec!["--version"], "nftables"),
         ("openssl", "openssl", vec!["version"], "openssl"),
         ("nsenter", "nsenter", vec!["--version"], "util-linux"),
         (
@@ -116,7 +118,7 @@ fn verify() -> Result<()> {
             linker.display()
         );
     }
-    eprintln!("setup: every tool checked (protoc + descriptor.proto, etcd, etcdctl, bpftool, iperf3, tcpdump, ethtool, iptables, openssl, nsenter, CNI plugins, bpffs, bpf-linker)");
+    eprintln!("setup: every tool checked (protoc + descriptor.proto, etcd, etcdctl, bpftool, iperf3, tcpdump, ethtool, iptables, nft, openssl, nsenter, CNI plugins, bpffs, bpf-linker)");
     Ok(())
 }
 

@@ -8,6 +8,7 @@ use ipnetwork::Ipv4Network;
 use rtnetlink::Handle;
 
 use super::route::{self, Route};
+use super::route6::{self, Route6};
 use super::Backend;
 use crate::config::NetworkConfig;
 use crate::iface::ExternalInterface;
@@ -24,6 +25,11 @@ pub struct HostGwBackend {
     routes: BTreeMap<Ipv4Network, Route>,
     /// Peer events seen at least once: only then may resync drop routes nobody owns.
     peers_known: bool,
+    /// Peers whose public IP is not on our link: reported once each, re-checked on resync.
+    off_link: BTreeMap<Ipv4Network, Lease>,
+    /// With EnableIPv6: the IPv6 route of each dual-stack peer, keyed by its IPv4 subnet.
+    routes6: BTreeMap<Ipv4Network, Route6>,
+    ipv6: bool,
 }
 
 impl HostGwBackend {
@@ -34,11 +40,55 @@ impl HostGwBackend {
             handle: None,
             routes: BTreeMap::new(),
             peers_known: false,
+            off_link: BTreeMap::new(),
+            routes6: BTreeMap::new(),
+            ipv6: false,
         }
     }
 
     fn handle(&self) -> anyhow::Result<&Handle> {
         self.handle.as_ref().context("host-gw backend not started")
+    }
+
+    /// Is the peer's public IP directly on our external interface's link (no gateway)?
+    async fn on_our_link(&self, handle: &Handle, lease: &Lease) -> bool {
+        matches!(
+            route::lookup(handle, lease.attrs.public_ip).await,
+            Ok((None, Some(oif))) if oif == self.ext.index
+        )
+    }
+
+    /// `<v6 subnet> via <PublicIPv6> dev <ext>` for a dual-stack peer.
+    fn route6_for(&self, lease: &Lease) -> Option<Route6> {
+        Some(Route6 {
+            dst: lease.key.ipv6?,
+            gateway: lease.attrs.public_ipv6?,
+            oif: self.ext.index,
+        })
+    }
+
+    /// Follow one peer event for IPv6 (logged, never failing the IPv4 side).
+    async fn apply_v6(&mut self, handle: &Handle, ev: &PeerEvent) {
+        if !self.ipv6 {
+            return;
+        }
+        let (lease, added) = match ev {
+            PeerEvent::Added(l) => (l, l.attrs.backend_type == BACKEND_TYPE),
+            PeerEvent::Removed(l) => (l, false),
+        };
+        let want = if added { self.route6_for(lease) } else { None };
+        let old = self.routes6.remove(&lease.subnet());
+        if let Some(old) = old.filter(|o| Some(*o) != want) {
+            if let Err(e) = old.delete(handle).await {
+                log::warn!("host-gw: removing IPv6 route {}: {e}", old.dst);
+            }
+        }
+        if let Some(r) = want {
+            self.routes6.insert(lease.subnet(), r);
+            if let Err(e) = r.replace(handle).await {
+                log::warn!("host-gw: IPv6 route {} via {}: {e}", r.dst, r.gateway);
+            }
+        }
     }
 
     fn route_for(&self, lease: &Lease) -> Route {
@@ -82,6 +132,7 @@ impl Backend for HostGwBackend {
         tokio::spawn(conn);
         self.handle = Some(handle);
         self.network = Some(config.network);
+        self.ipv6 = config.enable_ipv6;
         Ok(())
     }
 
@@ -90,6 +141,7 @@ impl Backend for HostGwBackend {
         self.peers_known = true;
         let mut first_error = None;
         for ev in events {
+            self.apply_v6(&handle, ev).await;
             let result = match ev {
                 PeerEvent::Added(lease) if lease.attrs.backend_type != BACKEND_TYPE => {
                     log::warn!(
@@ -104,15 +156,38 @@ impl Backend for HostGwBackend {
                         None => Ok(()),
                     }
                 }
+                PeerEvent::Added(lease) if !self.on_our_link(&handle, lease).await => {
+                    // Upstream refuses such a peer too; say so once, not at every resync.
+                    let again = self
+                        .off_link
+                        .insert(lease.subnet(), lease.clone())
+                        .is_some_and(|old| old.attrs.public_ip == lease.attrs.public_ip);
+                    if !again {
+                        log::error!(
+                            "host-gw: peer {} at {} is not on our link ({}): no route to it; host-gw needs all hosts on one L2 network (vxlan with DirectRouting handles mixed networks)",
+                            lease.subnet(),
+                            lease.attrs.public_ip,
+                            self.ext.name
+                        );
+                    }
+                    match self.routes.remove(&lease.subnet()) {
+                        Some(old) => old.delete(&handle).await,
+                        None => Ok(()),
+                    }
+                }
                 PeerEvent::Added(lease) => {
+                    self.off_link.remove(&lease.subnet());
                     let route = self.route_for(lease);
                     self.routes.insert(route.dst, route);
                     route.replace(&handle).await
                 }
-                PeerEvent::Removed(lease) => match self.routes.remove(&lease.subnet()) {
-                    Some(old) => old.delete(&handle).await,
-                    None => Ok(()),
-                },
+                PeerEvent::Removed(lease) => {
+                    self.off_link.remove(&lease.subnet());
+                    match self.routes.remove(&lease.subnet()) {
+                        Some(old) => old.delete(&handle).await,
+                        None => Ok(()),
+                    }
+                }
             };
             if let Err(e) = result {
                 let subnet = match ev {
@@ -128,6 +203,23 @@ impl Backend for HostGwBackend {
     /// Put back routes someone deleted and drop routes into the network that no peer owns.
     async fn resync(&mut self) -> anyhow::Result<()> {
         let handle = self.handle()?.clone();
+        // A peer that was off our link may be reachable now (addresses or routes changed).
+        let mut now_on_link = Vec::new();
+        for lease in self.off_link.values() {
+            if self.on_our_link(&handle, lease).await {
+                now_on_link.push(lease.clone());
+            }
+        }
+        for lease in now_on_link {
+            log::info!(
+                "host-gw: peer {} at {} is on our link now",
+                lease.subnet(),
+                lease.attrs.public_ip
+            );
+            self.off_link.remove(&lease.subnet());
+            let route = self.route_for(&lease);
+            self.routes.insert(route.dst, route);
+        }
         let present = route::list_gateway_routes(&handle).await?;
         for want in self.routes.values() {
             let installed = present
@@ -137,6 +229,21 @@ impl Backend for HostGwBackend {
                 log::info!("host-gw: restoring route {} via {}", want.dst, want.gateway);
                 if let Err(e) = want.replace(&handle).await {
                     log::warn!("host-gw: restoring route {}: {e}", want.dst);
+                }
+            }
+        }
+        if !self.routes6.is_empty() {
+            let present6 = route6::list_gateway_routes(&handle).await?;
+            for want in self.routes6.values() {
+                if !present6.contains(want) {
+                    log::info!(
+                        "host-gw: restoring IPv6 route {} via {}",
+                        want.dst,
+                        want.gateway
+                    );
+                    if let Err(e) = want.replace(&handle).await {
+                        log::warn!("host-gw: restoring IPv6 route {}: {e}", want.dst);
+                    }
                 }
             }
         }

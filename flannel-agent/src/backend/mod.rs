@@ -10,6 +10,7 @@ pub mod alloc;
 pub mod hostgw;
 pub mod network;
 pub mod route;
+pub mod route6;
 pub mod udp;
 pub mod vxlan;
 

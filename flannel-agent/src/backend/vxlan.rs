@@ -195,6 +195,8 @@ pub struct VxlanBackend {
     peers: BTreeMap<Ipv4Network, PeerPath>,
     /// Peer events seen at least once: only then may resync drop entries nobody owns.
     peers_known: bool,
+    /// The Network (for recognising stale DirectRouting routes on the external interface).
+    network: Option<Ipv4Network>,
 }
 
 impl VxlanBackend {
@@ -211,6 +213,7 @@ impl VxlanBackend {
             own_addr: Ipv4Addr::UNSPECIFIED,
             peers: BTreeMap::new(),
             peers_known: false,
+            network: None,
         })
     }
 
@@ -498,6 +501,18 @@ impl VxlanBackend {
         Ok(())
     }
 
+    /// A route into the Network via the external interface that no DirectRouting peer owns
+    /// (a peer that left, or moved off our L2 network, while we were not looking).
+    fn is_stale_direct_route(&self, r: &Route) -> bool {
+        let Some(network) = self.network.filter(|_| self.cfg.direct_routing) else {
+            return false;
+        };
+        r.oif == self.ext.index
+            && network.contains(r.dst.network())
+            && r.dst.prefix() >= network.prefix()
+            && !matches!(self.peers.get(&r.dst), Some(PeerPath::Direct(d)) if d.gateway == r.gateway)
+    }
+
     /// Remove neighbours, FDB entries and routes on our device that no current peer owns
     /// (left by an earlier run while peers went away).
     async fn prune(&self, handle: &Handle) -> anyhow::Result<()> {
@@ -510,6 +525,9 @@ impl VxlanBackend {
         for r in route::list_gateway_routes(handle).await? {
             if r.oif == self.dev_index && !vxlan_peers.contains_key(&r.dst) {
                 log::info!("removing stale route {} via {}", r.dst, r.gateway);
+                r.delete(handle).await?;
+            } else if self.is_stale_direct_route(&r) {
+                log::info!("removing stale direct route {} via {}", r.dst, r.gateway);
                 r.delete(handle).await?;
             }
         }
@@ -633,7 +651,8 @@ impl Backend for VxlanBackend {
         self.mtu
     }
 
-    async fn start(&mut self, own: &Lease, _config: &NetworkConfig) -> anyhow::Result<()> {
+    async fn start(&mut self, own: &Lease, config: &NetworkConfig) -> anyhow::Result<()> {
+        self.network = Some(config.network);
         log::info!(
             "vxlan: VNI {} port {} GBP {} learning {} DirectRouting {} MTU {} VTEP MAC {}",
             self.cfg.vni,

@@ -9,7 +9,7 @@ use rand::seq::SliceRandom;
 use rand::Rng;
 
 use crate::config::NetworkConfig;
-use crate::lease::Lease;
+use crate::lease::{Lease, SubnetKey};
 
 /// How many free subnets the random pick chooses among (upstream's number).
 const RANDOM_POOL: usize = 100;
@@ -18,15 +18,45 @@ const RANDOM_POOL: usize = 100;
 pub enum Choice {
     /// A key in etcd that already names our PublicIP (a lease of ours, or a reservation).
     Existing(Lease),
-    /// A subnet nobody holds: create it.
-    Free(Ipv4Network),
+    /// A subnet (and, with IPv6, an IPv6 subnet) nobody holds: create it.
+    Free(SubnetKey),
 }
 
 /// Does `lease` belong to us and fit the current config?
 fn is_ours(config: &NetworkConfig, lease: &Lease, public_ip: Ipv4Addr) -> bool {
+    let v6_fits = match lease.key.ipv6 {
+        Some(v6) => config.contains_ipv6_subnet(v6),
+        None => !config.enable_ipv6,
+    };
     lease.attrs.public_ip == public_ip
         && lease.subnet().prefix() == config.subnet_len
         && config.network.contains(lease.subnet().network())
+        && v6_fits
+}
+
+/// With IPv6: a random free IPv6 subnet among the first 100 free (upstream picks it
+/// independently of the IPv4 one). `Some(None)` without IPv6; `None` when none is free.
+fn choose_ipv6(
+    config: &NetworkConfig,
+    leases: &[Lease],
+    rng: &mut impl Rng,
+) -> Option<Option<ipnetwork::Ipv6Network>> {
+    if !config.enable_ipv6 {
+        return Some(None);
+    }
+    let taken: HashSet<ipnetwork::Ipv6Network> = leases.iter().filter_map(|l| l.key.ipv6).collect();
+    let mut pool = Vec::with_capacity(RANDOM_POOL);
+    let mut i = 0;
+    while pool.len() < RANDOM_POOL {
+        let Some(subnet) = config.nth_ipv6_subnet(i) else {
+            break;
+        };
+        if !taken.contains(&subnet) {
+            pool.push(subnet);
+        }
+        i += 1;
+    }
+    pool.choose(rng).copied().map(Some)
 }
 
 pub fn choose(
@@ -48,9 +78,11 @@ pub fn choose(
 
     // Every key in etcd (leases and reservations, any owner) is taken.
     let taken: HashSet<Ipv4Network> = leases.iter().map(|l| l.subnet()).collect();
+    let ipv6 = choose_ipv6(config, leases, rng)?;
+    let free = |ipv4| Choice::Free(SubnetKey { ipv4, ipv6 });
     if let Some(prev) = previous {
         if config.contains_subnet(prev) && !taken.contains(&prev) {
-            return Some(Choice::Free(prev));
+            return Some(free(prev));
         }
     }
 
@@ -65,7 +97,7 @@ pub fn choose(
         }
         i += 1;
     }
-    pool.choose(rng).copied().map(Choice::Free)
+    pool.choose(rng).copied().map(free)
 }
 
 #[cfg(test)]
@@ -110,7 +142,9 @@ mod tests {
                 Some("10.244.3.0/24".parse().unwrap()),
                 &mut rng
             ),
-            Some(Choice::Free("10.244.3.0/24".parse().unwrap()))
+            Some(Choice::Free(SubnetKey::new(
+                "10.244.3.0/24".parse().unwrap()
+            )))
         );
         // previous subnet taken by someone else: pick a free one.
         for _ in 0..20 {
@@ -121,7 +155,9 @@ mod tests {
                 Some("10.244.1.0/24".parse().unwrap()),
                 &mut rng,
             );
-            assert!(matches!(c, Some(Choice::Free(n)) if n != "10.244.1.0/24".parse().unwrap()));
+            assert!(
+                matches!(c, Some(Choice::Free(k)) if k.ipv4 != "10.244.1.0/24".parse().unwrap())
+            );
         }
     }
 
@@ -141,7 +177,9 @@ mod tests {
                     Some("10.244.1.0/24".parse().unwrap()),
                     &mut rng
                 ),
-                Some(Choice::Free("10.244.3.0/24".parse().unwrap()))
+                Some(Choice::Free(SubnetKey::new(
+                    "10.244.3.0/24".parse().unwrap()
+                )))
             );
         }
         let mut with_dynamic = leases.clone();

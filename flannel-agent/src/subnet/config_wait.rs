@@ -101,18 +101,35 @@ fn runnable((state, revision): (ConfigState, i64)) -> (ConfigState, i64) {
         ConfigState::Valid {
             config,
             mod_revision,
-        } if config.enable_ipv6 => (
+        } if config.enable_ipv6 && !runs_ipv6(&config.backend.backend_type) => (
             ConfigState::Invalid {
                 error: ConfigError::Field {
                     field: "EnableIPv6",
                     value: "true".into(),
-                    message: "this flanneld runs IPv4 only; set it to false".into(),
+                    message: ipv6_refusal(&config.backend.backend_type).into(),
                 },
                 mod_revision,
             },
             revision,
         ),
         other => (other, revision),
+    }
+}
+
+/// Backends that carry IPv6 here: host-gw (IPv6 routes) and alloc (leases only).
+fn runs_ipv6(backend_type: &str) -> bool {
+    ["host-gw", "alloc"]
+        .iter()
+        .any(|b| backend_type.eq_ignore_ascii_case(b))
+}
+
+/// Why EnableIPv6 cannot run: the udp backend is IPv4 only (upstream's too); the others are
+/// IPv4 only in this flanneld for now.
+fn ipv6_refusal(backend_type: &str) -> &'static str {
+    if backend_type.eq_ignore_ascii_case("udp") {
+        "the udp backend carries IPv4 only (as upstream's): use host-gw for IPv6 (this flanneld has no IPv6 vxlan yet), or set EnableIPv6 to false"
+    } else {
+        "this flanneld carries IPv6 with the host-gw backend only so far; use host-gw or set EnableIPv6 to false"
     }
 }
 
@@ -140,5 +157,41 @@ async fn wait_for_change(registry: &EtcdRegistry, revision: i64, key: &str, repo
             Err(_) if *reported == Reported::Missing => log_missing(key, registry.prefix()),
             Err(_) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal(json: &str) -> String {
+        let config = NetworkConfig::parse(json.as_bytes()).unwrap();
+        let (state, _) = runnable((
+            ConfigState::Valid {
+                config,
+                mod_revision: 7,
+            },
+            7,
+        ));
+        match state {
+            ConfigState::Invalid { error, .. } => error.to_string(),
+            _ => panic!("{json} runnable"),
+        }
+    }
+
+    #[test]
+    fn udp_with_ipv6_is_refused_naming_the_backend() {
+        let udp = refusal(
+            r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/48","Backend":{"Type":"udp"}}"#,
+        );
+        assert!(
+            udp.contains("EnableIPv6") && udp.contains("udp backend carries IPv4 only"),
+            "{udp}"
+        );
+        // No Backend at all means udp too.
+        let default = refusal(
+            r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/48"}"#,
+        );
+        assert!(default.contains("udp backend"), "{default}");
     }
 }

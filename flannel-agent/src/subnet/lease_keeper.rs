@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ipnetwork::Ipv4Network;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::manager::{LeaseManager, ManagerError, RenewOutcome};
@@ -78,10 +78,12 @@ impl<R: Registry> LeaseKeeper<R> {
 
     /// Renew `own` and follow what the watch says of our key (`None`: gone) until the subnet
     /// must be given up (the error says why).
+    /// `subnet` tells what follows our subnet (firewall rules, blackhole route) of a change.
     pub async fn run(
         self,
         mut own: Lease,
         mut own_key: mpsc::Receiver<Option<Lease>>,
+        subnet: watch::Sender<Ipv4Network>,
     ) -> Result<(), KeeperError> {
         let mut renew_at = Instant::now() + self.manager.renew_interval();
         // Our key is gone and putting it back failed for a reason that may pass (etcd down):
@@ -120,6 +122,7 @@ impl<R: Registry> LeaseKeeper<R> {
                     renew_at = Instant::now() + self.renew_or_reclaim(&mut own, &mut reclaim_pending).await?;
                 }
             }
+            subnet.send_if_modified(|s| std::mem::replace(s, own.subnet()) != own.subnet());
         }
     }
 

@@ -139,9 +139,12 @@ impl<R: Registry> LeaseManager<R> {
                     }
                     self.revoke_quietly(id).await;
                 }
-                Some(Choice::Free(subnet)) => {
+                Some(Choice::Free(key)) => {
                     let id = self.registry.grant(self.ttl).await?;
-                    let key = crate::lease::SubnetKey::new(subnet);
+                    let subnet = match key.ipv6 {
+                        Some(v6) => format!("{} and {v6}", key.ipv4),
+                        None => key.ipv4.to_string(),
+                    };
                     if self
                         .registry
                         .create_if_absent(&key, &self.attrs, id)

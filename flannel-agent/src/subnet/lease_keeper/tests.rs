@@ -31,7 +31,8 @@ async fn keeping(ttl: Duration) -> Kept {
     assert_eq!(status.own(), Some(own.clone()));
     assert!(status.lease_expiry() > 0);
     let (tx, rx) = mpsc::channel(8);
-    let task = tokio::spawn(keeper.run(own.clone(), rx));
+    let (subnet_tx, _) = watch::channel(own.subnet());
+    let task = tokio::spawn(keeper.run(own.clone(), rx, subnet_tx));
     Kept {
         reg,
         status,

@@ -1,0 +1,254 @@
+//! Dual stack with host-gw on three hosts: leases, lease JSON and subnet.env as upstream writes
+//! them, pods attached with an IPv4 and an IPv6 range (as flannel's CNI plugin renders them)
+//! reach each other over both families, and IPv6 routes follow etcd removals.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use flannel_tests::cni::{self, Attachment};
+use flannel_tests::traffic::tcp_send_ip;
+use flannel_tests::{wait_for, Cluster, Host, Netns, Overlay, SubnetEnv};
+use serde_json::json;
+
+const DUAL_HOSTGW: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/48","Backend":{"Type":"host-gw"}}"#;
+const V6_NET: &str = "fd00:10:244::/48";
+
+static PODS: AtomicU32 = AtomicU32::new(0);
+
+/// IPv6 on the underlay: 2001:db8::<10+i>/64 on each host's eth0, and forwarding.
+fn ipv6_underlay(c: &Cluster) -> flannel_tests::Result<()> {
+    for h in &c.hosts {
+        h.ns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("2001:db8::{}/64", 10 + h.index),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        h.ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+    }
+    Ok(())
+}
+
+/// A dual-stack pod: (namespace, attachment, IPv4, IPv6).
+struct Pod {
+    _attachment: Attachment,
+    ns: Netns,
+    v4: IpAddr,
+    v6: IpAddr,
+}
+
+/// Attach a pod with the delegate config flannel's CNI plugin renders for a dual-stack
+/// subnet.env: a second ipam range for FLANNEL_IPV6_SUBNET and a route to FLANNEL_IPV6_NETWORK.
+fn attach_dual(host: &Host, env: &SubnetEnv, v6_subnet: &str) -> Pod {
+    let n = PODS.fetch_add(1, Ordering::Relaxed);
+    let ns = Netns::create(&format!("{}-d{n}", host.ns.name)).unwrap();
+    let mut config = cni::delegate_config(env, &host.cni_data_dir()).unwrap();
+    config["ipam"]["ranges"] =
+        json!([[{"subnet": env.subnet_network().unwrap()}], [{"subnet": v6_subnet}]]);
+    config["ipam"]["routes"] = json!([{"dst": env.network}, {"dst": V6_NET}]);
+    let attachment = Attachment::add(&host.ns.path(), &ns.path(), &ns.name, config).unwrap();
+    let ip = |i: usize| -> IpAddr {
+        let a = attachment.result["ips"][i]["address"].as_str().unwrap();
+        a.split('/').next().unwrap().parse().unwrap()
+    };
+    let (v4, v6) = (ip(0), ip(1));
+    assert!(v4.is_ipv4() && v6.is_ipv6(), "{}", attachment.result);
+    // No DAD wait before the first packets.
+    let _ = ns.sysctl("net.ipv6.conf.eth0.accept_dad", "0");
+    Pod {
+        _attachment: attachment,
+        ns,
+        v4,
+        v6,
+    }
+}
+
+fn ping(from: &Pod, to: IpAddr) -> bool {
+    from.ns
+        .command("ping")
+        .args(["-n", "-q", "-c", "1", "-W", "1", &to.to_string()])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+#[test]
+fn dual_stack_host_gw_three_hosts_v4_and_v6_pods_talk_and_v6_routes_follow_etcd() {
+    let mut o = Overlay::builder(DUAL_HOSTGW, 3)
+        .containers_per_host(0)
+        .before_agents(ipv6_underlay)
+        .start()
+        .unwrap();
+
+    // Leases: upstream's key form and JSON, byte for byte.
+    let leases = o.cluster.leases().unwrap();
+    assert_eq!(leases.len(), 3);
+    let mut v6_subnets = Vec::new();
+    for (i, a) in o.agents.iter().enumerate() {
+        let v4 = a.subnet().unwrap();
+        let lease = leases
+            .iter()
+            .find(|kv| kv.key.contains(&format!("/{}&", v4.replace('/', "-"))))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no dual-stack key for {v4}: {:?}",
+                    leases.iter().map(|l| &l.key).collect::<Vec<_>>()
+                )
+            });
+        let name = lease.key.rsplit('/').next().unwrap();
+        let (_, v6) = name.split_once('&').unwrap();
+        let (v6_ip, v6_len) = v6.rsplit_once('-').unwrap();
+        assert_eq!(v6_len, "64");
+        assert!(v6_ip.starts_with("fd00:10:244:"), "{name}");
+        assert_eq!(
+            lease.value,
+            format!(
+                r#"{{"PublicIP":"192.0.2.{}","PublicIPv6":"2001:db8::{}","BackendType":"host-gw"}}"#,
+                10 + i,
+                10 + i
+            )
+        );
+        let v6_subnet = format!("{v6_ip}/64");
+        let first6: std::net::Ipv6Addr = v6_ip.parse().unwrap();
+        let first6 = std::net::Ipv6Addr::from(u128::from(first6) + 1);
+        let v4net: ipnetwork::Ipv4Network = v4.parse().unwrap();
+        let first4 = std::net::Ipv4Addr::from(u32::from(v4net.network()) + 1);
+        assert_eq!(
+            std::fs::read_to_string(&a.subnet_file).unwrap(),
+            format!(
+                "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET={first4}/24\nFLANNEL_IPV6_NETWORK={V6_NET}\nFLANNEL_IPV6_SUBNET={first6}/64\nFLANNEL_MTU=1500\nFLANNEL_IPMASQ=true\n"
+            )
+        );
+        v6_subnets.push(v6_subnet);
+    }
+
+    // ip6tables: upstream's forward and masquerade rules for the IPv6 network and subnet.
+    let saved = o.cluster.hosts[0].ns.exec("ip6tables-save", &[]).unwrap();
+    let s6 = &v6_subnets[0];
+    for line in [
+        "-A FORWARD -m comment --comment \"flanneld forward\" -j FLANNEL-FWD".to_owned(),
+        format!("-A FLANNEL-FWD -s {V6_NET} -m comment --comment \"flanneld forward\" -j ACCEPT"),
+        format!("-A FLANNEL-FWD -d {V6_NET} -m comment --comment \"flanneld forward\" -j ACCEPT"),
+        "-A POSTROUTING -m comment --comment \"flanneld masq\" -j FLANNEL-POSTRTG".to_owned(),
+        format!("-A FLANNEL-POSTRTG -s {s6} -d {V6_NET} -m comment --comment \"flanneld masq\" -j RETURN"),
+        format!("-A FLANNEL-POSTRTG -s {V6_NET} -d {s6} -m comment --comment \"flanneld masq\" -j RETURN"),
+        format!("-A FLANNEL-POSTRTG ! -s {V6_NET} -d {s6} -m comment --comment \"flanneld masq\" -j RETURN"),
+        format!("-A FLANNEL-POSTRTG -s {V6_NET} ! -d ff00::/8 -m comment --comment \"flanneld masq\" -j MASQUERADE --random-fully"),
+        format!("-A FLANNEL-POSTRTG ! -s {V6_NET} -d {V6_NET} -m comment --comment \"flanneld masq\" -j MASQUERADE --random-fully"),
+    ] {
+        assert!(saved.contains(&line), "missing {line:?} in\n{saved}");
+    }
+
+    // IPv6 routes to the peers via their PublicIPv6.
+    let h0 = &o.cluster.hosts[0];
+    for (i, s) in v6_subnets.iter().enumerate().skip(1) {
+        let want = format!("{s} via 2001:db8::{} dev eth0", 10 + i);
+        wait_for(Duration::from_secs(10), "IPv6 route", || {
+            h0.ns
+                .ip(&["-6", "route", "show", s])
+                .ok()?
+                .contains(&want)
+                .then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e}: {want}\n{}", o.agent_log(0)));
+    }
+
+    let pods: Vec<Pod> = (0..3)
+        .map(|i| {
+            attach_dual(
+                &o.cluster.hosts[i],
+                &o.subnet_env(i).unwrap(),
+                &v6_subnets[i],
+            )
+        })
+        .collect();
+    for a in &pods {
+        for b in &pods {
+            if a.v4 == b.v4 {
+                continue;
+            }
+            for dst in [b.v4, b.v6] {
+                wait_for(Duration::from_secs(10), "pod ping", || {
+                    ping(a, dst).then_some(())
+                })
+                .unwrap_or_else(|e| panic!("{e}: {} -> {dst}", a.v4));
+                let t = tcp_send_ip(&a.ns, &b.ns, dst, 128 << 10).unwrap();
+                assert_eq!(t.bytes, 128 << 10);
+            }
+            // Inside the overlay the receiver sees the sender's own IPv6 address.
+            let t = tcp_send_ip(&a.ns, &b.ns, b.v6, 1024).unwrap();
+            assert_eq!(t.client, a.v6);
+        }
+    }
+
+    // Host 2 leaves (its lease deleted from etcd): its IPv6 route goes on host 0.
+    o.agents[2].stop().unwrap();
+    let key = leases
+        .iter()
+        .find(|kv| kv.key.contains(&v6_subnets[2].replace("/64", "-64")))
+        .unwrap()
+        .key
+        .clone();
+    o.cluster.etcd.del(&key).unwrap();
+    wait_for(
+        Duration::from_secs(10),
+        "IPv6 route of a removed peer",
+        || {
+            h0.ns
+                .ip(&["-6", "route", "show", &v6_subnets[2]])
+                .ok()?
+                .trim()
+                .is_empty()
+                .then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", o.agent_log(0)));
+    assert!(ping(&pods[0], pods[1].v6));
+
+    // uninstall removes the ip6tables chains too.
+    o.agents[0].stop().unwrap();
+    let out = h0
+        .ns
+        .command(&flannel_tests::flanneld_bin().to_string_lossy())
+        .args([
+            "uninstall",
+            &format!("--subnet-file={}", o.agents[0].subnet_file.display()),
+            &format!("--bpf-pin-dir={}", h0.pin_dir()),
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("ip6tables chain FLANNEL-POSTRTG (table nat) removed"),
+        "{err}"
+    );
+    let saved = h0.ns.exec("ip6tables-save", &[]).unwrap();
+    assert!(!saved.contains("FLANNEL"), "{saved}");
+}
+
+#[test]
+fn ipv6_with_udp_is_refused_naming_the_backend() {
+    let cluster = Cluster::new(1).unwrap();
+    cluster
+        .set_config(r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/48","Backend":{"Type":"udp"}}"#)
+        .unwrap();
+    let agent = cluster.start_agent(0, &[]).unwrap();
+    let line = wait_for(Duration::from_secs(20), "the refusal", || {
+        agent
+            .own_log()
+            .lines()
+            .find(|l| l.contains(" ERROR ") && l.contains("EnableIPv6"))
+            .map(str::to_owned)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.log()));
+    assert!(
+        line.contains("the udp backend carries IPv4 only (as upstream's): use host-gw for IPv6"),
+        "{line}"
+    );
+    assert_eq!(agent.http_get("/readyz").map(|(s, _)| s).unwrap_or(0), 503);
+}

@@ -1,0 +1,136 @@
+//! What a unit or script written for upstream flanneld (v0.20.2 up to today's) meets here: its
+//! flags and FLANNELD_* variables start ours unchanged, and the flags added upstream since
+//! (--ip-blackhole-route, --ip-masq-fully-random-disable) do what they do there.
+
+use std::time::Duration;
+
+use flannel_tests::{wait_for, Agent, Cluster, Overlay};
+
+const HOSTGW: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#;
+const BYTES: usize = 256 << 10;
+
+/// Log messages (the text after env_logger's "[time LEVEL target] ") at `level`.
+fn messages(log: &str, level: &str) -> Vec<String> {
+    log.lines()
+        .filter_map(|l| {
+            let (head, msg) = l.split_once("] ")?;
+            head.contains(&format!(" {level} ")).then(|| msg.to_owned())
+        })
+        .collect()
+}
+
+fn wait_running(agent: &Agent) {
+    wait_for(Duration::from_secs(30), "flanneld running", || {
+        agent.own_log().contains("running: subnet").then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n--- log ---\n{}", agent.log()));
+}
+
+#[test]
+fn a_repeated_flag_takes_the_last_value_and_klog_flags_are_accepted() {
+    let cluster = Cluster::new(1).unwrap();
+    cluster.set_config(HOSTGW).unwrap();
+    let host = &cluster.hosts[0];
+    // As a unit file that overrides a packaged default would: first a wrong endpoint, then ours.
+    let mut flags = vec!["-etcd-endpoints=http://198.51.100.250:1".to_owned()];
+    flags.extend(
+        Agent::harness_flags(host, &cluster.etcd.endpoint())
+            .into_iter()
+            .map(|f| f.replacen("--", "-", 1)),
+    );
+    flags.extend(
+        [
+            "-vmodule=main=2,iface=3",
+            "-log_backtrace_at=main.go:120",
+            "-v=0",
+        ]
+        .map(String::from),
+    );
+    let mut agent = Agent::spawn(host, &flags, &[]).unwrap();
+    agent.wait_ready(Duration::from_secs(30)).unwrap();
+    let log = agent.own_log();
+    assert!(!log.contains("198.51.100.250"), "{log}");
+    assert!(messages(&log, "ERROR").is_empty(), "{log}");
+}
+
+#[test]
+fn a_bad_flanneld_variable_is_logged_by_name_and_the_default_used() {
+    let cluster = Cluster::new(1).unwrap();
+    cluster.set_config(HOSTGW).unwrap();
+    let host = &cluster.hosts[0];
+    let flags: Vec<String> = Agent::harness_flags(host, &cluster.etcd.endpoint())
+        .into_iter()
+        .filter(|f| !f.starts_with("--healthz-port"))
+        .collect();
+    let mut agent = Agent::spawn(host, &flags, &[("FLANNELD_HEALTHZ_PORT", "abc")]).unwrap();
+    wait_running(&agent);
+    assert!(agent.try_wait().unwrap().is_none(), "{}", agent.log());
+    let errors = messages(&agent.own_log(), "ERROR");
+    assert_eq!(
+        errors,
+        vec![
+            "invalid value \"abc\" for FLANNELD_HEALTHZ_PORT: invalid digit found in string; using the default"
+                .to_owned()
+        ],
+        "{}",
+        agent.log()
+    );
+    // The default: no health listener.
+    assert!(agent.http_get("/healthz").is_err());
+    assert!(agent.subnet().is_some());
+}
+
+#[test]
+fn ip_blackhole_route_drops_our_unused_addresses_and_pods_still_talk() {
+    let o = Overlay::builder(HOSTGW, 2)
+        .flags(&[
+            "--ip-blackhole-route",
+            "--ip-masq",
+            "--ip-masq-fully-random-disable",
+        ])
+        .ip_masq(true)
+        .start()
+        .unwrap();
+    for (i, host) in o.cluster.hosts.iter().enumerate() {
+        let subnet = o.subnet_env(i).unwrap().subnet;
+        let net: ipnetwork::Ipv4Network = subnet.parse().unwrap();
+        let want = format!("blackhole {}/{} metric 4096", net.network(), net.prefix());
+        let routes = wait_for(Duration::from_secs(10), "blackhole route", || {
+            let r = host
+                .ns
+                .ip(&["-4", "route", "show", "type", "blackhole"])
+                .ok()?;
+            r.contains(&want).then_some(r)
+        })
+        .unwrap_or_else(|e| panic!("{e}: {}", o.agent_log(i)));
+        assert_eq!(routes.trim(), want);
+        // Pods' addresses still go to cni0; an address no pod has goes nowhere.
+        let pod = o.container(i).ip.to_string();
+        let via = host.ns.ip(&["-4", "route", "get", &pod]).unwrap();
+        assert!(via.contains("dev cni0"), "{via}");
+        // --ip-masq-fully-random-disable: plain MASQUERADE.
+        let nat = host
+            .ns
+            .exec("iptables", &["-t", "nat", "-S", "FLANNEL-POSTRTG"])
+            .unwrap();
+        assert!(nat.contains("-j MASQUERADE"), "{nat}");
+        assert!(!nat.contains("random-fully"), "{nat}");
+    }
+    o.check_all_pairs(BYTES).unwrap();
+    // Without the bridge (as with Canal), traffic for our subnet arriving from the underlay
+    // is dropped here instead of going back out of the default route.
+    let host = &o.cluster.hosts[0];
+    host.ns.ip(&["link", "del", "cni0"]).unwrap();
+    let net: ipnetwork::Ipv4Network = o.subnet_env(0).unwrap().subnet.parse().unwrap();
+    let unused = std::net::Ipv4Addr::from(u32::from(net.network()) + 77).to_string();
+    let out = host
+        .ns
+        .command("ip")
+        .args(["-4", "route", "get", &unused])
+        .output()
+        .unwrap();
+    // The kernel's answer for a blackhole route (no route at all would be "unreachable").
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim(), "RTNETLINK answers: Invalid argument");
+}
