@@ -249,6 +249,7 @@ async fn agent(flags: Flags) -> anyhow::Result<()> {
     );
     let opts = BackendOptions {
         udp_dataplane: flags.udp_dataplane,
+        udp_decap: flags.udp_decap,
         bpf_pin_dir: flags.bpf_pin_dir.clone(),
     };
     let (config, mut backend) = wait_for_config(&registry, |c| {
