@@ -17,6 +17,18 @@ pub enum UdpDataplaneKind {
     Tun,
 }
 
+/// Where the eBPF udp data plane decapsulates (see the README, "XDP or TC decap").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum UdpDecap {
+    /// Native XDP where it helps (the external device supports it and aggregates with GRO),
+    /// TC otherwise; the agent logs which and why.
+    Auto,
+    /// Native XDP on the external device (fails if the driver has none).
+    Xdp,
+    /// TC ingress of the external device.
+    Tc,
+}
+
 /// Go's strconv.ParseBool, which upstream uses for flags and FLANNELD_* variables alike.
 fn go_bool(s: &str) -> Result<bool, String> {
     match s {
@@ -174,6 +186,10 @@ pub struct Flags {
         default_value = "auto"
     )]
     pub udp_dataplane: UdpDataplaneKind,
+    /// eBPF udp data plane: decapsulate with native XDP, TC, or auto (XDP where the external
+    /// device supports it and has GRO on, else TC)
+    #[arg(long, env = "FLANNELD_UDP_DECAP", value_enum, default_value = "auto")]
+    pub udp_decap: UdpDecap,
     /// bpffs directory where the eBPF maps, programs and links are pinned
     #[arg(
         long,

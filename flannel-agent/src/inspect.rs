@@ -11,7 +11,7 @@ use aya::maps::{Array, HashMap, Map, MapData};
 use aya::programs::{tc::TcAttachType, SchedClassifier};
 use flannel_agent::backend::udp::ebpf::{read_pinned_stats, DEFAULT_PIN_DIR};
 use flannel_agent::backend::udp::pin_lock::NETNS_MARKER;
-use flannel_common::{map_names, Config, PeerKey, PeerValue, Stats};
+use flannel_common::{map_names, prog_names, Config, PeerKey, PeerValue, Stats};
 
 /// The udp backend's overlay device (upstream's name, fixed).
 const OVERLAY_DEVICE: &str = "flannel0";
@@ -93,6 +93,15 @@ pub fn render(pin_dir: &Path) -> anyhow::Result<String> {
                 };
                 writeln!(out, "{hook:<30} {}", attached(ifindex, attach))?;
             }
+            let xdp = flannel_agent::backend::udp::ebpf::xdp_decap_ifindex(pin_dir);
+            let device = interface_name(config.ext_ifindex)
+                .unwrap_or_else(|| format!("ifindex {}", config.ext_ifindex));
+            let what = match xdp {
+                Some(i) if i == config.ext_ifindex => format!("1: {}", prog_names::DECAP_XDP),
+                Some(_) => "(pinned XDP link detached or on another device)".into(),
+                None => "0 (decap on TC)".into(),
+            };
+            writeln!(out, "{:<30} {what}", format!("xdp of {device}"))?;
         }
     }
     writeln!(out)?;

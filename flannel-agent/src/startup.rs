@@ -89,6 +89,7 @@ pub async fn network_config(
 ) -> (NetworkConfig, AnyBackend) {
     let opts = BackendOptions {
         udp_dataplane: flags.udp_dataplane,
+        udp_decap: flags.udp_decap,
         bpf_pin_dir: flags.bpf_pin_dir.clone(),
     };
     let (config, backend) = wait_for_config(registry, |c| {

@@ -26,7 +26,14 @@ pub mod prog_names {
     pub const ENCAP: &str = "flannel_encap";
     /// TC ingress on the external (underlay) device: decapsulates.
     pub const DECAP: &str = "flannel_decap";
+    /// Native XDP on the external device: decapsulates before GRO (see `--udp-decap`).
+    pub const DECAP_XDP: &str = "flannel_decap_xdp";
 }
+
+/// What XDP decap writes into the packet's metadata area (4 bytes, native endian) so that the
+/// TC program on the same device, which sees the packet after GRO, hands it to the overlay
+/// device like one it decapsulated itself.
+pub const XDP_DECAP_MARK: u32 = 0x464c_4e31;
 
 /// Capacity of the peer table (a /16 network split into /24s has 256 subnets; /8 into /24s
 /// has 65536).
@@ -99,6 +106,10 @@ pub struct Config {
     /// frames delivered to it.
     pub overlay_mac: [u8; 6],
     pub _reserved: u16,
+    /// The external device's MAC: XDP decap runs before the stack sets `pkt_type`, so it
+    /// tells frames for another host by their destination address itself.
+    pub ext_mac: [u8; 6],
+    pub _reserved2: u16,
 }
 
 /// [`Config::flags`]: the external device is a virtual wire (veth, virtio, ...) that hands
@@ -163,6 +174,6 @@ const _: () = {
     assert!(core::mem::size_of::<PeerValue>() == 4);
     assert!(core::mem::size_of::<SenderKey>() == 4);
     assert!(core::mem::size_of::<SenderValue>() == 4);
-    assert!(core::mem::size_of::<Config>() == 40);
+    assert!(core::mem::size_of::<Config>() == 48);
     assert!(core::mem::size_of::<Stats>() == 14 * 8);
 };

@@ -22,21 +22,22 @@ mod hdr;
 
 use aya_ebpf::{
     bindings::{
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
-        BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_INGRESS, BPF_F_RECOMPUTE_CSUM,
-        TC_ACT_OK, TC_ACT_SHOT,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        xdp_action::{XDP_DROP, XDP_PASS},
+        BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO,
+        BPF_F_INGRESS, BPF_F_RECOMPUTE_CSUM, TC_ACT_OK, TC_ACT_SHOT,
     },
     btf_maps::{Array, HashMap, PerCpuArray},
     helpers::{
         bpf_csum_diff, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_head, bpf_skb_change_tail,
-        bpf_skb_load_bytes, bpf_skb_store_bytes,
+        bpf_skb_load_bytes, bpf_skb_store_bytes, bpf_xdp_adjust_head, bpf_xdp_adjust_meta,
     },
-    macros::{btf_map, classifier},
-    programs::TcContext,
+    macros::{btf_map, classifier, xdp},
+    programs::{TcContext, XdpContext},
 };
 use flannel_common::{
     Config, PeerKey, PeerValue, SenderKey, SenderValue, Stats, CONFIG_F_COMPLETE_CSUM,
-    CONFIG_F_OVERLAY_L2, MAX_PEERS,
+    CONFIG_F_OVERLAY_L2, MAX_PEERS, XDP_DECAP_MARK,
 };
 use hdr::{addr, be16, fold, ipv4, tcp, udp};
 
@@ -110,6 +111,12 @@ fn stats() -> Option<&'static mut Stats> {
 
 #[inline(always)]
 fn drop_packet(reason: Drop) -> i32 {
+    count_drop(reason);
+    TC_ACT_SHOT
+}
+
+#[inline(always)]
+fn count_drop(reason: Drop) {
     if let Some(s) = stats() {
         let counter = match reason {
             Drop::NoPeer => &mut s.drop_no_peer,
@@ -125,14 +132,52 @@ fn drop_packet(reason: Drop) -> i32 {
         };
         *counter += 1;
     }
-    TC_ACT_SHOT
+}
+
+/// What the shared ingress checks need from a program context: the directly accessible
+/// packet bytes, and a bounds-checked read for the (rare) outer IP options.
+trait Frame {
+    fn start(&self) -> usize;
+    fn end(&self) -> usize;
+    fn word(&self, offset: usize) -> Option<[u8; 4]>;
+}
+
+impl Frame for TcContext {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.data()
+    }
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.data_end()
+    }
+    #[inline(always)]
+    fn word(&self, offset: usize) -> Option<[u8; 4]> {
+        self.load::<[u8; 4]>(offset).ok()
+    }
+}
+
+impl Frame for XdpContext {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.data()
+    }
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.data_end()
+    }
+    #[inline(always)]
+    fn word(&self, offset: usize) -> Option<[u8; 4]> {
+        // SAFETY: bounds checked against data_end by bytes_at.
+        bytes_at::<_, 4>(self, offset).map(|p| unsafe { *p })
+    }
 }
 
 /// The first `N` bytes at `offset`, if the linear part of the packet holds them.
 #[inline(always)]
-fn bytes_at<const N: usize>(ctx: &TcContext, offset: usize) -> Option<*mut [u8; N]> {
-    let start = ctx.data();
-    let end = ctx.data_end();
+fn bytes_at<F: Frame, const N: usize>(ctx: &F, offset: usize) -> Option<*mut [u8; N]> {
+    let start = ctx.start();
+    let end = ctx.end();
     if start + offset + N > end {
         return None;
     }
@@ -189,12 +234,12 @@ fn encap<const L2: usize>(ctx: &TcContext, cfg: &Config) -> Result<i32, Drop> {
         return Err(Drop::Malformed);
     }
     let inner_len = skb_len - L2;
-    let hdr = match bytes_at::<IPV4_HLEN>(ctx, L2) {
+    let hdr = match bytes_at::<_, IPV4_HLEN>(ctx, L2) {
         Some(h) => h,
         None => {
             ctx.pull_data((L2 + IPV4_HLEN) as u32)
                 .map_err(|_| Drop::HelperError)?;
-            bytes_at::<IPV4_HLEN>(ctx, L2).ok_or(Drop::Malformed)?
+            bytes_at::<_, IPV4_HLEN>(ctx, L2).ok_or(Drop::Malformed)?
         }
     };
     // SAFETY: bounds checked against data_end above.
@@ -265,7 +310,7 @@ fn encap<const L2: usize>(ctx: &TcContext, cfg: &Config) -> Result<i32, Drop> {
     if L2 == 0 && unsafe { bpf_skb_change_head(ctx.skb.skb, ETH_HLEN as u32, 0) } != 0 {
         return Err(Drop::HelperError);
     }
-    let out = bytes_at::<{ ETH_HLEN + ENCAP_LEN }>(ctx, 0).ok_or(Drop::HelperError)?;
+    let out = bytes_at::<_, { ETH_HLEN + ENCAP_LEN }>(ctx, 0).ok_or(Drop::HelperError)?;
     // SAFETY: bounds checked against data_end above.
     let out = unsafe { &mut *out };
 
@@ -492,64 +537,65 @@ fn store_saved(
     Ok(())
 }
 
-/// TC ingress on the external device: `data` starts at the Ethernet header.
-#[inline(always)]
-fn decap(ctx: &TcContext) -> Result<i32, Drop> {
-    if ctx.skb.protocol() != u32::from(ETH_P_IP.to_be()) {
-        return Ok(NOT_OURS);
-    }
-    let Some(cfg) = config() else {
-        return Ok(NOT_OURS);
-    };
-    let len = ctx.len() as usize;
-    // Make the headers we may read linear (a no-op for the usual veth/NIC skbs).
-    let want = if len < DECAP_PULL_LEN {
-        len
-    } else {
-        DECAP_PULL_LEN
-    };
-    if ctx.data() + want > ctx.data_end() && ctx.pull_data(want as u32).is_err() {
-        return Ok(NOT_OURS);
-    }
+/// What the shared ingress checks found in a packet addressed to our tunnel endpoint from a
+/// known peer.
+struct Checked {
+    /// Outer IPv4 header (with options) + UDP: what decap removes behind the Ethernet header.
+    outer_hlen: usize,
+    inner_total: usize,
+    /// The first inner bytes (see the reset in `decap`).
+    inner_head: [u8; DECAP_RESET_EXTRA],
+    outer_udp_partial: bool,
+}
 
-    let Some(outer) = bytes_at::<{ ETH_HLEN + IPV4_HLEN }>(ctx, 0) else {
-        return Ok(NOT_OURS);
+/// The checks both decap programs make, on a frame whose first `len` bytes start with the
+/// Ethernet header and are directly readable as far as the inner IPv4 header. `Ok(None)`: not
+/// ours, pass it untouched. `other_host`: the frame is addressed to another host's MAC, asked
+/// only once it is known to be ours.
+#[inline(always)]
+fn check_ingress<F: Frame>(
+    ctx: &F,
+    cfg: &Config,
+    len: usize,
+    other_host: impl FnOnce(&[u8; ETH_HLEN + IPV4_HLEN]) -> bool,
+) -> Result<Option<Checked>, Drop> {
+    let Some(outer) = bytes_at::<_, { ETH_HLEN + IPV4_HLEN }>(ctx, 0) else {
+        return Ok(None);
     };
     // SAFETY: bounds checked against data_end above.
     let outer = unsafe { &*outer };
     if be16(outer, hdr::eth::PROTO) != ETH_P_IP {
-        return Ok(NOT_OURS);
+        return Ok(None);
     }
     let o = ETH_HLEN;
     let ver_ihl = outer[o];
     let ihl = usize::from(ver_ihl & 0x0f) * 4;
     if ver_ihl >> 4 != 4 || ihl < IPV4_HLEN {
-        return Ok(NOT_OURS);
+        return Ok(None);
     }
     if outer[o + ipv4::PROTO] != IPPROTO_UDP || addr(outer, o + ipv4::DST) != cfg.public_ip {
-        return Ok(NOT_OURS);
+        return Ok(None);
     }
     let frag = be16(outer, o + ipv4::FRAG);
     if frag & IP_OFFSET_MASK != 0 {
         // A non-first fragment has no UDP header: we cannot tell whether it is ours.
-        return Ok(NOT_OURS);
+        return Ok(None);
     }
     let outer_src = addr(outer, o + ipv4::SRC);
     let outer_total = usize::from(be16(outer, o + ipv4::TOT_LEN));
 
     let udp_off = ETH_HLEN + ihl;
-    let Some(udp) = bytes_at::<UDP_HLEN>(ctx, udp_off) else {
-        return Ok(NOT_OURS);
+    let Some(udp) = bytes_at::<_, UDP_HLEN>(ctx, udp_off) else {
+        return Ok(None);
     };
     // SAFETY: bounds checked against data_end above.
     let udp = unsafe { &*udp };
     if be16(udp, udp::DPORT) != cfg.port {
-        return Ok(NOT_OURS);
+        return Ok(None);
     }
 
     // From here on the packet is addressed to our tunnel endpoint.
-    // SAFETY: ctx.skb.skb is the program's context pointer.
-    if unsafe { (*ctx.skb.skb).pkt_type } == hdr::PACKET_OTHERHOST {
+    if other_host(outer) {
         // Sent to another MAC (a flooding switch, promiscuous mode): not for this host, as
         // ip_rcv would decide.
         return Err(Drop::OtherHost);
@@ -570,15 +616,15 @@ fn decap(ctx: &TcContext) -> Result<i32, Drop> {
     if udp_len != outer_total - ihl {
         return Err(Drop::Malformed);
     }
-    let inner = bytes_at::<IPV4_HLEN>(ctx, udp_off + UDP_HLEN).ok_or(Drop::Malformed)?;
+    let inner = bytes_at::<_, IPV4_HLEN>(ctx, udp_off + UDP_HLEN).ok_or(Drop::Malformed)?;
     // SAFETY: bounds checked against data_end above.
     let inner = unsafe { &*inner };
     let inner_total = usize::from(be16(inner, 2));
     if inner[0] >> 4 != 4 || inner[0] & 0x0f < 5 || inner_total != udp_len - UDP_HLEN {
         return Err(Drop::Malformed);
     }
-    let mut inner_head = [0u8; SAVED_MAX];
-    inner_head[..DECAP_RESET_EXTRA].copy_from_slice(&inner[..DECAP_RESET_EXTRA]);
+    let mut inner_head = [0u8; DECAP_RESET_EXTRA];
+    inner_head.copy_from_slice(&inner[..DECAP_RESET_EXTRA]);
     let outer_udp_partial = outer_udp_checksum_partial(outer, udp, udp_len);
 
     let key = PeerKey {
@@ -597,10 +643,56 @@ fn decap(ctx: &TcContext) -> Result<i32, Drop> {
             None => Err(Drop::UnknownSender),
         };
     }
+    Ok(Some(Checked {
+        outer_hlen: ihl + UDP_HLEN,
+        inner_total,
+        inner_head,
+        outer_udp_partial,
+    }))
+}
 
-    let outer_hlen = ihl + UDP_HLEN;
+#[inline(always)]
+fn count_rx(inner_total: usize) {
+    if let Some(s) = stats() {
+        s.rx_packets += 1;
+        s.rx_bytes += inner_total as u64;
+    }
+}
+
+/// TC ingress on the external device: `data` starts at the Ethernet header.
+#[inline(always)]
+fn decap(ctx: &TcContext) -> Result<i32, Drop> {
+    if ctx.skb.protocol() != u32::from(ETH_P_IP.to_be()) {
+        return Ok(NOT_OURS);
+    }
+    let Some(cfg) = config() else {
+        return Ok(NOT_OURS);
+    };
+    if xdp_decapsulated(ctx) {
+        // XDP decap already checked, stripped and counted it (GRO has merged it since).
+        return deliver(ctx, &cfg);
+    }
+    let len = ctx.len() as usize;
+    // Make the headers we may read linear (a no-op for the usual veth/NIC skbs).
+    let want = if len < DECAP_PULL_LEN {
+        len
+    } else {
+        DECAP_PULL_LEN
+    };
+    if ctx.data() + want > ctx.data_end() && ctx.pull_data(want as u32).is_err() {
+        return Ok(NOT_OURS);
+    }
+    // SAFETY: ctx.skb.skb is the program's context pointer.
+    let pkt_type = unsafe { (*ctx.skb.skb).pkt_type };
+    let Some(c) = check_ingress(ctx, &cfg, len, |_| pkt_type == hdr::PACKET_OTHERHOST)? else {
+        return Ok(NOT_OURS);
+    };
+    let mut inner_head = [0u8; SAVED_MAX];
+    inner_head[..DECAP_RESET_EXTRA].copy_from_slice(&c.inner_head);
+
+    let outer_hlen = c.outer_hlen;
     let fixed_gso = u64::from(BPF_F_ADJ_ROOM_FIXED_GSO);
-    if outer_udp_partial && inner_total >= IPV4_HLEN + DECAP_RESET_EXTRA {
+    if c.outer_udp_partial && c.inner_total >= IPV4_HLEN + DECAP_RESET_EXTRA {
         // The outer UDP checksum was left to a device (a local sender over a veth): the skb
         // is CHECKSUM_PARTIAL with csum_start at the UDP header we remove. Left so, NAT
         // would update the (complete) inner checksum as if it were a pseudo-header seed and
@@ -638,10 +730,13 @@ fn decap(ctx: &TcContext) -> Result<i32, Drop> {
                 .map_err(|_| Drop::HelperError)?;
         }
     }
-    if let Some(s) = stats() {
-        s.rx_packets += 1;
-        s.rx_bytes += inner_total as u64;
-    }
+    count_rx(c.inner_total);
+    deliver(ctx, &cfg)
+}
+
+/// Hands a decapsulated frame (Ethernet + inner IPv4) to the overlay device's ingress.
+#[inline(always)]
+fn deliver(ctx: &TcContext, cfg: &Config) -> Result<i32, Drop> {
     if cfg.decap_ifindex == 0 {
         return Ok(TC_ACT_OK);
     }
@@ -656,11 +751,87 @@ fn decap(ctx: &TcContext) -> Result<i32, Drop> {
     Ok(action as i32)
 }
 
+/// Whether XDP decap on this device left its mark in the packet's metadata.
+#[inline(always)]
+fn xdp_decapsulated(ctx: &TcContext) -> bool {
+    // SAFETY: ctx.skb.skb is the program's context pointer.
+    let meta = unsafe { (*ctx.skb.skb).data_meta } as usize;
+    let data = ctx.data();
+    if meta + XDP_META_LEN > data {
+        return false;
+    }
+    // SAFETY: the 4 bytes lie inside the metadata area, checked against data above.
+    let mark = unsafe { (meta as *const u32).read_unaligned() };
+    mark == XDP_DECAP_MARK
+}
+
+/// Bytes of metadata XDP decap puts in front of the packet.
+const XDP_META_LEN: usize = 4;
+
+#[xdp]
+pub fn flannel_decap_xdp(ctx: XdpContext) -> u32 {
+    match decap_xdp(&ctx) {
+        Ok(action) => action,
+        Err(reason) => {
+            count_drop(reason);
+            XDP_DROP
+        }
+    }
+}
+
+/// Native XDP on the external device, before GRO: strips the outer headers of our packets
+/// (same checks as the TC decap) and passes the inner packet, marked in its metadata, to the
+/// stack. GRO then merges the inner TCP stream, and the TC program on the same device hands
+/// the merged packet to the overlay device (`deliver`), so it still arrives on flannel0.
+#[inline(always)]
+fn decap_xdp(ctx: &XdpContext) -> Result<u32, Drop> {
+    let Some(cfg) = config() else {
+        return Ok(XDP_PASS);
+    };
+    let len = ctx.data_end() - ctx.data();
+    let ext_mac = cfg.ext_mac;
+    let Some(c) = check_ingress(ctx, &cfg, len, |eth| other_host(eth, &ext_mac))? else {
+        return Ok(XDP_PASS);
+    };
+    let macs = *bytes_at::<_, 12>(ctx, 0)
+        .map(|p| unsafe { &*p }) // SAFETY: bounds checked against data_end.
+        .ok_or(Drop::Malformed)?;
+    // SAFETY: helper call on our own context.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, c.outer_hlen as i32) } != 0 {
+        return Err(Drop::HelperError);
+    }
+    let eth = bytes_at::<_, ETH_HLEN>(ctx, 0).ok_or(Drop::HelperError)?;
+    // SAFETY: bounds checked against data_end above.
+    let eth = unsafe { &mut *eth };
+    eth[..12].copy_from_slice(&macs);
+    eth[12..].copy_from_slice(&ETH_P_IP.to_be_bytes());
+    // SAFETY: helper call on our own context.
+    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -(XDP_META_LEN as i32)) } != 0 {
+        // Without the mark TC would not deliver it to the overlay device.
+        return Err(Drop::HelperError);
+    }
+    let meta = ctx.metadata();
+    if meta + XDP_META_LEN > ctx.data() {
+        return Err(Drop::HelperError);
+    }
+    // SAFETY: the metadata area is XDP_META_LEN bytes, checked against data above.
+    unsafe { (meta as *mut u32).write_unaligned(XDP_DECAP_MARK) };
+    count_rx(c.inner_total);
+    Ok(XDP_PASS)
+}
+
+/// Whether an Ethernet frame is unicast to another MAC than `ours` (the stack's
+/// PACKET_OTHERHOST; broadcast and multicast frames are for everyone).
+#[inline(always)]
+fn other_host(frame: &[u8; ETH_HLEN + IPV4_HLEN], ours: &[u8; 6]) -> bool {
+    frame[0] & 1 == 0 && frame[..6] != ours[..]
+}
+
 /// Whether the outer IPv4 header (`ihl` bytes, its first 20 in `outer` after the Ethernet
 /// header) has a correct checksum.
 #[inline(always)]
-fn outer_header_checksum_ok(
-    ctx: &TcContext,
+fn outer_header_checksum_ok<F: Frame>(
+    ctx: &F,
     outer: &[u8; ETH_HLEN + IPV4_HLEN],
     ihl: usize,
 ) -> bool {
@@ -671,7 +842,7 @@ fn outer_header_checksum_ok(
             break;
         }
         // Options are rare: a helper read is simpler for the verifier than packet pointers.
-        let Ok(word) = ctx.load::<[u8; 4]>(ETH_HLEN + off) else {
+        let Some(word) = ctx.word(ETH_HLEN + off) else {
             return false;
         };
         sum += u32::from(be16(&word, 0)) + u32::from(be16(&word, 2));

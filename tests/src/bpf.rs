@@ -73,6 +73,31 @@ pub fn test_run(prog: &OwnedFd, packet: &[u8], ifindex: Option<u32>) -> (u32, Ve
     (retval, out)
 }
 
+/// Runs an XDP program once on the Ethernet frame `packet`, as received on `ifindex` (its
+/// first receive queue). Returns (verdict, bytes out): the metadata the program put in front
+/// of the frame, then the frame.
+pub fn test_run_xdp(prog: &OwnedFd, packet: &[u8], ifindex: u32) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; packet.len() + 256];
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+    let mut ctx = [0u32; 6];
+    ctx[1] = packet.len() as u32;
+    ctx[3] = ifindex;
+    let mut attr = BpfAttr([0; 128]);
+    attr.put_u32(0, prog.as_raw_fd() as u32);
+    attr.put_u32(8, packet.len() as u32);
+    attr.put_u32(12, out.len() as u32);
+    attr.put_u64(16, packet.as_ptr() as u64);
+    attr.put_u64(24, out.as_mut_ptr() as u64);
+    attr.put_u32(32, 1); // repeat
+    attr.put_u32(40, size_of_val(&ctx) as u32);
+    attr.put_u64(48, ctx.as_ptr() as u64);
+    sys_bpf(10, &mut attr).expect("BPF_PROG_TEST_RUN"); // BPF_PROG_TEST_RUN
+    let retval = attr.get_u32(4);
+    let out_len = attr.get_u32(12) as usize;
+    out.truncate(out_len);
+    (retval, out)
+}
+
 /// The Internet checksum (RFC 1071) of `bytes`.
 pub fn checksum(bytes: &[u8]) -> u16 {
     let mut sum: u32 = 0;

@@ -14,8 +14,9 @@ use std::process::Command;
 
 use flannel_agent::backend::udp::ebpf::{read_pinned_stats, EbpfDataplane, EbpfOptions};
 use flannel_agent::backend::udp::UdpDataplane;
-use flannel_common::Stats;
-use flannel_tests::bpf::{checksum, obj_get, test_run};
+use flannel_agent::cli::UdpDecap;
+use flannel_common::{Stats, XDP_DECAP_MARK};
+use flannel_tests::bpf::{checksum, obj_get, test_run, test_run_xdp};
 use ipnetwork::Ipv4Network;
 
 /// TC_ACT_UNSPEC (-1): "not mine", the next TCX program or the stack gets the packet.
@@ -23,6 +24,8 @@ const TCX_NEXT: u32 = u32::MAX;
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
 const PORT: u16 = 8285;
 const RUNS: usize = 4000;
 
@@ -140,7 +143,7 @@ impl Host {
         })
     }
 
-    fn load(&self) -> EbpfDataplane {
+    fn load(&self, decap: UdpDecap) -> EbpfDataplane {
         let opts = EbpfOptions {
             pin_dir: self.pin_dir.clone(),
             overlay_ifindex: self.ifindex("flannel0"),
@@ -149,6 +152,7 @@ impl Host {
             port: PORT,
             network: net("10.244.0.0/16"),
             own_subnet: net(OUR_SUBNET),
+            decap,
         };
         self.enter(move || EbpfDataplane::load(&opts))
             .expect("load eBPF data plane")
@@ -330,6 +334,15 @@ fn drops(s: &Stats) -> u64 {
 
 #[test]
 fn decap_answers_random_packets_with_a_known_verdict_and_counts_each_once() {
+    fuzz(UdpDecap::Tc);
+}
+
+#[test]
+fn xdp_decap_answers_random_packets_with_a_known_verdict_and_counts_each_once() {
+    fuzz(UdpDecap::Xdp);
+}
+
+fn fuzz(decap: UdpDecap) {
     assert!(
         EbpfDataplane::embedded(),
         "the eBPF object is not compiled into flannel-agent: run `cargo xtask build-ebpf`, then rebuild the tests"
@@ -339,9 +352,15 @@ fn decap_answers_random_packets_with_a_known_verdict_and_counts_each_once() {
     let mut rng = Rng(seed);
 
     let host = Host::new();
-    let mut dp = host.load();
+    let mut dp = host.load(decap);
     dp.set_peer(net(PEER_SUBNET), PEER_IP).expect("set peer");
-    let prog = obj_get(&host.pin_dir.join("flannel_decap")).expect("pinned decap program");
+    let xdp = decap == UdpDecap::Xdp;
+    let name = if xdp {
+        "flannel_decap_xdp"
+    } else {
+        "flannel_decap"
+    };
+    let prog = obj_get(&host.pin_dir.join(name)).expect("pinned decap program");
     let ext0 = host.ifindex("ext0");
 
     let mut seen = [0usize; 3]; // pass, drop, redirect
@@ -360,7 +379,11 @@ fn decap_answers_random_packets_with_a_known_verdict_and_counts_each_once() {
         let (verdict, out) = {
             let prog = prog.try_clone().expect("dup program fd");
             let frame = frame.clone();
-            host.enter(move || test_run(&prog, &frame, Some(ext0)))
+            if xdp {
+                host.enter(move || test_run_xdp(&prog, &frame, ext0))
+            } else {
+                host.enter(move || test_run(&prog, &frame, Some(ext0)))
+            }
         };
         let after = host.stats();
         let ctx = || format!("seed {seed}, run {i}, verdict {verdict}, frame {frame:02x?}");
@@ -372,6 +395,33 @@ fn decap_answers_random_packets_with_a_known_verdict_and_counts_each_once() {
             ctx()
         );
         assert_eq!(after.tx_packets, before.tx_packets, "decap sent: {}", ctx());
+        if xdp {
+            match verdict {
+                XDP_PASS if rx == 1 => {
+                    seen[2] += 1;
+                    assert_eq!(dropped, 0, "{}", ctx());
+                    assert_eq!(
+                        &out[..4],
+                        &XDP_DECAP_MARK.to_ne_bytes(),
+                        "marked: {}",
+                        ctx()
+                    );
+                    assert_eq!(&out[4..16], &frame[..12], "MACs kept: {}", ctx());
+                }
+                XDP_PASS => {
+                    seen[0] += 1;
+                    assert_eq!(dropped, 0, "pass counted as a drop: {}", ctx());
+                    assert_eq!(out, frame, "passed packets are untouched: {}", ctx());
+                }
+                XDP_DROP => {
+                    seen[1] += 1;
+                    assert_eq!(dropped, 1, "drop not counted once: {}", ctx());
+                }
+                other => panic!("unexpected verdict {other}: {}", ctx()),
+            }
+            before = after;
+            continue;
+        }
         match verdict {
             TCX_NEXT | TC_ACT_OK => {
                 seen[0] += 1;

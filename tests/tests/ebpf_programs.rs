@@ -20,14 +20,17 @@ use std::time::{Duration, Instant};
 use aya::programs::{SchedClassifier, TcAttachType};
 use flannel_agent::backend::udp::ebpf::{read_pinned_stats, EbpfDataplane, EbpfOptions};
 use flannel_agent::backend::udp::UdpDataplane;
-use flannel_common::Stats;
-use flannel_tests::bpf::{checksum, obj_get, test_run};
+use flannel_agent::cli::UdpDecap;
+use flannel_common::{Stats, XDP_DECAP_MARK};
+use flannel_tests::bpf::{checksum, obj_get, test_run, test_run_xdp};
 use ipnetwork::Ipv4Network;
 
 /// TC_ACT_UNSPEC (-1): "not mine", the next TCX program or the stack gets the packet.
 const TCX_NEXT: u32 = u32::MAX;
 const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
 const PORT: u16 = 8285;
 
 const OUR_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
@@ -227,11 +230,19 @@ impl Host {
             port: PORT,
             network: net("10.244.0.0/16"),
             own_subnet: self.subnet,
+            decap: UdpDecap::Tc,
         }
     }
 
     fn load(&self) -> EbpfDataplane {
-        let opts = self.options();
+        self.load_with(UdpDecap::Tc)
+    }
+
+    fn load_with(&self, decap: UdpDecap) -> EbpfDataplane {
+        let opts = EbpfOptions {
+            decap,
+            ..self.options()
+        };
         self.ns
             .enter(move || EbpfDataplane::load(&opts))
             .expect("load eBPF data plane")
@@ -767,11 +778,14 @@ struct DecapCase {
 
 #[test]
 fn decap_accepts_peers_and_strips_exactly_the_outer_headers() {
+    decap_accepts_peers_and_strips_exactly_the_outer_headers_with(UdpDecap::Tc);
+}
+
+fn decap_accepts_peers_and_strips_exactly_the_outer_headers_with(decap: UdpDecap) {
     require_object();
     let host = Host::alone();
-    let mut dp = host.load();
+    let (mut dp, prog) = DecapProg::load(&host, decap);
     dp.set_peer(net(PEER_SUBNET), PEER_IP).expect("set peer");
-    let prog = host.prog("flannel_decap");
 
     let plain = inner(a("10.244.2.7"), a("10.244.1.5"));
     let with_options = ipv4(
@@ -807,10 +821,8 @@ fn decap_accepts_peers_and_strips_exactly_the_outer_headers() {
         (outer_partial, &plain),
     ];
     for (frame, inner) in cases {
-        let (verdict, out) = host.run_on_ext0(&prog, &frame);
-        assert_eq!(verdict, TC_ACT_REDIRECT, "delivered to flannel0");
-        assert_eq!(&out[..14], &frame[..14], "Ethernet header kept");
-        assert_eq!(&out[14..], &inner[..], "inner packet intact");
+        let (verdict, out) = prog.run(&host, &frame);
+        prog.assert_delivered(verdict, &out, &frame, inner);
     }
     let s = host.stats();
     assert_eq!(s.rx_packets, 4, "{s:?}");
@@ -827,11 +839,14 @@ fn decap_accepts_peers_and_strips_exactly_the_outer_headers() {
 
 #[test]
 fn decap_passes_what_is_not_ours_untouched() {
+    decap_passes_what_is_not_ours_untouched_with(UdpDecap::Tc);
+}
+
+fn decap_passes_what_is_not_ours_untouched_with(decap: UdpDecap) {
     require_object();
     let host = Host::alone();
-    let mut dp = host.load();
+    let (mut dp, prog) = DecapProg::load(&host, decap);
     dp.set_peer(net(PEER_SUBNET), PEER_IP).expect("set peer");
-    let prog = host.prog("flannel_decap");
     let plain = inner(a("10.244.2.7"), a("10.244.1.5"));
 
     let mut arp = vec![0, 1, 8, 0, 6, 4, 0, 1];
@@ -849,41 +864,41 @@ fn decap_passes_what_is_not_ours_untouched() {
         DecapCase {
             name: "ARP",
             frame: ether(0x0806, &arp),
-            verdict: TCX_NEXT,
+            verdict: prog.pass(),
         },
         DecapCase {
             name: "IPv6",
             frame: ether(0x86dd, &v6),
-            verdict: TCX_NEXT,
+            verdict: prog.pass(),
         },
         DecapCase {
             name: "other UDP port",
             frame: tunnelled(PEER_IP, OUR_IP, 8472, &plain),
-            verdict: TCX_NEXT,
+            verdict: prog.pass(),
         },
         DecapCase {
             name: "our port, another destination IP",
             frame: tunnelled(PEER_IP, a("192.0.2.50"), PORT, &plain),
-            verdict: TCX_NEXT,
+            verdict: prog.pass(),
         },
         DecapCase {
             name: "TCP",
             frame: tcp_to_us,
-            verdict: TCX_NEXT,
+            verdict: prog.pass(),
         },
         DecapCase {
             name: "non-first fragment",
             frame: ether(0x0800, &non_first_fragment),
-            verdict: TCX_NEXT,
+            verdict: prog.pass(),
         },
         DecapCase {
             name: "UDP header cut off",
             frame: cut,
-            verdict: TCX_NEXT,
+            verdict: prog.pass(),
         },
     ];
     for case in cases {
-        let (verdict, out) = host.run_on_ext0(&prog, &case.frame);
+        let (verdict, out) = prog.run(&host, &case.frame);
         assert_eq!(verdict, case.verdict, "{}", case.name);
         assert_eq!(out, case.frame, "{}: passed untouched", case.name);
     }
@@ -892,13 +907,16 @@ fn decap_passes_what_is_not_ours_untouched() {
 
 #[test]
 fn decap_drops_and_counts_by_reason() {
+    decap_drops_and_counts_by_reason_with(UdpDecap::Tc);
+}
+
+fn decap_drops_and_counts_by_reason_with(decap: UdpDecap) {
     require_object();
     let host = Host::alone();
-    let mut dp = host.load();
+    let (mut dp, prog) = DecapProg::load(&host, decap);
     dp.set_peer(net(PEER_SUBNET), PEER_IP).expect("set peer");
     dp.set_peer(net(OTHER_PEER_SUBNET), OTHER_PEER_IP)
         .expect("set peer");
-    let prog = host.prog("flannel_decap");
     let plain = inner(a("10.244.2.7"), a("10.244.1.5"));
 
     // Outer first fragment (MF set): would need reassembly.
@@ -925,11 +943,11 @@ fn decap_drops_and_counts_by_reason() {
         tunnelled(PEER_IP, OUR_IP, PORT, &not_v4_inner),
     ];
     for frame in &malformed {
-        assert_eq!(host.run_on_ext0(&prog, frame).0, TC_ACT_SHOT);
+        assert_eq!(prog.run(&host, frame).0, prog.drop());
     }
     // A stranger, even one sending from an inner address of a real peer.
     let unknown = tunnelled(STRANGER_IP, OUR_IP, PORT, &plain);
-    assert_eq!(host.run_on_ext0(&prog, &unknown).0, TC_ACT_SHOT);
+    assert_eq!(prog.run(&host, &unknown).0, prog.drop());
     // A peer sending an inner source from another peer's subnet, and from outside the network.
     let spoof1 = tunnelled(
         OTHER_PEER_IP,
@@ -938,8 +956,8 @@ fn decap_drops_and_counts_by_reason() {
         &inner(a("10.244.2.7"), a("10.244.1.5")),
     );
     let spoof2 = tunnelled(PEER_IP, OUR_IP, PORT, &inner(a("8.8.8.8"), a("10.244.1.5")));
-    assert_eq!(host.run_on_ext0(&prog, &spoof1).0, TC_ACT_SHOT);
-    assert_eq!(host.run_on_ext0(&prog, &spoof2).0, TC_ACT_SHOT);
+    assert_eq!(prog.run(&host, &spoof1).0, prog.drop());
+    assert_eq!(prog.run(&host, &spoof2).0, prog.drop());
 
     // A wrong outer header checksum, in the base header and in an option.
     let mut bad_csum = tunnelled(PEER_IP, OUR_IP, PORT, &plain);
@@ -955,12 +973,12 @@ fn decap_drops_and_counts_by_reason() {
     set_frag(&mut bad_option, 0x4000);
     bad_option[21] = 7;
     for frame in [bad_csum, ether(0x0800, &bad_option)] {
-        assert_eq!(host.run_on_ext0(&prog, &frame).0, TC_ACT_SHOT);
+        assert_eq!(prog.run(&host, &frame).0, prog.drop());
     }
     // A frame for another MAC (flooded by a switch, seen in promiscuous mode).
     let mut other_host = tunnelled(PEER_IP, OUR_IP, PORT, &plain);
     other_host[..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x99]);
-    assert_eq!(host.run_on_ext0(&prog, &other_host).0, TC_ACT_SHOT);
+    assert_eq!(prog.run(&host, &other_host).0, prog.drop());
 
     let s = host.stats();
     assert_eq!(s.drop_malformed, malformed.len() as u64, "{s:?}");
@@ -973,8 +991,93 @@ fn decap_drops_and_counts_by_reason() {
     // Once the peer is gone, its packets come from a stranger.
     dp.remove_peer(net(PEER_SUBNET)).expect("remove peer");
     let ok_before = tunnelled(PEER_IP, OUR_IP, PORT, &plain);
-    assert_eq!(host.run_on_ext0(&prog, &ok_before).0, TC_ACT_SHOT);
+    assert_eq!(prog.run(&host, &ok_before).0, prog.drop());
     assert_eq!(host.stats().drop_unknown_sender, 2);
+}
+
+/// One of the two decap programs, run on frames as received by `ext0`.
+struct DecapProg {
+    fd: OwnedFd,
+    xdp: bool,
+}
+
+impl DecapProg {
+    /// Loads the data plane with `decap` and opens its decap program.
+    fn load(host: &Host, decap: UdpDecap) -> (EbpfDataplane, DecapProg) {
+        let dp = host.load_with(decap);
+        let xdp = decap == UdpDecap::Xdp;
+        let name = if xdp {
+            "flannel_decap_xdp"
+        } else {
+            "flannel_decap"
+        };
+        (
+            dp,
+            DecapProg {
+                fd: host.prog(name),
+                xdp,
+            },
+        )
+    }
+
+    fn run(&self, host: &Host, frame: &[u8]) -> (u32, Vec<u8>) {
+        if self.xdp {
+            let ifindex = host.ns.ifindex("ext0");
+            let prog = self.fd.try_clone().expect("dup program fd");
+            let frame = frame.to_vec();
+            host.ns.enter(move || test_run_xdp(&prog, &frame, ifindex))
+        } else {
+            host.run_on_ext0(&self.fd, frame)
+        }
+    }
+
+    /// "Not ours": the next TCX program / the stack.
+    fn pass(&self) -> u32 {
+        if self.xdp {
+            XDP_PASS
+        } else {
+            TCX_NEXT
+        }
+    }
+
+    fn drop(&self) -> u32 {
+        if self.xdp {
+            XDP_DROP
+        } else {
+            TC_ACT_SHOT
+        }
+    }
+
+    /// Checks what a delivered frame looks like: TC redirects Ethernet + inner packet to
+    /// flannel0; XDP passes the same to the stack with its mark in the metadata in front.
+    fn assert_delivered(&self, verdict: u32, out: &[u8], frame: &[u8], inner: &[u8]) {
+        let out = if self.xdp {
+            assert_eq!(verdict, XDP_PASS, "passed on to GRO and TC");
+            assert_eq!(&out[..4], &XDP_DECAP_MARK.to_ne_bytes(), "marked for TC");
+            &out[4..]
+        } else {
+            assert_eq!(verdict, TC_ACT_REDIRECT, "delivered to flannel0");
+            out
+        };
+        assert_eq!(&out[..12], &frame[..12], "Ethernet addresses kept");
+        assert_eq!(&out[12..14], &[0x08, 0x00], "IPv4 ethertype");
+        assert_eq!(&out[14..], inner, "inner packet intact");
+    }
+}
+
+#[test]
+fn xdp_decap_accepts_peers_and_strips_exactly_the_outer_headers() {
+    decap_accepts_peers_and_strips_exactly_the_outer_headers_with(UdpDecap::Xdp);
+}
+
+#[test]
+fn xdp_decap_passes_what_is_not_ours_untouched() {
+    decap_passes_what_is_not_ours_untouched_with(UdpDecap::Xdp);
+}
+
+#[test]
+fn xdp_decap_drops_and_counts_by_reason() {
+    decap_drops_and_counts_by_reason_with(UdpDecap::Xdp);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -116,19 +116,20 @@ fn dataplane_report(o: &Overlay, host: usize) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Program counts on the two hooks, from `flanneld dataplane` ("tcx egress of flannel0  1: ...").
+/// Program counts on the hooks, from `flanneld dataplane` ("tcx egress of flannel0  1: ...",
+/// "xdp of eth0  0 (decap on TC)").
 fn hook_program_counts(report: &str) -> Vec<(String, u32)> {
     report
         .lines()
-        .filter(|l| l.starts_with("tcx "))
+        .filter(|l| l.starts_with("tcx ") || l.starts_with("xdp "))
         .map(|l| {
             let (hook, progs) = l.split_at(30);
-            let n = progs
+            let digits: String = progs
                 .trim()
-                .split(':')
-                .next()
-                .and_then(|n| n.parse().ok())
-                .unwrap_or_else(|| panic!("hook line {l:?}"));
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            let n = digits.parse().unwrap_or_else(|_| panic!("hook line {l:?}"));
             (hook.trim().to_owned(), n)
         })
         .collect()
@@ -136,7 +137,17 @@ fn hook_program_counts(report: &str) -> Vec<(String, u32)> {
 
 #[test]
 fn sigkill_and_restart_lose_no_packets_and_drop_peers_deleted_meanwhile() {
-    let mut o = overlay(&[]);
+    sigkill_and_restart(&["--udp-decap=tc"], 0);
+}
+
+#[test]
+fn sigkill_and_restart_with_xdp_decap_lose_no_packets() {
+    sigkill_and_restart(&["--udp-decap=xdp"], 1);
+}
+
+/// `xdp_progs`: programs expected on eth0's XDP hook.
+fn sigkill_and_restart(extra: &[&'static str], xdp_progs: u32) {
+    let mut o = overlay(extra);
     let dst = o.containers[1].ip;
     // 10 s of pings at 100/s; the agent is killed and back well within that.
     let mut ping = Reaper(Some(start_ping(&o.containers[0], dst, 1000)));
@@ -152,7 +163,7 @@ fn sigkill_and_restart_lose_no_packets_and_drop_peers_deleted_meanwhile() {
     o.agents[0].signal(Signal::SIGKILL).unwrap();
     o.agents[0].wait_exit(Duration::from_secs(5)).unwrap();
     o.cluster.etcd.del(&format!("{SUBNETS}{FAKE_KEY}")).unwrap();
-    let mut restarted = o.cluster.start_agent(0, &agent_flags(&[])).unwrap();
+    let mut restarted = o.cluster.start_agent(0, &agent_flags(extra)).unwrap();
     restarted.wait_ready(Duration::from_secs(20)).unwrap();
     assert!(ping.running(), "the restart must happen while pinging");
     o.agents[0] = restarted;
@@ -172,7 +183,8 @@ fn sigkill_and_restart_lose_no_packets_and_drop_peers_deleted_meanwhile() {
         hooks,
         [
             ("tcx egress of flannel0".to_owned(), 1),
-            ("tcx ingress of eth0".to_owned(), 1)
+            ("tcx ingress of eth0".to_owned(), 1),
+            ("xdp of eth0".to_owned(), xdp_progs),
         ],
         "{report}"
     );
@@ -248,7 +260,8 @@ fn etcd_outage_loses_no_packets_and_deletions_apply_once_it_is_back() {
 
 #[test]
 fn dataplane_lists_peers_and_uninstall_removes_everything() {
-    let mut o = overlay(&["--ip-masq"]);
+    // With XDP decap: its hook is listed and removed too.
+    let mut o = overlay(&["--ip-masq", "--udp-decap=xdp"]);
     assert!(o.containers[0].ping(o.containers[1].ip, 5, 2).unwrap());
     let host1_subnet = o.agents[1].subnet().unwrap();
     let report = dataplane_report(&o, 0);
@@ -261,6 +274,10 @@ fn dataplane_lists_peers_and_uninstall_removes_everything() {
         "{report}"
     );
     assert!(report.contains("(2 peers)"), "{report}");
+    assert!(
+        report.contains(&format!("{:<30} 1: flannel_decap_xdp", "xdp of eth0")),
+        "{report}"
+    );
     let tx: u64 = report
         .lines()
         .find_map(|l| l.strip_prefix("tx_packets"))
@@ -307,6 +324,7 @@ fn dataplane_lists_peers_and_uninstall_removes_everything() {
     assert!(!subnet_file.exists());
     let links = host.ns.ip(&["-o", "link", "show"]).unwrap();
     assert!(!links.contains("flannel"), "{links}");
+    assert!(!links.contains("xdp"), "XDP program left on eth0: {links}");
     let save = host.ns.exec("iptables-save", &[]).unwrap();
     assert!(!save.contains("FLANNEL"), "{save}");
     // Running it again finds nothing to do and still succeeds.

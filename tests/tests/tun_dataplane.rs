@@ -134,6 +134,7 @@ impl Topology {
                 port: PORT,
                 network: network(),
                 own_subnet: subnet(i),
+                decap: flannel_agent::cli::UdpDecap::Auto,
             };
             let mut dp = EbpfDataplane::load(&opts)?;
             dp.set_peer(subnet(peer), peer_ip)?;

@@ -84,18 +84,20 @@ fn deleting_a_lease_stops_traffic_within_a_second_and_removes_the_map_entry() {
     let _ = o.agents[2].wait_exit(Duration::from_secs(5));
 }
 
-/// Capture one encapsulated packet on the receiving host's underlay and check every header.
+/// Capture one encapsulated packet leaving the sending host's underlay and check every
+/// header. (Captured as sent: on a receiver with XDP decap, which `auto` picks on the `nic`
+/// underlay, packet sockets on eth0 see incoming packets already decapsulated.)
 #[test]
 fn wire_format_is_upstreams() {
     let o = overlay(&["ebpf", "tun"]);
     for (sender, receiver) in [(0usize, 1usize), (1, 0)] {
-        let pcap = o.cluster.hosts[receiver]
+        let pcap = o.cluster.hosts[sender]
             .dir
             .join(format!("cap{sender}.pcap"));
-        let mut tcpdump = o.cluster.hosts[receiver]
+        let mut tcpdump = o.cluster.hosts[sender]
             .ns
             .command("tcpdump")
-            .args(["-i", "eth0", "-U", "-c", "1", "-w"])
+            .args(["-i", "eth0", "-Q", "out", "-U", "-c", "1", "-w"])
             .arg(&pcap)
             .args(["udp and src port 8285 and dst port 8285"])
             .stdout(std::process::Stdio::null())

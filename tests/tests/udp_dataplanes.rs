@@ -62,3 +62,64 @@ fn ebpf_hosts_forward_where_routes_without_carrier_are_ignored() {
     }
     o.check_all_pairs(BYTES).unwrap();
 }
+
+/// Both hosts decapsulate with native XDP (the harness's eth0 is a veth, which has it): all
+/// pairs ping and move verified TCP, and each agent says which decap it chose.
+fn xdp_receivers(underlay: Underlay, ip_masq: bool) {
+    let o = Overlay::builder(UDP, 2)
+        .underlay(underlay)
+        .ip_masq(ip_masq)
+        .flags(&["--udp-dataplane=ebpf", "--udp-decap=xdp"])
+        .start()
+        .unwrap();
+    o.check_all_pairs(BYTES).unwrap();
+    for i in 0..2 {
+        let log = o.agent_log(i);
+        assert!(
+            log.contains("decapsulating with native XDP on eth0"),
+            "host {i}: {log}"
+        );
+    }
+}
+
+#[test]
+fn xdp_decap_hosts_talk_on_a_veth_underlay() {
+    xdp_receivers(Underlay::Veth, true);
+}
+
+#[test]
+fn xdp_decap_hosts_talk_on_a_nic_underlay() {
+    xdp_receivers(Underlay::Nic, true);
+}
+
+#[test]
+fn xdp_decap_hosts_talk_on_a_nic_underlay_with_the_bridge_masquerading() {
+    xdp_receivers(Underlay::Nic, false);
+}
+
+/// An upstream-format sender (our TUN node: kernel UDP socket, finished or offloaded outer
+/// checksums) to an XDP receiver, and back.
+fn tun_and_xdp_hosts(underlay: Underlay) {
+    let o = Overlay::builder(UDP, 2)
+        .underlay(underlay)
+        .host_flags(0, &["--udp-dataplane=ebpf", "--udp-decap=xdp"])
+        .host_flags(1, &["--udp-dataplane=tun"])
+        .start()
+        .unwrap();
+    o.check_all_pairs(BYTES).unwrap();
+    let log = o.agent_log(0);
+    assert!(
+        log.contains("decapsulating with native XDP on eth0"),
+        "{log}"
+    );
+}
+
+#[test]
+fn tun_host_talks_to_an_xdp_decap_host_on_a_veth_underlay() {
+    tun_and_xdp_hosts(Underlay::Veth);
+}
+
+#[test]
+fn tun_host_talks_to_an_xdp_decap_host_on_a_nic_underlay() {
+    tun_and_xdp_hosts(Underlay::Nic);
+}

@@ -16,6 +16,7 @@ use flannel_tests::{Cluster, Overlay, SubnetEnv, Underlay};
 enum DataPath {
     Bare,
     EbpfUdp,
+    EbpfUdpXdp,
     TunUdp,
     KernelVxlan,
     FlannelVxlan,
@@ -23,19 +24,34 @@ enum DataPath {
 }
 
 impl DataPath {
-    const ALL: [DataPath; 6] = [
+    const ALL: [DataPath; 7] = [
         DataPath::Bare,
         DataPath::EbpfUdp,
+        DataPath::EbpfUdpXdp,
         DataPath::TunUdp,
         DataPath::KernelVxlan,
         DataPath::FlannelVxlan,
         DataPath::FlannelHostGw,
     ];
 
+    /// The name `cargo xtask bench --path` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            DataPath::Bare => "bare",
+            DataPath::EbpfUdp => "ebpf-tc",
+            DataPath::EbpfUdpXdp => "ebpf-xdp",
+            DataPath::TunUdp => "tun",
+            DataPath::KernelVxlan => "kernel-vxlan",
+            DataPath::FlannelVxlan => "vxlan",
+            DataPath::FlannelHostGw => "host-gw",
+        }
+    }
+
     fn label(self) -> &'static str {
         match self {
             DataPath::Bare => "bare routing (no overlay)",
-            DataPath::EbpfUdp => "udp backend, eBPF data plane",
+            DataPath::EbpfUdp => "udp backend, eBPF data plane, TC decap",
+            DataPath::EbpfUdpXdp => "udp backend, eBPF data plane, XDP decap",
             DataPath::TunUdp => "udp backend, TUN data plane",
             DataPath::KernelVxlan => "kernel VXLAN (hand-made)",
             DataPath::FlannelVxlan => "vxlan backend (ours)",
@@ -64,7 +80,8 @@ fn testbed(path: DataPath, underlay: Underlay) -> Result<Overlay> {
     match path {
         DataPath::Bare => hand_made(false, underlay),
         DataPath::KernelVxlan => hand_made(true, underlay),
-        DataPath::EbpfUdp => agents(UDP, &["--udp-dataplane=ebpf"]),
+        DataPath::EbpfUdp => agents(UDP, &["--udp-dataplane=ebpf", "--udp-decap=tc"]),
+        DataPath::EbpfUdpXdp => agents(UDP, &["--udp-dataplane=ebpf", "--udp-decap=xdp"]),
         DataPath::TunUdp => agents(UDP, &["--udp-dataplane=tun"]),
         DataPath::FlannelVxlan => agents(
             r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#,
@@ -212,9 +229,34 @@ fn median(v: &[f64]) -> f64 {
     v[v.len() / 2]
 }
 
-pub fn run(flanneld: &Path, underlays: &[Underlay], rounds: u32, seconds: u32) -> Result<()> {
-    run_paths(flanneld, underlays, &DataPath::ALL, rounds, seconds)?;
-    scale(flanneld)
+/// Path names for `--path` (bare routing is always measured: the ratios need it).
+pub const PATH_NAMES: [&str; 7] = [
+    "bare",
+    "ebpf-tc",
+    "ebpf-xdp",
+    "tun",
+    "kernel-vxlan",
+    "vxlan",
+    "host-gw",
+];
+
+/// All paths (and the scale figures), or only bare routing and the `only` paths.
+pub fn run(
+    flanneld: &Path,
+    underlays: &[Underlay],
+    only: &[String],
+    rounds: u32,
+    seconds: u32,
+) -> Result<()> {
+    if only.is_empty() {
+        run_paths(flanneld, underlays, &DataPath::ALL, rounds, seconds)?;
+        return scale(flanneld);
+    }
+    let paths: Vec<DataPath> = DataPath::ALL
+        .into_iter()
+        .filter(|p| *p == DataPath::Bare || only.iter().any(|n| n == p.name()))
+        .collect();
+    run_paths(flanneld, underlays, &paths, rounds, seconds)
 }
 
 /// The demo's short comparison: bare, eBPF and TUN only, veth underlay.
@@ -297,11 +339,14 @@ fn print_table<'a>(
             (ping - bare_ping) * 1000.0
         );
     }
-    let (Some(e), Some(t), Some(kv)) = (
-        of(DataPath::EbpfUdp),
-        of(DataPath::TunUdp),
-        of(DataPath::KernelVxlan),
-    ) else {
+    // The decap `--udp-decap=auto` picks in this mode: TC where eth0 has GRO off (veth), XDP
+    // where it has GRO on (nic).
+    let (auto, auto_name) = match underlay {
+        Underlay::Veth => (of(DataPath::EbpfUdp), "TC"),
+        Underlay::Nic => (of(DataPath::EbpfUdpXdp), "XDP"),
+    };
+    let (Some(e), Some(t), Some(kv)) = (auto, of(DataPath::TunUdp), of(DataPath::KernelVxlan))
+    else {
         return Ok(());
     };
     let want = match underlay {
@@ -309,7 +354,7 @@ fn print_table<'a>(
         Underlay::Nic => 0.90,
     };
     println!(
-        "\ntargets ({}): eBPF >= {want:.2} x bare (1 stream): {:.2}; above kernel VXLAN (1 / 4 streams): {} / {}; eBPF ping overhead <= 20 us: {:+.0} us; TUN >= 0.15 x bare: {:.2}",
+        "\ntargets ({}, eBPF with {auto_name} decap as auto picks): eBPF >= {want:.2} x bare (1 stream): {:.2}; above kernel VXLAN (1 / 4 streams): {} / {}; eBPF ping overhead <= 20 us: {:+.0} us; TUN >= 0.15 x bare: {:.2}",
         underlay.name(),
         median(&e.one) / bare1,
         median(&e.one) > median(&kv.one),

@@ -61,6 +61,10 @@ enum Cmd {
         /// Underlay modes to measure (repeatable): veth, nic. Default: both.
         #[arg(long, value_parser = ["veth", "nic"])]
         underlay: Vec<String>,
+        /// Data paths to measure besides bare routing (repeatable); default: all, plus the
+        /// scale figures.
+        #[arg(long, value_parser = bench::PATH_NAMES)]
+        path: Vec<String>,
     },
 }
 
@@ -141,6 +145,7 @@ fn main() -> Result<()> {
             seconds,
             scale_only,
             underlay,
+            path,
         } => {
             setup::ensure()?;
             build_all()?;
@@ -155,7 +160,7 @@ fn main() -> Result<()> {
                         .filter(|u| underlay.iter().any(|n| n == u.name()))
                         .collect()
                 };
-                bench::run(&flanneld_release(), &underlays, rounds, seconds)
+                bench::run(&flanneld_release(), &underlays, &path, rounds, seconds)
             }
         }
     }

@@ -20,6 +20,7 @@ pub use udp::DataplaneStats;
 #[derive(Debug, Clone)]
 pub struct BackendOptions {
     pub udp_dataplane: crate::cli::UdpDataplaneKind,
+    pub udp_decap: crate::cli::UdpDecap,
     pub bpf_pin_dir: std::path::PathBuf,
 }
 

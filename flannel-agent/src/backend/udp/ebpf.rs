@@ -6,7 +6,10 @@
 //!   (`bpftool map dump pinned <pin_dir>/flannel_peers` shows field names);
 //! - programs `flannel_encap` (TC egress of the overlay TUN) and `flannel_decap` (TC ingress of
 //!   the external device);
-//! - TCX links `flannel_encap_link`, `flannel_decap_link`.
+//! - TCX links `flannel_encap_link`, `flannel_decap_link`;
+//! - with XDP decap (`--udp-decap`), program `flannel_decap_xdp` and its XDP link
+//!   `flannel_decap_xdp_link` on the external device. The TC decap stays attached then: it
+//!   hands the packets XDP decapsulated (and GRO merged) to the overlay device.
 //!
 //! Everything stays in the kernel when the agent exits. A new agent adopts it: maps are reused
 //! (peers survive; sizes are checked), programs replace the old ones atomically through the
@@ -29,7 +32,8 @@ use std::path::{Path, PathBuf};
 use aya::maps::{Array, HashMap, MapData, MapError, MapInfo, PerCpuArray};
 use aya::programs::links::{FdLink, LinkError, PinnedLink};
 use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
-use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TcAttachType};
+use aya::programs::xdp::XdpLink;
+use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use flannel_common::{
     map_names, prog_names, Config, PeerKey, PeerValue, SenderKey, SenderValue, Stats,
@@ -38,6 +42,7 @@ use flannel_common::{
 use ipnetwork::Ipv4Network;
 
 use super::{DataplaneStats, UdpDataplane};
+use crate::cli::UdpDecap;
 
 /// The compiled eBPF object, when the build found it (see build.rs).
 #[cfg(flannel_ebpf_embedded)]
@@ -51,6 +56,7 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/flannel";
 /// File names of the pinned links (next to the maps and programs, which use their own names).
 pub const ENCAP_LINK: &str = "flannel_encap_link";
 pub const DECAP_LINK: &str = "flannel_decap_link";
+pub const DECAP_XDP_LINK: &str = "flannel_decap_xdp_link";
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const BPF_TCX_INGRESS: u32 = 46;
@@ -72,6 +78,8 @@ pub struct EbpfOptions {
     pub network: Ipv4Network,
     /// Our lease; its prefix length is the length of every subnet in the network.
     pub own_subnet: Ipv4Network,
+    /// Where to decapsulate: XDP, TC, or chosen per device.
+    pub decap: UdpDecap,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +126,13 @@ pub enum EbpfError {
     NoSuchInterface(u32),
     #[error("subnet {subnet} is not a /{expected} like every subnet of the network")]
     SubnetLength { subnet: Ipv4Network, expected: u8 },
+    #[error("--udp-decap=xdp: {ifname} (driver {driver}) has no native XDP: {source}")]
+    NoNativeXdp {
+        ifname: String,
+        driver: String,
+        #[source]
+        source: Box<ProgramError>,
+    },
     #[error("{0} leftover entries remain in {1}")]
     NotEmpty(usize, PathBuf),
 }
@@ -208,6 +223,8 @@ impl EbpfDataplane {
             flags,
             overlay_mac: overlay_mac.unwrap_or_default(),
             _reserved: 0,
+            ext_mac: ethernet_address(&ext_name).unwrap_or_default(),
+            _reserved2: 0,
         };
         {
             let map = bpf
@@ -238,6 +255,7 @@ impl EbpfDataplane {
             &opts.pin_dir,
             DECAP_LINK,
         )?;
+        set_up_xdp_decap(&mut bpf, opts, &ext_name, driver.as_deref().unwrap_or("?"))?;
 
         let peers = take_map(&mut bpf, map_names::PEERS)?;
         let peers: HashMap<MapData, PeerKey, PeerValue> =
@@ -288,7 +306,7 @@ impl EbpfDataplane {
         if !pin_dir.exists() {
             return Ok(());
         }
-        for link in [ENCAP_LINK, DECAP_LINK] {
+        for link in [DECAP_XDP_LINK, ENCAP_LINK, DECAP_LINK] {
             let path = pin_dir.join(link);
             if path.exists() {
                 // Detach explicitly: another process may still hold the link open.
@@ -300,7 +318,7 @@ impl EbpfDataplane {
                 remove_pin(&path)?;
             }
         }
-        let names = [prog_names::ENCAP, prog_names::DECAP]
+        let names = [prog_names::ENCAP, prog_names::DECAP, prog_names::DECAP_XDP]
             .into_iter()
             .chain(map_names::ALL);
         for name in names {
@@ -781,6 +799,157 @@ fn attach(
     Ok(())
 }
 
+/// The device XDP decap's pinned link in `pin_dir` is attached to, if any (0: its device is
+/// gone).
+pub fn xdp_decap_ifindex(pin_dir: &Path) -> Option<u32> {
+    let fd = obj_get(&pin_dir.join(DECAP_XDP_LINK)).ok()?;
+    match link_target(fd.as_fd()).ok()? {
+        (BPF_LINK_TYPE_XDP, ifindex, _) => Some(ifindex),
+        _ => None,
+    }
+}
+
+/// Attaches (or adopts) XDP decap on the external device when `opts.decap` asks for it or
+/// `auto` finds it worthwhile, else removes an XDP link an earlier run left.
+fn set_up_xdp_decap(
+    bpf: &mut Ebpf,
+    opts: &EbpfOptions,
+    ext_name: &str,
+    driver: &str,
+) -> Result<(), EbpfError> {
+    let link_path = opts.pin_dir.join(DECAP_XDP_LINK);
+    let gro = gro_enabled(ext_name);
+    let want_xdp = match opts.decap {
+        UdpDecap::Tc => {
+            log::info!("decapsulating on TC ingress of {ext_name} (--udp-decap=tc)");
+            false
+        }
+        UdpDecap::Xdp => true,
+        UdpDecap::Auto if gro == Some(true) => true,
+        UdpDecap::Auto => {
+            log::info!(
+                "decapsulating on TC ingress of {ext_name}: GRO is off there, so XDP decap would merge nothing (and on a veth it costs the peer its TSO)"
+            );
+            false
+        }
+    };
+    if want_xdp {
+        match attach_xdp(bpf, opts.ext_ifindex, &opts.pin_dir, &link_path) {
+            Ok(()) => {
+                log::info!(
+                    "decapsulating with native XDP on {ext_name} (driver {driver}, --udp-decap={}): before GRO, which then merges the inner TCP stream",
+                    if opts.decap == UdpDecap::Xdp { "xdp" } else { "auto, GRO on" }
+                );
+                return Ok(());
+            }
+            Err(source) if opts.decap == UdpDecap::Auto => {
+                log::info!(
+                    "decapsulating on TC ingress of {ext_name}: driver {driver} has no native XDP ({source})"
+                );
+            }
+            Err(source) => {
+                return Err(EbpfError::NoNativeXdp {
+                    ifname: ext_name.to_string(),
+                    driver: driver.to_string(),
+                    source: Box::new(source),
+                })
+            }
+        }
+    }
+    if link_path.exists() {
+        if let Ok(fd) = obj_get(&link_path) {
+            let _ = link_detach(fd.as_fd());
+        }
+        remove_pin(&link_path)?;
+    }
+    remove_pin(&opts.pin_dir.join(prog_names::DECAP_XDP))
+}
+
+/// Loads and pins XDP decap and attaches it in driver mode with a pinned link, replacing the
+/// program of a pinned link on the same device atomically.
+fn attach_xdp(
+    bpf: &mut Ebpf,
+    ifindex: u32,
+    pin_dir: &Path,
+    link_path: &Path,
+) -> Result<(), ProgramError> {
+    let name = prog_names::DECAP_XDP;
+    let program: &mut Xdp = bpf
+        .program_mut(name)
+        .ok_or_else(|| ProgramError::UnexpectedProgramType)?
+        .try_into()?;
+    program.load()?;
+    let prog_path = pin_dir.join(name);
+    let _ = std::fs::remove_file(&prog_path);
+    program
+        .pin(&prog_path)
+        .map_err(|e| ProgramError::IOError(io::Error::other(e)))?;
+    if link_path.exists() {
+        let target = obj_get(link_path)
+            .ok()
+            .and_then(|fd| link_target(fd.as_fd()).ok());
+        if target.is_some_and(|(kind, dev, _)| kind == BPF_LINK_TYPE_XDP && dev == ifindex) {
+            let pinned = PinnedLink::from_pin(link_path)
+                .map_err(|e| ProgramError::IOError(io::Error::other(e)))?;
+            let link = XdpLink::try_from(FdLink::from(pinned))
+                .map_err(|e| ProgramError::IOError(io::Error::other(e)))?;
+            let id = program.attach_to_link(link)?;
+            let _ = program.take_link(id)?;
+            return Ok(());
+        }
+        log::info!(
+            "pinned link {} is for another device or detached: replacing it",
+            link_path.display()
+        );
+        if let Ok(fd) = obj_get(link_path) {
+            let _ = link_detach(fd.as_fd());
+        }
+        let _ = std::fs::remove_file(link_path);
+    }
+    let id = program.attach_to_if_index(ifindex, XdpMode::Driver)?;
+    let link = program.take_link(id)?;
+    let link: FdLink = link
+        .try_into()
+        .map_err(|e: LinkError| ProgramError::IOError(io::Error::other(e)))?;
+    link.pin(link_path)
+        .map_err(|e| ProgramError::IOError(io::Error::other(e)))?;
+    Ok(())
+}
+
+/// Whether `ifname` has GRO on (ETHTOOL_GGRO); None when the device does not say.
+fn gro_enabled(ifname: &str) -> Option<bool> {
+    const ETHTOOL_GGRO: u32 = 0x2b;
+    // struct ethtool_value: cmd, data.
+    let mut value = [0u32; 2];
+    value[0] = ETHTOOL_GGRO;
+    // SAFETY: ifreq is plain data; all-zero is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req
+        .ifr_name
+        .iter_mut()
+        .zip(ifname.bytes().take(libc::IF_NAMESIZE - 1))
+    {
+        *dst = src as libc::c_char;
+    }
+    req.ifr_ifru.ifru_data = value.as_mut_ptr().cast();
+    // SAFETY: plain socket(2) call.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: a fresh descriptor owned here.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: SIOCETHTOOL reads the ifreq and writes into `value`, both alive for the call.
+    let rc = unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            libc::SIOCETHTOOL,
+            &mut req as *mut libc::ifreq,
+        )
+    };
+    (rc >= 0).then_some(value[1] != 0)
+}
+
 /// The pinned TCX link at `path` if it is still attached to `ifindex` in direction
 /// `attach_type`.
 fn adopt_link(
@@ -813,6 +982,7 @@ const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_DETACH: libc::c_long = 34;
 const BPF_LINK_TYPE_TCX: u32 = 11;
+const BPF_LINK_TYPE_XDP: u32 = 6;
 
 /// `union bpf_attr` is at most this big for the commands used here; zero-filled.
 #[repr(C, align(8))]
@@ -862,6 +1032,16 @@ fn obj_get(path: &Path) -> Result<OwnedFd, EbpfError> {
 
 /// (ifindex, attach type) of a TCX link; ifindex 0 once its device is gone.
 fn tcx_link_target(fd: BorrowedFd<'_>) -> Result<(u32, u32), EbpfError> {
+    let (link_type, ifindex, attach_type) = link_target(fd)?;
+    if link_type != BPF_LINK_TYPE_TCX {
+        return Ok((0, 0));
+    }
+    Ok((ifindex, attach_type))
+}
+
+/// (link type, first two words of its union) of a link: for TCX (ifindex, attach type), for
+/// XDP (ifindex, 0).
+fn link_target(fd: BorrowedFd<'_>) -> Result<(u32, u32, u32), EbpfError> {
     // struct bpf_link_info: type, id, prog_id, then an 8-aligned union; tcx = {ifindex, attach_type}.
     let mut info = [0u32; 32];
     let mut attr = BpfAttr::new();
@@ -869,11 +1049,7 @@ fn tcx_link_target(fd: BorrowedFd<'_>) -> Result<(u32, u32), EbpfError> {
     attr.put_u32(4, size_of_val(&info) as u32);
     attr.put_u64(8, info.as_mut_ptr() as u64);
     sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).map_err(io_err("reading link info"))?;
-    let word = |i: usize| info[i];
-    if word(0) != BPF_LINK_TYPE_TCX {
-        return Ok((0, 0));
-    }
-    Ok((word(4), word(5)))
+    Ok((info[0], info[4], info[5]))
 }
 
 fn link_detach(fd: BorrowedFd<'_>) -> io::Result<()> {

@@ -117,6 +117,7 @@ impl UdpBackend {
             port: self.port,
             network: config.network,
             own_subnet: own.subnet(),
+            decap: self.opts.udp_decap,
         };
         match ebpf::EbpfDataplane::load(&opts) {
             Ok(dp) => Ok(Box::new(dp)),
