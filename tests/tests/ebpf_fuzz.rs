@@ -86,7 +86,7 @@ fn run(cmd: &mut Command) {
     );
 }
 
-/// A namespace `fl-fuzz-<pid>` with `flannel0` (persistent TUN) and a veth `ext0`/`ext1` at
+/// A namespace `fl<pid>x<n>-fuzz` with `flannel0` (persistent TUN) and a veth `ext0`/`ext1` at
 /// OUR_IP, plus its own pin directory; all removed on drop.
 struct Host {
     name: String,
@@ -95,7 +95,10 @@ struct Host {
 
 impl Host {
     fn new() -> Host {
-        let name = format!("fl-fuzz-{}", std::process::id());
+        // Unique per test (the TC and XDP fuzz tests run in parallel), and named as the
+        // harness names its namespaces so a crashed run's leftovers are cleaned up.
+        flannel_tests::netns::remove_stale();
+        let name = format!("{}-fuzz", flannel_tests::netns::unique_tag());
         run(Command::new("ip").args(["netns", "add", &name]));
         let host = Host {
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/{name}")),
