@@ -60,6 +60,16 @@ impl Host {
         self.dir.join("cni")
     }
 
+    /// Runs `flanneld <args>` (an operator subcommand such as `uninstall` or `dataplane`) in
+    /// this host's namespace, as an operator on the host would.
+    pub fn flanneld(&self, args: &[&str]) -> Result<std::process::Output> {
+        self.ns
+            .command(&crate::flanneld_bin().to_string_lossy())
+            .args(args)
+            .output()
+            .context("running flanneld")
+    }
+
     /// Where this host's agent pins its eBPF state (the harness's --bpf-pin-dir).
     pub fn pin_dir(&self) -> String {
         format!("/sys/fs/bpf/{}", self.ns.name)
@@ -134,15 +144,7 @@ impl Cluster {
         let ip = Ipv4Addr::new(192, 0, 2, 10 + index as u8);
         let ns = Netns::create(&format!("{}-h{index}", self.tag))?;
         let port = format!("h{index}");
-        // Create the pair in the switch namespace, then move one end into the host.
-        self.switch
-            .ip(&["link", "add", &port, "type", "veth", "peer", "name", "eth0"])?;
-        self.switch
-            .ip(&["link", "set", "eth0", "netns", &ns.path().to_string_lossy()])?;
-        self.switch
-            .ip(&["link", "set", &port, "master", "br0", "up"])?;
-        ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
-        ns.ip(&["link", "set", "eth0", "up"])?;
+        self.plug(&ns, &port, ip)?;
         // A veth hands a UDP GSO train to its peer in one piece; a real wire (or NIC) never
         // does. Segment UDP GSO on transmit, as a NIC without UDP segmentation offload would.
         ns.exec("ethtool", &["-K", "eth0", "tx-udp-segmentation", "off"])?;
@@ -174,16 +176,23 @@ impl Cluster {
     /// what a pod reaching beyond the cluster talks to. Named `<tag>-<name>`.
     pub fn add_outside(&self, name: &str, ip: Ipv4Addr) -> Result<Netns> {
         let ns = Netns::create(&format!("{}-{name}", self.tag))?;
-        let port = format!("o{name}");
+        self.plug(&ns, &format!("o{name}"), ip)?;
+        Ok(ns)
+    }
+
+    /// Joins `ns` to the switch: a veth whose switch end `port` is on br0 and whose other end
+    /// is `eth0` in `ns`, up, at `ip`/24.
+    fn plug(&self, ns: &Netns, port: &str, ip: Ipv4Addr) -> Result<()> {
+        // Create the pair in the switch namespace, then move one end into `ns`.
         self.switch
-            .ip(&["link", "add", &port, "type", "veth", "peer", "name", "eth0"])?;
+            .ip(&["link", "add", port, "type", "veth", "peer", "name", "eth0"])?;
         self.switch
             .ip(&["link", "set", "eth0", "netns", &ns.path().to_string_lossy()])?;
         self.switch
-            .ip(&["link", "set", &port, "master", "br0", "up"])?;
+            .ip(&["link", "set", port, "master", "br0", "up"])?;
         ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
         ns.ip(&["link", "set", "eth0", "up"])?;
-        Ok(ns)
+        Ok(())
     }
 
     /// Write the network config.

@@ -212,14 +212,11 @@ fn dual_stack_host_gw_three_hosts_v4_and_v6_pods_talk_and_v6_routes_follow_etcd(
     // uninstall removes the ip6tables chains too.
     o.agents[0].stop().unwrap();
     let out = h0
-        .ns
-        .command(&flannel_tests::flanneld_bin().to_string_lossy())
-        .args([
+        .flanneld(&[
             "uninstall",
             &format!("--subnet-file={}", o.agents[0].subnet_file.display()),
             &format!("--bpf-pin-dir={}", h0.pin_dir()),
         ])
-        .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use flannel_tests::etcd::{Etcd, ServerTls};
 use flannel_tests::pki::Ca;
-use flannel_tests::{flanneld_bin, wait_for, Agent, Cluster, Host};
+use flannel_tests::{wait_for, Agent, Cluster, Host};
 
 const CONFIG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#;
 const CONFIG_KEY: &str = "/coreos.com/network/config";
@@ -35,17 +35,13 @@ fn wait_message(agent: &Agent, level: &str, prefix: &str) -> String {
     .unwrap_or_else(|e| panic!("{e}\n--- log ---\n{}", agent.log()))
 }
 
-fn readyz(agent: &Agent) -> u16 {
-    agent.http_get("/readyz").map(|(s, _)| s).unwrap_or(0)
+/// Runs `flanneld <args>` inside `host`'s namespace.
+fn flanneld(host: &Host, args: &[&str]) -> Output {
+    host.flanneld(args).expect("running flanneld")
 }
 
-/// Runs `flanneld <args>` inside `host`'s namespace.
-fn flanneld_in(host: &Host, args: &[&str]) -> Output {
-    host.ns
-        .command(&flanneld_bin().to_string_lossy())
-        .args(args)
-        .output()
-        .expect("running flanneld")
+fn readyz(agent: &Agent) -> u16 {
+    agent.http_get("/readyz").map(|(s, _)| s).unwrap_or(0)
 }
 
 #[test]
@@ -371,7 +367,7 @@ fn uninstall_refuses_while_the_agent_runs_and_removes_host_gw_routes() {
     let subnet_file = format!("--subnet-file={}", agents[0].subnet_file.display());
     let pin_dir = format!("--bpf-pin-dir={}", host.pin_dir());
 
-    let out = flanneld_in(host, &["uninstall", &subnet_file, &pin_dir]);
+    let out = flanneld(host, &["uninstall", &subnet_file, &pin_dir]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -389,7 +385,7 @@ fn uninstall_refuses_while_the_agent_runs_and_removes_host_gw_routes() {
     );
 
     agents[0].stop().unwrap();
-    let out = flanneld_in(host, &["uninstall", &subnet_file, &pin_dir]);
+    let out = flanneld(host, &["uninstall", &subnet_file, &pin_dir]);
     assert!(
         out.status.success(),
         "{}",
@@ -400,7 +396,7 @@ fn uninstall_refuses_while_the_agent_runs_and_removes_host_gw_routes() {
 
     // --force removes what a running agent installed.
     let other = &cluster.hosts[1];
-    let out = flanneld_in(
+    let out = flanneld(
         other,
         &[
             "uninstall",
@@ -425,7 +421,7 @@ fn dataplane_outside_the_agents_namespace_says_so() {
     agent.wait_ready(Duration::from_secs(20)).unwrap();
     let pin_dir = format!("--bpf-pin-dir={}", cluster.hosts[0].pin_dir());
 
-    let here = flanneld_in(&cluster.hosts[0], &["dataplane", &pin_dir]);
+    let here = flanneld(&cluster.hosts[0], &["dataplane", &pin_dir]);
     assert!(here.status.success());
     let text = String::from_utf8_lossy(&here.stdout);
     assert!(text.contains("tcx egress of flannel0"), "{text}");
@@ -434,7 +430,7 @@ fn dataplane_outside_the_agents_namespace_says_so() {
     // interface indexes, so only the recorded namespace tells the pins apart.
     let mut other = cluster.start_agent(1, &["--udp-dataplane=ebpf"]).unwrap();
     other.wait_ready(Duration::from_secs(20)).unwrap();
-    let elsewhere = flanneld_in(&cluster.hosts[1], &["dataplane", &pin_dir]);
+    let elsewhere = flanneld(&cluster.hosts[1], &["dataplane", &pin_dir]);
     assert_eq!(elsewhere.status.code(), Some(2));
     let text = String::from_utf8_lossy(&elsewhere.stdout);
     assert!(!text.contains("tcx "), "{text}");

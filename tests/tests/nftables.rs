@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use flannel_tests::traffic::tcp_send;
-use flannel_tests::{flanneld_bin, wait_for, Overlay};
+use flannel_tests::{wait_for, Overlay};
 
 const VXLAN_NFT: &str =
     r#"{"Network":"10.244.0.0/16","EnableNFTables":true,"Backend":{"Type":"vxlan"}}"#;
@@ -118,14 +118,11 @@ fn nftables_mode_has_upstreams_tables_traffic_masquerade_and_resync() {
     // uninstall, once the agent is stopped, removes both tables.
     o.agents[0].stop().unwrap();
     let out = h0
-        .ns
-        .command(&flanneld_bin().to_string_lossy())
-        .args([
+        .flanneld(&[
             "uninstall",
             &format!("--subnet-file={}", o.agents[0].subnet_file.display()),
             &format!("--bpf-pin-dir={}", h0.pin_dir()),
         ])
-        .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");

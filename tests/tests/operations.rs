@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use flannel_tests::{flanneld_bin, wait_for, Container, Overlay};
+use flannel_tests::{wait_for, Container, Overlay};
 use nix::sys::signal::Signal;
 
 const UDP: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#;
@@ -103,10 +103,7 @@ impl Drop for Reaper {
 /// `flanneld dataplane` run inside host `host`'s namespace.
 fn dataplane_report(o: &Overlay, host: usize) -> String {
     let out = o.cluster.hosts[host]
-        .ns
-        .command(&flanneld_bin().to_string_lossy())
-        .args(["dataplane", "--bpf-pin-dir", &pin_dir(o, host)])
-        .output()
+        .flanneld(&["dataplane", "--bpf-pin-dir", &pin_dir(o, host)])
         .unwrap();
     assert!(
         out.status.success(),
@@ -307,14 +304,13 @@ fn dataplane_lists_peers_and_uninstall_removes_everything() {
     o.agents[0].stop().unwrap();
 
     let subnet_file = o.agents[0].subnet_file.clone();
-    let out = host
-        .ns
-        .command(&flanneld_bin().to_string_lossy())
-        .arg("uninstall")
-        .arg(format!("--bpf-pin-dir={}", pin_dir(&o, 0)))
-        .arg(format!("--subnet-file={}", subnet_file.display()))
-        .output()
-        .unwrap();
+    let uninstall = [
+        "uninstall".to_owned(),
+        format!("--bpf-pin-dir={}", pin_dir(&o, 0)),
+        format!("--subnet-file={}", subnet_file.display()),
+    ];
+    let uninstall: Vec<&str> = uninstall.iter().map(String::as_str).collect();
+    let out = host.flanneld(&uninstall).unwrap();
     assert!(
         out.status.success(),
         "flanneld uninstall: {}",
@@ -328,15 +324,8 @@ fn dataplane_lists_peers_and_uninstall_removes_everything() {
     let save = host.ns.exec("iptables-save", &[]).unwrap();
     assert!(!save.contains("FLANNEL"), "{save}");
     // Running it again finds nothing to do and still succeeds.
-    let again = host
-        .ns
-        .command(&flanneld_bin().to_string_lossy())
-        .arg("uninstall")
-        .arg(format!("--bpf-pin-dir={}", pin_dir(&o, 0)))
-        .arg(format!("--subnet-file={}", subnet_file.display()))
-        .status()
-        .unwrap();
-    assert!(again.success());
+    let again = host.flanneld(&uninstall).unwrap();
+    assert!(again.status.success());
     // The other host is untouched.
     assert_eq!(pinned_peer_subnets(&o, 1).len(), 2);
 }
