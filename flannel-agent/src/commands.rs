@@ -40,9 +40,9 @@ pub fn run_dataplane() -> ExitCode {
     use clap::Parser;
     let args = inspect::DataplaneArgs::parse_from(subcommand_args());
     match inspect::render(&args.bpf_pin_dir) {
-        Ok(text) => {
-            print!("{text}");
-            if let Some(why) = inspect::wrong_namespace(&args.bpf_pin_dir) {
+        Ok(report) => {
+            print!("{}", report.text);
+            if let Some(why) = report.wrong_namespace {
                 eprintln!(
                     "flanneld dataplane: wrong network namespace ({why}): peers and counters are shown, the hooks are not"
                 );

@@ -38,8 +38,14 @@ fn open_pinned(pin_dir: &Path, name: &str) -> anyhow::Result<MapData> {
     })
 }
 
+/// The report, and why this is not the pinning agent's network namespace (`None`: it is).
+pub struct Report {
+    pub text: String,
+    pub wrong_namespace: Option<String>,
+}
+
 /// The report as text.
-pub fn render(pin_dir: &Path) -> anyhow::Result<String> {
+pub fn render(pin_dir: &Path) -> anyhow::Result<Report> {
     let config: Array<MapData, Config> =
         Array::try_from(Map::Array(open_pinned(pin_dir, map_names::CONFIG)?))?;
     let config = config.get(&0, 0).context("reading the config map")?;
@@ -74,7 +80,8 @@ pub fn render(pin_dir: &Path) -> anyhow::Result<String> {
     )?;
     writeln!(out)?;
     writeln!(out, "{:<30} PROGRAMS", "HOOK")?;
-    match foreign_namespace(pin_dir, config.decap_ifindex) {
+    let wrong_namespace = foreign_namespace(pin_dir, config.decap_ifindex);
+    match &wrong_namespace {
         // Interface indexes are per namespace: here they name other devices (or none).
         Some(why) => {
             writeln!(
@@ -115,7 +122,10 @@ pub fn render(pin_dir: &Path) -> anyhow::Result<String> {
     for (name, value) in counters(&stats) {
         writeln!(out, "{name:<20} {value:>20}")?;
     }
-    Ok(out)
+    Ok(Report {
+        text: out,
+        wrong_namespace,
+    })
 }
 
 /// Why this is not the namespace of the agent that pinned the data plane (`None`: it is).
@@ -142,15 +152,6 @@ fn foreign_namespace(pin_dir: &Path, overlay_ifindex: u32) -> Option<String> {
             "no device has ifindex {overlay_ifindex} ({OVERLAY_DEVICE}) here"
         )),
     }
-}
-
-/// Whether `render` found the pins' namespace to be this one (for the exit status and a
-/// warning on stderr).
-pub fn wrong_namespace(pin_dir: &Path) -> Option<String> {
-    let config: Array<MapData, Config> =
-        Array::try_from(Map::Array(open_pinned(pin_dir, map_names::CONFIG).ok()?)).ok()?;
-    let config = config.get(&0, 0).ok()?;
-    foreign_namespace(pin_dir, config.decap_ifindex)
 }
 
 fn interface_name(ifindex: u32) -> Option<String> {
