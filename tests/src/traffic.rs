@@ -42,7 +42,10 @@ pub fn tcp_send_ip(src: &Netns, dst_ns: &Netns, dst: IpAddr, bytes: usize) -> Re
     let addr = SocketAddr::from((dst, 5001));
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let server = dst_ns.spawn_in(move || -> Result<(usize, u64, IpAddr)> {
-        let l = TcpListener::bind(addr);
+        // A fresh IPv6 address cannot be bound while duplicate address detection runs.
+        let l = crate::wait_for(Duration::from_secs(5), "the address to be bindable", || {
+            TcpListener::bind(addr).ok()
+        });
         let _ = ready_tx.send(());
         let l = l?;
         // Never hang the test: give up accepting after a deadline.
@@ -63,7 +66,7 @@ pub fn tcp_send_ip(src: &Netns, dst_ns: &Netns, dst: IpAddr, bytes: usize) -> Re
             got += n;
         }
     })?;
-    ready_rx.recv_timeout(Duration::from_secs(5))?;
+    ready_rx.recv_timeout(Duration::from_secs(10))?;
     let sent = src.run_in(move || -> Result<u64> {
         let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
         s.set_write_timeout(Some(Duration::from_secs(10)))?;
