@@ -43,11 +43,15 @@ pub fn tcp_send_ip(src: &Netns, dst_ns: &Netns, dst: IpAddr, bytes: usize) -> Re
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let server = dst_ns.spawn_in(move || -> Result<(usize, u64, IpAddr)> {
         // A fresh IPv6 address cannot be bound while duplicate address detection runs.
+        let mut last = None;
         let l = crate::wait_for(Duration::from_secs(5), "the address to be bindable", || {
-            TcpListener::bind(addr).ok()
+            TcpListener::bind(addr).map_err(|e| last = Some(e)).ok()
         });
         let _ = ready_tx.send(());
-        let l = l?;
+        let l = l.map_err(|e| match last {
+            Some(bind) => anyhow::anyhow!("{e}: bind {addr}: {bind}"),
+            None => e,
+        })?;
         // Never hang the test: give up accepting after a deadline.
         l.set_nonblocking(true)?;
         let (mut s, peer) = crate::wait_for(Duration::from_secs(15), "a TCP connection", || {
@@ -92,7 +96,13 @@ pub fn tcp_send_ip(src: &Netns, dst_ns: &Netns, dst: IpAddr, bytes: usize) -> Re
     let received = server
         .join()
         .map_err(|_| anyhow::anyhow!("server thread panicked"))?;
-    let sent_hash = sent?;
+    // A refused connect usually means the listener failed: say why, not only "refused".
+    let sent_hash = match (sent, &received) {
+        (Err(e), Ok(Err(server))) => {
+            anyhow::bail!("TCP to {dst}: sender: {e:#}; receiver: {server:#}")
+        }
+        (sent, _) => sent.map_err(|e| anyhow::anyhow!("TCP to {dst}: sender: {e:#}"))?,
+    };
     let (got, got_hash, client) = received??;
     anyhow::ensure!(got == bytes, "TCP to {dst}: {got} of {bytes} bytes arrived");
     anyhow::ensure!(
