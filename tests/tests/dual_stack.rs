@@ -157,6 +157,28 @@ fn dual_stack_host_gw_three_hosts_v4_and_v6_pods_talk_and_v6_routes_follow_etcd(
         .unwrap_or_else(|e| panic!("{e}: {want}\n{}", o.agent_log(0)));
     }
 
+    // A route into the IPv6 network that no peer owns (e.g. left by a previous run to a host
+    // that is gone) is removed by the resync; routes outside the network stay.
+    let (stale, foreign) = ("fd00:10:244:ff::/64", "2001:db8:99::/64");
+    for dst in [stale, foreign] {
+        h0.ns
+            .ip(&["-6", "route", "add", dst, "via", "2001:db8::99", "dev", "eth0"])
+            .unwrap();
+    }
+    wait_for(Duration::from_secs(25), "stale IPv6 route removed", || {
+        h0.ns
+            .ip(&["-6", "route", "show", stale])
+            .ok()?
+            .trim()
+            .is_empty()
+            .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", o.agent_log(0)));
+    assert!(o
+        .agent_log(0)
+        .contains(&format!("removing stale IPv6 route {stale} via 2001:db8::99")));
+    assert!(!h0.ns.ip(&["-6", "route", "show", foreign]).unwrap().is_empty());
+
     let pods: Vec<Pod> = (0..3)
         .map(|i| {
             attach_dual(

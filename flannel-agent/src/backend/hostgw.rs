@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use anyhow::{bail, Context};
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 use rtnetlink::Handle;
 
 use super::route::{self, Route};
@@ -30,6 +30,8 @@ pub struct HostGwBackend {
     /// With EnableIPv6: the IPv6 route of each dual-stack peer, keyed by its IPv4 subnet.
     routes6: BTreeMap<Ipv4Network, Route6>,
     ipv6: bool,
+    /// IPv6Network with EnableIPv6: routes into it that no peer owns are stale.
+    network6: Option<Ipv6Network>,
 }
 
 impl HostGwBackend {
@@ -43,6 +45,7 @@ impl HostGwBackend {
             off_link: BTreeMap::new(),
             routes6: BTreeMap::new(),
             ipv6: false,
+            network6: None,
         }
     }
 
@@ -133,6 +136,7 @@ impl Backend for HostGwBackend {
         self.handle = Some(handle);
         self.network = Some(config.network);
         self.ipv6 = config.enable_ipv6;
+        self.network6 = config.ipv6_network.filter(|_| config.enable_ipv6);
         Ok(())
     }
 
@@ -232,18 +236,19 @@ impl Backend for HostGwBackend {
                 }
             }
         }
-        if !self.routes6.is_empty() {
-            let present6 = route6::list_gateway_routes(&handle).await?;
-            for want in self.routes6.values() {
-                if !present6.contains(want) {
-                    log::info!(
-                        "host-gw: restoring IPv6 route {} via {}",
-                        want.dst,
-                        want.gateway
-                    );
-                    if let Err(e) = want.replace(&handle).await {
-                        log::warn!("host-gw: restoring IPv6 route {}: {e}", want.dst);
-                    }
+        let present6 = match self.ipv6 {
+            true => route6::list_gateway_routes(&handle).await?,
+            false => Vec::new(),
+        };
+        for want in self.routes6.values() {
+            if !present6.contains(want) {
+                log::info!(
+                    "host-gw: restoring IPv6 route {} via {}",
+                    want.dst,
+                    want.gateway
+                );
+                if let Err(e) = want.replace(&handle).await {
+                    log::warn!("host-gw: restoring IPv6 route {}: {e}", want.dst);
                 }
             }
         }
@@ -268,6 +273,25 @@ impl Backend for HostGwBackend {
                 if let Err(e) = stale.delete(&handle).await {
                     log::warn!("host-gw: removing stale route {}: {e}", stale.dst);
                 }
+            }
+        }
+        // The same for IPv6: e.g. routes a previous run left to peers that are gone now.
+        let Some(network6) = self.network6 else {
+            return Ok(());
+        };
+        for stale in present6.iter().filter(|r| {
+            r.oif == self.ext.index
+                && network6.contains(r.dst.network())
+                && r.dst.prefix() >= network6.prefix()
+                && !self.routes6.values().any(|w| w == *r)
+        }) {
+            log::info!(
+                "host-gw: removing stale IPv6 route {} via {}",
+                stale.dst,
+                stale.gateway
+            );
+            if let Err(e) = stale.delete(&handle).await {
+                log::warn!("host-gw: removing stale IPv6 route {}: {e}", stale.dst);
             }
         }
         Ok(())
