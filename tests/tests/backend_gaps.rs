@@ -163,3 +163,52 @@ fn host_gw_peer_off_our_link_is_one_error_and_the_others_work() {
         format!("{s1} via 192.0.2.11 dev eth0")
     );
 }
+
+fn masq_rules_naming(o: &Overlay, subnet: &str) -> Vec<String> {
+    o.cluster.hosts[0]
+        .ns
+        .exec("iptables-save", &[])
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("-A FLANNEL-POSTRTG") && l.contains(subnet))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn masquerade_rules_follow_our_subnet_when_it_changes() {
+    let mut o = Overlay::builder(
+        r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#,
+        1,
+    )
+    .flags(&["--ip-masq", "--iptables-resync=1"])
+    .containers_per_host(0)
+    .start()
+    .unwrap();
+    let old = o.agents[0].subnet().unwrap();
+    assert_eq!(masq_rules_naming(&o, &old).len(), 1, "{}", o.agent_log(0));
+
+    // Another node now holds our subnet in etcd: the agent gives it up (exits, as upstream)...
+    let key = format!(
+        "{}/subnets/{}",
+        flannel_tests::cluster::DEFAULT_PREFIX,
+        old.replace('/', "-")
+    );
+    o.cluster
+        .etcd
+        .put(&key, r#"{"PublicIP":"192.0.2.77","PublicIPv6":null}"#)
+        .unwrap();
+    let st = o.agents[0].wait_exit(Duration::from_secs(10)).unwrap();
+    assert!(!st.success(), "{}", o.agent_log(0));
+
+    // ...and started again it gets another subnet, whose rules replace the old ones.
+    o.start_agent(0).unwrap();
+    let new = o.agents[0].subnet().unwrap();
+    assert_ne!(new, old);
+    assert_eq!(masq_rules_naming(&o, &new).len(), 1, "{}", o.agent_log(0));
+    assert!(
+        masq_rules_naming(&o, &old).is_empty(),
+        "rules for the subnet we gave up are left: {:?}",
+        masq_rules_naming(&o, &old)
+    );
+}
