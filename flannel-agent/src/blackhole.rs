@@ -73,9 +73,9 @@ pub async fn remove(handle: &Handle, subnet: Ipv4Network) -> Result<(), rtnetlin
 }
 
 /// Keep the route in place for the current subnet, forever.
-pub async fn keep(handle: Handle, mut subnet: watch::Receiver<Ipv4Network>, period: Duration) {
-    let mut current = *subnet.borrow_and_update();
-    let mut following = true;
+pub async fn keep(handle: Handle, subnet: watch::Receiver<Ipv4Network>, period: Duration) {
+    let mut resync = crate::resync::Resync::new(period, subnet);
+    let mut current = resync.subnet();
     let mut last_error = None;
     loop {
         match ensure(&handle, current).await {
@@ -90,19 +90,11 @@ pub async fn keep(handle: Handle, mut subnet: watch::Receiver<Ipv4Network>, peri
                 }
             }
         }
-        tokio::select! {
-            _ = tokio::time::sleep(period) => {}
-            changed = subnet.changed(), if following => {
-                if changed.is_err() {
-                    following = false;
-                    continue;
-                }
-                let next = *subnet.borrow_and_update();
-                if let Err(e) = remove(&handle, current).await {
-                    log::warn!("removing the blackhole route for our old subnet {current}: {e}");
-                }
-                current = next;
+        if let Some(next) = resync.next().await {
+            if let Err(e) = remove(&handle, current).await {
+                log::warn!("removing the blackhole route for our old subnet {current}: {e}");
             }
+            current = next;
         }
     }
 }

@@ -381,26 +381,22 @@ impl RuleSet {
     pub async fn keep<N: Copy + std::fmt::Display>(
         mut self,
         period: Duration,
-        mut subnet: watch::Receiver<N>,
+        subnet: watch::Receiver<N>,
         want: impl Fn(N) -> Vec<Rule>,
     ) {
-        let mut following = true;
+        let mut resync = crate::resync::Resync::new(period, subnet);
         loop {
-            tokio::select! {
-                _ = tokio::time::sleep(period) => {}
-                changed = subnet.changed(), if following => {
-                    if changed.is_err() {
-                        following = false;
-                        continue;
-                    }
-                    let now = *subnet.borrow_and_update();
-                    let next = want(now);
-                    for old in self.rules.iter().filter(|r| !next.contains(r) && r.position == Position::Append) {
-                        delete_rule(self.bin, old.table, old.chain, &old.spec).await;
-                    }
-                    self.rules = next;
-                    log::info!("iptables: our subnet is now {now}: rules follow");
+            if let Some(now) = resync.next().await {
+                let next = want(now);
+                for old in self
+                    .rules
+                    .iter()
+                    .filter(|r| !next.contains(r) && r.position == Position::Append)
+                {
+                    delete_rule(self.bin, old.table, old.chain, &old.spec).await;
                 }
+                self.rules = next;
+                log::info!("iptables: our subnet is now {now}: rules follow");
             }
             match self.ensure().await {
                 Ok(true) => log::info!("{}: rules were missing and have been restored", self.bin),

@@ -13,6 +13,7 @@ pub mod lease;
 pub mod metrics;
 pub mod nftables;
 pub mod notify;
+pub mod resync;
 pub mod retry;
 pub mod sampling;
 pub mod startup;

@@ -276,20 +276,12 @@ pub async fn install_and_keep(
         chains.iter().map(|c| c.rules.len()).sum::<usize>()
     );
     let period = opts.resync.max(Duration::from_secs(1));
+    let mut resync = crate::resync::Resync::new(period, subnet);
     tokio::spawn(async move {
-        let mut following = true;
         loop {
-            tokio::select! {
-                _ = tokio::time::sleep(period) => {}
-                changed = subnet.changed(), if following => {
-                    if changed.is_err() {
-                        following = false;
-                        continue;
-                    }
-                    let now = *subnet.borrow_and_update();
-                    chains = want(now);
-                    log::info!("nftables: our subnet is now {now}: rules follow");
-                }
+            if let Some(now) = resync.next().await {
+                chains = want(now);
+                log::info!("nftables: our subnet is now {now}: rules follow");
             }
             match ensure(&chains).await {
                 Ok(true) => {
