@@ -229,22 +229,7 @@ impl Etcd {
 
     /// All keys under `prefix` with their values, their etcd lease IDs and mod revisions.
     pub fn list(&self, prefix: &str) -> Result<Vec<KeyValue>> {
-        let out = self.ctl(&["get", prefix, "--prefix", "-w", "json"])?;
-        let v: serde_json::Value = serde_json::from_str(&out)?;
-        let b64 = |s: &serde_json::Value| -> Result<String> {
-            let s = s.as_str().unwrap_or("");
-            Ok(String::from_utf8(BASE64.decode(s)?)?)
-        };
-        let mut kvs = Vec::new();
-        for kv in v["kvs"].as_array().into_iter().flatten() {
-            kvs.push(KeyValue {
-                key: b64(&kv["key"])?,
-                value: b64(&kv["value"])?,
-                lease: kv["lease"].as_i64().unwrap_or(0),
-                mod_revision: kv["mod_revision"].as_i64().unwrap_or(0),
-            });
-        }
-        Ok(kvs)
+        parse_kvs(&self.ctl(&["get", prefix, "--prefix", "-w", "json"])?)
     }
 
     /// The current revision of the store.
@@ -275,6 +260,25 @@ impl Etcd {
             .filter(|l| !l.is_empty())
             .collect())
     }
+}
+
+/// The keys of `etcdctl get -w json` output (keys and values come base64-encoded).
+pub(crate) fn parse_kvs(json: &str) -> Result<Vec<KeyValue>> {
+    let v: serde_json::Value = serde_json::from_str(json)?;
+    let b64 = |s: &serde_json::Value| -> Result<String> {
+        let s = s.as_str().unwrap_or("");
+        Ok(String::from_utf8(BASE64.decode(s)?)?)
+    };
+    let mut kvs = Vec::new();
+    for kv in v["kvs"].as_array().into_iter().flatten() {
+        kvs.push(KeyValue {
+            key: b64(&kv["key"])?,
+            value: b64(&kv["value"])?,
+            lease: kv["lease"].as_i64().unwrap_or(0),
+            mod_revision: kv["mod_revision"].as_i64().unwrap_or(0),
+        });
+    }
+    Ok(kvs)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -364,25 +364,9 @@ impl EtcdCluster {
         self.ctl(&["del", key]).map(|_| ())
     }
 
-    /// All keys under `prefix`: (key, value, etcd lease ID).
-    pub fn list(&self, prefix: &str) -> Result<Vec<(String, String, i64)>> {
-        use base64::Engine;
-        let out = self.ctl(&["get", prefix, "--prefix", "-w", "json"])?;
-        let v: serde_json::Value = serde_json::from_str(&out)?;
-        let b64 = |s: &serde_json::Value| -> Result<String> {
-            let bytes =
-                base64::engine::general_purpose::STANDARD.decode(s.as_str().unwrap_or(""))?;
-            Ok(String::from_utf8(bytes)?)
-        };
-        let mut kvs = Vec::new();
-        for kv in v["kvs"].as_array().into_iter().flatten() {
-            kvs.push((
-                b64(&kv["key"])?,
-                b64(&kv["value"])?,
-                kv["lease"].as_i64().unwrap_or(0),
-            ));
-        }
-        Ok(kvs)
+    /// All keys under `prefix` with their values, etcd lease IDs and mod revisions.
+    pub fn list(&self, prefix: &str) -> Result<Vec<crate::etcd::KeyValue>> {
+        crate::etcd::parse_kvs(&self.ctl(&["get", prefix, "--prefix", "-w", "json"])?)
     }
 }
 

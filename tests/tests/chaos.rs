@@ -98,10 +98,10 @@ impl Chaos {
             .etcd
             .list(SUBNETS)?
             .into_iter()
-            .filter_map(|(key, value, _)| {
-                let name = key.strip_prefix(SUBNETS)?;
+            .filter_map(|kv| {
+                let name = kv.key.strip_prefix(SUBNETS)?;
                 let (ip, len) = name.split_once('-')?;
-                let attrs: serde_json::Value = serde_json::from_str(&value).ok()?;
+                let attrs: serde_json::Value = serde_json::from_str(&kv.value).ok()?;
                 let public = attrs["PublicIP"].as_str()?.to_owned();
                 (public != own_ip).then(|| (format!("{ip}/{len}"), public))
             })
@@ -134,7 +134,7 @@ impl Chaos {
                 }
                 let Some(s) = a.subnet() else { continue };
                 let key = format!("{SUBNETS}{}", s.replace('/', "-"));
-                if let Some((_, value, _)) = kvs.iter().find(|(k, _, _)| *k == key) {
+                if let Some(value) = kvs.iter().find(|kv| kv.key == key).map(|kv| &kv.value) {
                     let ip = a.ip.to_string();
                     if !value.contains(&format!("\"{ip}\"")) {
                         bail!("node {ip} uses {s} but etcd leases it to someone else: {value}");
@@ -269,7 +269,7 @@ impl Chaos {
                     .etcd
                     .list(&key)?
                     .first()
-                    .map(|kv| kv.2)
+                    .map(|kv| kv.lease)
                     .context("agent's key missing")?;
                 self.etcd.ctl(&["lease", "revoke", &format!("{lease:x}")])?;
                 self.hold(hold)?;

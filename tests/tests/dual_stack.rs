@@ -162,7 +162,16 @@ fn dual_stack_host_gw_three_hosts_v4_and_v6_pods_talk_and_v6_routes_follow_etcd(
     let (stale, foreign) = ("fd00:10:244:ff::/64", "2001:db8:99::/64");
     for dst in [stale, foreign] {
         h0.ns
-            .ip(&["-6", "route", "add", dst, "via", "2001:db8::99", "dev", "eth0"])
+            .ip(&[
+                "-6",
+                "route",
+                "add",
+                dst,
+                "via",
+                "2001:db8::99",
+                "dev",
+                "eth0",
+            ])
             .unwrap();
     }
     wait_for(Duration::from_secs(25), "stale IPv6 route removed", || {
@@ -174,10 +183,14 @@ fn dual_stack_host_gw_three_hosts_v4_and_v6_pods_talk_and_v6_routes_follow_etcd(
             .then_some(())
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", o.agent_log(0)));
-    assert!(o
-        .agent_log(0)
-        .contains(&format!("removing stale IPv6 route {stale} via 2001:db8::99")));
-    assert!(!h0.ns.ip(&["-6", "route", "show", foreign]).unwrap().is_empty());
+    assert!(o.agent_log(0).contains(&format!(
+        "removing stale IPv6 route {stale} via 2001:db8::99"
+    )));
+    assert!(!h0
+        .ns
+        .ip(&["-6", "route", "show", foreign])
+        .unwrap()
+        .is_empty());
 
     let pods: Vec<Pod> = (0..3)
         .map(|i| {

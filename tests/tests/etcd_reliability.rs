@@ -105,6 +105,27 @@ fn revoked_lease_is_put_back_while_the_subnet_is_free() {
     assert_eq!(agent.http_get("/readyz").unwrap().0, 200);
 }
 
+/// Cut host 0 off etcd until its key `key` expired, run `meanwhile` (while it is still cut
+/// off), then connect it again.
+fn cut_off_until_key_expires(
+    cluster: &Cluster,
+    key: &str,
+    meanwhile: impl FnOnce(),
+) -> flannel_tests::Result<()> {
+    let host = &cluster.hosts[0];
+    host.ns.ip(&["link", "set", "eth0", "down"])?;
+    let gone = wait_for(Duration::from_secs(20), "our key to expire", || {
+        (!cluster.leases().ok()?.iter().any(|kv| kv.key == key)).then_some(())
+    });
+    if gone.is_ok() {
+        meanwhile();
+    }
+    host.ns.ip(&["link", "set", "eth0", "up"])?;
+    host.ns
+        .ip(&["route", "replace", "default", "via", "192.0.2.1"])?;
+    gone
+}
+
 #[test]
 fn expired_lease_is_put_back_after_a_partition_longer_than_its_ttl() {
     let cluster = Cluster::new(1).unwrap();
@@ -112,16 +133,7 @@ fn expired_lease_is_put_back_after_a_partition_longer_than_its_ttl() {
     let mut agent = cluster.start_agent(0, &["--subnet-lease-ttl=4s"]).unwrap();
     agent.wait_ready(READY).unwrap();
     let key = own_key(&agent);
-    let host = &cluster.hosts[0];
-    host.ns.ip(&["link", "set", "eth0", "down"]).unwrap();
-    let gone = wait_for(Duration::from_secs(20), "our key to expire", || {
-        (!cluster.leases().ok()?.iter().any(|kv| kv.key == key)).then_some(())
-    });
-    host.ns.ip(&["link", "set", "eth0", "up"]).unwrap();
-    host.ns
-        .ip(&["route", "replace", "default", "via", "192.0.2.1"])
-        .unwrap();
-    gone.unwrap();
+    cut_off_until_key_expires(&cluster, &key, || {}).unwrap();
     wait_for(Duration::from_secs(20), "our key re-created", || {
         cluster
             .leases()
@@ -145,19 +157,10 @@ fn expired_lease_taken_by_another_node_exits_naming_the_owner() {
     let mut agent = cluster.start_agent(0, &["--subnet-lease-ttl=4s"]).unwrap();
     agent.wait_ready(READY).unwrap();
     let key = own_key(&agent);
-    let host = &cluster.hosts[0];
-    host.ns.ip(&["link", "set", "eth0", "down"]).unwrap();
-    let gone = wait_for(Duration::from_secs(20), "our key to expire", || {
-        (!cluster.leases().ok()?.iter().any(|kv| kv.key == key)).then_some(())
-    });
-    if gone.is_ok() {
+    cut_off_until_key_expires(&cluster, &key, || {
         cluster.etcd.put(&key, &lease_json("192.0.2.99")).unwrap();
-    }
-    host.ns.ip(&["link", "set", "eth0", "up"]).unwrap();
-    host.ns
-        .ip(&["route", "replace", "default", "via", "192.0.2.1"])
-        .unwrap();
-    gone.unwrap();
+    })
+    .unwrap();
     let status = agent
         .wait_exit(Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("{e}\n{}", agent.log()));
