@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use crate::config::{ConfigError, NetworkConfig};
-use crate::subnet::etcd::{ConfigState, EtcdRegistry};
+use crate::subnet::registry::{ConfigState, ConfigWatch, Registry};
 
 /// How often a node still waiting for a missing config says so again.
 const MISSING_REMINDER: Duration = Duration::from_secs(30);
@@ -28,8 +28,8 @@ enum Reported {
 
 /// Returns the config once it exists, is valid and `accept` (e.g. the backend it names can be
 /// built from it) says it can run here, with what `accept` made of it. Never gives up.
-pub async fn wait_for_config<T>(
-    registry: &EtcdRegistry,
+pub async fn wait_for_config<R: Registry, T>(
+    registry: &R,
     mut accept: impl FnMut(&NetworkConfig) -> Result<T, String>,
 ) -> (NetworkConfig, T) {
     let key = registry.config_key();
@@ -141,9 +141,9 @@ fn log_missing(key: &str, prefix: &str) {
 
 /// Blocks until the config key changes after `revision` (or the watch breaks), reminding
 /// slowly while the config is missing.
-async fn wait_for_change(registry: &EtcdRegistry, revision: i64, key: &str, reported: &Reported) {
-    let mut stream = match registry.watch_config(revision + 1).await {
-        Ok(s) => s,
+async fn wait_for_change<R: Registry>(registry: &R, revision: i64, key: &str, reported: &Reported) {
+    let mut watch = match registry.watch_config(revision + 1).await {
+        Ok(w) => w,
         Err(e) => {
             log::debug!("watching {key}: {}", registry.explain(&e));
             tokio::time::sleep(RETRY).await;
@@ -151,8 +151,8 @@ async fn wait_for_change(registry: &EtcdRegistry, revision: i64, key: &str, repo
         }
     };
     loop {
-        match tokio::time::timeout(MISSING_REMINDER, stream.message()).await {
-            Ok(Ok(Some(resp))) if resp.events().is_empty() => continue,
+        match tokio::time::timeout(MISSING_REMINDER, watch.changed()).await {
+            // Changed, ended or broken: read the config again.
             Ok(_) => return,
             Err(_) if *reported == Reported::Missing => log_missing(key, registry.prefix()),
             Err(_) => {}
@@ -177,6 +177,75 @@ mod tests {
             ConfigState::Invalid { error, .. } => error.to_string(),
             _ => panic!("{json} runnable"),
         }
+    }
+
+    use crate::subnet::memory::MemoryRegistry;
+    use std::time::Duration;
+
+    const GOOD: &[u8] = br#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
+
+    /// Runs `wait_for_config` in a task: its result once it returns.
+    fn waiting(
+        registry: &MemoryRegistry,
+        accept: impl FnMut(&NetworkConfig) -> Result<(), String> + Send + 'static,
+    ) -> tokio::task::JoinHandle<NetworkConfig> {
+        let registry = registry.clone();
+        tokio::spawn(async move { wait_for_config(&registry, accept).await.0 })
+    }
+
+    /// Lets the waiting task run until it blocks (paused time runs ahead meanwhile).
+    async fn settle() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_missing_config_is_waited_for_and_taken_once_it_appears() {
+        let registry = MemoryRegistry::new();
+        let task = waiting(&registry, |_| Ok(()));
+        // Longer than the reminder: still waiting, never giving up.
+        tokio::time::sleep(MISSING_REMINDER * 3).await;
+        assert!(!task.is_finished());
+        registry.set_config(Some(GOOD));
+        let config = task.await.unwrap();
+        assert_eq!(config.network.to_string(), "10.244.0.0/16");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_invalid_config_waits_until_fixed_and_a_refused_one_until_changed() {
+        let registry = MemoryRegistry::new();
+        registry.set_config(Some(br#"{"Network":"not a network"}"#));
+        let mut offered = Vec::new();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let task = waiting(&registry, move |c| {
+            let _ = tx.send(c.subnet_len);
+            // This node refuses /25 subnets (as a backend may refuse a config).
+            (c.subnet_len != 25)
+                .then_some(())
+                .ok_or("no /25 here".into())
+        });
+        settle().await;
+        assert!(!task.is_finished());
+        registry.set_config(Some(br#"{"Network":"10.244.0.0/16","SubnetLen":25}"#));
+        settle().await;
+        while let Ok(len) = rx.try_recv() {
+            offered.push(len);
+        }
+        assert_eq!(offered, vec![25], "the valid config was offered once");
+        assert!(!task.is_finished());
+        registry.set_config(Some(GOOD));
+        assert_eq!(task.await.unwrap().subnet_len, 24);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_outage_is_waited_out() {
+        let registry = MemoryRegistry::new();
+        registry.set_down(true);
+        let task = waiting(&registry, |_| Ok(()));
+        tokio::time::sleep(RETRY * 5).await;
+        assert!(!task.is_finished());
+        registry.set_config(Some(GOOD));
+        registry.set_down(false);
+        assert_eq!(task.await.unwrap().network.to_string(), "10.244.0.0/16");
     }
 
     #[test]

@@ -12,7 +12,9 @@ use etcd_client::{
 use crate::config::{ConfigError, NetworkConfig};
 use crate::lease::{Lease, LeaseAttrs, SubnetKey};
 use crate::subnet::etcd_hint::{self, EtcdTarget};
-use crate::subnet::registry::{LeaseListing, Registry, SubnetChange, SubnetWatch, WatchResponse};
+use crate::subnet::registry::{
+    ConfigWatch, LeaseListing, Registry, SubnetChange, SubnetWatch, WatchResponse,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -379,6 +381,19 @@ pub(crate) fn subnet_change(
 
 impl Registry for EtcdRegistry {
     type Watch = EtcdSubnetWatch;
+    type ConfigWatch = EtcdConfigWatch;
+
+    fn prefix(&self) -> &str {
+        EtcdRegistry::prefix(self)
+    }
+    async fn read_config(&self) -> Result<(ConfigState, i64), RegistryError> {
+        EtcdRegistry::read_config(self).await
+    }
+    async fn watch_config(&self, start_revision: i64) -> Result<EtcdConfigWatch, RegistryError> {
+        Ok(EtcdConfigWatch(
+            EtcdRegistry::watch_config(self, start_revision).await?,
+        ))
+    }
 
     fn subnet_key(&self, key: &SubnetKey) -> String {
         EtcdRegistry::subnet_key(self, key)
@@ -483,6 +498,22 @@ impl Registry for EtcdRegistry {
             stream: self.open_subnet_watch(start_revision).await?,
             subnets_prefix: self.subnets_prefix(),
         })
+    }
+}
+
+/// etcd's watch stream on `<prefix>/config`.
+pub struct EtcdConfigWatch(WatchStream);
+
+impl ConfigWatch for EtcdConfigWatch {
+    async fn changed(&mut self) -> Result<bool, RegistryError> {
+        loop {
+            match self.0.message().await? {
+                // Progress notifications carry no event.
+                Some(resp) if resp.events().is_empty() => continue,
+                Some(_) => return Ok(true),
+                None => return Ok(false),
+            }
+        }
     }
 }
 

@@ -11,10 +11,15 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::etcd::subnet_change;
-use super::registry::{LeaseListing, Registry, RegistryError, SubnetWatch, WatchResponse};
+use super::registry::{
+    ConfigState, ConfigWatch, LeaseListing, Registry, RegistryError, SubnetWatch, WatchResponse,
+};
+use crate::config::NetworkConfig;
 use crate::lease::{Lease, LeaseAttrs, SubnetKey};
 
-/// The prefix keys are named under (upstream's default `--etcd-prefix`).
+/// Upstream's default `--etcd-prefix`, which keys are named under.
+pub const PREFIX: &str = "/coreos.com/network";
+/// The prefix subnet keys are named under.
 pub const SUBNETS_PREFIX: &str = "/coreos.com/network/subnets/";
 
 #[derive(Debug, Clone)]
@@ -47,6 +52,10 @@ struct State {
     next_lease: i64,
     history: Vec<Change>,
     down: bool,
+    /// `<prefix>/config`: its value and mod revision, if present.
+    config: Option<(Vec<u8>, i64)>,
+    /// Revision of the last write to the config key (put or delete).
+    config_revision: i64,
     /// Bumped on each outage: watches opened before it break.
     epoch: u64,
     before_write: Option<Hook>,
@@ -207,6 +216,16 @@ impl MemoryRegistry {
         })
     }
 
+    /// Write `<prefix>/config` (an operator's `etcdctl put`); `None` deletes it.
+    pub fn set_config(&self, value: Option<&[u8]>) -> i64 {
+        self.mutate(|s| {
+            s.revision += 1;
+            s.config = value.map(|v| (v.to_vec(), s.revision));
+            s.config_revision = s.revision;
+            s.revision
+        })
+    }
+
     /// Grant a TTL lease outside the code under test (another node's).
     pub fn grant_now(&self, ttl_secs: i64) -> i64 {
         self.mutate(|s| {
@@ -268,6 +287,37 @@ impl MemoryRegistry {
 
 impl Registry for MemoryRegistry {
     type Watch = MemoryWatch;
+    type ConfigWatch = MemoryConfigWatch;
+
+    fn prefix(&self) -> &str {
+        PREFIX
+    }
+    async fn read_config(&self) -> Result<(ConfigState, i64), RegistryError> {
+        let s = self.up()?;
+        let state = match &s.config {
+            None => ConfigState::Missing,
+            Some((value, mod_revision)) => match NetworkConfig::parse(value) {
+                Ok(config) => ConfigState::Valid {
+                    config,
+                    mod_revision: *mod_revision,
+                },
+                Err(error) => ConfigState::Invalid {
+                    error,
+                    mod_revision: *mod_revision,
+                },
+            },
+        };
+        Ok((state, s.revision))
+    }
+    async fn watch_config(&self, start_revision: i64) -> Result<MemoryConfigWatch, RegistryError> {
+        let epoch = self.up()?.epoch;
+        Ok(MemoryConfigWatch {
+            registry: self.clone(),
+            changed: self.changed.subscribe(),
+            from: start_revision,
+            epoch,
+        })
+    }
 
     fn subnet_key(&self, key: &SubnetKey) -> String {
         format!("{SUBNETS_PREFIX}{key}")
@@ -411,5 +461,33 @@ impl SubnetWatch for MemoryWatch {
         drop(self.registry.up()?);
         self.progress_requested = true;
         Ok(())
+    }
+}
+
+/// A watch on the in-memory config key.
+pub struct MemoryConfigWatch {
+    registry: MemoryRegistry,
+    changed: watch::Receiver<u64>,
+    from: i64,
+    epoch: u64,
+}
+
+impl ConfigWatch for MemoryConfigWatch {
+    async fn changed(&mut self) -> Result<bool, RegistryError> {
+        loop {
+            self.changed.borrow_and_update();
+            {
+                let s = self.registry.lock();
+                if s.down || s.epoch != self.epoch {
+                    return Err(unavailable());
+                }
+                if s.config_revision >= self.from {
+                    return Ok(true);
+                }
+            }
+            if self.changed.changed().await.is_err() {
+                return Ok(false);
+            }
+        }
     }
 }

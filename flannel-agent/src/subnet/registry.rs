@@ -50,10 +50,33 @@ pub trait SubnetWatch: Send {
     fn request_progress(&mut self) -> impl Future<Output = Result<(), RegistryError>> + Send;
 }
 
+/// A watch on `<prefix>/config` from some revision on.
+pub trait ConfigWatch: Send {
+    /// Resolves once the config key changed: `Ok(true)`; `Ok(false)` when the stream ended,
+    /// `Err` when it broke.
+    fn changed(&mut self) -> impl Future<Output = Result<bool, RegistryError>> + Send;
+}
+
 /// Subnet leases with TTLs, compare-and-set writes and a watch: the operations flannel's
-/// subnet manager uses on etcd.
+/// subnet manager uses on etcd; and the network config next to them.
 pub trait Registry: Clone + Send + Sync + 'static {
     type Watch: SubnetWatch;
+    type ConfigWatch: ConfigWatch;
+
+    /// The `--etcd-prefix` in use (without a trailing slash).
+    fn prefix(&self) -> &str;
+    /// The full key name of the network config.
+    fn config_key(&self) -> String {
+        format!("{}/config", self.prefix())
+    }
+    /// The config as it is now, and the revision it was read at.
+    fn read_config(&self)
+        -> impl Future<Output = Result<(ConfigState, i64), RegistryError>> + Send;
+    /// Watch the config key from `start_revision` on.
+    fn watch_config(
+        &self,
+        start_revision: i64,
+    ) -> impl Future<Output = Result<Self::ConfigWatch, RegistryError>> + Send;
 
     /// The full key name of a subnet (for log lines and the sanity check).
     fn subnet_key(&self, key: &SubnetKey) -> String;
