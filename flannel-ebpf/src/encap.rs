@@ -10,12 +10,12 @@ use aya_ebpf::{
     helpers::{bpf_csum_diff, bpf_redirect_neigh, bpf_skb_change_head, bpf_skb_load_bytes},
     programs::TcContext,
 };
-use flannel_common::{Config, CONFIG_F_COMPLETE_CSUM};
+use flannel_common::{Config, Counter, CONFIG_F_COMPLETE_CSUM};
 
 use crate::frame::{bytes_at, change_tail, store_saved};
 use crate::hdr::{self, addr, be16, eth, fold, ipv4, put16, tcp, udp};
 use crate::maps::{peer_of, SCRATCH};
-use crate::stats::{count_tx, Drop};
+use crate::stats::count_tx;
 
 /// Outer IPv4 + UDP, without options: what encapsulation adds in front of the inner packet.
 pub const ENCAP_LEN: usize = ipv4::MIN_LEN + udp::LEN;
@@ -31,44 +31,44 @@ pub const SAVED_MAX: usize = eth::LEN + ipv4::MAX_LEN + 6;
 /// TC egress on the overlay device: `data` starts at the inner IPv4 header (TUN, `L2` = 0) or
 /// at the Ethernet header in front of it (ifb, `L2` = 14).
 #[inline(always)]
-pub fn encap<const L2: usize>(ctx: &TcContext, cfg: &Config) -> Result<i32, Drop> {
+pub fn encap<const L2: usize>(ctx: &TcContext, cfg: &Config) -> Result<i32, Counter> {
     if ctx.skb.protocol() != u32::from(eth::P_IP.to_be()) {
-        return Err(Drop::NotIpv4);
+        return Err(Counter::DropNotIpv4);
     }
     let skb_len = ctx.len() as usize;
     if skb_len < L2 + ipv4::MIN_LEN {
-        return Err(Drop::Malformed);
+        return Err(Counter::DropMalformed);
     }
     let inner_len = skb_len - L2;
     let hdr = match bytes_at::<_, { ipv4::MIN_LEN }>(ctx, L2) {
         Some(h) => h,
         None => {
             ctx.pull_data((L2 + ipv4::MIN_LEN) as u32)
-                .map_err(|_| Drop::HelperError)?;
-            bytes_at::<_, { ipv4::MIN_LEN }>(ctx, L2).ok_or(Drop::Malformed)?
+                .map_err(|_| Counter::DropHelperError)?;
+            bytes_at::<_, { ipv4::MIN_LEN }>(ctx, L2).ok_or(Counter::DropMalformed)?
         }
     };
     // SAFETY: bounds checked against data_end above.
     let ip = unsafe { &mut *hdr };
     if ipv4::version(ip[ipv4::VER_IHL]) != ipv4::VERSION {
-        return Err(Drop::NotIpv4);
+        return Err(Counter::DropNotIpv4);
     }
     if ipv4::ihl_words(ip[ipv4::VER_IHL]) < 5 {
-        return Err(Drop::Malformed);
+        return Err(Counter::DropMalformed);
     }
     let Some(peer_ip) = peer_of(addr(ip, ipv4::DST), cfg) else {
-        return Err(Drop::NoPeer);
+        return Err(Counter::DropNoPeer);
     };
     let outer_len = inner_len + ENCAP_LEN;
     if outer_len > 0xffff {
-        return Err(Drop::Malformed);
+        return Err(Counter::DropMalformed);
     }
 
     // Upstream's proxy decrements the inner TTL (it routes once more); so do we. RFC 1624
     // incremental checksum update for the (ttl, protocol) word.
     let ttl = ip[ipv4::TTL];
     if ttl <= 1 {
-        return Err(Drop::TtlExceeded);
+        return Err(Counter::DropTtlExceeded);
     }
     let old_word = be16(ip, ipv4::TTL);
     let new_word = old_word - 0x0100;
@@ -102,14 +102,14 @@ pub fn encap<const L2: usize>(ctx: &TcContext, cfg: &Config) -> Result<i32, Drop
         flags = 0;
     }
     ctx.adjust_room((ENCAP_LEN + restore) as i32, BPF_ADJ_ROOM_MAC, flags)
-        .map_err(|_| Drop::HelperError)?;
+        .map_err(|_| Counter::DropHelperError)?;
     // bpf_redirect_neigh needs a MAC header in front of the network header; it fills the
     // addresses from the neighbour entry. The ifb's frames have one already.
     // SAFETY: helper call on our own context.
     if L2 == 0 && unsafe { bpf_skb_change_head(ctx.skb.skb, eth::LEN as u32, 0) } != 0 {
-        return Err(Drop::HelperError);
+        return Err(Counter::DropHelperError);
     }
-    let out = bytes_at::<_, { eth::LEN + ENCAP_LEN }>(ctx, 0).ok_or(Drop::HelperError)?;
+    let out = bytes_at::<_, { eth::LEN + ENCAP_LEN }>(ctx, 0).ok_or(Counter::DropHelperError)?;
     // SAFETY: bounds checked against data_end above.
     write_outer_headers(unsafe { &mut *out }, cfg, peer_ip, inner_len);
 
@@ -190,7 +190,7 @@ fn complete_l4_checksum(
     ihl: usize,
     inner_len: usize,
     saved: &mut [u8; SAVED_MAX],
-) -> Result<usize, Drop> {
+) -> Result<usize, Counter> {
     let proto = ip[ipv4::PROTO];
     if be16(ip, ipv4::FRAG) & (ipv4::MF | ipv4::OFFSET_MASK) != 0
         || usize::from(be16(ip, ipv4::TOT_LEN)) != inner_len
@@ -219,7 +219,7 @@ fn complete_l4_checksum(
     }
 
     // Sum the segment as it is (its field included) in chunks, then take the field out.
-    let buf = SCRATCH.get_ptr_mut(0).ok_or(Drop::HelperError)?;
+    let buf = SCRATCH.get_ptr_mut(0).ok_or(Counter::DropHelperError)?;
     let mut wsum: u32 = 0;
     let mut off = l4;
     // Counted down on its own (not inner_len - off): the verifier must see n >= 1.
@@ -239,14 +239,14 @@ fn complete_l4_checksum(
             bpf_skb_load_bytes(ctx.skb.skb as *const _, off as u32, buf.cast(), n as u32)
         };
         if rc != 0 {
-            return Err(Drop::HelperError);
+            return Err(Counter::DropHelperError);
         }
         // n rounded up to 4, written so the verifier sees n4 <= CSUM_CHUNK.
         let n4 = ((n - 1) | 3) + 1;
         // SAFETY: from is null with size 0; to is the scratch slot, n4 <= CSUM_CHUNK bytes.
         let r = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, buf.cast(), n4 as u32, wsum) };
         if r < 0 {
-            return Err(Drop::HelperError);
+            return Err(Counter::DropHelperError);
         }
         wsum = r as u32;
         off += n;
@@ -258,7 +258,7 @@ fn complete_l4_checksum(
         c = 0xffff;
     }
     ctx.store(l4 + field, &c.to_be_bytes(), 0)
-        .map_err(|_| Drop::HelperError)?;
+        .map_err(|_| Counter::DropHelperError)?;
 
     let cut = l2 + ihl + 1;
     if cut > SAVED_MAX {
@@ -278,9 +278,9 @@ fn complete_l4_checksum(
         )
     };
     if rc != 0 {
-        return Err(Drop::HelperError);
+        return Err(Counter::DropHelperError);
     }
     ctx.adjust_room(-(cut as i32), BPF_ADJ_ROOM_MAC, 0)
-        .map_err(|_| Drop::HelperError)?;
+        .map_err(|_| Counter::DropHelperError)?;
     Ok(cut)
 }

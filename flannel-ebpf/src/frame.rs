@@ -7,7 +7,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 
-use crate::stats::Drop;
+use flannel_common::Counter;
 
 /// What the shared ingress checks need from a program context: the directly accessible
 /// packet bytes, and a bounds-checked read for the (rare) outer IP options.
@@ -61,10 +61,10 @@ pub fn bytes_at<F: Frame, const N: usize>(ctx: &F, offset: usize) -> Option<*mut
 
 /// Grows (zero-filled) or trims the packet to `len` bytes.
 #[inline(always)]
-pub fn change_tail(ctx: &TcContext, len: u32) -> Result<(), Drop> {
+pub fn change_tail(ctx: &TcContext, len: u32) -> Result<(), Counter> {
     // SAFETY: helper call on our own context.
     if unsafe { bpf_skb_change_tail(ctx.skb.skb, len, 0) } != 0 {
-        return Err(Drop::HelperError);
+        return Err(Counter::DropHelperError);
     }
     Ok(())
 }
@@ -76,9 +76,9 @@ pub fn store_saved<const N: usize>(
     offset: usize,
     saved: &[u8; N],
     len: usize,
-) -> Result<(), Drop> {
+) -> Result<(), Counter> {
     if len == 0 || len > N {
-        return Err(Drop::HelperError);
+        return Err(Counter::DropHelperError);
     }
     // SAFETY: saved holds N >= len bytes.
     let rc = unsafe {
@@ -91,7 +91,7 @@ pub fn store_saved<const N: usize>(
         )
     };
     if rc != 0 {
-        return Err(Drop::HelperError);
+        return Err(Counter::DropHelperError);
     }
     Ok(())
 }

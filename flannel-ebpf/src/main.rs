@@ -22,14 +22,14 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use flannel_common::CONFIG_F_OVERLAY_L2;
+use flannel_common::{Counter, CONFIG_F_OVERLAY_L2};
 
-use stats::{count_drop, drop_packet, Drop};
+use stats::{count_drop, drop_packet};
 
 #[classifier]
 pub fn flannel_encap(ctx: TcContext) -> i32 {
     let Some(cfg) = maps::config() else {
-        return drop_packet(Drop::NotConfigured);
+        return drop_packet(Counter::DropNotConfigured);
     };
     // One instance per overlay device type, so every packet offset stays a constant.
     let result = if cfg.flags & CONFIG_F_OVERLAY_L2 != 0 {

@@ -1,24 +1,10 @@
-//! The per-CPU counters in `flannel_stats` (one slot of [`Stats`]).
+//! The per-CPU counters in `flannel_stats` (one slot of [`Stats`], whose fields and the
+//! [`Counter`]s naming them are defined once in `flannel_common::counters`).
 
 use aya_ebpf::bindings::TC_ACT_SHOT;
-use flannel_common::Stats;
+use flannel_common::{Counter, Stats};
 
 use crate::maps::STATS;
-
-/// Which counter a dropped packet goes to.
-#[derive(Clone, Copy)]
-pub enum Drop {
-    NoPeer,
-    NotIpv4,
-    Malformed,
-    UnknownSender,
-    SpoofedSource,
-    TtlExceeded,
-    HelperError,
-    NotConfigured,
-    BadIpChecksum,
-    OtherHost,
-}
 
 #[inline(always)]
 fn stats() -> Option<&'static mut Stats> {
@@ -29,27 +15,16 @@ fn stats() -> Option<&'static mut Stats> {
 
 /// Counts a drop for `reason` and gives TC's verdict for it.
 #[inline(always)]
-pub fn drop_packet(reason: Drop) -> i32 {
+pub fn drop_packet(reason: Counter) -> i32 {
     count_drop(reason);
     TC_ACT_SHOT
 }
 
+/// Counts a drop for `reason` (a `Counter::Drop*`).
 #[inline(always)]
-pub fn count_drop(reason: Drop) {
+pub fn count_drop(reason: Counter) {
     if let Some(s) = stats() {
-        let counter = match reason {
-            Drop::NoPeer => &mut s.drop_no_peer,
-            Drop::NotIpv4 => &mut s.drop_not_ipv4,
-            Drop::Malformed => &mut s.drop_malformed,
-            Drop::UnknownSender => &mut s.drop_unknown_sender,
-            Drop::SpoofedSource => &mut s.drop_spoofed_source,
-            Drop::TtlExceeded => &mut s.drop_ttl_exceeded,
-            Drop::HelperError => &mut s.drop_helper_error,
-            Drop::NotConfigured => &mut s.drop_not_configured,
-            Drop::BadIpChecksum => &mut s.drop_bad_ip_checksum,
-            Drop::OtherHost => &mut s.drop_other_host,
-        };
-        *counter += 1;
+        *s.get_mut(reason) += 1;
     }
 }
 
@@ -57,8 +32,8 @@ pub fn count_drop(reason: Drop) {
 #[inline(always)]
 pub fn count_tx(inner_len: usize) {
     if let Some(s) = stats() {
-        s.tx_packets += 1;
-        s.tx_bytes += inner_len as u64;
+        *s.get_mut(Counter::TxPackets) += 1;
+        *s.get_mut(Counter::TxBytes) += inner_len as u64;
     }
 }
 
@@ -66,7 +41,7 @@ pub fn count_tx(inner_len: usize) {
 #[inline(always)]
 pub fn count_rx(inner_len: usize) {
     if let Some(s) = stats() {
-        s.rx_packets += 1;
-        s.rx_bytes += inner_len as u64;
+        *s.get_mut(Counter::RxPackets) += 1;
+        *s.get_mut(Counter::RxBytes) += inner_len as u64;
     }
 }

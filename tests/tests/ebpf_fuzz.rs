@@ -321,16 +321,7 @@ fn fit_for_test_run(rng: &mut Rng, mut f: Vec<u8>) -> Vec<u8> {
 }
 
 fn drops(s: &Stats) -> u64 {
-    s.drop_no_peer
-        + s.drop_not_ipv4
-        + s.drop_malformed
-        + s.drop_unknown_sender
-        + s.drop_spoofed_source
-        + s.drop_ttl_exceeded
-        + s.drop_helper_error
-        + s.drop_not_configured
-        + s.drop_bad_ip_checksum
-        + s.drop_other_host
+    s.drops()
 }
 
 // ---------------------------------------------------------------------------------------------

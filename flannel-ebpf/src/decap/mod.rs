@@ -15,7 +15,7 @@ use flannel_common::Config;
 use crate::frame::{bytes_at, Frame};
 use crate::hdr::{self, addr, be16, eth, fold, ipv4, udp};
 use crate::maps::{is_sender, peer_of};
-use crate::stats::Drop;
+use flannel_common::Counter;
 
 /// Inner bytes removed together with the outer headers on decap when the outer UDP checksum
 /// is still to be computed (see `tc::decap`), then put back.
@@ -45,7 +45,7 @@ pub fn check_ingress<F: Frame>(
     cfg: &Config,
     len: usize,
     other_host: impl FnOnce(&OuterHeaders) -> bool,
-) -> Result<Option<Checked>, Drop> {
+) -> Result<Option<Checked>, Counter> {
     let Some(outer) = bytes_at::<_, { eth::LEN + ipv4::MIN_LEN }>(ctx, 0) else {
         return Ok(None);
     };
@@ -85,25 +85,26 @@ pub fn check_ingress<F: Frame>(
     if other_host(outer) {
         // Sent to another MAC (a flooding switch, promiscuous mode): not for this host, as
         // ip_rcv would decide.
-        return Err(Drop::OtherHost);
+        return Err(Counter::DropOtherHost);
     }
     if !outer_header_checksum_ok(ctx, outer, ihl) {
-        return Err(Drop::BadIpChecksum);
+        return Err(Counter::DropBadIpChecksum);
     }
     if frag & ipv4::MF != 0 {
         // First fragment: decapsulating it needs reassembly, which TC cannot do. Senders set
         // DF and the overlay MTU leaves room for the headers, so this only happens when
         // something on the path ignores DF.
-        return Err(Drop::Malformed);
+        return Err(Counter::DropMalformed);
     }
     if outer_total < ihl + udp::LEN + ipv4::MIN_LEN || outer_total > len - eth::LEN {
-        return Err(Drop::Malformed);
+        return Err(Counter::DropMalformed);
     }
     let udp_len = usize::from(be16(udp, udp::LENGTH));
     if udp_len != outer_total - ihl {
-        return Err(Drop::Malformed);
+        return Err(Counter::DropMalformed);
     }
-    let inner = bytes_at::<_, { ipv4::MIN_LEN }>(ctx, udp_off + udp::LEN).ok_or(Drop::Malformed)?;
+    let inner =
+        bytes_at::<_, { ipv4::MIN_LEN }>(ctx, udp_off + udp::LEN).ok_or(Counter::DropMalformed)?;
     // SAFETY: bounds checked against data_end above.
     let inner = unsafe { &*inner };
     let inner_ver_ihl = inner[ipv4::VER_IHL];
@@ -112,7 +113,7 @@ pub fn check_ingress<F: Frame>(
         || ipv4::ihl_words(inner_ver_ihl) < 5
         || inner_total != udp_len - udp::LEN
     {
-        return Err(Drop::Malformed);
+        return Err(Counter::DropMalformed);
     }
     let mut inner_head = [0u8; DECAP_RESET_EXTRA];
     inner_head.copy_from_slice(&inner[..DECAP_RESET_EXTRA]);
@@ -121,9 +122,9 @@ pub fn check_ingress<F: Frame>(
     if peer_of(addr(inner, ipv4::SRC), cfg) != Some(outer_src) {
         // Slow path only: tell a stranger from a peer that lies about its source.
         return Err(if is_sender(outer_src) {
-            Drop::SpoofedSource
+            Counter::DropSpoofedSource
         } else {
-            Drop::UnknownSender
+            Counter::DropUnknownSender
         });
     }
     Ok(Some(Checked {

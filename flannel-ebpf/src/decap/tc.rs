@@ -8,14 +8,14 @@ use aya_ebpf::{
     helpers::bpf_redirect,
     programs::TcContext,
 };
-use flannel_common::{Config, CONFIG_F_OVERLAY_L2, XDP_DECAP_MARK};
+use flannel_common::{Config, Counter, CONFIG_F_OVERLAY_L2, XDP_DECAP_MARK};
 
 use super::{check_ingress, DECAP_RESET_EXTRA};
 use crate::encap::SAVED_MAX;
 use crate::frame::store_saved;
 use crate::hdr::{self, eth, ipv4, udp};
 use crate::maps::config;
-use crate::stats::{count_rx, Drop};
+use crate::stats::count_rx;
 
 /// Verdict for packets that are not ours: TC_ACT_UNSPEC, which TCX calls TCX_NEXT. Unlike
 /// TC_ACT_OK it does not end the device's program chain, so programs attached after us still
@@ -32,7 +32,7 @@ pub const XDP_META_LEN: usize = 4;
 
 /// TC ingress on the external device: `data` starts at the Ethernet header.
 #[inline(always)]
-pub fn decap(ctx: &TcContext) -> Result<i32, Drop> {
+pub fn decap(ctx: &TcContext) -> Result<i32, Counter> {
     if ctx.skb.protocol() != u32::from(eth::P_IP.to_be()) {
         return Ok(NOT_OURS);
     }
@@ -75,9 +75,9 @@ pub fn decap(ctx: &TcContext) -> Result<i32, Drop> {
             BPF_ADJ_ROOM_MAC,
             fixed_gso,
         )
-        .map_err(|_| Drop::HelperError)?;
+        .map_err(|_| Counter::DropHelperError)?;
         ctx.adjust_room(DECAP_RESET_EXTRA as i32, BPF_ADJ_ROOM_MAC, fixed_gso)
-            .map_err(|_| Drop::HelperError)?;
+            .map_err(|_| Counter::DropHelperError)?;
         store_saved(ctx, eth::LEN, &inner_head, DECAP_RESET_EXTRA)?;
     } else {
         // SAFETY: ctx.skb.skb is the program's context pointer.
@@ -98,7 +98,7 @@ pub fn decap(ctx: &TcContext) -> Result<i32, Drop> {
                 .is_ok();
         if !cleared {
             ctx.adjust_room(-(outer_hlen as i32), BPF_ADJ_ROOM_MAC, fixed_gso)
-                .map_err(|_| Drop::HelperError)?;
+                .map_err(|_| Counter::DropHelperError)?;
         }
     }
     count_rx(c.inner_total);
@@ -107,14 +107,14 @@ pub fn decap(ctx: &TcContext) -> Result<i32, Drop> {
 
 /// Hands a decapsulated frame (Ethernet + inner IPv4) to the overlay device's ingress.
 #[inline(always)]
-fn deliver(ctx: &TcContext, cfg: &Config) -> Result<i32, Drop> {
+fn deliver(ctx: &TcContext, cfg: &Config) -> Result<i32, Counter> {
     if cfg.decap_ifindex == 0 {
         return Ok(TC_ACT_OK);
     }
     if cfg.flags & CONFIG_F_OVERLAY_L2 != 0 {
         // An Ethernet overlay device takes the frame as its own only when addressed to it.
         ctx.store(0, &cfg.overlay_mac, 0)
-            .map_err(|_| Drop::HelperError)?;
+            .map_err(|_| Counter::DropHelperError)?;
     }
     // As if the packet had been written to the TUN: it enters the stack on flannel0.
     // SAFETY: plain helper call.

@@ -8,17 +8,17 @@ use aya_ebpf::{
     helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_meta},
     programs::XdpContext,
 };
-use flannel_common::XDP_DECAP_MARK;
+use flannel_common::{Counter, XDP_DECAP_MARK};
 
 use super::tc::XDP_META_LEN;
 use super::{check_ingress, OuterHeaders};
 use crate::frame::{bytes_at, Frame};
 use crate::hdr::{eth, put16};
 use crate::maps::config;
-use crate::stats::{count_rx, Drop};
+use crate::stats::count_rx;
 
 #[inline(always)]
-pub fn decap_xdp(ctx: &XdpContext) -> Result<u32, Drop> {
+pub fn decap_xdp(ctx: &XdpContext) -> Result<u32, Counter> {
     let Some(cfg) = config() else {
         return Ok(XDP_PASS);
     };
@@ -29,12 +29,12 @@ pub fn decap_xdp(ctx: &XdpContext) -> Result<u32, Drop> {
     };
     let macs = *bytes_at::<_, { eth::ADDRS_LEN }>(ctx, 0)
         .map(|p| unsafe { &*p }) // SAFETY: bounds checked against data_end.
-        .ok_or(Drop::Malformed)?;
+        .ok_or(Counter::DropMalformed)?;
     // SAFETY: helper call on our own context.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, c.outer_hlen as i32) } != 0 {
-        return Err(Drop::HelperError);
+        return Err(Counter::DropHelperError);
     }
-    let frame = bytes_at::<_, { eth::LEN }>(ctx, 0).ok_or(Drop::HelperError)?;
+    let frame = bytes_at::<_, { eth::LEN }>(ctx, 0).ok_or(Counter::DropHelperError)?;
     // SAFETY: bounds checked against data_end above.
     let frame = unsafe { &mut *frame };
     frame[..eth::ADDRS_LEN].copy_from_slice(&macs);
@@ -42,11 +42,11 @@ pub fn decap_xdp(ctx: &XdpContext) -> Result<u32, Drop> {
     // SAFETY: helper call on our own context.
     if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -(XDP_META_LEN as i32)) } != 0 {
         // Without the mark TC would not deliver it to the overlay device.
-        return Err(Drop::HelperError);
+        return Err(Counter::DropHelperError);
     }
     let meta = ctx.metadata();
     if meta + XDP_META_LEN > ctx.data() {
-        return Err(Drop::HelperError);
+        return Err(Counter::DropHelperError);
     }
     // SAFETY: the metadata area is XDP_META_LEN bytes, checked against data above.
     unsafe { (meta as *mut u32).write_unaligned(XDP_DECAP_MARK) };
