@@ -23,8 +23,9 @@ use flannel_agent::cli::UdpDecap;
 use flannel_common::{Stats, XDP_DECAP_MARK};
 use flannel_tests::bpf::{obj_get, test_run, test_run_xdp};
 use flannel_tests::pktgen::{
-    arp_request, checksum, ether, inner, ipv4, ipv6, l4_checksum_ok, pseudo_seed, set_frag, tcp4,
-    tunnelled, udp, ETH_P_ARP, ETH_P_IPV6, IP_DF, IP_MF, SRC_MAC,
+    arp_request, checksum, ether, inner, ipv4, ipv4_off, ipv6, l4_checksum_ok, pseudo_seed,
+    refresh_ipv4_checksum, set_frag, tcp4, tunnelled, udp, ETH_HLEN, ETH_P_ARP, ETH_P_IPV6, IP_DF,
+    IP_MF, SRC_MAC,
 };
 use flannel_tests::Netns;
 use ipnetwork::Ipv4Network;
@@ -480,10 +481,8 @@ fn encap_completes_checksums_left_to_a_virtual_wire_and_nothing_else_on(overlay:
     // The TTL drops by one on the way; nothing else changes unless noted.
     let sent = |p: &[u8]| {
         let mut p = p.to_vec();
-        p[8] -= 1;
-        p[10..12].copy_from_slice(&[0, 0]);
-        let c = checksum(&p[..20]);
-        p[10..12].copy_from_slice(&c.to_be_bytes());
+        p[ipv4_off::TTL] -= 1;
+        refresh_ipv4_checksum(&mut p);
         p
     };
     let payload: Vec<u8> = (0..1000u32).map(|i| (i * 7) as u8).collect();
@@ -750,11 +749,11 @@ fn decap_drops_and_counts_by_reason_with(decap: UdpDecap) {
     short_inner.truncate(plain.len() - 4);
     // Outer total length beyond the frame.
     let mut long_outer = tunnelled(PEER_IP, OUR_IP, PORT, &plain);
-    let total = u16::from_be_bytes([long_outer[16], long_outer[17]]) + 10;
-    long_outer[16..18].copy_from_slice(&total.to_be_bytes());
-    long_outer[24..26].copy_from_slice(&[0, 0]);
-    let c = checksum(&long_outer[14..34]);
-    long_outer[24..26].copy_from_slice(&c.to_be_bytes());
+    let outer_ip = &mut long_outer[ETH_HLEN..];
+    let at = ipv4_off::TOT_LEN;
+    let total = u16::from_be_bytes([outer_ip[at], outer_ip[at + 1]]) + 10;
+    outer_ip[at..at + 2].copy_from_slice(&total.to_be_bytes());
+    refresh_ipv4_checksum(outer_ip);
     // Not an IPv4 inner packet.
     let mut not_v4_inner = plain.clone();
     not_v4_inner[0] = 0x65;
