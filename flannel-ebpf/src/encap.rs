@@ -53,14 +53,14 @@ pub fn encap<const L2: usize>(ctx: &TcContext, cfg: &Config) -> Result<i32, Coun
     if ipv4::version(ip[ipv4::VER_IHL]) != ipv4::VERSION {
         return Err(Counter::DropNotIpv4);
     }
-    if ipv4::ihl_words(ip[ipv4::VER_IHL]) < 5 {
+    if ipv4::ihl_words(ip[ipv4::VER_IHL]) < ipv4::MIN_IHL_WORDS {
         return Err(Counter::DropMalformed);
     }
     let Some(peer_ip) = peer_of(addr(ip, ipv4::DST), cfg) else {
         return Err(Counter::DropNoPeer);
     };
     let outer_len = inner_len + ENCAP_LEN;
-    if outer_len > 0xffff {
+    if outer_len > usize::from(u16::MAX) {
         return Err(Counter::DropMalformed);
     }
 
@@ -71,7 +71,7 @@ pub fn encap<const L2: usize>(ctx: &TcContext, cfg: &Config) -> Result<i32, Coun
         return Err(Counter::DropTtlExceeded);
     }
     let old_word = be16(ip, ipv4::TTL);
-    let new_word = old_word - 0x0100;
+    let new_word = old_word - (1 << 8); // the TTL is the high byte
     let old_csum = be16(ip, ipv4::CSUM);
     let csum = !fold(u32::from(!old_csum) + u32::from(!old_word) + u32::from(new_word));
     ip[ipv4::TTL] = ttl - 1;

@@ -22,6 +22,8 @@ pub mod ipv4 {
     pub const MAX_LEN: usize = 60;
     pub const VERSION: u8 = 4;
     pub const VER_IHL: usize = 0;
+    /// The smallest header length, in 32-bit words (a header without options).
+    pub const MIN_IHL_WORDS: u8 = 5;
     /// Version 4, header length 5 words: a header without options.
     pub const VER_IHL_NO_OPTIONS: u8 = 0x45;
     pub const TOS: usize = 1;

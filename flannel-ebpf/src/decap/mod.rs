@@ -110,7 +110,7 @@ pub fn check_ingress<F: Frame>(
     let inner_ver_ihl = inner[ipv4::VER_IHL];
     let inner_total = usize::from(be16(inner, ipv4::TOT_LEN));
     if ipv4::version(inner_ver_ihl) != ipv4::VERSION
-        || ipv4::ihl_words(inner_ver_ihl) < 5
+        || ipv4::ihl_words(inner_ver_ihl) < ipv4::MIN_IHL_WORDS
         || inner_total != udp_len - udp::LEN
     {
         return Err(Counter::DropMalformed);
