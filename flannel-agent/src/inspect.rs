@@ -11,7 +11,7 @@ use aya::maps::{Array, HashMap, Map, MapData};
 use aya::programs::{tc::TcAttachType, SchedClassifier};
 use flannel_agent::backend::udp::ebpf::{read_pinned_stats, DEFAULT_PIN_DIR};
 use flannel_agent::backend::udp::pin_lock::NETNS_MARKER;
-use flannel_common::{map_names, prog_names, Config, PeerKey, PeerValue, Stats};
+use flannel_common::{map_names, prog_names, Config, Counter, PeerKey, PeerValue, Stats};
 
 /// The udp backend's overlay device (upstream's name, fixed).
 const OVERLAY_DEVICE: &str = "flannel0";
@@ -184,21 +184,6 @@ fn attached(ifindex: u32, attach: TcAttachType) -> String {
     }
 }
 
-fn counters(s: &Stats) -> [(&'static str, u64); 14] {
-    [
-        ("tx_packets", s.tx_packets),
-        ("tx_bytes", s.tx_bytes),
-        ("rx_packets", s.rx_packets),
-        ("rx_bytes", s.rx_bytes),
-        ("drop_no_peer", s.drop_no_peer),
-        ("drop_not_ipv4", s.drop_not_ipv4),
-        ("drop_malformed", s.drop_malformed),
-        ("drop_unknown_sender", s.drop_unknown_sender),
-        ("drop_spoofed_source", s.drop_spoofed_source),
-        ("drop_ttl_exceeded", s.drop_ttl_exceeded),
-        ("drop_helper_error", s.drop_helper_error),
-        ("drop_not_configured", s.drop_not_configured),
-        ("drop_bad_ip_checksum", s.drop_bad_ip_checksum),
-        ("drop_other_host", s.drop_other_host),
-    ]
+fn counters(s: &Stats) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+    Counter::ALL.into_iter().map(|c| (c.name(), s.get(c)))
 }

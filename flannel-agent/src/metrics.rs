@@ -12,6 +12,8 @@ use crate::backend::DataplaneStats;
 use crate::cli::UdpDataplaneKind;
 use crate::status::AgentStatus;
 use crate::subnet::watch::WatchHealth;
+use flannel_common::counters::{self, CountedBy};
+use flannel_common::Counter;
 
 /// The `Content-Type` of the text exposition format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -36,35 +38,9 @@ impl DataplaneKind {
 pub struct DataplaneSample {
     pub kind: DataplaneKind,
     pub stats: DataplaneStats,
-    /// Drop reasons only the eBPF programs count (in the pinned map); None on TUN.
-    pub ebpf_drops: Option<EbpfDrops>,
-}
-
-/// Drop counters of the eBPF programs that the TUN data plane has no equivalent of.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct EbpfDrops {
-    /// TTL expiries at the tunnel hop.
-    pub ttl_exceeded: u64,
-    /// A BPF helper (adjust_room, redirect, FIB lookup) failed.
-    pub helper_error: u64,
-    /// A packet arrived before the agent wrote the program's config.
-    pub not_configured: u64,
-    /// Outer IPv4 header checksum wrong.
-    pub bad_ip_checksum: u64,
-    /// Frames for another host's MAC.
-    pub other_host: u64,
-}
-
-impl EbpfDrops {
-    fn from_stats(s: &flannel_common::Stats) -> Self {
-        EbpfDrops {
-            ttl_exceeded: s.drop_ttl_exceeded,
-            helper_error: s.drop_helper_error,
-            not_configured: s.drop_not_configured,
-            bad_ip_checksum: s.drop_bad_ip_checksum,
-            other_host: s.drop_other_host,
-        }
-    }
+    /// Whether the counters only the eBPF programs count ([`CountedBy::Ebpf`]) were read (from
+    /// the pinned map) and are shown; false on TUN, which has no equivalent of them.
+    pub ebpf_counters: bool,
 }
 
 impl DataplaneSample {
@@ -75,7 +51,7 @@ impl DataplaneSample {
         requested: UdpDataplaneKind,
         pin_dir: &Path,
     ) -> Option<DataplaneSample> {
-        let stats = stats?;
+        let mut stats = stats?;
         let pinned = match requested {
             UdpDataplaneKind::Tun => None,
             UdpDataplaneKind::Ebpf | UdpDataplaneKind::Auto => read_pinned_stats(pin_dir).ok(),
@@ -85,10 +61,17 @@ impl DataplaneSample {
             (UdpDataplaneKind::Ebpf, _) | (UdpDataplaneKind::Auto, Some(_)) => DataplaneKind::Ebpf,
             _ => DataplaneKind::Tun,
         };
+        if let Some(pinned) = &pinned {
+            for c in Counter::ALL {
+                if c.counted_by() == CountedBy::Ebpf {
+                    *stats.get_mut(c) = pinned.get(c);
+                }
+            }
+        }
         Some(DataplaneSample {
             kind,
             stats,
-            ebpf_drops: pinned.as_ref().map(EbpfDrops::from_stats),
+            ebpf_counters: pinned.is_some(),
         })
     }
 }
@@ -267,69 +250,15 @@ fn render_dataplane(out: &mut String, dp: &DataplaneSample) {
         &[("kind", dp.kind.label())],
         1,
     );
-    family(
-        out,
-        "flannel_dataplane_packets_total",
-        "counter",
-        "Packets encapsulated (tx) and decapsulated (rx) by the udp data plane.",
-    );
-    sample(
-        out,
-        "flannel_dataplane_packets_total",
-        &[("direction", "tx")],
-        s.tx_packets,
-    );
-    sample(
-        out,
-        "flannel_dataplane_packets_total",
-        &[("direction", "rx")],
-        s.rx_packets,
-    );
-    family(
-        out,
-        "flannel_dataplane_bytes_total",
-        "counter",
-        "Inner-packet bytes encapsulated (tx) and decapsulated (rx) by the udp data plane.",
-    );
-    sample(
-        out,
-        "flannel_dataplane_bytes_total",
-        &[("direction", "tx")],
-        s.tx_bytes,
-    );
-    sample(
-        out,
-        "flannel_dataplane_bytes_total",
-        &[("direction", "rx")],
-        s.rx_bytes,
-    );
-    family(
-        out,
-        "flannel_dataplane_drops_total",
-        "counter",
-        "Packets the udp data plane dropped, by reason.",
-    );
-    let mut drops = vec![
-        ("no_peer", s.drop_no_peer),
-        ("not_ipv4", s.drop_not_ipv4),
-        ("malformed", s.drop_malformed),
-        ("unknown_sender", s.drop_unknown_sender),
-        ("spoofed_source", s.drop_spoofed_source),
-    ];
-    if let Some(e) = &dp.ebpf_drops {
-        drops.push(("ttl_exceeded", e.ttl_exceeded));
-        drops.push(("helper_error", e.helper_error));
-        drops.push(("not_configured", e.not_configured));
-        drops.push(("bad_ip_checksum", e.bad_ip_checksum));
-        drops.push(("other_host", e.other_host));
-    }
-    for (reason, n) in drops {
-        sample(
-            out,
-            "flannel_dataplane_drops_total",
-            &[("reason", reason)],
-            n,
-        );
+    // Every counter of the table, family by family; no made-up zeros for counters this data
+    // plane does not have.
+    for f in counters::FAMILIES {
+        family(out, f.name, "counter", f.help);
+        for c in Counter::ALL {
+            if c.family() == f && (c.counted_by() == CountedBy::Both || dp.ebpf_counters) {
+                sample(out, f.name, &[(f.label, c.label())], s.get(c));
+            }
+        }
     }
 }
 
@@ -392,14 +321,13 @@ mod tests {
                 drop_malformed: 3,
                 drop_unknown_sender: 4,
                 drop_spoofed_source: 5,
+                drop_ttl_exceeded: 6,
+                drop_helper_error: 7,
+                drop_not_configured: 8,
+                drop_bad_ip_checksum: 9,
+                drop_other_host: 10,
             },
-            ebpf_drops: Some(EbpfDrops {
-                ttl_exceeded: 6,
-                helper_error: 7,
-                not_configured: 8,
-                bad_ip_checksum: 9,
-                other_host: 10,
-            }),
+            ebpf_counters: true,
         });
         let body = render(&state, dataplane.as_ref());
         let expect = [
@@ -473,7 +401,7 @@ mod tests {
         let dataplane = Some(DataplaneSample {
             kind: DataplaneKind::Tun,
             stats: DataplaneStats::default(),
-            ebpf_drops: None,
+            ebpf_counters: false,
         });
         let body = render(&state, dataplane.as_ref());
         let mut typed = Vec::new();

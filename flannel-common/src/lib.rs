@@ -6,6 +6,9 @@
 //! them as readable `[10,244,1,0]`.
 #![no_std]
 
+pub mod counters;
+pub use counters::{Counter, Stats};
+
 /// Kernel names of the maps (and file names of their pins in the pin directory).
 pub mod map_names {
     /// Peer table: subnet network address -> peer public IP ([`crate::PeerKey`] -> [`crate::PeerValue`]).
@@ -122,40 +125,6 @@ pub const CONFIG_F_COMPLETE_CSUM: u32 = 1 << 0;
 /// which keeps its carrier with no process attached), not a TUN's bare IPv4.
 pub const CONFIG_F_OVERLAY_L2: u32 = 1 << 1;
 
-/// Counters, one copy per CPU (the agent sums them).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct Stats {
-    /// Packets (GSO super-packets count once) and inner-packet bytes encapsulated.
-    pub tx_packets: u64,
-    pub tx_bytes: u64,
-    /// Packets and inner-packet bytes decapsulated and delivered.
-    pub rx_packets: u64,
-    pub rx_bytes: u64,
-    /// Encap: no peer owns the destination subnet.
-    pub drop_no_peer: u64,
-    /// Encap: a non-IPv4 packet on the overlay device.
-    pub drop_not_ipv4: u64,
-    /// Bad headers: encap input too short or not a valid IPv4 header; decap (our IP and port)
-    /// with truncated/inconsistent outer or inner headers, or an outer fragment.
-    pub drop_malformed: u64,
-    /// Decap: outer source is not a peer's public IP.
-    pub drop_unknown_sender: u64,
-    /// Decap: outer source is a peer, but the inner source is not in that peer's subnet.
-    pub drop_spoofed_source: u64,
-    /// Encap: inner TTL would reach 0 (upstream's proxy drops those silently too).
-    pub drop_ttl_exceeded: u64,
-    /// A kernel helper failed (resizing the packet or redirecting it).
-    pub drop_helper_error: u64,
-    /// Encap ran before the agent wrote the configuration (decap passes everything then).
-    pub drop_not_configured: u64,
-    /// Decap: the outer IPv4 header checksum is wrong (the stack would drop it too).
-    pub drop_bad_ip_checksum: u64,
-    /// Decap: the frame was addressed to another host's MAC (pkt_type other-host, seen in
-    /// promiscuous mode or on a flooding switch), which the stack drops.
-    pub drop_other_host: u64,
-}
-
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all of these are #[repr(C)], Copy, and made of integers with no padding.
@@ -175,5 +144,6 @@ const _: () = {
     assert!(core::mem::size_of::<SenderKey>() == 4);
     assert!(core::mem::size_of::<SenderValue>() == 4);
     assert!(core::mem::size_of::<Config>() == 48);
-    assert!(core::mem::size_of::<Stats>() == 14 * 8);
+    // One u64 per counter, nothing else.
+    assert!(core::mem::size_of::<Stats>() == Counter::ALL.len() * 8);
 };

@@ -12,6 +12,7 @@ pub mod etcd_cluster;
 pub mod netns;
 pub mod overlay;
 pub mod pki;
+pub mod pktgen;
 pub mod tls;
 pub mod traffic;
 

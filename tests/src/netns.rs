@@ -92,6 +92,13 @@ impl Netns {
         Ok(ns)
     }
 
+    /// A fresh namespace `fl<pid>x<n>-<what>`, after removing those of earlier runs whose
+    /// process is gone.
+    pub fn unique(what: &str) -> Result<Self> {
+        remove_stale();
+        Netns::create(&format!("{}-{what}", unique_tag()))
+    }
+
     pub fn path(&self) -> PathBuf {
         PathBuf::from(format!("/run/netns/{}", self.name))
     }
@@ -130,6 +137,23 @@ impl Netns {
         })
         .join()
         .map_err(|_| anyhow::anyhow!("thread in namespace panicked"))?
+    }
+
+    /// `run_in` for test code, where not getting into the namespace is a test failure.
+    pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        self.run_in(f)
+            .unwrap_or_else(|e| panic!("in namespace {}: {e:#}", self.name))
+    }
+
+    /// The interface index of device `name` in this namespace.
+    pub fn ifindex(&self, name: &str) -> Result<u32> {
+        let c = std::ffi::CString::new(name).context("device name")?;
+        // SAFETY: NUL-terminated name.
+        let idx = self.run_in(move || unsafe { libc::if_nametoindex(c.as_ptr()) })?;
+        if idx == 0 {
+            bail!("no device {name} in namespace {}", self.name);
+        }
+        Ok(idx)
     }
 
     /// Like `run_in`, but returns at once with a handle to join later.

@@ -7,16 +7,19 @@
 //! Needs root and the eBPF object compiled into flannel-agent (`cargo xtask build-ebpf`
 //! before building the tests); fails loudly otherwise.
 
-use std::ffi::CString;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::process::Command;
 
 use flannel_agent::backend::udp::ebpf::{read_pinned_stats, EbpfDataplane, EbpfOptions};
 use flannel_agent::backend::udp::UdpDataplane;
 use flannel_agent::cli::UdpDecap;
 use flannel_common::{Stats, XDP_DECAP_MARK};
-use flannel_tests::bpf::{checksum, obj_get, test_run, test_run_xdp};
+use flannel_tests::bpf::{obj_get, test_run, test_run_xdp};
+use flannel_tests::pktgen::{
+    ether, icmp_echo, ipv4, ipv4_hlen, pseudo_seed, refresh_ipv4_checksum, set_frag, tcp, udp,
+    ETH_P_IP, IP_DF, PROTO_ICMP, PROTO_TCP, PROTO_UDP,
+};
+use flannel_tests::Netns;
 use ipnetwork::Ipv4Network;
 
 /// TC_ACT_UNSPEC (-1): "not mine", the next TCX program or the stack gets the packet.
@@ -75,21 +78,12 @@ fn seed() -> u64 {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Namespace and data plane (as in ebpf_programs.rs)
-
-fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+// Namespace and data plane
 
 /// A namespace `fl<pid>x<n>-fuzz` with `flannel0` (persistent TUN) and a veth `ext0`/`ext1` at
 /// OUR_IP, plus its own pin directory; all removed on drop.
 struct Host {
-    name: String,
+    ns: Netns,
     pin_dir: PathBuf,
 }
 
@@ -97,67 +91,44 @@ impl Host {
     fn new() -> Host {
         // Unique per test (the TC and XDP fuzz tests run in parallel), and named as the
         // harness names its namespaces so a crashed run's leftovers are cleaned up.
-        flannel_tests::netns::remove_stale();
-        let name = format!("{}-fuzz", flannel_tests::netns::unique_tag());
-        run(Command::new("ip").args(["netns", "add", &name]));
+        let ns = Netns::unique("fuzz").expect("namespace");
         let host = Host {
-            pin_dir: PathBuf::from(format!("/sys/fs/bpf/{name}")),
-            name,
+            pin_dir: PathBuf::from(format!("/sys/fs/bpf/{}", ns.name)),
+            ns,
         };
-        host.ip(&["link", "set", "lo", "up"]);
-        host.ip(&["tuntap", "add", "dev", "flannel0", "mode", "tun"]);
-        host.ip(&["addr", "add", "10.244.1.0/32", "dev", "flannel0"]);
-        host.ip(&["link", "set", "flannel0", "mtu", "1472", "up"]);
-        host.ip(&["route", "add", "10.244.0.0/16", "dev", "flannel0"]);
-        host.ip(&[
-            "link", "add", "ext0", "type", "veth", "peer", "name", "ext1",
-        ]);
-        // The destination MAC of the generated frames: they arrive as for this host.
-        host.ip(&["link", "set", "ext0", "address", "02:00:00:00:00:01"]);
-        host.ip(&["addr", "add", "192.0.2.1/24", "dev", "ext0"]);
-        host.ip(&["link", "set", "ext0", "up"]);
-        host.ip(&["link", "set", "ext1", "up"]);
+        let setup: [&[&str]; 9] = [
+            &["tuntap", "add", "dev", "flannel0", "mode", "tun"],
+            &["addr", "add", "10.244.1.0/32", "dev", "flannel0"],
+            &["link", "set", "flannel0", "mtu", "1472", "up"],
+            &["route", "add", "10.244.0.0/16", "dev", "flannel0"],
+            &[
+                "link", "add", "ext0", "type", "veth", "peer", "name", "ext1",
+            ],
+            // The destination MAC of the generated frames: they arrive as for this host.
+            &["link", "set", "ext0", "address", "02:00:00:00:00:01"],
+            &["addr", "add", "192.0.2.1/24", "dev", "ext0"],
+            &["link", "set", "ext0", "up"],
+            &["link", "set", "ext1", "up"],
+        ];
+        for args in setup {
+            host.ns.ip(args).expect("ip");
+        }
         host
-    }
-
-    fn ip(&self, args: &[&str]) {
-        run(Command::new("ip").arg("-n").arg(&self.name).args(args));
-    }
-
-    /// Runs `f` on a thread that lives in this namespace.
-    fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = PathBuf::from("/run/netns").join(&self.name);
-        std::thread::spawn(move || {
-            let file = std::fs::File::open(&path).expect("open netns");
-            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-            f()
-        })
-        .join()
-        .expect("thread in netns panicked")
-    }
-
-    fn ifindex(&self, name: &'static str) -> u32 {
-        self.enter(move || {
-            let c = CString::new(name).expect("name");
-            // SAFETY: NUL-terminated name.
-            let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
-            assert!(idx != 0, "no interface {name}");
-            idx
-        })
     }
 
     fn load(&self, decap: UdpDecap) -> EbpfDataplane {
         let opts = EbpfOptions {
             pin_dir: self.pin_dir.clone(),
-            overlay_ifindex: self.ifindex("flannel0"),
-            ext_ifindex: self.ifindex("ext0"),
+            overlay_ifindex: self.ns.ifindex("flannel0").expect("flannel0"),
+            ext_ifindex: self.ns.ifindex("ext0").expect("ext0"),
             ext_ip: OUR_IP,
             port: PORT,
             network: net("10.244.0.0/16"),
             own_subnet: net(OUR_SUBNET),
             decap,
         };
-        self.enter(move || EbpfDataplane::load(&opts))
+        self.ns
+            .enter(move || EbpfDataplane::load(&opts))
             .expect("load eBPF data plane")
     }
 
@@ -171,48 +142,11 @@ impl Drop for Host {
         if let Err(e) = EbpfDataplane::unload(&self.pin_dir) {
             eprintln!("unload {}: {e}", self.pin_dir.display());
         }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
     }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Packets
-
-/// An IPv4 packet (no options, DF) with a valid header checksum.
-fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, ttl: u8, proto: u8, payload: &[u8]) -> Vec<u8> {
-    let total = 20 + payload.len();
-    let mut p = vec![0u8; 20];
-    p[0] = 0x45;
-    p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-    p[6] = 0x40;
-    p[8] = ttl;
-    p[9] = proto;
-    p[12..16].copy_from_slice(&src.octets());
-    p[16..20].copy_from_slice(&dst.octets());
-    let c = checksum(&p);
-    p[10..12].copy_from_slice(&c.to_be_bytes());
-    p.extend_from_slice(payload);
-    p
-}
-
-fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
-    let mut u = Vec::with_capacity(8 + payload.len());
-    u.extend_from_slice(&sport.to_be_bytes());
-    u.extend_from_slice(&dport.to_be_bytes());
-    u.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-    u.extend_from_slice(&[0, 0]);
-    u.extend_from_slice(payload);
-    u
-}
-
-fn ether(ethertype: u16, payload: &[u8]) -> Vec<u8> {
-    let mut f = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02];
-    f.extend_from_slice(&ethertype.to_be_bytes());
-    f.extend_from_slice(payload);
-    f
-}
 
 /// A valid tunnel frame: from a peer, a stranger, or a peer spoofing another subnet.
 fn valid_frame(rng: &mut Rng) -> Vec<u8> {
@@ -223,25 +157,24 @@ fn valid_frame(rng: &mut Rng) -> Vec<u8> {
     };
     let len = rng.below(64);
     let payload = rng.bytes(len);
-    let inner = ipv4(
-        inner_src,
-        Ipv4Addr::new(10, 244, 1, 5),
-        64,
-        17,
-        &udp(40000, 7777, &payload),
-    );
+    let inner_dst = Ipv4Addr::new(10, 244, 1, 5);
+    // The programs treat the inner packet as payload, whatever it carries.
+    let (proto, l4) = match rng.below(3) {
+        0 => (PROTO_TCP, tcp(&payload)),
+        1 => (PROTO_ICMP, icmp_echo(1, 1, &payload)),
+        _ => (PROTO_UDP, udp(40000, 7777, &payload)),
+    };
+    let mut inner = ipv4(inner_src, inner_dst, 64, proto, &[], &l4);
+    set_frag(&mut inner, IP_DF);
     let mut outer_udp = udp(PORT, PORT, &inner);
     if rng.below(3) == 0 {
         // Outer UDP checksum left to the device, as a sender's kernel does over a veth.
-        let mut pseudo = Vec::new();
-        pseudo.extend_from_slice(&outer_src.octets());
-        pseudo.extend_from_slice(&OUR_IP.octets());
-        pseudo.extend_from_slice(&[0, 17]);
-        pseudo.extend_from_slice(&(outer_udp.len() as u16).to_be_bytes());
-        let seed = !checksum(&pseudo);
+        let seed = pseudo_seed(outer_src, OUR_IP, PROTO_UDP, outer_udp.len());
         outer_udp[6..8].copy_from_slice(&seed.to_be_bytes());
     }
-    ether(0x0800, &ipv4(outer_src, OUR_IP, 64, 17, &outer_udp))
+    let mut outer = ipv4(outer_src, OUR_IP, 64, PROTO_UDP, &[], &outer_udp);
+    set_frag(&mut outer, IP_DF);
+    ether(ETH_P_IP, &outer)
 }
 
 /// A few random edits: byte flips and overwrites (mostly in the headers), cuts and growth;
@@ -286,11 +219,9 @@ fn mutate(rng: &mut Rng, mut f: Vec<u8>) -> Vec<u8> {
         }
     }
     if rng.below(2) == 0 && f.len() >= 34 {
-        let ihl = usize::from(f[14] & 0x0f) * 4;
+        let ihl = ipv4_hlen(&f[14..]);
         if ihl >= 20 && f.len() >= 14 + ihl {
-            f[24..26].copy_from_slice(&[0, 0]);
-            let c = checksum(&f[14..14 + ihl]);
-            f[24..26].copy_from_slice(&c.to_be_bytes());
+            refresh_ipv4_checksum(&mut f[14..]);
         }
     }
     f
@@ -321,16 +252,7 @@ fn fit_for_test_run(rng: &mut Rng, mut f: Vec<u8>) -> Vec<u8> {
 }
 
 fn drops(s: &Stats) -> u64 {
-    s.drop_no_peer
-        + s.drop_not_ipv4
-        + s.drop_malformed
-        + s.drop_unknown_sender
-        + s.drop_spoofed_source
-        + s.drop_ttl_exceeded
-        + s.drop_helper_error
-        + s.drop_not_configured
-        + s.drop_bad_ip_checksum
-        + s.drop_other_host
+    s.drops()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -364,7 +286,7 @@ fn fuzz(decap: UdpDecap) {
         "flannel_decap"
     };
     let prog = obj_get(&host.pin_dir.join(name)).expect("pinned decap program");
-    let ext0 = host.ifindex("ext0");
+    let ext0 = host.ns.ifindex("ext0").expect("ext0");
 
     let mut seen = [0usize; 3]; // pass, drop, redirect
     let mut before = host.stats();
@@ -383,9 +305,9 @@ fn fuzz(decap: UdpDecap) {
             let prog = prog.try_clone().expect("dup program fd");
             let frame = frame.clone();
             if xdp {
-                host.enter(move || test_run_xdp(&prog, &frame, ext0))
+                host.ns.enter(move || test_run_xdp(&prog, &frame, ext0))
             } else {
-                host.enter(move || test_run(&prog, &frame, Some(ext0)))
+                host.ns.enter(move || test_run(&prog, &frame, Some(ext0)))
             }
         };
         let after = host.stats();

@@ -14,7 +14,6 @@ use std::net::{Ipv4Addr, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use aya::programs::{SchedClassifier, TcAttachType};
@@ -22,7 +21,13 @@ use flannel_agent::backend::udp::ebpf::{read_pinned_stats, EbpfDataplane, EbpfOp
 use flannel_agent::backend::udp::UdpDataplane;
 use flannel_agent::cli::UdpDecap;
 use flannel_common::{Stats, XDP_DECAP_MARK};
-use flannel_tests::bpf::{checksum, obj_get, test_run, test_run_xdp};
+use flannel_tests::bpf::{obj_get, test_run, test_run_xdp};
+use flannel_tests::pktgen::{
+    arp_request, checksum, ether, inner, ipv4, ipv4_off, ipv6, l4_checksum_ok, pseudo_seed,
+    refresh_ipv4_checksum, set_frag, tcp4, tunnelled, udp, ETH_HLEN, ETH_P_ARP, ETH_P_IPV6, IP_DF,
+    IP_MF, SRC_MAC,
+};
+use flannel_tests::Netns;
 use ipnetwork::Ipv4Network;
 
 /// TC_ACT_UNSPEC (-1): "not mine", the next TCX program or the stack gets the packet.
@@ -41,6 +46,8 @@ const PEER_SUBNET: &str = "10.244.2.0/24";
 const OTHER_PEER_SUBNET: &str = "10.244.3.0/24";
 const OTHER_PEER_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 3);
 
+const V6_ANY: std::net::Ipv6Addr = std::net::Ipv6Addr::UNSPECIFIED;
+
 const EXT0_MAC: &str = "02:00:00:00:00:01";
 const EXT1_MAC: &str = "02:00:00:00:00:02";
 
@@ -57,81 +64,6 @@ fn require_object() {
 
 // ---------------------------------------------------------------------------------------------
 // Namespaces and devices
-
-static NEXT_NS: AtomicU32 = AtomicU32::new(0);
-
-fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A network namespace `fl-ebpf-<pid>-<n>`, deleted on drop.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn new() -> Netns {
-        let name = format!(
-            "fl-ebpf-{}-{}",
-            std::process::id(),
-            NEXT_NS.fetch_add(1, Ordering::SeqCst)
-        );
-        run(Command::new("ip").args(["netns", "add", &name]));
-        let ns = Netns { name };
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
-    }
-
-    fn ip(&self, args: &[&str]) {
-        run(Command::new("ip").arg("-n").arg(&self.name).args(args));
-    }
-
-    fn path(&self) -> PathBuf {
-        PathBuf::from("/run/netns").join(&self.name)
-    }
-
-    fn sysctl(&self, key: &str, value: &str) {
-        run(Command::new("nsenter")
-            .arg(format!("--net={}", self.path().display()))
-            .args(["sysctl", "-q", "-w", &format!("{key}={value}")]));
-    }
-
-    /// Runs `f` on a thread that lives in this namespace.
-    fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = self.path();
-        std::thread::spawn(move || {
-            let file = std::fs::File::open(&path).expect("open netns");
-            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-            f()
-        })
-        .join()
-        .expect("thread in netns panicked")
-    }
-
-    fn ifindex(&self, name: &str) -> u32 {
-        let name = name.to_string();
-        self.enter(move || {
-            let c = CString::new(name.clone()).expect("name");
-            // SAFETY: NUL-terminated name.
-            let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
-            assert!(idx != 0, "no interface {name}");
-            idx
-        })
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
 
 /// What `flannel0` is.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -158,18 +90,21 @@ struct Host {
 
 impl Host {
     fn new(ip: Ipv4Addr, subnet: &str, overlay: Overlay) -> Host {
-        let ns = Netns::new();
+        let ns = Netns::unique("ebpf").expect("namespace");
         let subnet = net(subnet);
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", ns.name));
         let tun = match overlay {
             Overlay::TunRead => Some(ns.enter(open_tun)),
             Overlay::Tun => {
-                ns.ip(&["tuntap", "add", "dev", "flannel0", "mode", "tun"]);
+                ns.ip(&["tuntap", "add", "dev", "flannel0", "mode", "tun"])
+                    .expect("ip");
                 None
             }
             Overlay::Ifb => {
-                ns.ip(&["link", "add", "flannel0", "type", "ifb"]);
-                ns.ip(&["link", "set", "flannel0", "arp", "off"]);
+                ns.ip(&["link", "add", "flannel0", "type", "ifb"])
+                    .expect("ip");
+                ns.ip(&["link", "set", "flannel0", "arp", "off"])
+                    .expect("ip");
                 None
             }
         };
@@ -179,9 +114,12 @@ impl Host {
             &format!("{}/32", subnet.network()),
             "dev",
             "flannel0",
-        ]);
-        ns.ip(&["link", "set", "flannel0", "mtu", "1472", "up"]);
-        ns.ip(&["route", "add", "10.244.0.0/16", "dev", "flannel0"]);
+        ])
+        .expect("ip");
+        ns.ip(&["link", "set", "flannel0", "mtu", "1472", "up"])
+            .expect("ip");
+        ns.ip(&["route", "add", "10.244.0.0/16", "dev", "flannel0"])
+            .expect("ip");
         Host {
             _tun: tun,
             ns,
@@ -198,34 +136,44 @@ impl Host {
 
     fn alone_with(overlay: Overlay) -> Host {
         let host = Host::new(OUR_IP, OUR_SUBNET, overlay);
-        host.ns.ip(&[
-            "link", "add", "ext0", "type", "veth", "peer", "name", "ext1",
-        ]);
-        host.ns.ip(&["link", "set", "ext0", "address", EXT0_MAC]);
-        host.ns.ip(&["link", "set", "ext1", "address", EXT1_MAC]);
-        host.ns.ip(&["addr", "add", "192.0.2.1/24", "dev", "ext0"]);
-        host.ns.ip(&["link", "set", "ext0", "up"]);
-        host.ns.ip(&["link", "set", "ext1", "up"]);
+        host.ns
+            .ip(&[
+                "link", "add", "ext0", "type", "veth", "peer", "name", "ext1",
+            ])
+            .expect("ip");
+        host.ns
+            .ip(&["link", "set", "ext0", "address", EXT0_MAC])
+            .expect("ip");
+        host.ns
+            .ip(&["link", "set", "ext1", "address", EXT1_MAC])
+            .expect("ip");
+        host.ns
+            .ip(&["addr", "add", "192.0.2.1/24", "dev", "ext0"])
+            .expect("ip");
+        host.ns.ip(&["link", "set", "ext0", "up"]).expect("ip");
+        host.ns.ip(&["link", "set", "ext1", "up"]).expect("ip");
         // The "peer" is ext1 itself: encapsulated frames land there for the test to read.
-        host.ns.ip(&[
-            "neigh",
-            "add",
-            "192.0.2.2",
-            "lladdr",
-            EXT1_MAC,
-            "dev",
-            "ext0",
-            "nud",
-            "permanent",
-        ]);
+        host.ns
+            .ip(&[
+                "neigh",
+                "add",
+                "192.0.2.2",
+                "lladdr",
+                EXT1_MAC,
+                "dev",
+                "ext0",
+                "nud",
+                "permanent",
+            ])
+            .expect("ip");
         host
     }
 
     fn options(&self) -> EbpfOptions {
         EbpfOptions {
             pin_dir: self.pin_dir.clone(),
-            overlay_ifindex: self.ns.ifindex("flannel0"),
-            ext_ifindex: self.ns.ifindex("ext0"),
+            overlay_ifindex: self.ns.ifindex("flannel0").expect("device"),
+            ext_ifindex: self.ns.ifindex("ext0").expect("device"),
             ext_ip: self.ip,
             port: PORT,
             network: net("10.244.0.0/16"),
@@ -259,7 +207,7 @@ impl Host {
     /// Sends `packet` out of `flannel0` as if the stack routed it there (an AF_PACKET socket
     /// goes through the device's TC egress just the same). A TC drop shows as ENOBUFS.
     fn inject(&self, ethertype: u16, packet: &[u8]) -> io::Result<()> {
-        let ifindex = self.ns.ifindex("flannel0");
+        let ifindex = self.ns.ifindex("flannel0").expect("device");
         let packet = packet.to_vec();
         self.ns.enter(move || {
             // SAFETY: plain socket(2) call.
@@ -295,7 +243,7 @@ impl Host {
     /// BPF_PROG_TEST_RUN of `prog` on `frame` as received by `ext0`: the kernel then sets
     /// pkt_type from ext0's MAC, as for a frame from the wire.
     fn run_on_ext0(&self, prog: &OwnedFd, frame: &[u8]) -> (u32, Vec<u8>) {
-        let ifindex = self.ns.ifindex("ext0");
+        let ifindex = self.ns.ifindex("ext0").expect("device");
         let prog = prog.try_clone().expect("dup program fd");
         let frame = frame.to_vec();
         self.ns
@@ -304,7 +252,7 @@ impl Host {
 
     /// A raw socket on `ext1` (the far end of `ext0`), reading whole Ethernet frames.
     fn capture(&self) -> OwnedFd {
-        let ifindex = self.ns.ifindex("ext1");
+        let ifindex = self.ns.ifindex("ext1").expect("device");
         self.ns.enter(move || {
             let all = (libc::ETH_P_ALL as u16).to_be();
             // SAFETY: plain socket(2) call.
@@ -406,10 +354,11 @@ fn two_hosts(overlay: Overlay) -> (Host, Host) {
     let b = Host::new(PEER_IP, PEER_SUBNET, overlay);
     a.ns.ip(&[
         "link", "add", "ext0", "type", "veth", "peer", "name", "ext0", "netns", &b.ns.name,
-    ]);
+    ])
+    .expect("ip");
     for (h, addr) in [(&a, "192.0.2.1/24"), (&b, "192.0.2.2/24")] {
-        h.ns.ip(&["addr", "add", addr, "dev", "ext0"]);
-        h.ns.ip(&["link", "set", "ext0", "up"]);
+        h.ns.ip(&["addr", "add", addr, "dev", "ext0"]).expect("ip");
+        h.ns.ip(&["link", "set", "ext0", "up"]).expect("ip");
     }
     (a, b)
 }
@@ -417,127 +366,8 @@ fn two_hosts(overlay: Overlay) -> (Host, Host) {
 // ---------------------------------------------------------------------------------------------
 // Packet building
 
-/// An IPv4 packet with a valid header checksum; `options` must be a multiple of 4 bytes.
-fn ipv4(
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-    ttl: u8,
-    proto: u8,
-    options: &[u8],
-    payload: &[u8],
-) -> Vec<u8> {
-    assert_eq!(options.len() % 4, 0);
-    let hlen = 20 + options.len();
-    let total = hlen + payload.len();
-    let mut p = vec![0u8; hlen];
-    p[0] = 0x40 | (hlen / 4) as u8;
-    p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-    p[4..6].copy_from_slice(&0x1234u16.to_be_bytes());
-    p[8] = ttl;
-    p[9] = proto;
-    p[12..16].copy_from_slice(&src.octets());
-    p[16..20].copy_from_slice(&dst.octets());
-    p[20..hlen].copy_from_slice(options);
-    let c = checksum(&p);
-    p[10..12].copy_from_slice(&c.to_be_bytes());
-    p.extend_from_slice(payload);
-    p
-}
-
-fn set_frag(packet: &mut [u8], frag: u16) {
-    packet[6..8].copy_from_slice(&frag.to_be_bytes());
-    packet[10..12].copy_from_slice(&[0, 0]);
-    let hlen = usize::from(packet[0] & 0x0f) * 4;
-    let c = checksum(&packet[..hlen]);
-    packet[10..12].copy_from_slice(&c.to_be_bytes());
-}
-
-fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
-    let mut u = Vec::with_capacity(8 + payload.len());
-    u.extend_from_slice(&sport.to_be_bytes());
-    u.extend_from_slice(&dport.to_be_bytes());
-    u.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-    u.extend_from_slice(&[0, 0]);
-    u.extend_from_slice(payload);
-    u
-}
-
-fn ether(ethertype: u16, payload: &[u8]) -> Vec<u8> {
-    let mut f = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02];
-    f.extend_from_slice(&ethertype.to_be_bytes());
-    f.extend_from_slice(payload);
-    f
-}
-
-/// A small inner packet: UDP from `src` to `dst` with a recognisable payload.
-fn inner(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
-    ipv4(
-        src,
-        dst,
-        64,
-        17,
-        &[],
-        &udp(40000, 7777, b"flannel-rs inner payload"),
-    )
-}
-
-/// What a peer at `from` sends us: Ethernet + outer IPv4 + UDP (our port) + `inner`.
-fn tunnelled(from: Ipv4Addr, to: Ipv4Addr, port: u16, inner: &[u8]) -> Vec<u8> {
-    let mut outer = ipv4(from, to, 64, 17, &[], &udp(port, port, inner));
-    set_frag(&mut outer, 0x4000);
-    ether(0x0800, &outer)
-}
-
 fn a(s: &str) -> Ipv4Addr {
     s.parse().expect("test constant")
-}
-
-/// The folded TCP/UDP pseudo-header sum: what a sender's kernel leaves in the checksum field
-/// when the device is to finish it (CHECKSUM_PARTIAL).
-fn pseudo_seed(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, l4_len: usize) -> u16 {
-    let mut b = Vec::with_capacity(12);
-    b.extend_from_slice(&src.octets());
-    b.extend_from_slice(&dst.octets());
-    b.extend_from_slice(&[0, proto]);
-    b.extend_from_slice(&(l4_len as u16).to_be_bytes());
-    !checksum(&b)
-}
-
-/// Whether the TCP/UDP checksum of the IPv4 packet `p` (no options) checks out.
-fn l4_checksum_ok(p: &[u8]) -> bool {
-    let mut b = Vec::with_capacity(12 + p.len() - 20);
-    b.extend_from_slice(&p[12..20]);
-    b.extend_from_slice(&[0, p[9]]);
-    b.extend_from_slice(&((p.len() - 20) as u16).to_be_bytes());
-    b.extend_from_slice(&p[20..]);
-    checksum(&b) == 0
-}
-
-/// A TCP/IPv4 packet (no options) whose checksum field is `field`, or complete when None.
-fn tcp4(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8], field: Option<u16>) -> Vec<u8> {
-    let mut t = vec![0u8; 20];
-    t[0..2].copy_from_slice(&40000u16.to_be_bytes());
-    t[2..4].copy_from_slice(&80u16.to_be_bytes());
-    t[4..8].copy_from_slice(&7u32.to_be_bytes());
-    t[12] = 5 << 4;
-    t[13] = 0x18; // PSH ACK
-    t[14..16].copy_from_slice(&512u16.to_be_bytes());
-    t.extend_from_slice(payload);
-    let mut p = ipv4(src, dst, 64, 6, &[], &t);
-    let c = match field {
-        Some(f) => f,
-        None => {
-            let mut b = Vec::new();
-            b.extend_from_slice(&src.octets());
-            b.extend_from_slice(&dst.octets());
-            b.extend_from_slice(&[0, 6]);
-            b.extend_from_slice(&(t.len() as u16).to_be_bytes());
-            b.extend_from_slice(&t);
-            checksum(&b)
-        }
-    };
-    p[36..38].copy_from_slice(&c.to_be_bytes());
-    p
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -558,10 +388,7 @@ fn encap_drops_and_counts_what_it_cannot_send() {
     // No peer owns 10.244.9.0/24.
     dropped(0x0800, &inner(a("10.244.1.5"), a("10.244.9.9")));
     // IPv6 on the overlay device.
-    let mut v6 = vec![0x60, 0, 0, 0, 0, 8, 17, 64];
-    v6.extend_from_slice(&[0u8; 32]);
-    v6.extend_from_slice(&udp(1, 2, b""));
-    dropped(0x86dd, &v6);
+    dropped(ETH_P_IPV6, &ipv6(V6_ANY, V6_ANY, 17, 64, &udp(1, 2, b"")));
     // TTL 1 would reach 0 at the tunnel hop.
     let mut last_hop = inner(a("10.244.1.5"), a("10.244.2.7"));
     last_hop[8] = 1;
@@ -618,7 +445,7 @@ fn encap_output_is_byte_exact_on(overlay: Overlay) {
         &udp(PORT, PORT, &expected_inner),
     );
     outer_ip[4..6].copy_from_slice(&[0, 0]); // id 0
-    set_frag(&mut outer_ip, 0x4000); // DF; recomputes the checksum
+    set_frag(&mut outer_ip, IP_DF); // recomputes the checksum
     let mut expected = vec![2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x08, 0x00];
     expected.extend_from_slice(&outer_ip);
     assert_eq!(frame, expected, "encapsulated frame");
@@ -654,10 +481,8 @@ fn encap_completes_checksums_left_to_a_virtual_wire_and_nothing_else_on(overlay:
     // The TTL drops by one on the way; nothing else changes unless noted.
     let sent = |p: &[u8]| {
         let mut p = p.to_vec();
-        p[8] -= 1;
-        p[10..12].copy_from_slice(&[0, 0]);
-        let c = checksum(&p[..20]);
-        p[10..12].copy_from_slice(&c.to_be_bytes());
+        p[ipv4_off::TTL] -= 1;
+        refresh_ipv4_checksum(&mut p);
         p
     };
     let payload: Vec<u8> = (0..1000u32).map(|i| (i * 7) as u8).collect();
@@ -756,9 +581,9 @@ fn the_stacks_offloaded_tcp_checksums_leave_complete_and_stay_right_on(overlay: 
 
     // A device that checksums in software finishes whatever is still marked partial: the
     // packet must not be (it would then compute over the finished sum and break it).
-    run(Command::new("nsenter")
-        .arg(format!("--net={}", host.ns.path().display()))
-        .args(["ethtool", "-K", "ext0", "tx", "off"]));
+    host.ns
+        .exec("ethtool", &["-K", "ext0", "tx", "off"])
+        .expect("ethtool");
     let other_port: std::net::SocketAddr = "10.244.2.7:81".parse().expect("addr");
     let frame = tcp_syn_frame(&host, &capture, other_port);
     assert!(
@@ -805,7 +630,7 @@ fn decap_accepts_peers_and_strips_exactly_the_outer_headers_with(decap: UdpDecap
         &[1, 1, 1, 0],
         &udp(PORT, PORT, &plain),
     );
-    set_frag(&mut outer_opts, 0x4000);
+    set_frag(&mut outer_opts, IP_DF);
     // Outer UDP checksum still to be computed (a sender's kernel over a veth): decap resets
     // the checksum state by cutting a few inner bytes too and putting them back.
     let mut outer_partial = tunnelled(PEER_IP, OUR_IP, PORT, &plain);
@@ -849,11 +674,8 @@ fn decap_passes_what_is_not_ours_untouched_with(decap: UdpDecap) {
     dp.set_peer(net(PEER_SUBNET), PEER_IP).expect("set peer");
     let plain = inner(a("10.244.2.7"), a("10.244.1.5"));
 
-    let mut arp = vec![0, 1, 8, 0, 6, 4, 0, 1];
-    arp.extend_from_slice(&[0u8; 20]);
-    let mut v6 = vec![0x60, 0, 0, 0, 0, 8, 17, 64];
-    v6.extend_from_slice(&[0u8; 32]);
-    v6.extend_from_slice(&udp(PORT, PORT, b""));
+    let arp = arp_request(SRC_MAC, PEER_IP, OUR_IP);
+    let v6 = ipv6(V6_ANY, V6_ANY, 17, 64, &udp(PORT, PORT, b""));
     let tcp_to_us = ether(0x0800, &ipv4(PEER_IP, OUR_IP, 64, 6, &[], &[0u8; 20]));
     let mut non_first_fragment = ipv4(PEER_IP, OUR_IP, 64, 17, &[], &[0u8; 64]);
     set_frag(&mut non_first_fragment, 0x0010);
@@ -863,12 +685,12 @@ fn decap_passes_what_is_not_ours_untouched_with(decap: UdpDecap) {
     let cases = [
         DecapCase {
             name: "ARP",
-            frame: ether(0x0806, &arp),
+            frame: ether(ETH_P_ARP, &arp),
             verdict: prog.pass(),
         },
         DecapCase {
             name: "IPv6",
-            frame: ether(0x86dd, &v6),
+            frame: ether(ETH_P_IPV6, &v6),
             verdict: prog.pass(),
         },
         DecapCase {
@@ -921,17 +743,17 @@ fn decap_drops_and_counts_by_reason_with(decap: UdpDecap) {
 
     // Outer first fragment (MF set): would need reassembly.
     let mut first_fragment = ipv4(PEER_IP, OUR_IP, 64, 17, &[], &udp(PORT, PORT, &plain));
-    set_frag(&mut first_fragment, 0x2000);
+    set_frag(&mut first_fragment, IP_MF);
     // Inner packet shorter than its header claims.
     let mut short_inner = plain.clone();
     short_inner.truncate(plain.len() - 4);
     // Outer total length beyond the frame.
     let mut long_outer = tunnelled(PEER_IP, OUR_IP, PORT, &plain);
-    let total = u16::from_be_bytes([long_outer[16], long_outer[17]]) + 10;
-    long_outer[16..18].copy_from_slice(&total.to_be_bytes());
-    long_outer[24..26].copy_from_slice(&[0, 0]);
-    let c = checksum(&long_outer[14..34]);
-    long_outer[24..26].copy_from_slice(&c.to_be_bytes());
+    let outer_ip = &mut long_outer[ETH_HLEN..];
+    let at = ipv4_off::TOT_LEN;
+    let total = u16::from_be_bytes([outer_ip[at], outer_ip[at + 1]]) + 10;
+    outer_ip[at..at + 2].copy_from_slice(&total.to_be_bytes());
+    refresh_ipv4_checksum(outer_ip);
     // Not an IPv4 inner packet.
     let mut not_v4_inner = plain.clone();
     not_v4_inner[0] = 0x65;
@@ -970,7 +792,7 @@ fn decap_drops_and_counts_by_reason_with(decap: UdpDecap) {
         &[1, 1, 1, 0],
         &udp(PORT, PORT, &plain),
     );
-    set_frag(&mut bad_option, 0x4000);
+    set_frag(&mut bad_option, IP_DF);
     bad_option[21] = 7;
     for frame in [bad_csum, ether(0x0800, &bad_option)] {
         assert_eq!(prog.run(&host, &frame).0, prog.drop());
@@ -1022,7 +844,7 @@ impl DecapProg {
 
     fn run(&self, host: &Host, frame: &[u8]) -> (u32, Vec<u8>) {
         if self.xdp {
-            let ifindex = host.ns.ifindex("ext0");
+            let ifindex = host.ns.ifindex("ext0").expect("device");
             let prog = self.fd.try_clone().expect("dup program fd");
             let frame = frame.to_vec();
             host.ns.enter(move || test_run_xdp(&prog, &frame, ifindex))
@@ -1141,7 +963,8 @@ fn traffic_crosses_the_tunnel_with_strict_rp_filter_on(overlay: Overlay) {
     let (a_host, b_host) = two_hosts(overlay);
     for h in [&a_host, &b_host] {
         for dev in ["all", "default", "ext0", "flannel0"] {
-            h.ns.sysctl(&format!("net.ipv4.conf.{dev}.rp_filter"), "1");
+            h.ns.sysctl(&format!("net.ipv4.conf.{dev}.rp_filter"), "1")
+                .expect("sysctl");
         }
     }
     let mut dpa = a_host.load();
@@ -1254,25 +1077,28 @@ fn decap_leaves_a_checksum_state_nat_can_update_on(overlay: Overlay) {
     let mut dpa = a_host.load();
     dpa.set_peer(b_host.subnet, b_host.ip).expect("peer");
     // NAT on the decapsulated packet: port 7777 is redirected to 7778.
-    run(Command::new("nsenter")
-        .arg(format!("--net={}", a_host.ns.path().display()))
-        .args([
+    a_host
+        .ns
+        .exec(
             "iptables",
-            "-t",
-            "nat",
-            "-A",
-            "PREROUTING",
-            "-i",
-            "flannel0",
-            "-p",
-            "udp",
-            "--dport",
-            "7777",
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            "7778",
-        ]));
+            &[
+                "-t",
+                "nat",
+                "-A",
+                "PREROUTING",
+                "-i",
+                "flannel0",
+                "-p",
+                "udp",
+                "--dport",
+                "7777",
+                "-j",
+                "REDIRECT",
+                "--to-ports",
+                "7778",
+            ],
+        )
+        .expect("iptables");
     let a_overlay = a_host.subnet.network();
     let receiver = a_host.ns.enter(move || {
         let s = UdpSocket::bind((a_overlay, 7778)).expect("bind on a");

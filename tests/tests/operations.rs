@@ -37,7 +37,18 @@ fn overlay(extra: &[&'static str]) -> Overlay {
         .start()
         .unwrap();
     for (h, a) in o.agents.iter().enumerate() {
-        assert!(a.log().contains("eBPF data plane"), "{}", a.log());
+        // The eBPF data plane is the one in use, as /metrics reports it.
+        wait_for(
+            Duration::from_secs(5),
+            "the eBPF data plane in /metrics",
+            || {
+                let (_, body) = a.http_get("/metrics").ok()?;
+                body.lines()
+                    .any(|l| l == "flannel_dataplane_info{kind=\"ebpf\"} 1")
+                    .then_some(())
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", a.log()));
         wait_for(Duration::from_secs(5), "both peers in the map", || {
             (pinned_peer_subnets(&o, h).len() == 2).then_some(())
         })

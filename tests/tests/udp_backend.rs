@@ -17,16 +17,17 @@ fn overlay(dataplanes: &[&str]) -> Overlay {
     let o = b.start().unwrap();
     for (i, a) in o.agents.iter().enumerate() {
         assert_eq!(a.mtu().expect("FLANNEL_MTU in subnet.env"), 1500 - 28);
-        let want = if dataplanes[i] == "tun" {
-            "TUN data plane"
-        } else {
-            "eBPF data plane"
-        };
-        assert!(
-            a.log().contains(want),
-            "host {i}: expected {want}:\n{}",
-            a.log()
-        );
+        // The data plane in use, as /metrics reports it (sampled once a second).
+        let want = format!("flannel_dataplane_info{{kind=\"{}\"}} 1", dataplanes[i]);
+        wait_for(
+            Duration::from_secs(5),
+            "the data plane kind in /metrics",
+            || {
+                let (_, body) = a.http_get("/metrics").ok()?;
+                body.lines().any(|l| l == want).then_some(())
+            },
+        )
+        .unwrap_or_else(|e| panic!("host {i}: expected {want}: {e}\n{}", a.log()));
     }
     o
 }

@@ -13,19 +13,9 @@ pub mod ebpf;
 pub mod pin_lock;
 pub mod tun;
 
-/// Packet and drop counters of a data plane, summed over CPUs / threads.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct DataplaneStats {
-    pub tx_packets: u64,
-    pub tx_bytes: u64,
-    pub rx_packets: u64,
-    pub rx_bytes: u64,
-    pub drop_no_peer: u64,
-    pub drop_not_ipv4: u64,
-    pub drop_malformed: u64,
-    pub drop_unknown_sender: u64,
-    pub drop_spoofed_source: u64,
-}
+/// Packet and drop counters of a data plane, summed over CPUs / threads: the one counter
+/// table of `flannel_common::counters`. The TUN forwarder leaves the eBPF-only ones at 0.
+pub type DataplaneStats = flannel_common::Stats;
 
 /// What the udp backend needs from a data plane: the peer table and counters.
 pub trait UdpDataplane: Send {

@@ -23,6 +23,7 @@ use ipnetwork::Ipv4Network;
 
 use super::device::OverlayDevice;
 use super::{DataplaneStats, UdpDataplane};
+use flannel_common::Counter;
 use offload::{PacketError, TcpCoalescer, VirtioNetHdr, WireBatch, VNET_HDR_LEN};
 use sys::{RecvBatch, StopEvent};
 
@@ -77,34 +78,14 @@ impl PeerTable {
     }
 }
 
-/// Shared counters; threads add their per-batch tallies.
+/// Shared counters, one per [`Counter`]; threads add their per-batch tallies.
 #[derive(Default)]
-struct Counters {
-    tx_packets: AtomicU64,
-    tx_bytes: AtomicU64,
-    rx_packets: AtomicU64,
-    rx_bytes: AtomicU64,
-    drop_no_peer: AtomicU64,
-    drop_not_ipv4: AtomicU64,
-    drop_malformed: AtomicU64,
-    drop_unknown_sender: AtomicU64,
-    drop_spoofed_source: AtomicU64,
-}
+struct Counters([AtomicU64; Counter::ALL.len()]);
 
 impl Counters {
     fn add(&self, s: &DataplaneStats) {
-        let pairs = [
-            (&self.tx_packets, s.tx_packets),
-            (&self.tx_bytes, s.tx_bytes),
-            (&self.rx_packets, s.rx_packets),
-            (&self.rx_bytes, s.rx_bytes),
-            (&self.drop_no_peer, s.drop_no_peer),
-            (&self.drop_not_ipv4, s.drop_not_ipv4),
-            (&self.drop_malformed, s.drop_malformed),
-            (&self.drop_unknown_sender, s.drop_unknown_sender),
-            (&self.drop_spoofed_source, s.drop_spoofed_source),
-        ];
-        for (counter, v) in pairs {
+        for (counter, c) in self.0.iter().zip(Counter::ALL) {
+            let v = s.get(c);
             if v != 0 {
                 counter.fetch_add(v, Ordering::Relaxed);
             }
@@ -112,25 +93,18 @@ impl Counters {
     }
 
     fn snapshot(&self) -> DataplaneStats {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        DataplaneStats {
-            tx_packets: get(&self.tx_packets),
-            tx_bytes: get(&self.tx_bytes),
-            rx_packets: get(&self.rx_packets),
-            rx_bytes: get(&self.rx_bytes),
-            drop_no_peer: get(&self.drop_no_peer),
-            drop_not_ipv4: get(&self.drop_not_ipv4),
-            drop_malformed: get(&self.drop_malformed),
-            drop_unknown_sender: get(&self.drop_unknown_sender),
-            drop_spoofed_source: get(&self.drop_spoofed_source),
+        let mut s = DataplaneStats::default();
+        for (counter, c) in self.0.iter().zip(Counter::ALL) {
+            *s.get_mut(c) = counter.load(Ordering::Relaxed);
         }
+        s
     }
 }
 
 fn count_packet_error(stats: &mut DataplaneStats, e: PacketError) {
     match e {
         PacketError::NotIpv4 => stats.drop_not_ipv4 += 1,
-        // TTL expiry has no counter of its own in DataplaneStats.
+        // Counted as malformed here: drop_ttl_exceeded is an eBPF-only counter.
         PacketError::Malformed | PacketError::TtlExpired => stats.drop_malformed += 1,
     }
 }

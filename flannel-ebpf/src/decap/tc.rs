@@ -1,0 +1,137 @@
+//! TC ingress on the external device: decapsulates our packets (or delivers those XDP decap
+//! already stripped) to the overlay device.
+
+use aya_ebpf::{
+    bindings::{
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_INGRESS, TC_ACT_OK,
+    },
+    helpers::bpf_redirect,
+    programs::TcContext,
+};
+use flannel_common::{Config, Counter, CONFIG_F_OVERLAY_L2, XDP_DECAP_MARK};
+
+use super::{check_ingress, DECAP_RESET_EXTRA};
+use crate::encap::SAVED_MAX;
+use crate::frame::store_saved;
+use crate::hdr::{self, eth, ipv4, udp};
+use crate::maps::config;
+use crate::stats::count_rx;
+
+/// Verdict for packets that are not ours: TC_ACT_UNSPEC, which TCX calls TCX_NEXT. Unlike
+/// TC_ACT_OK it does not end the device's program chain, so programs attached after us still
+/// run; at the end of the chain the stack gets the packet as usual.
+pub const NOT_OURS: i32 = -1;
+/// Largest packet we read headers of on ingress: Ethernet, outer IPv4 with the longest
+/// options, UDP, inner IPv4 without options.
+const DECAP_PULL_LEN: usize = eth::LEN + ipv4::MAX_LEN + udp::LEN + ipv4::MIN_LEN;
+/// `bpf_skb_adjust_room` flag of newer kernels (bpf-next 2026, not in 6.18): the removed
+/// header was a UDP tunnel's; resets skb->encapsulation and the tunnel GSO type.
+const BPF_F_ADJ_ROOM_DECAP_L4_UDP: u64 = 1 << 10;
+/// Bytes of metadata XDP decap puts in front of the packet.
+pub const XDP_META_LEN: usize = 4;
+
+/// TC ingress on the external device: `data` starts at the Ethernet header.
+#[inline(always)]
+pub fn decap(ctx: &TcContext) -> Result<i32, Counter> {
+    if ctx.skb.protocol() != u32::from(eth::P_IP.to_be()) {
+        return Ok(NOT_OURS);
+    }
+    let Some(cfg) = config() else {
+        return Ok(NOT_OURS);
+    };
+    if xdp_decapsulated(ctx) {
+        // XDP decap already checked, stripped and counted it (GRO has merged it since).
+        return deliver(ctx, &cfg);
+    }
+    let len = ctx.len() as usize;
+    // Make the headers we may read linear (a no-op for the usual veth/NIC skbs).
+    let want = if len < DECAP_PULL_LEN {
+        len
+    } else {
+        DECAP_PULL_LEN
+    };
+    if ctx.data() + want > ctx.data_end() && ctx.pull_data(want as u32).is_err() {
+        return Ok(NOT_OURS);
+    }
+    // SAFETY: ctx.skb.skb is the program's context pointer.
+    let pkt_type = unsafe { (*ctx.skb.skb).pkt_type };
+    let Some(c) = check_ingress(ctx, &cfg, len, |_| pkt_type == hdr::PACKET_OTHERHOST)? else {
+        return Ok(NOT_OURS);
+    };
+    let mut inner_head = [0u8; SAVED_MAX];
+    inner_head[..DECAP_RESET_EXTRA].copy_from_slice(&c.inner_head);
+
+    let outer_hlen = c.outer_hlen;
+    let fixed_gso = u64::from(BPF_F_ADJ_ROOM_FIXED_GSO);
+    if c.outer_udp_partial && c.inner_total >= ipv4::MIN_LEN + DECAP_RESET_EXTRA {
+        // The outer UDP checksum was left to a device (a local sender over a veth): the skb
+        // is CHECKSUM_PARTIAL with csum_start at the UDP header we remove. Left so, NAT
+        // would update the (complete) inner checksum as if it were a pseudo-header seed and
+        // the receiver would then find it wrong. Removing a few inner bytes as well moves
+        // skb->data past csum_start, and skb_postpull_rcsum (in adjust_room's pop) then
+        // resets the skb to CHECKSUM_NONE; the bytes are put back at once.
+        ctx.adjust_room(
+            -((outer_hlen + DECAP_RESET_EXTRA) as i32),
+            BPF_ADJ_ROOM_MAC,
+            fixed_gso,
+        )
+        .map_err(|_| Counter::DropHelperError)?;
+        ctx.adjust_room(DECAP_RESET_EXTRA as i32, BPF_ADJ_ROOM_MAC, fixed_gso)
+            .map_err(|_| Counter::DropHelperError)?;
+        store_saved(ctx, eth::LEN, &inner_head, DECAP_RESET_EXTRA)?;
+    } else {
+        // SAFETY: ctx.skb.skb is the program's context pointer.
+        let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
+        // A super-packet from an eBPF sender over a veth still says "UDP tunnel"
+        // (skb->encapsulation, SKB_GSO_UDP_TUNNEL); left so, a bridge (cni0, whose
+        // hw_enc_features lack TSO and checksum offload) segments and checksums it in
+        // software on the way to the pod. Kernels with BPF_F_ADJ_ROOM_DECAP_L4_UDP clear
+        // that state; older ones (6.18 included) refuse the flag with -EINVAL up front,
+        // changing nothing, and the packet is decapsulated without it.
+        let cleared = gso
+            && ctx
+                .adjust_room(
+                    -(outer_hlen as i32),
+                    BPF_ADJ_ROOM_MAC,
+                    fixed_gso | BPF_F_ADJ_ROOM_DECAP_L4_UDP,
+                )
+                .is_ok();
+        if !cleared {
+            ctx.adjust_room(-(outer_hlen as i32), BPF_ADJ_ROOM_MAC, fixed_gso)
+                .map_err(|_| Counter::DropHelperError)?;
+        }
+    }
+    count_rx(c.inner_total);
+    deliver(ctx, &cfg)
+}
+
+/// Hands a decapsulated frame (Ethernet + inner IPv4) to the overlay device's ingress.
+#[inline(always)]
+fn deliver(ctx: &TcContext, cfg: &Config) -> Result<i32, Counter> {
+    if cfg.decap_ifindex == 0 {
+        return Ok(TC_ACT_OK);
+    }
+    if cfg.flags & CONFIG_F_OVERLAY_L2 != 0 {
+        // An Ethernet overlay device takes the frame as its own only when addressed to it.
+        ctx.store(0, &cfg.overlay_mac, 0)
+            .map_err(|_| Counter::DropHelperError)?;
+    }
+    // As if the packet had been written to the TUN: it enters the stack on flannel0.
+    // SAFETY: plain helper call.
+    let action = unsafe { bpf_redirect(cfg.decap_ifindex, u64::from(BPF_F_INGRESS)) };
+    Ok(action as i32)
+}
+
+/// Whether XDP decap on this device left its mark in the packet's metadata.
+#[inline(always)]
+fn xdp_decapsulated(ctx: &TcContext) -> bool {
+    // SAFETY: ctx.skb.skb is the program's context pointer.
+    let meta = unsafe { (*ctx.skb.skb).data_meta } as usize;
+    let data = ctx.data();
+    if meta + XDP_META_LEN > data {
+        return false;
+    }
+    // SAFETY: the 4 bytes lie inside the metadata area, checked against data above.
+    let mark = unsafe { (meta as *const u32).read_unaligned() };
+    mark == XDP_DECAP_MARK
+}
