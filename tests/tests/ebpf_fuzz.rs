@@ -16,7 +16,7 @@ use flannel_agent::backend::udp::ebpf::{read_pinned_stats, EbpfDataplane, EbpfOp
 use flannel_agent::backend::udp::UdpDataplane;
 use flannel_agent::cli::UdpDecap;
 use flannel_common::{Stats, XDP_DECAP_MARK};
-use flannel_tests::bpf::{checksum, obj_get, test_run, test_run_xdp};
+use flannel_tests::bpf::{checksum, PinnedProgram};
 use ipnetwork::Ipv4Network;
 
 /// TC_ACT_UNSPEC (-1): "not mine", the next TCX program or the stack gets the packet.
@@ -358,12 +358,11 @@ fn fuzz(decap: UdpDecap) {
     let mut dp = host.load(decap);
     dp.set_peer(net(PEER_SUBNET), PEER_IP).expect("set peer");
     let xdp = decap == UdpDecap::Xdp;
-    let name = if xdp {
-        "flannel_decap_xdp"
+    let prog = if xdp {
+        PinnedProgram::xdp(&host.pin_dir.join("flannel_decap_xdp"))
     } else {
-        "flannel_decap"
+        PinnedProgram::tc(&host.pin_dir.join("flannel_decap"))
     };
-    let prog = obj_get(&host.pin_dir.join(name)).expect("pinned decap program");
     let ext0 = host.ifindex("ext0");
 
     let mut seen = [0usize; 3]; // pass, drop, redirect
@@ -380,13 +379,9 @@ fn fuzz(decap: UdpDecap) {
         let frame = fit_for_test_run(&mut rng, frame);
         // Run as received by ext0, so pkt_type comes from its MAC as for a frame off the wire.
         let (verdict, out) = {
-            let prog = prog.try_clone().expect("dup program fd");
+            let prog = prog.clone();
             let frame = frame.clone();
-            if xdp {
-                host.enter(move || test_run_xdp(&prog, &frame, ext0))
-            } else {
-                host.enter(move || test_run(&prog, &frame, Some(ext0)))
-            }
+            host.enter(move || prog.run(&frame, ext0))
         };
         let after = host.stats();
         let ctx = || format!("seed {seed}, run {i}, verdict {verdict}, frame {frame:02x?}");

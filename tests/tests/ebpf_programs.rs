@@ -22,7 +22,7 @@ use flannel_agent::backend::udp::ebpf::{read_pinned_stats, EbpfDataplane, EbpfOp
 use flannel_agent::backend::udp::UdpDataplane;
 use flannel_agent::cli::UdpDecap;
 use flannel_common::{Stats, XDP_DECAP_MARK};
-use flannel_tests::bpf::{checksum, obj_get, test_run, test_run_xdp};
+use flannel_tests::bpf::{checksum, PinnedProgram};
 use ipnetwork::Ipv4Network;
 
 /// TC_ACT_UNSPEC (-1): "not mine", the next TCX program or the stack gets the packet.
@@ -252,10 +252,6 @@ impl Host {
         read_pinned_stats(&self.pin_dir).expect("read stats")
     }
 
-    fn prog(&self, name: &str) -> OwnedFd {
-        obj_get(&self.pin_dir.join(name)).expect("pinned program")
-    }
-
     /// Sends `packet` out of `flannel0` as if the stack routed it there (an AF_PACKET socket
     /// goes through the device's TC egress just the same). A TC drop shows as ENOBUFS.
     fn inject(&self, ethertype: u16, packet: &[u8]) -> io::Result<()> {
@@ -294,12 +290,11 @@ impl Host {
 
     /// BPF_PROG_TEST_RUN of `prog` on `frame` as received by `ext0`: the kernel then sets
     /// pkt_type from ext0's MAC, as for a frame from the wire.
-    fn run_on_ext0(&self, prog: &OwnedFd, frame: &[u8]) -> (u32, Vec<u8>) {
+    fn run_on_ext0(&self, prog: &PinnedProgram, frame: &[u8]) -> (u32, Vec<u8>) {
         let ifindex = self.ns.ifindex("ext0");
-        let prog = prog.try_clone().expect("dup program fd");
+        let prog = prog.clone();
         let frame = frame.to_vec();
-        self.ns
-            .enter(move || test_run(&prog, &frame, Some(ifindex)))
+        self.ns.enter(move || prog.run(&frame, ifindex))
     }
 
     /// A raw socket on `ext1` (the far end of `ext0`), reading whole Ethernet frames.
@@ -997,7 +992,7 @@ fn decap_drops_and_counts_by_reason_with(decap: UdpDecap) {
 
 /// One of the two decap programs, run on frames as received by `ext0`.
 struct DecapProg {
-    fd: OwnedFd,
+    prog: PinnedProgram,
     xdp: bool,
 }
 
@@ -1006,29 +1001,16 @@ impl DecapProg {
     fn load(host: &Host, decap: UdpDecap) -> (EbpfDataplane, DecapProg) {
         let dp = host.load_with(decap);
         let xdp = decap == UdpDecap::Xdp;
-        let name = if xdp {
-            "flannel_decap_xdp"
+        let prog = if xdp {
+            PinnedProgram::xdp(&host.pin_dir.join("flannel_decap_xdp"))
         } else {
-            "flannel_decap"
+            PinnedProgram::tc(&host.pin_dir.join("flannel_decap"))
         };
-        (
-            dp,
-            DecapProg {
-                fd: host.prog(name),
-                xdp,
-            },
-        )
+        (dp, DecapProg { prog, xdp })
     }
 
     fn run(&self, host: &Host, frame: &[u8]) -> (u32, Vec<u8>) {
-        if self.xdp {
-            let ifindex = host.ns.ifindex("ext0");
-            let prog = self.fd.try_clone().expect("dup program fd");
-            let frame = frame.to_vec();
-            host.ns.enter(move || test_run_xdp(&prog, &frame, ifindex))
-        } else {
-            host.run_on_ext0(&self.fd, frame)
-        }
+        host.run_on_ext0(&self.prog, frame)
     }
 
     /// "Not ours": the next TCX program / the stack.

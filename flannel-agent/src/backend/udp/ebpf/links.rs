@@ -42,6 +42,31 @@ trait Hook {
     fn attach_new(&mut self, name: &'static str, path: &Path) -> Result<FdLink, EbpfError>;
 }
 
+/// The part of a [`Hook`] that is the same for every program type, which aya offers as
+/// inherent methods of each: load and pin, and swapping the program of an adopted link.
+macro_rules! load_and_replace {
+    ($link:ty) => {
+        fn load_and_pin(&mut self, name: &'static str, path: &Path) -> Result<(), EbpfError> {
+            self.program.load().map_err(prog_err(name))?;
+            remove_pin(path)?;
+            self.program.pin(path).map_err(pin_err(path))
+        }
+
+        fn replace_program(
+            &mut self,
+            name: &'static str,
+            link: FdLink,
+            path: &Path,
+        ) -> Result<(), EbpfError> {
+            let link = <$link>::try_from(link).map_err(link_err(path))?;
+            let id = self.program.attach_to_link(link).map_err(prog_err(name))?;
+            // The pin keeps the link; our handle may go.
+            let _ = self.program.take_link(id).map_err(prog_err(name))?;
+            Ok(())
+        }
+    };
+}
+
 /// A TC program on one direction of a device (TCX).
 struct Tcx<'a> {
     program: &'a mut SchedClassifier,
@@ -51,11 +76,7 @@ struct Tcx<'a> {
 }
 
 impl Hook for Tcx<'_> {
-    fn load_and_pin(&mut self, name: &'static str, path: &Path) -> Result<(), EbpfError> {
-        self.program.load().map_err(prog_err(name))?;
-        remove_pin(path)?;
-        self.program.pin(path).map_err(pin_err(path))
-    }
+    load_and_replace!(SchedClassifierLink);
 
     fn target(&self) -> LinkTarget {
         let attach_type = match self.direction {
@@ -69,27 +90,10 @@ impl Hook for Tcx<'_> {
         }
     }
 
-    fn replace_program(
-        &mut self,
-        name: &'static str,
-        link: FdLink,
-        path: &Path,
-    ) -> Result<(), EbpfError> {
-        let link = SchedClassifierLink::try_from(link).map_err(link_err(path))?;
-        let id = self.program.attach_to_link(link).map_err(prog_err(name))?;
-        // The pin keeps the link; our handle may go.
-        let _ = self.program.take_link(id).map_err(prog_err(name))?;
-        Ok(())
-    }
-
     fn attach_new(&mut self, name: &'static str, path: &Path) -> Result<FdLink, EbpfError> {
-        let id = self
-            .program
-            .attach_with_options(
-                self.ifname,
-                self.direction,
-                TcAttachOptions::TcxOrder(LinkOrder::default()),
-            )
+        let options = TcAttachOptions::TcxOrder(LinkOrder::default());
+        let id = (self.program)
+            .attach_with_options(self.ifname, self.direction, options)
             .map_err(prog_err(name))?;
         let link = self.program.take_link(id).map_err(prog_err(name))?;
         link.try_into().map_err(link_err(path))
@@ -103,11 +107,7 @@ struct XdpDriver<'a> {
 }
 
 impl Hook for XdpDriver<'_> {
-    fn load_and_pin(&mut self, name: &'static str, path: &Path) -> Result<(), EbpfError> {
-        self.program.load().map_err(prog_err(name))?;
-        remove_pin(path)?;
-        self.program.pin(path).map_err(pin_err(path))
-    }
+    load_and_replace!(XdpLink);
 
     fn target(&self) -> LinkTarget {
         LinkTarget {
@@ -117,21 +117,8 @@ impl Hook for XdpDriver<'_> {
         }
     }
 
-    fn replace_program(
-        &mut self,
-        name: &'static str,
-        link: FdLink,
-        path: &Path,
-    ) -> Result<(), EbpfError> {
-        let link = XdpLink::try_from(link).map_err(link_err(path))?;
-        let id = self.program.attach_to_link(link).map_err(prog_err(name))?;
-        let _ = self.program.take_link(id).map_err(prog_err(name))?;
-        Ok(())
-    }
-
     fn attach_new(&mut self, name: &'static str, path: &Path) -> Result<FdLink, EbpfError> {
-        let id = self
-            .program
+        let id = (self.program)
             .attach_to_if_index(self.ifindex, XdpMode::Driver)
             .map_err(prog_err(name))?;
         let link = self.program.take_link(id).map_err(prog_err(name))?;
