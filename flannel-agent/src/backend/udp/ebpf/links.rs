@@ -10,7 +10,9 @@ use std::path::Path;
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
 use aya::programs::xdp::XdpLink;
-use aya::programs::{LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode};
+use aya::programs::{
+    LinkOrder, Program, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+};
 use aya::Ebpf;
 use flannel_common::prog_names;
 
@@ -179,6 +181,15 @@ pub(super) fn detach(path: &Path) -> Result<(), EbpfError> {
     bpf_sys::link_detach(fd.as_fd()).map_err(io_err(format!("detaching {}", path.display())))
 }
 
+/// Program `name` of the object, as its type (`SchedClassifier`, `Xdp`).
+fn program_mut<'a, P>(bpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, EbpfError>
+where
+    &'a mut P: TryFrom<&'a mut Program, Error = ProgramError>,
+{
+    let program = bpf.program_mut(name).ok_or(EbpfError::Missing(name))?;
+    program.try_into().map_err(prog_err(name))
+}
+
 /// Attaches encap to the overlay's egress and decap to the external device's ingress (TCX).
 pub(super) fn attach_tc(
     bpf: &mut Ebpf,
@@ -203,13 +214,8 @@ pub(super) fn attach_tc(
         ),
     ];
     for (name, ifname, ifindex, direction, link_file) in hooks {
-        let program: &mut SchedClassifier = bpf
-            .program_mut(name)
-            .ok_or(EbpfError::Missing(name))?
-            .try_into()
-            .map_err(prog_err(name))?;
         let mut hook = Tcx {
-            program,
+            program: program_mut(bpf, name)?,
             ifname,
             ifindex,
             direction,
@@ -275,13 +281,8 @@ pub(super) fn set_up_xdp_decap(
 
 fn attach_xdp(bpf: &mut Ebpf, opts: &EbpfOptions) -> Result<(), EbpfError> {
     let name = prog_names::DECAP_XDP;
-    let program: &mut Xdp = bpf
-        .program_mut(name)
-        .ok_or(EbpfError::Missing(name))?
-        .try_into()
-        .map_err(prog_err(name))?;
     let mut hook = XdpDriver {
-        program,
+        program: program_mut(bpf, name)?,
         ifindex: opts.ext_ifindex,
     };
     attach_pinned(&mut hook, name, &opts.pin_dir, DECAP_XDP_LINK)
