@@ -14,7 +14,7 @@ use flannel_agent::backend::udp::ebpf::{read_pinned_stats, EbpfDataplane, EbpfOp
 use flannel_agent::backend::udp::UdpDataplane;
 use flannel_agent::cli::UdpDecap;
 use flannel_common::{Stats, XDP_DECAP_MARK};
-use flannel_tests::bpf::{obj_get, test_run, test_run_xdp};
+use flannel_tests::bpf::PinnedProgram;
 use flannel_tests::pktgen::{
     ether, icmp_echo, ipv4, ipv4_hlen, pseudo_seed, refresh_ipv4_checksum, set_frag, tcp, udp,
     ETH_P_IP, IP_DF, PROTO_ICMP, PROTO_TCP, PROTO_UDP,
@@ -280,12 +280,11 @@ fn fuzz(decap: UdpDecap) {
     let mut dp = host.load(decap);
     dp.set_peer(net(PEER_SUBNET), PEER_IP).expect("set peer");
     let xdp = decap == UdpDecap::Xdp;
-    let name = if xdp {
-        "flannel_decap_xdp"
+    let prog = if xdp {
+        PinnedProgram::xdp(&host.pin_dir.join("flannel_decap_xdp"))
     } else {
-        "flannel_decap"
+        PinnedProgram::tc(&host.pin_dir.join("flannel_decap"))
     };
-    let prog = obj_get(&host.pin_dir.join(name)).expect("pinned decap program");
     let ext0 = host.ns.ifindex("ext0").expect("ext0");
 
     let mut seen = [0usize; 3]; // pass, drop, redirect
@@ -302,13 +301,9 @@ fn fuzz(decap: UdpDecap) {
         let frame = fit_for_test_run(&mut rng, frame);
         // Run as received by ext0, so pkt_type comes from its MAC as for a frame off the wire.
         let (verdict, out) = {
-            let prog = prog.try_clone().expect("dup program fd");
+            let prog = prog.clone();
             let frame = frame.clone();
-            if xdp {
-                host.ns.enter(move || test_run_xdp(&prog, &frame, ext0))
-            } else {
-                host.ns.enter(move || test_run(&prog, &frame, Some(ext0)))
-            }
+            host.ns.enter(move || prog.run(&frame, ext0))
         };
         let after = host.stats();
         let ctx = || format!("seed {seed}, run {i}, verdict {verdict}, frame {frame:02x?}");

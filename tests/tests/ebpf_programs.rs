@@ -21,7 +21,7 @@ use flannel_agent::backend::udp::ebpf::{read_pinned_stats, EbpfDataplane, EbpfOp
 use flannel_agent::backend::udp::UdpDataplane;
 use flannel_agent::cli::UdpDecap;
 use flannel_common::{Stats, XDP_DECAP_MARK};
-use flannel_tests::bpf::{obj_get, test_run, test_run_xdp};
+use flannel_tests::bpf::PinnedProgram;
 use flannel_tests::pktgen::{
     arp_request, checksum, ether, inner, ipv4, ipv4_off, ipv6, l4_checksum_ok, pseudo_seed,
     refresh_ipv4_checksum, set_frag, tcp4, tunnelled, udp, ETH_HLEN, ETH_P_ARP, ETH_P_IPV6, IP_DF,
@@ -200,10 +200,6 @@ impl Host {
         read_pinned_stats(&self.pin_dir).expect("read stats")
     }
 
-    fn prog(&self, name: &str) -> OwnedFd {
-        obj_get(&self.pin_dir.join(name)).expect("pinned program")
-    }
-
     /// Sends `packet` out of `flannel0` as if the stack routed it there (an AF_PACKET socket
     /// goes through the device's TC egress just the same). A TC drop shows as ENOBUFS.
     fn inject(&self, ethertype: u16, packet: &[u8]) -> io::Result<()> {
@@ -242,12 +238,11 @@ impl Host {
 
     /// BPF_PROG_TEST_RUN of `prog` on `frame` as received by `ext0`: the kernel then sets
     /// pkt_type from ext0's MAC, as for a frame from the wire.
-    fn run_on_ext0(&self, prog: &OwnedFd, frame: &[u8]) -> (u32, Vec<u8>) {
+    fn run_on_ext0(&self, prog: &PinnedProgram, frame: &[u8]) -> (u32, Vec<u8>) {
         let ifindex = self.ns.ifindex("ext0").expect("device");
-        let prog = prog.try_clone().expect("dup program fd");
+        let prog = prog.clone();
         let frame = frame.to_vec();
-        self.ns
-            .enter(move || test_run(&prog, &frame, Some(ifindex)))
+        self.ns.enter(move || prog.run(&frame, ifindex))
     }
 
     /// A raw socket on `ext1` (the far end of `ext0`), reading whole Ethernet frames.
@@ -819,7 +814,7 @@ fn decap_drops_and_counts_by_reason_with(decap: UdpDecap) {
 
 /// One of the two decap programs, run on frames as received by `ext0`.
 struct DecapProg {
-    fd: OwnedFd,
+    prog: PinnedProgram,
     xdp: bool,
 }
 
@@ -828,29 +823,16 @@ impl DecapProg {
     fn load(host: &Host, decap: UdpDecap) -> (EbpfDataplane, DecapProg) {
         let dp = host.load_with(decap);
         let xdp = decap == UdpDecap::Xdp;
-        let name = if xdp {
-            "flannel_decap_xdp"
+        let prog = if xdp {
+            PinnedProgram::xdp(&host.pin_dir.join("flannel_decap_xdp"))
         } else {
-            "flannel_decap"
+            PinnedProgram::tc(&host.pin_dir.join("flannel_decap"))
         };
-        (
-            dp,
-            DecapProg {
-                fd: host.prog(name),
-                xdp,
-            },
-        )
+        (dp, DecapProg { prog, xdp })
     }
 
     fn run(&self, host: &Host, frame: &[u8]) -> (u32, Vec<u8>) {
-        if self.xdp {
-            let ifindex = host.ns.ifindex("ext0").expect("device");
-            let prog = self.fd.try_clone().expect("dup program fd");
-            let frame = frame.to_vec();
-            host.ns.enter(move || test_run_xdp(&prog, &frame, ifindex))
-        } else {
-            host.run_on_ext0(&self.fd, frame)
-        }
+        host.run_on_ext0(&self.prog, frame)
     }
 
     /// "Not ours": the next TCX program / the stack.

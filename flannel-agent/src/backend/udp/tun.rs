@@ -7,8 +7,16 @@
 //! sent with UDP GSO (one sendmmsg per batch); the receive side takes UDP GRO trains with
 //! recvmmsg and merges the TCP segments back into super-packets for the TUN.
 
-mod offload;
+mod checksum;
+mod gro;
+mod gso_batch;
+mod icmp;
+mod ipv4;
+mod segment;
 mod sys;
+#[cfg(test)]
+mod test_packets;
+mod virtio_hdr;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -24,8 +32,11 @@ use ipnetwork::Ipv4Network;
 use super::device::OverlayDevice;
 use super::{DataplaneStats, UdpDataplane};
 use flannel_common::Counter;
-use offload::{PacketError, TcpCoalescer, VirtioNetHdr, WireBatch, VNET_HDR_LEN};
+use gro::TcpCoalescer;
+use gso_batch::{WireBatch, WireMsg};
+use ipv4::PacketError;
 use sys::{RecvBatch, StopEvent};
+use virtio_hdr::{VirtioNetHdr, VNET_HDR_LEN};
 
 /// Socket buffers big enough for a few GSO/GRO trains in flight.
 const SOCKET_BUFFER_BYTES: i32 = 8 << 20;
@@ -378,7 +389,7 @@ fn tun_to_udp(shared: &Shared, tun: RawFd) {
                         &rbuf[..n]
                     };
                     let due = last_icmp.is_none_or(|t| t.elapsed() >= ICMP_INTERVAL);
-                    if due && offload::icmp_net_unreachable(pkt, shared.icmp_source, &mut icmp) {
+                    if due && icmp::icmp_net_unreachable(pkt, shared.icmp_source, &mut icmp) {
                         last_icmp = Some(Instant::now());
                         let hdr = VirtioNetHdr::default().encode();
                         let vnet = shared.vnet_hdr.then_some(&hdr);
@@ -431,10 +442,10 @@ fn encapsulate(
         Some(b) if b >> 4 == 4 => {}
         _ => return Err(TxDrop::Packet(PacketError::NotIpv4)),
     }
-    let dst = offload::ipv4_dst(pkt).ok_or(TxDrop::Packet(PacketError::Malformed))?;
+    let dst = ipv4::ipv4_dst(pkt).ok_or(TxDrop::Packet(PacketError::Malformed))?;
     let next_hop = peers.next_hop(dst).ok_or(TxDrop::NoPeer)?;
     lens.clear();
-    if let Err(e) = offload::tun_packet_to_wire(vnet.as_ref(), pkt, &mut batch.buf, lens) {
+    if let Err(e) = segment::tun_packet_to_wire(vnet.as_ref(), pkt, &mut batch.buf, lens) {
         batch.rollback();
         return Err(TxDrop::Packet(e));
     }
@@ -475,12 +486,7 @@ fn send(shared: &Shared, batch: &WireBatch, stats: &mut DataplaneStats) {
     }
 }
 
-fn resend_one_by_one(
-    shared: &Shared,
-    batch: &WireBatch,
-    m: &offload::WireMsg,
-    stats: &mut DataplaneStats,
-) {
+fn resend_one_by_one(shared: &Shared, batch: &WireBatch, m: &WireMsg, stats: &mut DataplaneStats) {
     let mut single = WireBatch::new(0, false);
     let end = m.start + m.len;
     let mut at = m.start;
@@ -554,7 +560,7 @@ fn udp_to_tun(shared: &Shared, tun: RawFd) {
             // One inner packet longer than the GRO segment size: not a GRO train but a whole
             // TSO super-packet (an eBPF node on this machine encapsulated it and a veth kept it
             // in one piece; the UDP_GRO size is then the inner MSS).
-            let whole = offload::ipv4_total_len(d.data).is_some_and(|l| l > d.seg_size);
+            let whole = ipv4::ipv4_total_len(d.data).is_some_and(|l| l > d.seg_size);
             let (chunk, mss_hint) = if whole {
                 (d.data.len(), Some(d.seg_size))
             } else {
@@ -565,7 +571,7 @@ fn udp_to_tun(shared: &Shared, tun: RawFd) {
                     stats.drop_unknown_sender += 1;
                     continue;
                 };
-                let (pkt, inner_src) = match offload::inner_packet(seg) {
+                let (pkt, inner_src) = match ipv4::inner_packet(seg) {
                     Ok(v) => v,
                     Err(e) => {
                         count_packet_error(&mut stats, e);
@@ -580,7 +586,7 @@ fn udp_to_tun(shared: &Shared, tun: RawFd) {
                 stats.rx_bytes += pkt.len() as u64;
                 if pkt.len() > shared.mtu {
                     coalescer.flush(&mut emit);
-                    match offload::oversized_tcp_for_tun(
+                    match segment::oversized_tcp_for_tun(
                         pkt,
                         shared.mtu,
                         mss_hint,
@@ -605,7 +611,7 @@ fn udp_to_tun(shared: &Shared, tun: RawFd) {
                 } else if vnet_hdr {
                     coalescer.push(pkt, &mut emit);
                 } else {
-                    let pkt = offload::with_complete_checksum(pkt, &mut scratch);
+                    let pkt = checksum::with_complete_checksum(pkt, &mut scratch);
                     emit(&VirtioNetHdr::default(), pkt);
                 }
             }

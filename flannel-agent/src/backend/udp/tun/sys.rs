@@ -6,7 +6,8 @@ use std::mem;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-use super::offload::{WireMsg, VNET_HDR_LEN};
+use super::gso_batch::WireMsg;
+use super::virtio_hdr::VNET_HDR_LEN;
 
 /// Control buffer large enough for one UDP_SEGMENT / UDP_GRO cmsg, 8-byte aligned as cmsghdr
 /// requires.
@@ -334,7 +335,7 @@ impl RecvBatch {
 
 #[cfg(test)]
 mod tests {
-    use super::super::offload::WireBatch;
+    use super::super::gso_batch::WireBatch;
     use super::*;
     use std::net::UdpSocket;
     use std::time::{Duration, Instant};

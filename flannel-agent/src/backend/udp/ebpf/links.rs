@@ -1,0 +1,311 @@
+//! The pinned links that keep the programs attached while no agent runs: TCX on the overlay's
+//! egress (encap) and the external device's ingress (decap), and optionally XDP decap on the
+//! external device. TCX and XDP take one path: a new agent adopts the pinned link when it
+//! still sits on the same hook and swaps its program in atomically (bpf_link_update), else it
+//! replaces the link.
+
+use std::os::fd::AsFd;
+use std::path::Path;
+
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
+use aya::programs::xdp::XdpLink;
+use aya::programs::{
+    LinkOrder, Program, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+};
+use aya::Ebpf;
+use flannel_common::prog_names;
+
+use super::bpf_sys::{self, LinkTarget};
+use super::error::{io_err, link_err, pin_err, prog_err};
+use super::loader::remove_pin;
+use super::{EbpfError, EbpfOptions};
+use crate::cli::UdpDecap;
+
+/// File names of the pinned links (next to the maps and programs, which use their own names).
+pub const ENCAP_LINK: &str = "flannel_encap_link";
+pub const DECAP_LINK: &str = "flannel_decap_link";
+pub const DECAP_XDP_LINK: &str = "flannel_decap_xdp_link";
+
+/// Where a program hangs through a link: what differs between TCX and XDP.
+trait Hook {
+    /// The program, loaded into the kernel and pinned at `path`.
+    fn load_and_pin(&mut self, name: &'static str, path: &Path) -> Result<(), EbpfError>;
+    /// What the kernel reports for a link on this hook.
+    fn target(&self) -> LinkTarget;
+    /// Swaps our program into `link`, the adopted link pinned at `path`.
+    fn replace_program(
+        &mut self,
+        name: &'static str,
+        link: FdLink,
+        path: &Path,
+    ) -> Result<(), EbpfError>;
+    /// Attaches our program through a new link, to be pinned at `path`.
+    fn attach_new(&mut self, name: &'static str, path: &Path) -> Result<FdLink, EbpfError>;
+}
+
+/// The part of a [`Hook`] that is the same for every program type, which aya offers as
+/// inherent methods of each: load and pin, and swapping the program of an adopted link.
+macro_rules! load_and_replace {
+    ($link:ty) => {
+        fn load_and_pin(&mut self, name: &'static str, path: &Path) -> Result<(), EbpfError> {
+            self.program.load().map_err(prog_err(name))?;
+            remove_pin(path)?;
+            self.program.pin(path).map_err(pin_err(path))
+        }
+
+        fn replace_program(
+            &mut self,
+            name: &'static str,
+            link: FdLink,
+            path: &Path,
+        ) -> Result<(), EbpfError> {
+            let link = <$link>::try_from(link).map_err(link_err(path))?;
+            let id = self.program.attach_to_link(link).map_err(prog_err(name))?;
+            // The pin keeps the link; our handle may go.
+            let _ = self.program.take_link(id).map_err(prog_err(name))?;
+            Ok(())
+        }
+    };
+}
+
+/// A TC program on one direction of a device (TCX).
+struct Tcx<'a> {
+    program: &'a mut SchedClassifier,
+    ifname: &'a str,
+    ifindex: u32,
+    direction: TcAttachType,
+}
+
+impl Hook for Tcx<'_> {
+    load_and_replace!(SchedClassifierLink);
+
+    fn target(&self) -> LinkTarget {
+        let attach_type = match self.direction {
+            TcAttachType::Egress => bpf_sys::BPF_TCX_EGRESS,
+            _ => bpf_sys::BPF_TCX_INGRESS,
+        };
+        LinkTarget {
+            link_type: bpf_sys::BPF_LINK_TYPE_TCX,
+            ifindex: self.ifindex,
+            attach_type,
+        }
+    }
+
+    fn attach_new(&mut self, name: &'static str, path: &Path) -> Result<FdLink, EbpfError> {
+        let options = TcAttachOptions::TcxOrder(LinkOrder::default());
+        let id = (self.program)
+            .attach_with_options(self.ifname, self.direction, options)
+            .map_err(prog_err(name))?;
+        let link = self.program.take_link(id).map_err(prog_err(name))?;
+        link.try_into().map_err(link_err(path))
+    }
+}
+
+/// An XDP program on a device, in driver (native) mode.
+struct XdpDriver<'a> {
+    program: &'a mut Xdp,
+    ifindex: u32,
+}
+
+impl Hook for XdpDriver<'_> {
+    load_and_replace!(XdpLink);
+
+    fn target(&self) -> LinkTarget {
+        LinkTarget {
+            link_type: bpf_sys::BPF_LINK_TYPE_XDP,
+            ifindex: self.ifindex,
+            attach_type: 0,
+        }
+    }
+
+    fn attach_new(&mut self, name: &'static str, path: &Path) -> Result<FdLink, EbpfError> {
+        let id = (self.program)
+            .attach_to_if_index(self.ifindex, XdpMode::Driver)
+            .map_err(prog_err(name))?;
+        let link = self.program.take_link(id).map_err(prog_err(name))?;
+        link.try_into().map_err(link_err(path))
+    }
+}
+
+/// Loads program `name`, pins it, and attaches it through the link pinned as `link_file`:
+/// replacing the program of that link atomically when it is still on `hook`, else creating a
+/// new link (and dropping the stale one).
+fn attach_pinned(
+    hook: &mut impl Hook,
+    name: &'static str,
+    pin_dir: &Path,
+    link_file: &str,
+) -> Result<(), EbpfError> {
+    hook.load_and_pin(name, &pin_dir.join(name))?;
+    let link_path = pin_dir.join(link_file);
+    if link_path.exists() {
+        match adopt_link(&link_path, hook.target()) {
+            Ok(Some(link)) => return hook.replace_program(name, link, &link_path),
+            Ok(None) => log::info!(
+                "pinned link {} is for another device or detached: replacing it",
+                link_path.display()
+            ),
+            Err(e) => log::warn!(
+                "pinned link {} unusable ({e}): replacing it",
+                link_path.display()
+            ),
+        }
+        // Best effort: the new link replaces it either way.
+        let _ = detach(&link_path);
+        remove_pin(&link_path)?;
+    }
+    let link = hook.attach_new(name, &link_path)?;
+    link.pin(&link_path).map_err(pin_err(&link_path))?;
+    Ok(())
+}
+
+/// The link pinned at `path` if it still sits on `want` (same kind, device and direction).
+fn adopt_link(path: &Path, want: LinkTarget) -> Result<Option<FdLink>, EbpfError> {
+    let fd =
+        bpf_sys::obj_get(path).map_err(io_err(format!("opening pinned {}", path.display())))?;
+    let target = bpf_sys::link_target(fd.as_fd()).map_err(io_err("reading link info"))?;
+    drop(fd);
+    if target != want {
+        return Ok(None);
+    }
+    let pinned = PinnedLink::from_pin(path).map_err(link_err(path))?;
+    Ok(Some(FdLink::from(pinned)))
+}
+
+/// Detaches the link pinned at `path` from its hook. Explicitly: another process may still
+/// hold the link open, so removing the pin alone would leave it attached.
+pub(super) fn detach(path: &Path) -> Result<(), EbpfError> {
+    let fd =
+        bpf_sys::obj_get(path).map_err(io_err(format!("opening pinned {}", path.display())))?;
+    bpf_sys::link_detach(fd.as_fd()).map_err(io_err(format!("detaching {}", path.display())))
+}
+
+/// Program `name` of the object, as its type (`SchedClassifier`, `Xdp`).
+fn program_mut<'a, P>(bpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, EbpfError>
+where
+    &'a mut P: TryFrom<&'a mut Program, Error = ProgramError>,
+{
+    let program = bpf.program_mut(name).ok_or(EbpfError::Missing(name))?;
+    program.try_into().map_err(prog_err(name))
+}
+
+/// Attaches encap to the overlay's egress and decap to the external device's ingress (TCX).
+pub(super) fn attach_tc(
+    bpf: &mut Ebpf,
+    opts: &EbpfOptions,
+    overlay_name: &str,
+    ext_name: &str,
+) -> Result<(), EbpfError> {
+    let hooks = [
+        (
+            prog_names::ENCAP,
+            overlay_name,
+            opts.overlay_ifindex,
+            TcAttachType::Egress,
+            ENCAP_LINK,
+        ),
+        (
+            prog_names::DECAP,
+            ext_name,
+            opts.ext_ifindex,
+            TcAttachType::Ingress,
+            DECAP_LINK,
+        ),
+    ];
+    for (name, ifname, ifindex, direction, link_file) in hooks {
+        let mut hook = Tcx {
+            program: program_mut(bpf, name)?,
+            ifname,
+            ifindex,
+            direction,
+        };
+        attach_pinned(&mut hook, name, &opts.pin_dir, link_file)?;
+    }
+    Ok(())
+}
+
+/// Attaches (or adopts) XDP decap on the external device when `opts.decap` asks for it or
+/// `auto` finds it worthwhile, else removes an XDP link an earlier run left.
+pub(super) fn set_up_xdp_decap(
+    bpf: &mut Ebpf,
+    opts: &EbpfOptions,
+    ext_name: &str,
+    driver: &str,
+    gro: Option<bool>,
+) -> Result<(), EbpfError> {
+    let want_xdp = match opts.decap {
+        UdpDecap::Tc => {
+            log::info!("decapsulating on TC ingress of {ext_name} (--udp-decap=tc)");
+            false
+        }
+        UdpDecap::Xdp => true,
+        UdpDecap::Auto if gro == Some(true) => true,
+        UdpDecap::Auto => {
+            log::info!(
+                "decapsulating on TC ingress of {ext_name}: GRO is off there, so XDP decap would merge nothing (and on a veth it costs the peer its TSO)"
+            );
+            false
+        }
+    };
+    if want_xdp {
+        match attach_xdp(bpf, opts) {
+            Ok(()) => {
+                log::info!(
+                    "decapsulating with native XDP on {ext_name} (driver {driver}, --udp-decap={}): before GRO, which then merges the inner TCP stream",
+                    if opts.decap == UdpDecap::Xdp { "xdp" } else { "auto, GRO on" }
+                );
+                return Ok(());
+            }
+            Err(source) if opts.decap == UdpDecap::Auto => {
+                log::info!(
+                    "decapsulating on TC ingress of {ext_name}: driver {driver} has no native XDP ({source})"
+                );
+            }
+            Err(source) => {
+                return Err(EbpfError::NoNativeXdp {
+                    ifname: ext_name.to_string(),
+                    driver: driver.to_string(),
+                    source: Box::new(source),
+                })
+            }
+        }
+    }
+    let link_path = opts.pin_dir.join(DECAP_XDP_LINK);
+    if link_path.exists() {
+        let _ = detach(&link_path);
+        remove_pin(&link_path)?;
+    }
+    remove_pin(&opts.pin_dir.join(prog_names::DECAP_XDP))
+}
+
+fn attach_xdp(bpf: &mut Ebpf, opts: &EbpfOptions) -> Result<(), EbpfError> {
+    let name = prog_names::DECAP_XDP;
+    let mut hook = XdpDriver {
+        program: program_mut(bpf, name)?,
+        ifindex: opts.ext_ifindex,
+    };
+    attach_pinned(&mut hook, name, &opts.pin_dir, DECAP_XDP_LINK)
+}
+
+/// Detaches and unpins every link this data plane pinned in `pin_dir`.
+pub(super) fn remove_links(pin_dir: &Path) -> Result<(), EbpfError> {
+    for link in [DECAP_XDP_LINK, ENCAP_LINK, DECAP_LINK] {
+        let path = pin_dir.join(link);
+        if path.exists() {
+            if let Err(e) = detach(&path) {
+                log::warn!("{e}");
+            }
+            remove_pin(&path)?;
+        }
+    }
+    Ok(())
+}
+
+/// The device XDP decap's pinned link in `pin_dir` is attached to, if any (0: its device is
+/// gone).
+pub fn xdp_decap_ifindex(pin_dir: &Path) -> Option<u32> {
+    let fd = bpf_sys::obj_get(&pin_dir.join(DECAP_XDP_LINK)).ok()?;
+    let target = bpf_sys::link_target(fd.as_fd()).ok()?;
+    (target.link_type == bpf_sys::BPF_LINK_TYPE_XDP).then_some(target.ifindex)
+}

@@ -1,0 +1,180 @@
+//! The eBPF data plane of the udp backend: loads `flannel-ebpf`, pins its maps, programs and
+//! TCX links under a pin directory, and keeps the peer map in step with the leases.
+//!
+//! Pin layout (`<pin_dir>`, default /sys/fs/bpf/flannel):
+//! - maps `flannel_peers`, `flannel_senders`, `flannel_config`, `flannel_stats`
+//!   (`bpftool map dump pinned <pin_dir>/flannel_peers` shows field names);
+//! - programs `flannel_encap` (TC egress of the overlay TUN) and `flannel_decap` (TC ingress of
+//!   the external device);
+//! - TCX links `flannel_encap_link`, `flannel_decap_link`;
+//! - with XDP decap (`--udp-decap`), program `flannel_decap_xdp` and its XDP link
+//!   `flannel_decap_xdp_link` on the external device. The TC decap stays attached then: it
+//!   hands the packets XDP decapsulated (and GRO merged) to the overlay device.
+//!
+//! Everything stays in the kernel when the agent exits. A new agent adopts it: maps are reused
+//! (peers survive; sizes are checked), programs replace the old ones atomically through the
+//! pinned links (`bpf_link_update`), so traffic keeps flowing across a restart.
+//! [`EbpfDataplane::unload`] removes it all.
+//!
+//! Delivery of decapsulated packets: redirected to the ingress of the overlay TUN, so the host
+//! sees them arrive on `flannel0` exactly as with upstream's TUN proxy; strict rp_filter works
+//! and iptables rules written for upstream (`-i flannel0`) still match. The caller still needs
+//! IPv4 forwarding on.
+
+mod bpf_sys;
+mod error;
+mod links;
+mod loader;
+mod netdev;
+mod peers;
+mod stats;
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use aya::maps::{MapData, PerCpuArray};
+use flannel_common::{map_names, Stats};
+use ipnetwork::Ipv4Network;
+
+use super::{DataplaneStats, UdpDataplane};
+use crate::cli::UdpDecap;
+use error::map_err;
+pub use error::EbpfError;
+pub use links::{xdp_decap_ifindex, DECAP_LINK, DECAP_XDP_LINK, ENCAP_LINK};
+pub use loader::DEFAULT_PIN_DIR;
+use peers::PeerTable;
+pub use stats::read_pinned_stats;
+
+#[derive(Debug, Clone)]
+pub struct EbpfOptions {
+    /// Where maps, programs and links are pinned (on a bpffs).
+    pub pin_dir: PathBuf,
+    /// The overlay TUN (`flannel0`): encap on its egress, decapsulated packets enter here.
+    pub overlay_ifindex: u32,
+    /// The external (underlay) device: decap on its ingress, encapsulated packets leave here.
+    pub ext_ifindex: u32,
+    /// Our public IP: outer source of what we send, outer destination of what we accept.
+    pub ext_ip: Ipv4Addr,
+    /// UDP port (source and destination), upstream default 8285.
+    pub port: u16,
+    /// The overlay network (e.g. 10.244.0.0/16).
+    pub network: Ipv4Network,
+    /// Our lease; its prefix length is the length of every subnet in the network.
+    pub own_subnet: Ipv4Network,
+    /// Where to decapsulate: XDP, TC, or chosen per device.
+    pub decap: UdpDecap,
+}
+
+/// The loaded data plane: handles on the pinned maps plus our view of the peer table.
+pub struct EbpfDataplane {
+    peers: PeerTable,
+    stats: PerCpuArray<MapData, Stats>,
+}
+
+impl EbpfDataplane {
+    /// Whether the eBPF object was compiled into this binary.
+    pub fn embedded() -> bool {
+        loader::OBJECT.is_some()
+    }
+
+    /// Loads the programs (adopting whatever a previous agent pinned in `opts.pin_dir`), writes
+    /// the configuration, and attaches encap to the overlay's egress and decap to the external
+    /// device's ingress.
+    pub fn load(opts: &EbpfOptions) -> Result<Self, EbpfError> {
+        let object = loader::OBJECT.ok_or(EbpfError::NotEmbedded)?;
+        Self::load_object(object, opts)
+    }
+
+    /// [`Self::load`] with an explicit object (tests, tools).
+    pub fn load_object(object: &[u8], opts: &EbpfOptions) -> Result<Self, EbpfError> {
+        let overlay_name = netdev::interface_name(opts.overlay_ifindex)?;
+        let ext_name = netdev::interface_name(opts.ext_ifindex)?;
+        let mut bpf = loader::load_with_pinned_maps(object, &opts.pin_dir)?;
+
+        let driver = netdev::driver_name(&ext_name);
+        let complete_csum = driver
+            .as_deref()
+            .is_some_and(netdev::passes_partial_checksums);
+        if complete_csum {
+            log::info!(
+                "{ext_name} (driver {}) hands checksum-offloaded packets on unfinished: the encap program completes inner checksums",
+                driver.as_deref().unwrap_or("?")
+            );
+        }
+        // An Ethernet overlay device (the ifb): its frames carry a MAC header, and delivered
+        // frames must be addressed to it.
+        let config = loader::config(
+            opts,
+            complete_csum,
+            netdev::ethernet_address(&overlay_name),
+            netdev::ethernet_address(&ext_name),
+        );
+        loader::write_config(&mut bpf, config)?;
+
+        links::attach_tc(&mut bpf, opts, &overlay_name, &ext_name)?;
+        links::set_up_xdp_decap(
+            &mut bpf,
+            opts,
+            &ext_name,
+            driver.as_deref().unwrap_or("?"),
+            netdev::gro_enabled(&ext_name),
+        )?;
+
+        let peers = PeerTable::adopt(
+            loader::take_map(&mut bpf, map_names::PEERS)?,
+            loader::take_map(&mut bpf, map_names::SENDERS)?,
+            opts.own_subnet.prefix(),
+        )?;
+        let stats = loader::take_map(&mut bpf, map_names::STATS)?;
+        let stats: PerCpuArray<MapData, Stats> =
+            PerCpuArray::try_from(stats).map_err(map_err(map_names::STATS))?;
+        log::info!(
+            "eBPF udp data plane attached (overlay ifindex {}, external ifindex {}, pins in {}, {} peers adopted)",
+            opts.overlay_ifindex,
+            opts.ext_ifindex,
+            opts.pin_dir.display(),
+            peers.peers().len()
+        );
+        // `bpf` drops here: the programs live on through their pinned links.
+        Ok(EbpfDataplane { peers, stats })
+    }
+
+    /// Detaches the programs and removes everything this data plane pinned in `pin_dir`, then
+    /// the directory itself. Succeeds when there is nothing to remove.
+    pub fn unload(pin_dir: &Path) -> Result<(), EbpfError> {
+        if !pin_dir.exists() {
+            return Ok(());
+        }
+        links::remove_links(pin_dir)?;
+        loader::remove_pins(pin_dir)
+    }
+
+    /// The peer table as the kernel map holds it.
+    pub fn peers(&self) -> &BTreeMap<Ipv4Network, Ipv4Addr> {
+        self.peers.peers()
+    }
+}
+
+impl UdpDataplane for EbpfDataplane {
+    fn set_peer(&mut self, subnet: Ipv4Network, public_ip: Ipv4Addr) -> anyhow::Result<()> {
+        Ok(self.peers.insert(subnet, public_ip)?)
+    }
+
+    fn remove_peer(&mut self, subnet: Ipv4Network) -> anyhow::Result<()> {
+        Ok(self.peers.delete(subnet)?)
+    }
+
+    fn sync_peers(&mut self, peers: &BTreeMap<Ipv4Network, Ipv4Addr>) -> anyhow::Result<()> {
+        let rejected = self.peers.sync(peers)?;
+        if !rejected.is_empty() {
+            let rejected: Vec<String> = rejected.iter().map(ToString::to_string).collect();
+            anyhow::bail!("peers not installed: {}", rejected.join("; "));
+        }
+        Ok(())
+    }
+
+    fn stats(&self) -> anyhow::Result<DataplaneStats> {
+        Ok(stats::total(&self.stats)?)
+    }
+}
