@@ -94,13 +94,7 @@ async fn agent(flags: Flags) -> anyhow::Result<()> {
     let watcher = PeerWatcher::new(registry, own.key, status.watch().clone()).checked_by(sanity);
     tokio::spawn(watcher.run_split(peers_tx, own_tx));
     let (stats_tx, stats_rx) = mpsc::channel(1);
-    let pin_dir = flags.bpf_pin_dir.clone();
-    tokio::spawn(sampling::run(
-        stats_tx,
-        flags.udp_dataplane,
-        pin_dir,
-        latest_sample,
-    ));
+    tokio::spawn(sampling::run(stats_tx, latest_sample));
     let network = tokio::spawn(Network::new(backend, status).run(peers_rx, stats_rx));
     let lease = tokio::spawn(keeper.run(own, own_rx, subnet_tx));
     tokio::select! {

@@ -4,12 +4,9 @@
 //! [`DataplaneSample`], which the sampling task refreshes (handlers cannot reach the backend).
 
 use std::fmt::Write;
-use std::path::Path;
 use std::sync::atomic::Ordering;
 
-use crate::backend::udp::ebpf::read_pinned_stats;
-use crate::backend::DataplaneStats;
-use crate::cli::UdpDataplaneKind;
+use crate::backend::DataplaneSample;
 use crate::status::AgentStatus;
 use crate::subnet::watch::WatchHealth;
 use flannel_common::counters::{self, CountedBy};
@@ -17,64 +14,6 @@ use flannel_common::Counter;
 
 /// The `Content-Type` of the text exposition format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DataplaneKind {
-    Ebpf,
-    Tun,
-}
-
-impl DataplaneKind {
-    fn label(self) -> &'static str {
-        match self {
-            DataplaneKind::Ebpf => "ebpf",
-            DataplaneKind::Tun => "tun",
-        }
-    }
-}
-
-/// One reading of the udp data plane's counters.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DataplaneSample {
-    pub kind: DataplaneKind,
-    pub stats: DataplaneStats,
-    /// Whether the counters only the eBPF programs count ([`CountedBy::Ebpf`]) were read (from
-    /// the pinned map) and are shown; false on TUN, which has no equivalent of them.
-    pub ebpf_counters: bool,
-}
-
-impl DataplaneSample {
-    /// Reads the running data plane: `stats` from the backend (None: no udp data plane), the
-    /// eBPF-only counters from the pinned map when the eBPF data plane may be the one running.
-    pub fn collect(
-        stats: Option<DataplaneStats>,
-        requested: UdpDataplaneKind,
-        pin_dir: &Path,
-    ) -> Option<DataplaneSample> {
-        let mut stats = stats?;
-        let pinned = match requested {
-            UdpDataplaneKind::Tun => None,
-            UdpDataplaneKind::Ebpf | UdpDataplaneKind::Auto => read_pinned_stats(pin_dir).ok(),
-        };
-        // Auto falls back to TUN when the programs cannot load; then there is no stats pin.
-        let kind = match (requested, &pinned) {
-            (UdpDataplaneKind::Ebpf, _) | (UdpDataplaneKind::Auto, Some(_)) => DataplaneKind::Ebpf,
-            _ => DataplaneKind::Tun,
-        };
-        if let Some(pinned) = &pinned {
-            for c in Counter::ALL {
-                if c.counted_by() == CountedBy::Ebpf {
-                    *stats.get_mut(c) = pinned.get(c);
-                }
-            }
-        }
-        Some(DataplaneSample {
-            kind,
-            stats,
-            ebpf_counters: pinned.is_some(),
-        })
-    }
-}
 
 /// Escapes a label value: backslash, double quote and newline, as the format requires.
 fn label_value(v: &str) -> String {
@@ -255,7 +194,7 @@ fn render_dataplane(out: &mut String, dp: &DataplaneSample) {
     for f in counters::FAMILIES {
         family(out, f.name, "counter", f.help);
         for c in Counter::ALL {
-            if c.family() == f && (c.counted_by() == CountedBy::Both || dp.ebpf_counters) {
+            if c.family() == f && (c.counted_by() == CountedBy::Both || dp.has_ebpf_counters()) {
                 sample(out, f.name, &[(f.label, c.label())], s.get(c));
             }
         }
@@ -265,6 +204,7 @@ fn render_dataplane(out: &mut String, dp: &DataplaneSample) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::DataplaneKind;
     use crate::lease::{Lease, LeaseAttrs, SubnetKey};
     use std::net::Ipv4Addr;
 
@@ -327,7 +267,6 @@ mod tests {
                 drop_bad_ip_checksum: 9,
                 drop_other_host: 10,
             },
-            ebpf_counters: true,
         });
         let body = render(&state, dataplane.as_ref());
         let expect = [
@@ -401,7 +340,6 @@ mod tests {
         let dataplane = Some(DataplaneSample {
             kind: DataplaneKind::Tun,
             stats: DataplaneStats::default(),
-            ebpf_counters: false,
         });
         let body = render(&state, dataplane.as_ref());
         let mut typed = Vec::new();

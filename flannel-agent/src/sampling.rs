@@ -1,22 +1,19 @@
 //! Data plane sampling for `/metrics`, as its own task: once a second it asks the backend
-//! network for the backend's counters (a quick map read there) and adds what only the pinned
-//! eBPF maps know, so a slow read never holds up peer updates.
+//! network which data plane runs and for its counters (a quick map read there), so that a
+//! scrape never waits on the backend.
 
-use std::path::PathBuf;
 use std::sync::RwLock;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::backend::DataplaneStats;
-use crate::cli::UdpDataplaneKind;
-use crate::metrics::DataplaneSample;
+use crate::backend::DataplaneSample;
 
 /// How often the data plane counters behind `/metrics` are refreshed.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A request to the backend network for its counters (None: no data plane of its own).
-pub type StatsRequest = oneshot::Sender<Option<DataplaneStats>>;
+pub type StatsRequest = oneshot::Sender<Option<DataplaneSample>>;
 
 /// The latest sample, read by `/metrics` (None: no udp data plane, or none taken yet).
 #[derive(Default)]
@@ -33,12 +30,7 @@ impl LatestSample {
 }
 
 /// Samples until the backend network goes away.
-pub async fn run(
-    backend: mpsc::Sender<StatsRequest>,
-    requested: UdpDataplaneKind,
-    pin_dir: PathBuf,
-    latest: std::sync::Arc<LatestSample>,
-) {
+pub async fn run(backend: mpsc::Sender<StatsRequest>, latest: std::sync::Arc<LatestSample>) {
     let mut tick = tokio::time::interval(SAMPLE_INTERVAL);
     loop {
         tick.tick().await;
@@ -46,7 +38,7 @@ pub async fn run(
         if backend.send(reply).await.is_err() {
             return;
         }
-        let Ok(stats) = answer.await else { return };
-        latest.set(DataplaneSample::collect(stats, requested, &pin_dir));
+        let Ok(sample) = answer.await else { return };
+        latest.set(sample);
     }
 }

@@ -7,6 +7,7 @@ use crate::lease::{Lease, LeaseAttrs};
 use crate::subnet::PeerEvent;
 
 pub mod alloc;
+pub mod dataplane;
 pub mod hostgw;
 pub mod network;
 pub mod route;
@@ -14,6 +15,7 @@ pub mod route6;
 pub mod udp;
 pub mod vxlan;
 
+pub use dataplane::{DataplaneKind, DataplaneSample};
 pub use udp::DataplaneStats;
 
 /// Settings from flags that backends need.
@@ -55,8 +57,8 @@ pub trait Backend {
     async fn resync(&mut self) -> anyhow::Result<()> {
         Ok(())
     }
-    /// Data-plane counters, where the backend has a data plane of its own.
-    fn stats(&self) -> Option<DataplaneStats> {
+    /// Which data plane runs and its counters, where the backend has a data plane of its own.
+    fn stats(&self) -> Option<DataplaneSample> {
         None
     }
 }
@@ -131,7 +133,7 @@ impl Backend for AnyBackend {
     async fn resync(&mut self) -> anyhow::Result<()> {
         dispatch!(self, b => b.resync().await)
     }
-    fn stats(&self) -> Option<DataplaneStats> {
+    fn stats(&self) -> Option<DataplaneSample> {
         dispatch!(self, b => b.stats())
     }
 }

@@ -26,6 +26,8 @@ pub trait UdpDataplane: Send {
     /// Make the peer table equal `peers` (after a re-list): adds, changes and removes.
     fn sync_peers(&mut self, peers: &BTreeMap<Ipv4Network, Ipv4Addr>) -> anyhow::Result<()>;
     fn stats(&self) -> anyhow::Result<DataplaneStats>;
+    /// Which data plane this is (what `/metrics` reports).
+    fn kind(&self) -> super::DataplaneKind;
 }
 
 /// Default udp port, as upstream.
@@ -214,7 +216,11 @@ impl super::Backend for UdpBackend {
             .collect();
         dp.sync_peers(&table)
     }
-    fn stats(&self) -> Option<DataplaneStats> {
-        self.dataplane.as_ref().and_then(|d| d.stats().ok())
+    fn stats(&self) -> Option<super::DataplaneSample> {
+        let d = self.dataplane.as_ref()?;
+        Some(super::DataplaneSample {
+            kind: d.kind(),
+            stats: d.stats().ok()?,
+        })
     }
 }

@@ -310,6 +310,9 @@ fn configure_socket(fd: RawFd) {
 }
 
 impl UdpDataplane for TunDataplane {
+    fn kind(&self) -> crate::backend::DataplaneKind {
+        crate::backend::DataplaneKind::Tun
+    }
     fn set_peer(&mut self, subnet: Ipv4Network, public_ip: Ipv4Addr) -> anyhow::Result<()> {
         let subnet = Ipv4Network::new(subnet.network(), subnet.prefix())?;
         self.update_peers(|m| {

@@ -157,6 +157,9 @@ impl EbpfDataplane {
 }
 
 impl UdpDataplane for EbpfDataplane {
+    fn kind(&self) -> crate::backend::DataplaneKind {
+        crate::backend::DataplaneKind::Ebpf
+    }
     fn set_peer(&mut self, subnet: Ipv4Network, public_ip: Ipv4Addr) -> anyhow::Result<()> {
         Ok(self.peers.insert(subnet, public_ip)?)
     }
