@@ -116,9 +116,10 @@ fn runnable((state, revision): (ConfigState, i64)) -> (ConfigState, i64) {
     }
 }
 
-/// Backends that carry IPv6 here: host-gw (IPv6 routes) and alloc (leases only).
+/// Backends that carry IPv6 here: host-gw (IPv6 routes), vxlan (`flannel-v6.<VNI>`) and
+/// alloc (leases only).
 fn runs_ipv6(backend_type: &str) -> bool {
-    ["host-gw", "alloc"]
+    ["host-gw", "vxlan", "alloc"]
         .iter()
         .any(|b| backend_type.eq_ignore_ascii_case(b))
 }
@@ -127,9 +128,9 @@ fn runs_ipv6(backend_type: &str) -> bool {
 /// IPv4 only in this flanneld for now.
 fn ipv6_refusal(backend_type: &str) -> &'static str {
     if backend_type.eq_ignore_ascii_case("udp") {
-        "the udp backend carries IPv4 only (as upstream's): use host-gw for IPv6 (this flanneld has no IPv6 vxlan yet), or set EnableIPv6 to false"
+        "the udp backend carries IPv4 only (as upstream's): use vxlan or host-gw for IPv6, or set EnableIPv6 to false"
     } else {
-        "this flanneld carries IPv6 with the host-gw backend only so far; use host-gw or set EnableIPv6 to false"
+        "this flanneld carries IPv6 with the vxlan and host-gw backends only; use one of them or set EnableIPv6 to false"
     }
 }
 
