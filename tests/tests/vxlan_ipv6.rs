@@ -284,3 +284,33 @@ fn dual_stack_vxlan_three_hosts_pods_talk_over_both_families_and_v6_entries_foll
     assert!(ping(&pods[0], pods[1].v6));
     assert!(ping(&pods[1], pods[0].v4));
 }
+
+/// IPv6-only (EnableIPv4 false) is not run yet: one line naming the key, no lease, no rules
+/// (running it would put the IPv4 side on 0.0.0.0/0).
+#[test]
+fn ipv6_only_is_refused_naming_the_key_without_taking_a_lease_or_installing_rules() {
+    let cluster = Cluster::new(1).unwrap();
+    ipv6_underlay(&cluster).unwrap();
+    cluster
+        .set_config(r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/48","Backend":{"Type":"vxlan"}}"#)
+        .unwrap();
+    let agent = cluster.start_agent(0, &[]).unwrap();
+    let line = wait_for(Duration::from_secs(20), "the refusal", || {
+        agent
+            .own_log()
+            .lines()
+            .find(|l| l.contains(" ERROR ") && l.contains("EnableIPv4"))
+            .map(str::to_owned)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.log()));
+    assert!(
+        line.contains("IPv6-only networks are not supported"),
+        "{line}"
+    );
+    assert_eq!(agent.http_get("/readyz").map(|(s, _)| s).unwrap_or(0), 503);
+    assert!(cluster.leases().unwrap().is_empty());
+    let h = &cluster.hosts[0];
+    let saved = h.ns.exec("iptables-save", &[]).unwrap();
+    assert!(!saved.contains("FLANNEL"), "{saved}");
+    assert!(h.ns.ip(&["link", "show", "dev", V6_DEV]).is_err());
+}

@@ -98,6 +98,22 @@ pub async fn wait_for_config<T>(
 /// A valid upstream config this node cannot run is as good as invalid here: wait for a change.
 fn runnable((state, revision): (ConfigState, i64)) -> (ConfigState, i64) {
     match state {
+        // Without IPv4 the IPv4 side would run for 0.0.0.0/0 (firewall rules, blackhole
+        // route, every peer under one IPv4 key): refuse rather than do that.
+        ConfigState::Valid {
+            config,
+            mod_revision,
+        } if !config.enable_ipv4 => (
+            ConfigState::Invalid {
+                error: ConfigError::Field {
+                    field: "EnableIPv4",
+                    value: "false".into(),
+                    message: "IPv6-only networks are not supported by this flanneld yet; set EnableIPv4 to true (dual stack with vxlan or host-gw works)".into(),
+                },
+                mod_revision,
+            },
+            revision,
+        ),
         ConfigState::Valid {
             config,
             mod_revision,
@@ -178,6 +194,29 @@ mod tests {
             ConfigState::Invalid { error, .. } => error.to_string(),
             _ => panic!("{json} runnable"),
         }
+    }
+
+    #[test]
+    fn ipv6_only_is_refused_naming_the_key_and_vxlan_dual_stack_runs() {
+        let v6_only = refusal(
+            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/48","Backend":{"Type":"vxlan"}}"#,
+        );
+        assert!(
+            v6_only.contains("EnableIPv4") && v6_only.contains("IPv6-only"),
+            "{v6_only}"
+        );
+        let config = NetworkConfig::parse(
+            br#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/48","Backend":{"Type":"vxlan"}}"#,
+        )
+        .unwrap();
+        let (state, _) = runnable((
+            ConfigState::Valid {
+                config,
+                mod_revision: 7,
+            },
+            7,
+        ));
+        assert!(matches!(state, ConfigState::Valid { .. }));
     }
 
     #[test]
