@@ -283,6 +283,25 @@ fn dual_stack_vxlan_three_hosts_pods_talk_over_both_families_and_v6_entries_foll
     }
     assert!(ping(&pods[0], pods[1].v6));
     assert!(ping(&pods[1], pods[0].v4));
+
+    // uninstall removes both vxlan devices.
+    o.agents[0].stop().unwrap();
+    let out = h0
+        .flanneld(&[
+            "uninstall",
+            &format!("--subnet-file={}", o.agents[0].subnet_file.display()),
+            &format!("--bpf-pin-dir={}", h0.pin_dir()),
+        ])
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    for dev in ["flannel.1", V6_DEV] {
+        assert!(err.contains(&format!("device {dev} removed")), "{err}");
+        assert!(
+            h0.ns.ip(&["link", "show", "dev", dev]).is_err(),
+            "{dev} still there"
+        );
+    }
 }
 
 /// IPv6-only (EnableIPv4 false) is not run yet: one line naming the key, no lease, no rules
