@@ -208,6 +208,29 @@ mod tests {
         }
     }
 
+    /// Upstream's etcd subnet manager with EnableIPv4 false: `MakeSubnetKey` of an empty
+    /// IPv4 subnet is `0.0.0.0-0`, followed by the IPv6 subnet; the lease's PublicIP is the zero
+    /// address and only BackendV6Data is set (vxlan's `newSubnetAttrs`).
+    #[test]
+    fn upstream_ipv6_only_keys_and_lease_json_parse_and_round_trip() {
+        let k = SubnetKey::parse("0.0.0.0-0&fd00:10:244:5::-64").unwrap();
+        assert_eq!(k.ipv4, "0.0.0.0/0".parse().unwrap());
+        assert_eq!(k.ipv6, Some("fd00:10:244:5::/64".parse().unwrap()));
+        assert_eq!(k.to_string(), "0.0.0.0-0&fd00:10:244:5::-64");
+        let upstream = r#"{"PublicIP":"0.0.0.0","PublicIPv6":"2001:db8::10","BackendType":"vxlan","BackendV6Data":{"VNI":1,"VtepMAC":"5a:3b:1c:9e:01:77"}}"#;
+        let attrs = LeaseAttrs::from_json("k", upstream.as_bytes()).unwrap();
+        assert_eq!(attrs.public_ip, Ipv4Addr::UNSPECIFIED);
+        assert!(attrs.backend_data.is_none());
+        assert_eq!(attrs.to_json(), upstream);
+    }
+
+    #[test]
+    fn dual_stack_vxlan_lease_json_round_trips_byte_identical() {
+        let upstream = r#"{"PublicIP":"172.30.0.11","PublicIPv6":"fc00::11","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"f6:ee:c7:fe:16:40"},"BackendV6Data":{"VNI":1,"VtepMAC":"5a:3b:1c:9e:01:77"}}"#;
+        let attrs = LeaseAttrs::from_json("k", upstream.as_bytes()).unwrap();
+        assert_eq!(attrs.to_json(), upstream);
+    }
+
     #[test]
     fn subnet_keys_parse_and_print() {
         let k = SubnetKey::parse("10.244.58.0-24").unwrap();

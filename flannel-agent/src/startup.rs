@@ -76,6 +76,7 @@ pub async fn lease_attrs(
                 ext.name
             );
         }
+        backend.add_ipv6_attrs(&mut attrs);
     }
     Ok(attrs)
 }

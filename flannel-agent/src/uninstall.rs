@@ -99,12 +99,13 @@ pub async fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {
     }
 }
 
-/// The devices flanneld creates: `flannel0` (udp) and `flannel.<VNI>` (vxlan).
+/// The devices flanneld creates: `flannel0` (udp), `flannel.<VNI>` and `flannel-v6.<VNI>`
+/// (vxlan).
 fn is_flannel_device(name: &str) -> bool {
+    let is_vni = |vni: &str| !vni.is_empty() && vni.bytes().all(|b| b.is_ascii_digit());
     name == "flannel0"
-        || name
-            .strip_prefix("flannel.")
-            .is_some_and(|vni| !vni.is_empty() && vni.bytes().all(|b| b.is_ascii_digit()))
+        || name.strip_prefix("flannel.").is_some_and(is_vni)
+        || name.strip_prefix("flannel-v6.").is_some_and(is_vni)
 }
 
 async fn remove_devices() -> anyhow::Result<()> {
@@ -206,6 +207,8 @@ mod tests {
         assert!(is_flannel_device("flannel0"));
         assert!(is_flannel_device("flannel.1"));
         assert!(is_flannel_device("flannel.4096"));
+        assert!(is_flannel_device("flannel-v6.1"));
+        assert!(!is_flannel_device("flannel-v6."));
         assert!(!is_flannel_device("flannel."));
         assert!(!is_flannel_device("flannel.x"));
         assert!(!is_flannel_device("flannel1"));

@@ -279,7 +279,9 @@ fn ipv6_with_udp_is_refused_naming_the_backend() {
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", agent.log()));
     assert!(
-        line.contains("the udp backend carries IPv4 only (as upstream's): use host-gw for IPv6"),
+        line.contains(
+            "the udp backend carries IPv4 only (as upstream's): use vxlan or host-gw for IPv6"
+        ),
         "{line}"
     );
     assert_eq!(agent.http_get("/readyz").map(|(s, _)| s).unwrap_or(0), 503);

@@ -67,6 +67,7 @@ impl HostGwBackend {
             dst: lease.key.ipv6?,
             gateway: lease.attrs.public_ipv6?,
             oif: self.ext.index,
+            onlink: false,
         })
     }
 

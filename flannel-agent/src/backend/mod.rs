@@ -42,6 +42,9 @@ pub enum BackendError {
 pub trait Backend {
     /// What goes into our lease (BackendType, BackendData) for `public_ip`.
     fn lease_attrs(&self, public_ip: std::net::Ipv4Addr) -> LeaseAttrs;
+    /// With EnableIPv6, once `attrs.public_ipv6` is known: what the backend publishes for
+    /// IPv6 (vxlan: BackendV6Data).
+    fn add_ipv6_attrs(&self, _attrs: &mut LeaseAttrs) {}
     /// FLANNEL_MTU for subnet.env.
     fn mtu(&self) -> u32;
     /// Set up devices and routes once our lease is known.
@@ -87,6 +90,7 @@ impl AnyBackend {
             vxlan::BACKEND_TYPE => Ok(AnyBackend::Vxlan(Box::new(vxlan::VxlanBackend::new(
                 &config.backend,
                 ext,
+                config.enable_ipv6,
             )?))),
             hostgw::BACKEND_TYPE => Ok(AnyBackend::HostGw(hostgw::HostGwBackend::new(ext))),
             other => Err(BackendError::Unknown(other.to_owned())),
@@ -117,6 +121,9 @@ macro_rules! dispatch {
 impl Backend for AnyBackend {
     fn lease_attrs(&self, public_ip: std::net::Ipv4Addr) -> LeaseAttrs {
         dispatch!(self, b => b.lease_attrs(public_ip))
+    }
+    fn add_ipv6_attrs(&self, attrs: &mut LeaseAttrs) {
+        dispatch!(self, b => b.add_ipv6_attrs(attrs))
     }
     fn mtu(&self) -> u32 {
         dispatch!(self, b => b.mtu())

@@ -1,12 +1,13 @@
 //! IPv6 routes in the main table over rtnetlink: what host-gw installs per dual-stack peer
-//! (`<v6 subnet> via <peer PublicIPv6> dev <ext>`).
+//! (`<v6 subnet> via <peer PublicIPv6> dev <ext>`) and vxlan per IPv6 peer
+//! (`<v6 subnet> via <peer v6 VTEP> dev flannel-v6.<VNI> onlink`).
 
 use std::net::Ipv6Addr;
 
 use futures::TryStreamExt;
 use ipnetwork::Ipv6Network;
 use rtnetlink::packet_route::route::{
-    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteVia,
+    RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteProtocol, RouteScope, RouteVia,
 };
 use rtnetlink::{Handle, RouteMessageBuilder};
 
@@ -17,15 +18,20 @@ pub struct Route6 {
     pub dst: Ipv6Network,
     pub gateway: Ipv6Addr,
     pub oif: u32,
+    pub onlink: bool,
 }
 
 impl Route6 {
     fn message(&self) -> RouteMessage {
-        RouteMessageBuilder::<Ipv6Addr>::new()
+        let b = RouteMessageBuilder::<Ipv6Addr>::new()
             .destination_prefix(self.dst.network(), self.dst.prefix())
             .gateway(self.gateway)
-            .output_interface(self.oif)
-            .build()
+            .output_interface(self.oif);
+        if self.onlink {
+            b.onlink().build()
+        } else {
+            b.build()
+        }
     }
 
     /// `ip -6 route replace`.
@@ -73,7 +79,36 @@ pub async fn list_gateway_routes(handle: &Handle) -> Result<Vec<Route6>, rtnetli
         let Ok(dst) = Ipv6Network::new(dst, msg.header.destination_prefix_length) else {
             continue;
         };
-        routes.push(Route6 { dst, gateway, oif });
+        routes.push(Route6 {
+            dst,
+            gateway,
+            oif,
+            onlink: msg.header.flags.contains(RouteFlags::Onlink),
+        });
     }
     Ok(routes)
+}
+
+/// The gateway and interface the kernel would use to reach `ip` (`ip -6 route get`).
+pub async fn lookup(
+    handle: &Handle,
+    ip: Ipv6Addr,
+) -> Result<(Option<Ipv6Addr>, Option<u32>), rtnetlink::Error> {
+    let msg = RouteMessageBuilder::<Ipv6Addr>::new()
+        .destination_prefix(ip, 128)
+        .build();
+    let mut stream = handle.route().get(msg).execute();
+    let Some(route) = stream.try_next().await? else {
+        return Ok((None, None));
+    };
+    let mut out = (None, None);
+    for attr in route.attributes {
+        match attr {
+            RouteAttribute::Gateway(RouteAddress::Inet6(gw)) => out.0 = Some(gw),
+            RouteAttribute::Via(RouteVia::Inet6(gw)) => out.0 = Some(gw),
+            RouteAttribute::Oif(i) => out.1 = Some(i),
+            _ => {}
+        }
+    }
+    Ok(out)
 }

@@ -98,6 +98,22 @@ pub async fn wait_for_config<R: Registry, T>(
 /// A valid upstream config this node cannot run is as good as invalid here: wait for a change.
 fn runnable((state, revision): (ConfigState, i64)) -> (ConfigState, i64) {
     match state {
+        // Without IPv4 the IPv4 side would run for 0.0.0.0/0 (firewall rules, blackhole
+        // route, every peer under one IPv4 key): refuse rather than do that.
+        ConfigState::Valid {
+            config,
+            mod_revision,
+        } if !config.enable_ipv4 => (
+            ConfigState::Invalid {
+                error: ConfigError::Field {
+                    field: "EnableIPv4",
+                    value: "false".into(),
+                    message: "IPv6-only networks are not supported by this flanneld yet; set EnableIPv4 to true (dual stack with vxlan or host-gw works)".into(),
+                },
+                mod_revision,
+            },
+            revision,
+        ),
         ConfigState::Valid {
             config,
             mod_revision,
@@ -116,9 +132,10 @@ fn runnable((state, revision): (ConfigState, i64)) -> (ConfigState, i64) {
     }
 }
 
-/// Backends that carry IPv6 here: host-gw (IPv6 routes) and alloc (leases only).
+/// Backends that carry IPv6 here: host-gw (IPv6 routes), vxlan (`flannel-v6.<VNI>`) and
+/// alloc (leases only).
 fn runs_ipv6(backend_type: &str) -> bool {
-    ["host-gw", "alloc"]
+    ["host-gw", "vxlan", "alloc"]
         .iter()
         .any(|b| backend_type.eq_ignore_ascii_case(b))
 }
@@ -127,9 +144,9 @@ fn runs_ipv6(backend_type: &str) -> bool {
 /// IPv4 only in this flanneld for now.
 fn ipv6_refusal(backend_type: &str) -> &'static str {
     if backend_type.eq_ignore_ascii_case("udp") {
-        "the udp backend carries IPv4 only (as upstream's): use host-gw for IPv6 (this flanneld has no IPv6 vxlan yet), or set EnableIPv6 to false"
+        "the udp backend carries IPv4 only (as upstream's): use vxlan or host-gw for IPv6, or set EnableIPv6 to false"
     } else {
-        "this flanneld carries IPv6 with the host-gw backend only so far; use host-gw or set EnableIPv6 to false"
+        "this flanneld carries IPv6 with the vxlan and host-gw backends only; use one of them or set EnableIPv6 to false"
     }
 }
 
@@ -246,6 +263,29 @@ mod tests {
         registry.set_config(Some(GOOD));
         registry.set_down(false);
         assert_eq!(task.await.unwrap().network.to_string(), "10.244.0.0/16");
+    }
+
+    #[test]
+    fn ipv6_only_is_refused_naming_the_key_and_vxlan_dual_stack_runs() {
+        let v6_only = refusal(
+            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/48","Backend":{"Type":"vxlan"}}"#,
+        );
+        assert!(
+            v6_only.contains("EnableIPv4") && v6_only.contains("IPv6-only"),
+            "{v6_only}"
+        );
+        let config = NetworkConfig::parse(
+            br#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/48","Backend":{"Type":"vxlan"}}"#,
+        )
+        .unwrap();
+        let (state, _) = runnable((
+            ConfigState::Valid {
+                config,
+                mod_revision: 7,
+            },
+            7,
+        ));
+        assert!(matches!(state, ConfigState::Valid { .. }));
     }
 
     #[test]

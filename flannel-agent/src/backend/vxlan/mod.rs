@@ -1,0 +1,530 @@
+//! The `vxlan` backend: a kernel VXLAN device `flannel.<VNI>` and, per peer, a permanent
+//! neighbour entry, an FDB entry and an onlink route, as upstream installs them. With
+//! EnableIPv6 a second device `flannel-v6.<VNI>` over the IPv6 underlay does the same for the
+//! peers' IPv6 subnets (its MAC is published as BackendV6Data).
+//!
+//! Unlike upstream, the VTEP MAC is derived from the public IP, so it stays the same across
+//! restarts and peers never keep stale neighbour/FDB entries for us (upstream issue #1795).
+//!
+//! Modules: `config` (options), `device` (the kernel device), `neigh` (neighbour and FDB
+//! entries), `peers` / `peers6` (what each peer gets on the IPv4 / IPv6 device).
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::str::FromStr;
+
+use anyhow::Context;
+use rtnetlink::Handle;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use super::{Backend, BackendError};
+use crate::config::{BackendConfig, NetworkConfig};
+use crate::iface::ExternalInterface;
+use crate::lease::{Lease, LeaseAttrs};
+use crate::subnet::PeerEvent;
+
+pub mod config;
+pub mod device;
+pub mod neigh;
+pub mod peers;
+pub mod peers6;
+
+pub use config::{VxlanConfig, ENCAP_OVERHEAD, KERNEL_DEFAULT_PORT};
+use device::{DeviceSpec, VxlanDevice};
+use peers::Peers;
+use peers6::Peers6;
+
+pub const BACKEND_TYPE: &str = "vxlan";
+
+/// What went wrong setting up the device or a peer's entries.
+#[derive(Debug, thiserror::Error)]
+pub enum VxlanError {
+    #[error("vxlan backend not started")]
+    NotStarted,
+    #[error("{what}: {source}")]
+    Netlink {
+        what: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("device {0} vanished right after being set up")]
+    Vanished(String),
+}
+
+/// Why a peer's lease gives no usable VTEP.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseDataError {
+    #[error("no {0}")]
+    Missing(&'static str),
+    #[error("{field} {raw}: {source}")]
+    Json {
+        field: &'static str,
+        raw: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error(transparent)]
+    Mac(#[from] BadMac),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("bad MAC {0:?}")]
+pub struct BadMac(pub String);
+
+/// A VTEP (Ethernet) address, printed as upstream's Go `net.HardwareAddr`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Mac(pub [u8; 6]);
+
+impl Mac {
+    /// Ours: a locally administered unicast address that embeds the public IP, so it is the
+    /// same after every restart and unique among the nodes of a network.
+    pub fn for_public_ip(ip: Ipv4Addr) -> Self {
+        let [a, b, c, d] = ip.octets();
+        Mac([0x0e, 0xf1, a, b, c, d])
+    }
+
+    /// Ours for the IPv6 device: stable too, and unique among nodes whose public IPv6
+    /// addresses share their first 96 bits (the last 32 bits are kept, XORed with a fold of
+    /// the first 96 that is the same for all of them).
+    pub fn for_public_ipv6(ip: Ipv6Addr) -> Self {
+        let o = ip.octets();
+        let word = |i: usize| u32::from_be_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+        let [a, b, c, d] = (word(12) ^ word(0) ^ word(4) ^ word(8)).to_be_bytes();
+        Mac([0x0e, 0xf6, a, b, c, d])
+    }
+}
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+impl FromStr for Mac {
+    type Err = BadMac;
+    fn from_str(s: &str) -> Result<Self, BadMac> {
+        let bad = || BadMac(s.to_owned());
+        let mut out = [0u8; 6];
+        let mut parts = s.split([':', '-']);
+        for byte in out.iter_mut() {
+            let p = parts.next().filter(|p| p.len() == 2).ok_or_else(bad)?;
+            *byte = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+        }
+        if parts.next().is_some() {
+            return Err(bad());
+        }
+        Ok(Mac(out))
+    }
+}
+
+/// The lease's BackendData (and BackendV6Data), field order as upstream (Go struct order).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VxlanLeaseData {
+    #[serde(rename = "VNI")]
+    pub vni: u32,
+    #[serde(rename = "VtepMAC")]
+    pub vtep_mac: String,
+}
+
+impl VxlanLeaseData {
+    pub fn to_json(&self) -> String {
+        format!("{{\"VNI\":{},\"VtepMAC\":\"{}\"}}", self.vni, self.vtep_mac)
+    }
+
+    fn raw(&self) -> Option<Box<RawValue>> {
+        RawValue::from_string(self.to_json()).ok()
+    }
+
+    fn mac_in(raw: Option<&RawValue>, field: &'static str) -> Result<Mac, LeaseDataError> {
+        let raw = raw.ok_or(LeaseDataError::Missing(field))?;
+        let data: VxlanLeaseData =
+            serde_json::from_str(raw.get()).map_err(|source| LeaseDataError::Json {
+                field,
+                raw: raw.get().to_owned(),
+                source,
+            })?;
+        Ok(data.vtep_mac.parse()?)
+    }
+
+    /// The peer's VTEP MAC from its lease, if the lease is a well-formed vxlan lease.
+    pub fn peer_mac(attrs: &LeaseAttrs) -> Result<Mac, LeaseDataError> {
+        Self::mac_in(attrs.backend_data.as_deref(), "BackendData")
+    }
+
+    /// The peer's IPv6 VTEP MAC (BackendV6Data).
+    pub fn peer_mac_v6(attrs: &LeaseAttrs) -> Result<Mac, LeaseDataError> {
+        Self::mac_in(attrs.backend_v6_data.as_deref(), "BackendV6Data")
+    }
+}
+
+/// The IPv6 device and its peers (EnableIPv6).
+struct V6Side {
+    dev: VxlanDevice,
+    peers: Peers6,
+}
+
+pub struct VxlanBackend {
+    cfg: VxlanConfig,
+    ext: ExternalInterface,
+    mac: Mac,
+    mtu: u32,
+    /// EnableIPv6: run `flannel-v6.<VNI>` too.
+    ipv6: bool,
+    handle: Option<Handle>,
+    dev: VxlanDevice,
+    peers: Peers,
+    /// Set up by `start` with EnableIPv6.
+    v6: Option<V6Side>,
+    /// Peer events seen at least once: only then may resync drop entries nobody owns.
+    peers_known: bool,
+}
+
+impl VxlanBackend {
+    /// `ipv6`: the network config's EnableIPv6.
+    pub fn new(
+        cfg: &BackendConfig,
+        ext: &ExternalInterface,
+        ipv6: bool,
+    ) -> Result<Self, BackendError> {
+        let cfg = VxlanConfig::parse(cfg)?;
+        let mtu = cfg.mtu_v4(ext.mtu);
+        let mac = Mac::for_public_ip(ext.ext_addr);
+        let spec = DeviceSpec {
+            name: cfg.device_name(),
+            vni: cfg.vni,
+            port: cfg.port,
+            effective_port: cfg.effective_port(),
+            gbp: cfg.gbp,
+            learning: cfg.learning,
+            ext_index: ext.index,
+            local: IpAddr::V4(ext.iface_addr),
+            mac,
+            mtu,
+        };
+        Ok(VxlanBackend {
+            ext: ext.clone(),
+            mac,
+            mtu,
+            ipv6,
+            v6: None,
+            handle: None,
+            dev: VxlanDevice::new(spec, IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+            peers: Peers::new(cfg.direct_routing, ext.index),
+            peers_known: false,
+            cfg,
+        })
+    }
+
+    fn handle(&self) -> Result<Handle, VxlanError> {
+        self.handle.clone().ok_or(VxlanError::NotStarted)
+    }
+
+    fn v6_data(&self, public_ipv6: Ipv6Addr) -> VxlanLeaseData {
+        VxlanLeaseData {
+            vni: self.cfg.vni,
+            vtep_mac: Mac::for_public_ipv6(public_ipv6).to_string(),
+        }
+    }
+
+    /// `flannel-v6.<VNI>`: local = our PublicIPv6, same VNI, port and options as the IPv4
+    /// device, address = our IPv6 subnet's network address /128 (upstream's).
+    async fn start_v6(
+        &mut self,
+        handle: &Handle,
+        own: &Lease,
+        config: &NetworkConfig,
+    ) -> anyhow::Result<()> {
+        let subnet6 = own
+            .key
+            .ipv6
+            .with_context(|| format!("EnableIPv6, but our lease {} has no IPv6 subnet", own.key))?;
+        let public_ipv6 = own
+            .attrs
+            .public_ipv6
+            .with_context(|| format!("EnableIPv6, but our lease {} has no PublicIPv6", own.key))?;
+        let spec = DeviceSpec {
+            name: self.cfg.device_name_v6(),
+            local: IpAddr::V6(public_ipv6),
+            mac: Mac::for_public_ipv6(public_ipv6),
+            mtu: self.cfg.mtu_v6(self.ext.mtu),
+            ..self.dev.spec.clone()
+        };
+        log::info!(
+            "vxlan: IPv6 device {} local {public_ipv6} MTU {} VTEP MAC {}",
+            spec.name,
+            spec.mtu,
+            spec.mac
+        );
+        let mut dev = VxlanDevice::new(spec, IpAddr::V6(subnet6.network()));
+        dev.ensure(handle).await?;
+        disable_router_advertisements(dev.name());
+        let peers = Peers6::new(self.cfg.direct_routing, self.ext.index, config.ipv6_network);
+        self.v6 = Some(V6Side { dev, peers });
+        Ok(())
+    }
+
+    /// The IPv6 side of resync: failures are logged, never stop the IPv4 side.
+    async fn resync_v6(&mut self, handle: &Handle) {
+        let peers_known = self.peers_known;
+        let Some(v6) = self.v6.as_mut() else {
+            return;
+        };
+        match v6.dev.ensure(handle).await {
+            Ok(true) => {
+                disable_router_advertisements(v6.dev.name());
+                log::info!(
+                    "vxlan: device {} (re)created: reinstalling {} IPv6 peers",
+                    v6.dev.name(),
+                    v6.peers.len()
+                );
+            }
+            Ok(false) => {}
+            Err(e) => {
+                log::warn!("vxlan: IPv6 device: {e}");
+                return;
+            }
+        }
+        v6.peers.restore(handle, v6.dev.index()).await;
+        if peers_known {
+            if let Err(e) = v6.peers.prune(handle, v6.dev.index()).await {
+                log::warn!("vxlan: removing stale IPv6 entries: {e}");
+            }
+        }
+    }
+}
+
+/// Upstream turns router advertisements off on the IPv6 device: its routes are ours alone.
+fn disable_router_advertisements(dev: &str) {
+    let path = format!("/proc/sys/net/ipv6/conf/{dev}/accept_ra");
+    if let Err(e) = std::fs::write(&path, "0") {
+        log::warn!("vxlan: writing 0 to {path}: {e}");
+    }
+}
+
+impl Backend for VxlanBackend {
+    fn lease_attrs(&self, public_ip: Ipv4Addr) -> LeaseAttrs {
+        let data = VxlanLeaseData {
+            vni: self.cfg.vni,
+            vtep_mac: self.mac.to_string(),
+        };
+        let mut attrs = LeaseAttrs::new(public_ip);
+        attrs.backend_type = BACKEND_TYPE.into();
+        attrs.backend_data = data.raw();
+        attrs
+    }
+
+    fn add_ipv6_attrs(&self, attrs: &mut LeaseAttrs) {
+        if let Some(ip) = attrs.public_ipv6.filter(|_| self.ipv6) {
+            attrs.backend_v6_data = self.v6_data(ip).raw();
+        }
+    }
+
+    /// With IPv6 the smaller of the two devices' MTUs: pods have one MTU for both families.
+    fn mtu(&self) -> u32 {
+        if self.ipv6 {
+            self.mtu.min(self.cfg.mtu_v6(self.ext.mtu))
+        } else {
+            self.mtu
+        }
+    }
+
+    async fn start(&mut self, own: &Lease, config: &NetworkConfig) -> anyhow::Result<()> {
+        self.peers.set_network(config.network);
+        log::info!(
+            "vxlan: VNI {} port {} GBP {} learning {} DirectRouting {} MTU {} VTEP MAC {}",
+            self.cfg.vni,
+            self.cfg.effective_port(),
+            self.cfg.gbp,
+            self.cfg.learning,
+            self.cfg.direct_routing,
+            self.mtu,
+            self.mac
+        );
+        let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
+        tokio::spawn(conn);
+        self.dev = VxlanDevice::new(self.dev.spec.clone(), IpAddr::V4(own.subnet().network()));
+        self.dev.ensure(&handle).await?;
+        if self.ipv6 {
+            self.start_v6(&handle, own, config).await?;
+        }
+        self.handle = Some(handle);
+        Ok(())
+    }
+
+    async fn handle_events(&mut self, events: &[PeerEvent]) -> anyhow::Result<()> {
+        let handle = self.handle()?;
+        self.peers_known = true;
+        let mut first_error = None;
+        for ev in events {
+            if let Err(e) = self.peers.apply(&handle, self.dev.index(), ev).await {
+                log::warn!("vxlan: {e}");
+                first_error.get_or_insert(e);
+            }
+            // IPv6 trouble with a peer is logged and repaired by resync; it never fails the
+            // batch (the IPv4 side reports its own).
+            if let Some(v6) = self.v6.as_mut() {
+                if let Err(e) = v6.peers.apply(&handle, v6.dev.index(), ev).await {
+                    log::warn!("vxlan: {e}");
+                }
+            }
+        }
+        first_error.map_or(Ok(()), |e| Err(anyhow::anyhow!("vxlan: {e}")))
+    }
+
+    /// Recreate the device if it went away, re-apply every peer's entries, drop stale ones.
+    async fn resync(&mut self) -> anyhow::Result<()> {
+        let handle = self.handle()?;
+        if self.dev.ensure(&handle).await? {
+            log::info!(
+                "vxlan: device {} (re)created: reinstalling {} peers",
+                self.dev.name(),
+                self.peers.len()
+            );
+        }
+        self.peers.restore(&handle, self.dev.index()).await;
+        let pruned = match self.peers_known {
+            true => self.peers.prune(&handle, self.dev.index()).await,
+            false => Ok(()),
+        };
+        self.resync_v6(&handle).await;
+        Ok(pruned?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend_config(json: &str) -> BackendConfig {
+        let cfg = NetworkConfig::parse(
+            format!(r#"{{"Network":"10.244.0.0/16","Backend":{json}}}"#).as_bytes(),
+        )
+        .unwrap();
+        cfg.backend
+    }
+
+    fn ext() -> ExternalInterface {
+        ExternalInterface {
+            name: "eth0".into(),
+            index: 2,
+            mtu: 1500,
+            iface_addr: "172.30.0.11".parse().unwrap(),
+            ext_addr: "172.30.0.11".parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn mtu_is_the_interfaces_minus_the_encapsulation_or_the_option() {
+        let b = VxlanBackend::new(&backend_config(r#"{"Type":"vxlan"}"#), &ext(), false).unwrap();
+        assert_eq!(b.mtu(), 1450);
+        let b = VxlanBackend::new(
+            &backend_config(r#"{"Type":"vxlan","MTU":1400}"#),
+            &ext(),
+            false,
+        )
+        .unwrap();
+        assert_eq!(b.mtu(), 1400);
+        // With IPv6 pods get the IPv6 device's MTU: its outer header is 20 bytes longer.
+        let b = VxlanBackend::new(&backend_config(r#"{"Type":"vxlan"}"#), &ext(), true).unwrap();
+        assert_eq!(b.mtu(), 1430);
+    }
+
+    #[test]
+    fn lease_json_is_byte_identical_to_upstream() {
+        let b = VxlanBackend::new(&backend_config(r#"{"Type":"vxlan"}"#), &ext(), false).unwrap();
+        let attrs = b.lease_attrs("172.30.0.11".parse().unwrap());
+        assert_eq!(
+            attrs.to_json(),
+            r#"{"PublicIP":"172.30.0.11","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0e:f1:ac:1e:00:0b"}}"#
+        );
+        let data = VxlanLeaseData {
+            vni: 1,
+            vtep_mac: "f6:ee:c7:fe:16:40".into(),
+        };
+        assert_eq!(data.to_json(), r#"{"VNI":1,"VtepMAC":"f6:ee:c7:fe:16:40"}"#);
+        assert_eq!(serde_json::to_string(&data).unwrap(), data.to_json());
+    }
+
+    #[test]
+    fn dual_stack_lease_json_is_byte_identical_to_upstream() {
+        let b = VxlanBackend::new(&backend_config(r#"{"Type":"vxlan"}"#), &ext(), true).unwrap();
+        let mut attrs = b.lease_attrs("172.30.0.11".parse().unwrap());
+        attrs.public_ipv6 = Some("2001:db8::11".parse().unwrap());
+        b.add_ipv6_attrs(&mut attrs);
+        assert_eq!(
+            attrs.to_json(),
+            r#"{"PublicIP":"172.30.0.11","PublicIPv6":"2001:db8::11","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0e:f1:ac:1e:00:0b"},"BackendV6Data":{"VNI":1,"VtepMAC":"0e:f6:20:01:0d:a9"}}"#
+        );
+        // Upstream's (Go json.Marshal of its vxlanLeaseAttrs) read back and written unchanged.
+        let upstream = r#"{"PublicIP":"172.30.0.11","PublicIPv6":"fc00::11","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"f6:ee:c7:fe:16:40"},"BackendV6Data":{"VNI":1,"VtepMAC":"5a:3b:1c:9e:01:77"}}"#;
+        let attrs = LeaseAttrs::from_json("k", upstream.as_bytes()).unwrap();
+        assert_eq!(attrs.to_json(), upstream);
+        assert_eq!(
+            VxlanLeaseData::peer_mac_v6(&attrs).unwrap(),
+            Mac([0x5a, 0x3b, 0x1c, 0x9e, 0x01, 0x77])
+        );
+        // Without EnableIPv6 nothing is added, as upstream (BackendV6Data omitted).
+        let b = VxlanBackend::new(&backend_config(r#"{"Type":"vxlan"}"#), &ext(), false).unwrap();
+        let mut attrs = b.lease_attrs("172.30.0.11".parse().unwrap());
+        b.add_ipv6_attrs(&mut attrs);
+        assert!(attrs.backend_v6_data.is_none());
+    }
+
+    #[test]
+    fn v6_vtep_mac_is_stable_local_unicast_and_unique_within_a_prefix() {
+        let ip = |s: &str| -> Ipv6Addr { s.parse().unwrap() };
+        let a = Mac::for_public_ipv6(ip("2001:db8::10"));
+        assert_eq!(a, Mac::for_public_ipv6(ip("2001:db8::10")));
+        assert_eq!(a.0[0] & 0x03, 0x02, "locally administered, unicast");
+        assert_ne!(a, Mac::for_public_ipv6(ip("2001:db8::11")));
+        assert_ne!(a, Mac::for_public_ipv6(ip("2001:db8::1:10")));
+        assert_ne!(a, Mac::for_public_ip("192.0.2.10".parse().unwrap()));
+    }
+
+    #[test]
+    fn peers_without_v6_data_have_no_v6_mac() {
+        for v4_only in [
+            r#"{"PublicIP":"172.30.0.11","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"f6:ee:c7:fe:16:40"}}"#,
+            r#"{"PublicIP":"172.30.0.11","PublicIPv6":"fc00::11","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"f6:ee:c7:fe:16:40"},"BackendV6Data":{"VNI":1}}"#,
+        ] {
+            let attrs = LeaseAttrs::from_json("k", v4_only.as_bytes()).unwrap();
+            assert!(VxlanLeaseData::peer_mac_v6(&attrs).is_err(), "{v4_only}");
+        }
+    }
+
+    #[test]
+    fn vtep_mac_is_stable_local_unicast_and_per_ip() {
+        let a = Mac::for_public_ip("192.0.2.10".parse().unwrap());
+        assert_eq!(a, Mac::for_public_ip("192.0.2.10".parse().unwrap()));
+        assert_ne!(a, Mac::for_public_ip("192.0.2.11".parse().unwrap()));
+        assert_eq!(a.0[0] & 0x03, 0x02, "locally administered, unicast");
+    }
+
+    #[test]
+    fn peer_macs_come_from_upstream_lease_data() {
+        let upstream = LeaseAttrs::from_json(
+            "k",
+            br#"{"PublicIP":"172.30.0.11","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"f6:ee:c7:fe:16:40"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            VxlanLeaseData::peer_mac(&upstream).unwrap(),
+            Mac([0xf6, 0xee, 0xc7, 0xfe, 0x16, 0x40])
+        );
+        for bad in [
+            r#"{"PublicIP":"172.30.0.11","PublicIPv6":null,"BackendType":"vxlan"}"#,
+            r#"{"PublicIP":"172.30.0.11","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1}}"#,
+            r#"{"PublicIP":"172.30.0.11","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"f6:ee:c7:fe:16"}}"#,
+            r#"{"PublicIP":"172.30.0.11","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"zz:ee:c7:fe:16:40"}}"#,
+        ] {
+            let attrs = LeaseAttrs::from_json("k", bad.as_bytes()).unwrap();
+            assert!(VxlanLeaseData::peer_mac(&attrs).is_err(), "{bad}");
+        }
+    }
+}
