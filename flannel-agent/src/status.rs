@@ -106,6 +106,15 @@ impl AgentStatus {
     }
 }
 
+impl crate::subnet::lease_keeper::OwnLeaseSink for AgentStatus {
+    fn set_own(&self, lease: &Lease) {
+        AgentStatus::set_own(self, lease)
+    }
+    fn set_lease_expiry(&self, lease: &Lease, ttl: Duration) {
+        AgentStatus::set_lease_expiry(self, lease, ttl)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,7 +11,6 @@ use tokio::time::Instant;
 use super::manager::{LeaseManager, ManagerError, RenewOutcome};
 use super::registry::Registry;
 use crate::lease::Lease;
-use crate::status::AgentStatus;
 
 /// Pause before the next try after a renewal or reclaim failed for a reason that may pass.
 const RETRY: Duration = Duration::from_secs(1);
@@ -31,10 +30,17 @@ pub enum KeeperError {
     WatchEnded,
 }
 
+/// Where the keeper publishes our lease for health and metrics (the agent's status), so that
+/// the control plane does not depend on what reads it.
+pub trait OwnLeaseSink: Send + Sync {
+    fn set_own(&self, lease: &Lease);
+    fn set_lease_expiry(&self, lease: &Lease, ttl: Duration);
+}
+
 pub struct LeaseKeeper<R: Registry> {
     manager: LeaseManager<R>,
     registry: R,
-    status: Arc<AgentStatus>,
+    status: Arc<dyn OwnLeaseSink>,
     ttl: Duration,
 }
 
@@ -42,7 +48,7 @@ impl<R: Registry> LeaseKeeper<R> {
     pub fn new(
         manager: LeaseManager<R>,
         registry: R,
-        status: Arc<AgentStatus>,
+        status: Arc<dyn OwnLeaseSink>,
         ttl: Duration,
     ) -> Self {
         LeaseKeeper {

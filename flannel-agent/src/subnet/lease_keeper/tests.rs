@@ -6,6 +6,7 @@ use std::net::Ipv4Addr;
 use super::*;
 use crate::config::NetworkConfig;
 use crate::lease::LeaseAttrs;
+use crate::status::AgentStatus;
 use crate::subnet::memory::MemoryRegistry;
 
 const OWN_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
