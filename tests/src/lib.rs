@@ -7,6 +7,7 @@ pub mod bpf;
 pub mod cluster;
 pub mod cni;
 pub mod container;
+pub mod dual_stack;
 pub mod etcd;
 pub mod etcd_cluster;
 pub mod netns;

@@ -2,79 +2,14 @@
 //! them, pods attached with an IPv4 and an IPv6 range (as flannel's CNI plugin renders them)
 //! reach each other over both families, and IPv6 routes follow etcd removals.
 
-use std::net::IpAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use flannel_tests::cni::{self, Attachment};
+use flannel_tests::dual_stack::{ipv6_underlay, DualPod as Pod};
 use flannel_tests::traffic::tcp_send_ip;
-use flannel_tests::{wait_for, Cluster, Host, Netns, Overlay, SubnetEnv};
-use serde_json::json;
+use flannel_tests::{wait_for, Cluster, Overlay};
 
 const DUAL_HOSTGW: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/48","Backend":{"Type":"host-gw"}}"#;
 const V6_NET: &str = "fd00:10:244::/48";
-
-static PODS: AtomicU32 = AtomicU32::new(0);
-
-/// IPv6 on the underlay: 2001:db8::<10+i>/64 on each host's eth0, and forwarding.
-fn ipv6_underlay(c: &Cluster) -> flannel_tests::Result<()> {
-    for h in &c.hosts {
-        h.ns.ip(&[
-            "-6",
-            "addr",
-            "add",
-            &format!("2001:db8::{}/64", 10 + h.index),
-            "dev",
-            "eth0",
-            "nodad",
-        ])?;
-        h.ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
-    }
-    Ok(())
-}
-
-/// A dual-stack pod: (namespace, attachment, IPv4, IPv6).
-struct Pod {
-    _attachment: Attachment,
-    ns: Netns,
-    v4: IpAddr,
-    v6: IpAddr,
-}
-
-/// Attach a pod with the delegate config flannel's CNI plugin renders for a dual-stack
-/// subnet.env: a second ipam range for FLANNEL_IPV6_SUBNET and a route to FLANNEL_IPV6_NETWORK.
-fn attach_dual(host: &Host, env: &SubnetEnv, v6_subnet: &str) -> Pod {
-    let n = PODS.fetch_add(1, Ordering::Relaxed);
-    let ns = Netns::create(&format!("{}-d{n}", host.ns.name)).unwrap();
-    let mut config = cni::delegate_config(env, &host.cni_data_dir()).unwrap();
-    config["ipam"]["ranges"] =
-        json!([[{"subnet": env.subnet_network().unwrap()}], [{"subnet": v6_subnet}]]);
-    config["ipam"]["routes"] = json!([{"dst": env.network}, {"dst": V6_NET}]);
-    let attachment = Attachment::add(&host.ns.path(), &ns.path(), &ns.name, config).unwrap();
-    let ip = |i: usize| -> IpAddr {
-        let a = attachment.result["ips"][i]["address"].as_str().unwrap();
-        a.split('/').next().unwrap().parse().unwrap()
-    };
-    let (v4, v6) = (ip(0), ip(1));
-    assert!(v4.is_ipv4() && v6.is_ipv6(), "{}", attachment.result);
-    // No DAD wait before the first packets.
-    let _ = ns.sysctl("net.ipv6.conf.eth0.accept_dad", "0");
-    Pod {
-        _attachment: attachment,
-        ns,
-        v4,
-        v6,
-    }
-}
-
-fn ping(from: &Pod, to: IpAddr) -> bool {
-    from.ns
-        .command("ping")
-        .args(["-n", "-q", "-c", "1", "-W", "1", &to.to_string()])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-}
 
 #[test]
 fn dual_stack_host_gw_three_hosts_v4_and_v6_pods_talk_and_v6_routes_follow_etcd() {
@@ -194,11 +129,13 @@ fn dual_stack_host_gw_three_hosts_v4_and_v6_pods_talk_and_v6_routes_follow_etcd(
 
     let pods: Vec<Pod> = (0..3)
         .map(|i| {
-            attach_dual(
+            Pod::attach(
                 &o.cluster.hosts[i],
                 &o.subnet_env(i).unwrap(),
                 &v6_subnets[i],
+                V6_NET,
             )
+            .unwrap()
         })
         .collect();
     for a in &pods {
@@ -208,7 +145,7 @@ fn dual_stack_host_gw_three_hosts_v4_and_v6_pods_talk_and_v6_routes_follow_etcd(
             }
             for dst in [b.v4, b.v6] {
                 wait_for(Duration::from_secs(10), "pod ping", || {
-                    ping(a, dst).then_some(())
+                    Pod::ping(a, dst).then_some(())
                 })
                 .unwrap_or_else(|e| panic!("{e}: {} -> {dst}", a.v4));
                 let t = tcp_send_ip(&a.ns, &b.ns, dst, 128 << 10).unwrap();
@@ -242,7 +179,7 @@ fn dual_stack_host_gw_three_hosts_v4_and_v6_pods_talk_and_v6_routes_follow_etcd(
         },
     )
     .unwrap_or_else(|e| panic!("{e}\n{}", o.agent_log(0)));
-    assert!(ping(&pods[0], pods[1].v6));
+    assert!(Pod::ping(&pods[0], pods[1].v6));
 
     // uninstall removes the ip6tables chains too.
     o.agents[0].stop().unwrap();

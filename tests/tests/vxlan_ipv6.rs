@@ -3,14 +3,11 @@
 //! neighbour, FDB entry and onlink route that follow etcd and survive a deleted device, and
 //! CNI-attached dual-stack pods that reach each other over both families.
 
-use std::net::IpAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use flannel_tests::cni::{self, Attachment};
+use flannel_tests::dual_stack::{ipv6_underlay, DualPod as Pod};
 use flannel_tests::traffic::tcp_send_ip;
-use flannel_tests::{wait_for, Cluster, Host, Netns, Overlay, SubnetEnv};
-use serde_json::json;
+use flannel_tests::{wait_for, Cluster, Netns, Overlay};
 
 const DUAL_VXLAN: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/48","Backend":{"Type":"vxlan"}}"#;
 const V6_NET: &str = "fd00:10:244::/48";
@@ -20,67 +17,6 @@ const SUBNETS: &str = "/coreos.com/network/subnets/";
 const RESYNC: Duration = Duration::from_secs(25);
 /// Peer changes are applied as etcd reports them.
 const FOLLOW: Duration = Duration::from_secs(10);
-
-static PODS: AtomicU32 = AtomicU32::new(0);
-
-/// IPv6 on the underlay: 2001:db8::<10+i>/64 on each host's eth0, and forwarding.
-fn ipv6_underlay(c: &Cluster) -> flannel_tests::Result<()> {
-    for h in &c.hosts {
-        h.ns.ip(&[
-            "-6",
-            "addr",
-            "add",
-            &format!("2001:db8::{}/64", 10 + h.index),
-            "dev",
-            "eth0",
-            "nodad",
-        ])?;
-        h.ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
-    }
-    Ok(())
-}
-
-/// A dual-stack pod.
-struct Pod {
-    _attachment: Attachment,
-    ns: Netns,
-    v4: IpAddr,
-    v6: IpAddr,
-}
-
-/// Attach a pod with the delegate config flannel's CNI plugin renders for a dual-stack
-/// subnet.env: a second ipam range for FLANNEL_IPV6_SUBNET and a route to FLANNEL_IPV6_NETWORK.
-fn attach_dual(host: &Host, env: &SubnetEnv, v6_subnet: &str) -> Pod {
-    let n = PODS.fetch_add(1, Ordering::Relaxed);
-    let ns = Netns::create(&format!("{}-x{n}", host.ns.name)).unwrap();
-    let mut config = cni::delegate_config(env, &host.cni_data_dir()).unwrap();
-    config["ipam"]["ranges"] =
-        json!([[{"subnet": env.subnet_network().unwrap()}], [{"subnet": v6_subnet}]]);
-    config["ipam"]["routes"] = json!([{"dst": env.network}, {"dst": V6_NET}]);
-    let attachment = Attachment::add(&host.ns.path(), &ns.path(), &ns.name, config).unwrap();
-    let ip = |i: usize| -> IpAddr {
-        let a = attachment.result["ips"][i]["address"].as_str().unwrap();
-        a.split('/').next().unwrap().parse().unwrap()
-    };
-    let (v4, v6) = (ip(0), ip(1));
-    assert!(v4.is_ipv4() && v6.is_ipv6(), "{}", attachment.result);
-    let _ = ns.sysctl("net.ipv6.conf.eth0.accept_dad", "0");
-    Pod {
-        _attachment: attachment,
-        ns,
-        v4,
-        v6,
-    }
-}
-
-fn ping(from: &Pod, to: IpAddr) -> bool {
-    from.ns
-        .command("ping")
-        .args(["-n", "-q", "-c", "1", "-W", "1", &to.to_string()])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-}
 
 fn device_mac(ns: &Netns, dev: &str) -> String {
     let out = ns.ip(&["-j", "link", "show", "dev", dev]).unwrap();
@@ -189,11 +125,13 @@ fn dual_stack_vxlan_three_hosts_pods_talk_over_both_families_and_v6_entries_foll
 
     let pods: Vec<Pod> = (0..3)
         .map(|i| {
-            attach_dual(
+            Pod::attach(
                 &o.cluster.hosts[i],
                 &o.subnet_env(i).unwrap(),
                 &v6_subnets[i],
+                V6_NET,
             )
+            .unwrap()
         })
         .collect();
     for a in &pods {
@@ -202,7 +140,7 @@ fn dual_stack_vxlan_three_hosts_pods_talk_over_both_families_and_v6_entries_foll
                 continue;
             }
             for dst in [b.v4, b.v6] {
-                wait_for(FOLLOW, "pod ping", || ping(a, dst).then_some(()))
+                wait_for(FOLLOW, "pod ping", || Pod::ping(a, dst).then_some(()))
                     .unwrap_or_else(|e| panic!("{e}: {} -> {dst}", a.v4));
                 let t = tcp_send_ip(&a.ns, &b.ns, dst, 256 << 10)
                     .unwrap_or_else(|e| panic!("TCP {} -> {dst}: {e:#}", a.v4));
@@ -222,12 +160,12 @@ fn dual_stack_vxlan_three_hosts_pods_talk_over_both_families_and_v6_entries_foll
     wait_for(
         RESYNC,
         "flannel-v6.1 recreated and IPv6 pod traffic flowing",
-        || ping(&pods[0], pods[1].v6).then_some(()),
+        || Pod::ping(&pods[0], pods[1].v6).then_some(()),
     )
     .unwrap_or_else(|e| panic!("{e}\n{}", o.agent_log(0)));
     assert_eq!(device_mac(&h0.ns, V6_DEV), v6_macs[0]);
-    assert!(ping(&pods[0], pods[2].v6));
-    assert!(ping(&pods[0], pods[1].v4), "IPv4 unaffected");
+    assert!(Pod::ping(&pods[0], pods[2].v6));
+    assert!(Pod::ping(&pods[0], pods[1].v4), "IPv4 unaffected");
 
     // A v4-only vxlan peer (an upstream node without IPv6) in the dual-stack cluster: it gets
     // its IPv4 entries, nothing on the IPv6 device, and the IPv6 side keeps working.
@@ -258,7 +196,7 @@ fn dual_stack_vxlan_three_hosts_pods_talk_over_both_families_and_v6_entries_foll
         .exec("bridge", &["fdb", "show", "dev", V6_DEV])
         .unwrap();
     assert!(!fdb6.contains("0e:f1:c0:00:02:63"), "{fdb6}");
-    assert!(ping(&pods[0], pods[1].v6));
+    assert!(Pod::ping(&pods[0], pods[1].v6));
 
     // Host 2 leaves (lease deleted in etcd): its IPv6 entries go on the others.
     o.agents[2].stop().unwrap();
@@ -281,8 +219,8 @@ fn dual_stack_vxlan_three_hosts_pods_talk_over_both_families_and_v6_entries_foll
         })
         .unwrap_or_else(|e| panic!("{e}: host {h}\n{}", o.agent_log(h)));
     }
-    assert!(ping(&pods[0], pods[1].v6));
-    assert!(ping(&pods[1], pods[0].v4));
+    assert!(Pod::ping(&pods[0], pods[1].v6));
+    assert!(Pod::ping(&pods[1], pods[0].v4));
 
     // uninstall removes both vxlan devices.
     o.agents[0].stop().unwrap();
