@@ -204,7 +204,7 @@ fn render_dataplane(out: &mut String, dp: &DataplaneSample) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::DataplaneKind;
+    use crate::backend::{DataplaneKind, DataplaneStats};
     use crate::lease::{Lease, LeaseAttrs, SubnetKey};
     use std::net::Ipv4Addr;
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use super::{AnyBackend, Backend};
+use super::{AnyNetwork, BackendNetwork};
 use crate::sampling::StatsRequest;
 use crate::status::AgentStatus;
 use crate::subnet::PeerEvent;
@@ -21,13 +21,13 @@ pub enum NetworkError {
 }
 
 pub struct Network {
-    backend: AnyBackend,
+    backend: AnyNetwork,
     status: Arc<AgentStatus>,
 }
 
 impl Network {
-    /// `backend` has been started for our lease.
-    pub fn new(backend: AnyBackend, status: Arc<AgentStatus>) -> Self {
+    /// `backend`: what `Backend::start` handed back for our lease.
+    pub fn new(backend: AnyNetwork, status: Arc<AgentStatus>) -> Self {
         Network { backend, status }
     }
 
@@ -38,6 +38,8 @@ impl Network {
         mut stats: mpsc::Receiver<StatsRequest>,
     ) -> Result<(), NetworkError> {
         let mut resync = tokio::time::interval(RESYNC_INTERVAL);
+        // The ticks missed while waiting for the listing make one resync, not a burst.
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut listed = false;
         loop {
             tokio::select! {
@@ -54,7 +56,8 @@ impl Network {
                     // The sampler may have given up waiting; nothing to do then.
                     let _ = reply.send(self.backend.stats());
                 }
-                _ = resync.tick() => {
+                // Only with the full peer view may a resync drop what no peer owns.
+                _ = resync.tick(), if listed => {
                     if let Err(e) = self.backend.resync().await {
                         log::warn!("backend resync: {e:#}");
                     }
