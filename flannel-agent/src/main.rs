@@ -75,7 +75,7 @@ async fn agent(flags: Flags) -> anyhow::Result<()> {
     }
     let registry = startup::connect_etcd(&flags).await?;
     let (handle, ext) = startup::external_interface(&flags).await?;
-    let (config, mut backend) = startup::network_config(&registry, &ext, &flags).await;
+    let (config, backend) = startup::network_config(&registry, &ext, &flags).await;
 
     let (ttl, margin) = (flags.subnet_lease_ttl, flags.subnet_lease_renew_margin);
     let attrs = startup::lease_attrs(&flags, &config, &backend, &handle, &ext).await?;
@@ -84,8 +84,8 @@ async fn agent(flags: Flags) -> anyhow::Result<()> {
     let keeper = LeaseKeeper::new(manager, registry.clone(), status.clone(), ttl);
     let previous = PreviousSubnetEnv::read(&flags.subnet_file);
     let own = keeper.acquire(previous.subnet).await?;
-    let subnet_tx =
-        startup::set_up_host(&flags, &config, &own, &mut backend, &previous, &handle).await?;
+    let startup::HostSetUp { network, subnet_tx } =
+        startup::set_up_host(&flags, &config, &own, backend, &previous, &handle).await?;
 
     // One task each: the watch, our lease, the backend network, data plane sampling.
     let (peers_tx, peers_rx) = mpsc::channel(64);
@@ -95,7 +95,7 @@ async fn agent(flags: Flags) -> anyhow::Result<()> {
     tokio::spawn(watcher.run_split(peers_tx, own_tx));
     let (stats_tx, stats_rx) = mpsc::channel(1);
     tokio::spawn(sampling::run(stats_tx, latest_sample));
-    let network = tokio::spawn(Network::new(backend, status).run(peers_rx, stats_rx));
+    let network = tokio::spawn(Network::new(network, status).run(peers_rx, stats_rx));
     let lease = tokio::spawn(keeper.run(own, own_rx, subnet_tx));
     tokio::select! {
         r = network => r.context("the backend network task")??,

@@ -9,7 +9,7 @@ use ipnetwork::Ipv4Network;
 use rtnetlink::Handle;
 use tokio::sync::watch;
 
-use crate::backend::{AnyBackend, Backend, BackendOptions};
+use crate::backend::{AnyBackend, AnyNetwork, Backend, BackendOptions};
 use crate::cli::Flags;
 use crate::config::NetworkConfig;
 use crate::iface::{lookup_external_interface, ExternalInterface, IfaceSelector};
@@ -108,6 +108,13 @@ pub async fn network_config(
     (config, backend)
 }
 
+/// What `set_up_host` leaves running: the backend's network for our lease, and the sender
+/// the firewall rules and blackhole route follow our subnet through.
+pub struct HostSetUp {
+    pub network: AnyNetwork,
+    pub subnet_tx: watch::Sender<Ipv4Network>,
+}
+
 /// Starts the backend for `own`, writes subnet.env and installs (and keeps) the firewall rules
 /// and the blackhole route. They follow our subnet through the returned sender when a lost
 /// lease comes back as another.
@@ -115,18 +122,19 @@ pub async fn set_up_host(
     flags: &Flags,
     config: &NetworkConfig,
     own: &Lease,
-    backend: &mut AnyBackend,
+    backend: AnyBackend,
     previous: &PreviousSubnetEnv,
     handle: &Handle,
-) -> anyhow::Result<watch::Sender<Ipv4Network>> {
-    backend
+) -> anyhow::Result<HostSetUp> {
+    let (name, mtu) = (backend.name(), backend.mtu());
+    let network = backend
         .start(own, config)
         .await
-        .with_context(|| format!("starting the {} backend", backend.name()))?;
+        .with_context(|| format!("starting the {name} backend"))?;
     let env = SubnetEnv {
         network: config.network,
         subnet: own.subnet(),
-        mtu: backend.mtu(),
+        mtu,
         ip_masq: flags.ip_masq,
         ipv6: config.ipv6_network.zip(own.key.ipv6),
     };
@@ -165,5 +173,5 @@ pub async fn set_up_host(
             rule_opts.resync,
         ));
     }
-    Ok(subnet_tx)
+    Ok(HostSetUp { network, subnet_tx })
 }

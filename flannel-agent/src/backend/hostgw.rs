@@ -9,7 +9,7 @@ use rtnetlink::Handle;
 
 use super::route::{self, Route};
 use super::route6::{self, Route6};
-use super::Backend;
+use super::{Backend, BackendNetwork};
 use crate::config::NetworkConfig;
 use crate::iface::ExternalInterface;
 use crate::lease::{Lease, LeaseAttrs};
@@ -19,12 +19,21 @@ pub const BACKEND_TYPE: &str = "host-gw";
 
 pub struct HostGwBackend {
     ext: ExternalInterface,
-    network: Option<Ipv4Network>,
-    handle: Option<Handle>,
+}
+
+impl HostGwBackend {
+    pub fn new(ext: &ExternalInterface) -> Self {
+        HostGwBackend { ext: ext.clone() }
+    }
+}
+
+/// host-gw started for our lease: the routes it keeps to each peer.
+pub struct HostGwNetwork {
+    ext: ExternalInterface,
+    network: Ipv4Network,
+    handle: Handle,
     /// The route each peer subnet should have.
     routes: BTreeMap<Ipv4Network, Route>,
-    /// Peer events seen at least once: only then may resync drop routes nobody owns.
-    peers_known: bool,
     /// Peers whose public IP is not on our link: reported once each, re-checked on resync.
     off_link: BTreeMap<Ipv4Network, Lease>,
     /// With EnableIPv6: the IPv6 route of each dual-stack peer, keyed by its IPv4 subnet.
@@ -34,25 +43,7 @@ pub struct HostGwBackend {
     network6: Option<Ipv6Network>,
 }
 
-impl HostGwBackend {
-    pub fn new(ext: &ExternalInterface) -> Self {
-        HostGwBackend {
-            ext: ext.clone(),
-            network: None,
-            handle: None,
-            routes: BTreeMap::new(),
-            peers_known: false,
-            off_link: BTreeMap::new(),
-            routes6: BTreeMap::new(),
-            ipv6: false,
-            network6: None,
-        }
-    }
-
-    fn handle(&self) -> anyhow::Result<&Handle> {
-        self.handle.as_ref().context("host-gw backend not started")
-    }
-
+impl HostGwNetwork {
     /// Is the peer's public IP directly on our external interface's link (no gateway)?
     async fn on_our_link(&self, handle: &Handle, lease: &Lease) -> bool {
         matches!(
@@ -120,6 +111,8 @@ pub fn check_public_ip(ext: &ExternalInterface) -> anyhow::Result<()> {
 }
 
 impl Backend for HostGwBackend {
+    type Network = HostGwNetwork;
+
     fn lease_attrs(&self, public_ip: std::net::Ipv4Addr) -> LeaseAttrs {
         let mut attrs = LeaseAttrs::new(public_ip);
         attrs.backend_type = BACKEND_TYPE.into();
@@ -130,20 +123,26 @@ impl Backend for HostGwBackend {
         self.ext.mtu
     }
 
-    async fn start(&mut self, _own: &Lease, config: &NetworkConfig) -> anyhow::Result<()> {
+    async fn start(self, _own: &Lease, config: &NetworkConfig) -> anyhow::Result<HostGwNetwork> {
         check_public_ip(&self.ext)?;
         let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
         tokio::spawn(conn);
-        self.handle = Some(handle);
-        self.network = Some(config.network);
-        self.ipv6 = config.enable_ipv6;
-        self.network6 = config.ipv6_network.filter(|_| config.enable_ipv6);
-        Ok(())
+        Ok(HostGwNetwork {
+            ext: self.ext,
+            network: config.network,
+            handle,
+            routes: BTreeMap::new(),
+            off_link: BTreeMap::new(),
+            routes6: BTreeMap::new(),
+            ipv6: config.enable_ipv6,
+            network6: config.ipv6_network.filter(|_| config.enable_ipv6),
+        })
     }
+}
 
+impl BackendNetwork for HostGwNetwork {
     async fn handle_events(&mut self, events: &[PeerEvent]) -> anyhow::Result<()> {
-        let handle = self.handle()?.clone();
-        self.peers_known = true;
+        let handle = self.handle.clone();
         let mut first_error = None;
         for ev in events {
             self.apply_v6(&handle, ev).await;
@@ -207,7 +206,7 @@ impl Backend for HostGwBackend {
 
     /// Put back routes someone deleted and drop routes into the network that no peer owns.
     async fn resync(&mut self) -> anyhow::Result<()> {
-        let handle = self.handle()?.clone();
+        let handle = self.handle.clone();
         // A peer that was off our link may be reachable now (addresses or routes changed).
         let mut now_on_link = Vec::new();
         for lease in self.off_link.values() {
@@ -253,9 +252,8 @@ impl Backend for HostGwBackend {
                 }
             }
         }
-        let Some(network) = self.network.filter(|_| self.peers_known) else {
-            return Ok(());
-        };
+        // Resync runs once the first listing is applied: `routes` is the full peer view.
+        let network = self.network;
         for stale in present.iter().filter(|r| {
             r.oif == self.ext.index
                 && network.contains(r.dst.network())

@@ -1,5 +1,6 @@
-//! Backends behind one trait, as in flannel: each publishes its lease attributes, sets up its
-//! devices once our lease is known, and follows peer lease events.
+//! Backends as in flannel's pkg/backend: a `Backend` exists before our lease (it says what goes
+//! into the lease and the MTU) and, once the lease is known, is consumed by `start`, which sets
+//! up its devices and hands back the running `BackendNetwork` that follows peer lease events.
 
 use crate::config::NetworkConfig;
 use crate::iface::ExternalInterface;
@@ -38,8 +39,11 @@ pub enum BackendError {
     },
 }
 
+/// A backend before our lease is known.
 #[allow(async_fn_in_trait)]
-pub trait Backend {
+pub trait Backend: Sized {
+    /// What `start` hands back.
+    type Network: BackendNetwork;
     /// What goes into our lease (BackendType, BackendData) for `public_ip`.
     fn lease_attrs(&self, public_ip: std::net::Ipv4Addr) -> LeaseAttrs;
     /// With EnableIPv6, once `attrs.public_ipv6` is known: what the backend publishes for
@@ -47,8 +51,13 @@ pub trait Backend {
     fn add_ipv6_attrs(&self, _attrs: &mut LeaseAttrs) {}
     /// FLANNEL_MTU for subnet.env.
     fn mtu(&self) -> u32;
-    /// Set up devices and routes once our lease is known.
-    async fn start(&mut self, own: &Lease, config: &NetworkConfig) -> anyhow::Result<()>;
+    /// Set up devices and routes for our lease: the network that runs on them.
+    async fn start(self, own: &Lease, config: &NetworkConfig) -> anyhow::Result<Self::Network>;
+}
+
+/// A started backend: what it set up for our lease, following the peers.
+#[allow(async_fn_in_trait)]
+pub trait BackendNetwork {
     /// Follow peer lease changes.
     async fn handle_events(&mut self, events: &[PeerEvent]) -> anyhow::Result<()>;
     /// Make what is installed match the full peer view `peers` (after the first listing:
@@ -56,7 +65,8 @@ pub trait Backend {
     async fn sync_peers(&mut self, _peers: &[Lease]) -> anyhow::Result<()> {
         Ok(())
     }
-    /// Periodic repair of what the backend installed (devices, routes).
+    /// Periodic repair of what the backend installed (devices, routes), dropping what no
+    /// peer owns: only called once the first full listing has been applied.
     async fn resync(&mut self) -> anyhow::Result<()> {
         Ok(())
     }
@@ -72,6 +82,14 @@ pub enum AnyBackend {
     Udp(Box<udp::UdpBackend>),
     Vxlan(Box<vxlan::VxlanBackend>),
     HostGw(hostgw::HostGwBackend),
+}
+
+/// The started network of the configured backend.
+pub enum AnyNetwork {
+    Alloc(alloc::AllocNetwork),
+    Udp(Box<udp::UdpNetwork>),
+    Vxlan(Box<vxlan::VxlanNetwork>),
+    HostGw(Box<hostgw::HostGwNetwork>),
 }
 
 impl AnyBackend {
@@ -118,7 +136,19 @@ macro_rules! dispatch {
     };
 }
 
+macro_rules! dispatch_network {
+    ($self:ident, $n:ident => $e:expr) => {
+        match $self {
+            AnyNetwork::Alloc($n) => $e,
+            AnyNetwork::Udp($n) => $e,
+            AnyNetwork::Vxlan($n) => $e,
+            AnyNetwork::HostGw($n) => $e,
+        }
+    };
+}
+
 impl Backend for AnyBackend {
+    type Network = AnyNetwork;
     fn lease_attrs(&self, public_ip: std::net::Ipv4Addr) -> LeaseAttrs {
         dispatch!(self, b => b.lease_attrs(public_ip))
     }
@@ -128,19 +158,27 @@ impl Backend for AnyBackend {
     fn mtu(&self) -> u32 {
         dispatch!(self, b => b.mtu())
     }
-    async fn start(&mut self, own: &Lease, config: &NetworkConfig) -> anyhow::Result<()> {
-        dispatch!(self, b => b.start(own, config).await)
+    async fn start(self, own: &Lease, config: &NetworkConfig) -> anyhow::Result<AnyNetwork> {
+        Ok(match self {
+            AnyBackend::Alloc(b) => AnyNetwork::Alloc(b.start(own, config).await?),
+            AnyBackend::Udp(b) => AnyNetwork::Udp(Box::new((*b).start(own, config).await?)),
+            AnyBackend::Vxlan(b) => AnyNetwork::Vxlan(Box::new((*b).start(own, config).await?)),
+            AnyBackend::HostGw(b) => AnyNetwork::HostGw(Box::new(b.start(own, config).await?)),
+        })
     }
+}
+
+impl BackendNetwork for AnyNetwork {
     async fn handle_events(&mut self, events: &[PeerEvent]) -> anyhow::Result<()> {
-        dispatch!(self, b => b.handle_events(events).await)
+        dispatch_network!(self, n => n.handle_events(events).await)
     }
     async fn sync_peers(&mut self, peers: &[Lease]) -> anyhow::Result<()> {
-        dispatch!(self, b => b.sync_peers(peers).await)
+        dispatch_network!(self, n => n.sync_peers(peers).await)
     }
     async fn resync(&mut self) -> anyhow::Result<()> {
-        dispatch!(self, b => b.resync().await)
+        dispatch_network!(self, n => n.resync().await)
     }
     fn stats(&self) -> Option<DataplaneSample> {
-        dispatch!(self, b => b.stats())
+        dispatch_network!(self, n => n.stats())
     }
 }

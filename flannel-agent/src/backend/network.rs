@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use super::{AnyBackend, Backend};
+use super::{AnyNetwork, BackendNetwork};
 use crate::sampling::StatsRequest;
 use crate::status::AgentStatus;
 use crate::subnet::PeerEvent;
@@ -20,14 +20,15 @@ pub enum NetworkError {
     WatchEnded,
 }
 
-pub struct Network {
-    backend: AnyBackend,
+/// Generic so that the loop can be tested without a kernel; the agent runs an `AnyNetwork`.
+pub struct Network<N = AnyNetwork> {
+    backend: N,
     status: Arc<AgentStatus>,
 }
 
-impl Network {
-    /// `backend` has been started for our lease.
-    pub fn new(backend: AnyBackend, status: Arc<AgentStatus>) -> Self {
+impl<N: BackendNetwork> Network<N> {
+    /// `backend`: what `Backend::start` handed back for our lease.
+    pub fn new(backend: N, status: Arc<AgentStatus>) -> Self {
         Network { backend, status }
     }
 
@@ -38,6 +39,8 @@ impl Network {
         mut stats: mpsc::Receiver<StatsRequest>,
     ) -> Result<(), NetworkError> {
         let mut resync = tokio::time::interval(RESYNC_INTERVAL);
+        // The ticks missed while waiting for the listing make one resync, not a burst.
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut listed = false;
         loop {
             tokio::select! {
@@ -54,7 +57,8 @@ impl Network {
                     // The sampler may have given up waiting; nothing to do then.
                     let _ = reply.send(self.backend.stats());
                 }
-                _ = resync.tick() => {
+                // Only with the full peer view may a resync drop what no peer owns.
+                _ = resync.tick(), if listed => {
                     if let Err(e) = self.backend.resync().await {
                         log::warn!("backend resync: {e:#}");
                     }
@@ -103,5 +107,63 @@ impl Network {
             log::warn!("applying peer changes: {e:#}");
         }
         self.status.apply_peer_events(events);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A network that records which calls the loop made, in order.
+    #[derive(Clone, Default)]
+    struct Recorder(Arc<Mutex<Vec<&'static str>>>);
+
+    impl Recorder {
+        fn push(&self, call: &'static str) -> anyhow::Result<()> {
+            self.0.lock().unwrap().push(call);
+            Ok(())
+        }
+        fn calls(&self) -> Vec<&'static str> {
+            self.0.lock().unwrap().clone()
+        }
+    }
+
+    impl BackendNetwork for Recorder {
+        async fn handle_events(&mut self, _events: &[PeerEvent]) -> anyhow::Result<()> {
+            self.push("handle_events")
+        }
+        async fn sync_peers(&mut self, _peers: &[crate::lease::Lease]) -> anyhow::Result<()> {
+            self.push("sync_peers")
+        }
+        async fn resync(&mut self) -> anyhow::Result<()> {
+            self.push("resync")
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn resync_runs_only_after_the_first_listing_is_reconciled() {
+        let network = Recorder::default();
+        let status = Arc::new(AgentStatus::default());
+        let (peers_tx, peers_rx) = mpsc::channel(4);
+        let (_stats_tx, stats_rx) = mpsc::channel(1);
+        let task =
+            tokio::spawn(Network::new(network.clone(), status.clone()).run(peers_rx, stats_rx));
+
+        // A slow first listing: no resync (it would prune against an empty view), not ready.
+        tokio::time::sleep(3 * RESYNC_INTERVAL).await;
+        assert_eq!(network.calls(), Vec::<&str>::new());
+        assert!(!status.is_ready());
+
+        peers_tx.send(Vec::new()).await.unwrap();
+        tokio::time::sleep(RESYNC_INTERVAL + Duration::from_secs(1)).await;
+        let calls = network.calls();
+        assert_eq!(calls[..2], ["handle_events", "sync_peers"], "{calls:?}");
+        assert!(status.is_ready());
+        // Then the periodic repair: one for the ticks missed while waiting, one a period later.
+        assert_eq!(calls[2..], ["resync", "resync"], "{calls:?}");
+
+        drop(peers_tx);
+        assert!(matches!(task.await.unwrap(), Err(NetworkError::WatchEnded)));
     }
 }

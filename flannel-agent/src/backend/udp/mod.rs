@@ -39,9 +39,14 @@ pub struct UdpBackend {
     port: u16,
     ext: crate::iface::ExternalInterface,
     opts: super::BackendOptions,
-    dataplane: Option<Box<dyn UdpDataplane>>,
-    /// Held while we run: no other agent may use our pin dir.
-    pin_lock: Option<pin_lock::PinDirLock>,
+}
+
+/// udp started for our lease: the data plane that carries the traffic.
+pub struct UdpNetwork {
+    dataplane: Box<dyn UdpDataplane>,
+    /// Held while we run: no other agent may use our pin dir. `None` only when the pin dir
+    /// could not be made (no bpffs: the TUN data plane runs without pins).
+    _pin_lock: Option<pin_lock::PinDirLock>,
 }
 
 impl UdpBackend {
@@ -68,8 +73,6 @@ impl UdpBackend {
             port,
             ext: ext.clone(),
             opts: opts.clone(),
-            dataplane: None,
-            pin_lock: None,
         })
     }
 
@@ -82,7 +85,7 @@ impl UdpBackend {
     }
 
     async fn start_ebpf(
-        &mut self,
+        &self,
         handle: &rtnetlink::Handle,
         own: &crate::lease::Lease,
         config: &crate::config::NetworkConfig,
@@ -124,7 +127,7 @@ impl UdpBackend {
     }
 
     async fn start_tun(
-        &mut self,
+        &self,
         handle: &rtnetlink::Handle,
         own: &crate::lease::Lease,
         config: &crate::config::NetworkConfig,
@@ -143,6 +146,7 @@ impl UdpBackend {
 }
 
 impl super::Backend for UdpBackend {
+    type Network = UdpNetwork;
     fn lease_attrs(&self, public_ip: Ipv4Addr) -> crate::lease::LeaseAttrs {
         // Upstream's udp backend never sets BackendType.
         crate::lease::LeaseAttrs::new(public_ip)
@@ -151,16 +155,16 @@ impl super::Backend for UdpBackend {
         self.ext.mtu.saturating_sub(ENCAP_OVERHEAD)
     }
     async fn start(
-        &mut self,
+        self,
         own: &crate::lease::Lease,
         config: &crate::config::NetworkConfig,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<UdpNetwork> {
         use crate::cli::UdpDataplaneKind;
         let (conn, handle, _) = rtnetlink::new_connection()?;
         tokio::spawn(conn);
         let kind = self.opts.udp_dataplane;
         // Before touching the pins (eBPF adopts them, TUN removes them).
-        self.pin_lock = pin_lock::PinDirLock::acquire(&self.opts.bpf_pin_dir)?;
+        let mut lock = pin_lock::PinDirLock::acquire(&self.opts.bpf_pin_dir)?;
         let (dp, name) = match kind {
             UdpDataplaneKind::Tun => (self.start_tun(&handle, own, config).await?, "TUN"),
             UdpDataplaneKind::Ebpf => (self.start_ebpf(&handle, own, config).await?, "eBPF"),
@@ -174,18 +178,21 @@ impl super::Backend for UdpBackend {
                 }
             }
         };
-        if self.pin_lock.is_none() && self.opts.bpf_pin_dir.exists() {
+        if lock.is_none() && self.opts.bpf_pin_dir.exists() {
             // The loader has just mounted bpffs and made the directory.
-            self.pin_lock = pin_lock::PinDirLock::acquire(&self.opts.bpf_pin_dir)?;
+            lock = pin_lock::PinDirLock::acquire(&self.opts.bpf_pin_dir)?;
         }
         log::info!("udp backend: port {}, {name} data plane", self.port);
-        self.dataplane = Some(dp);
-        Ok(())
+        Ok(UdpNetwork {
+            dataplane: dp,
+            _pin_lock: lock,
+        })
     }
+}
+
+impl super::BackendNetwork for UdpNetwork {
     async fn handle_events(&mut self, events: &[crate::subnet::PeerEvent]) -> anyhow::Result<()> {
-        let Some(dp) = self.dataplane.as_mut() else {
-            return Ok(());
-        };
+        let dp = &mut self.dataplane;
         // One bad lease (e.g. another subnet length) must not keep the others out.
         let mut failed = 0;
         for ev in events {
@@ -207,17 +214,14 @@ impl super::Backend for UdpBackend {
         Ok(())
     }
     async fn sync_peers(&mut self, peers: &[crate::lease::Lease]) -> anyhow::Result<()> {
-        let Some(dp) = self.dataplane.as_mut() else {
-            return Ok(());
-        };
         let table: BTreeMap<Ipv4Network, Ipv4Addr> = peers
             .iter()
             .map(|l| (l.subnet(), l.attrs.public_ip))
             .collect();
-        dp.sync_peers(&table)
+        self.dataplane.sync_peers(&table)
     }
     fn stats(&self) -> Option<super::DataplaneSample> {
-        let d = self.dataplane.as_ref()?;
+        let d = &self.dataplane;
         Some(super::DataplaneSample {
             kind: d.kind(),
             stats: d.stats().ok()?,

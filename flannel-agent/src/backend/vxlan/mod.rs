@@ -18,7 +18,7 @@ use rtnetlink::Handle;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::{Backend, BackendError};
+use super::{Backend, BackendError, BackendNetwork};
 use crate::config::{BackendConfig, NetworkConfig};
 use crate::iface::ExternalInterface;
 use crate::lease::{Lease, LeaseAttrs};
@@ -40,8 +40,6 @@ pub const BACKEND_TYPE: &str = "vxlan";
 /// What went wrong setting up the device or a peer's entries.
 #[derive(Debug, thiserror::Error)]
 pub enum VxlanError {
-    #[error("vxlan backend not started")]
-    NotStarted,
     #[error("{what}: {source}")]
     Netlink {
         what: String,
@@ -176,13 +174,17 @@ pub struct VxlanBackend {
     mtu: u32,
     /// EnableIPv6: run `flannel-v6.<VNI>` too.
     ipv6: bool,
-    handle: Option<Handle>,
+    /// The IPv4 device to create (its address comes with our lease).
+    spec: DeviceSpec,
+}
+
+/// vxlan started for our lease: its devices and what each peer has on them.
+pub struct VxlanNetwork {
+    handle: Handle,
     dev: VxlanDevice,
     peers: Peers,
-    /// Set up by `start` with EnableIPv6.
+    /// With EnableIPv6.
     v6: Option<V6Side>,
-    /// Peer events seen at least once: only then may resync drop entries nobody owns.
-    peers_known: bool,
 }
 
 impl VxlanBackend {
@@ -212,17 +214,9 @@ impl VxlanBackend {
             mac,
             mtu,
             ipv6,
-            v6: None,
-            handle: None,
-            dev: VxlanDevice::new(spec, IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
-            peers: Peers::new(cfg.direct_routing, ext.index),
-            peers_known: false,
+            spec,
             cfg,
         })
-    }
-
-    fn handle(&self) -> Result<Handle, VxlanError> {
-        self.handle.clone().ok_or(VxlanError::NotStarted)
     }
 
     fn v6_data(&self, public_ipv6: Ipv6Addr) -> VxlanLeaseData {
@@ -235,11 +229,11 @@ impl VxlanBackend {
     /// `flannel-v6.<VNI>`: local = our PublicIPv6, same VNI, port and options as the IPv4
     /// device, address = our IPv6 subnet's network address /128 (upstream's).
     async fn start_v6(
-        &mut self,
+        &self,
         handle: &Handle,
         own: &Lease,
         config: &NetworkConfig,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<V6Side> {
         let subnet6 = own
             .key
             .ipv6
@@ -253,7 +247,7 @@ impl VxlanBackend {
             local: IpAddr::V6(public_ipv6),
             mac: Mac::for_public_ipv6(public_ipv6),
             mtu: self.cfg.mtu_v6(self.ext.mtu),
-            ..self.dev.spec.clone()
+            ..self.spec.clone()
         };
         log::info!(
             "vxlan: IPv6 device {} local {public_ipv6} MTU {} VTEP MAC {}",
@@ -265,13 +259,14 @@ impl VxlanBackend {
         dev.ensure(handle).await?;
         disable_router_advertisements(dev.name());
         let peers = Peers6::new(self.cfg.direct_routing, self.ext.index, config.ipv6_network);
-        self.v6 = Some(V6Side { dev, peers });
-        Ok(())
+        Ok(V6Side { dev, peers })
     }
+}
 
+impl VxlanNetwork {
     /// The IPv6 side of resync: failures are logged, never stop the IPv4 side.
-    async fn resync_v6(&mut self, handle: &Handle) {
-        let peers_known = self.peers_known;
+    async fn resync_v6(&mut self) {
+        let handle = &self.handle;
         let Some(v6) = self.v6.as_mut() else {
             return;
         };
@@ -291,10 +286,8 @@ impl VxlanBackend {
             }
         }
         v6.peers.restore(handle, v6.dev.index()).await;
-        if peers_known {
-            if let Err(e) = v6.peers.prune(handle, v6.dev.index()).await {
-                log::warn!("vxlan: removing stale IPv6 entries: {e}");
-            }
+        if let Err(e) = v6.peers.prune(handle, v6.dev.index()).await {
+            log::warn!("vxlan: removing stale IPv6 entries: {e}");
         }
     }
 }
@@ -308,6 +301,8 @@ fn disable_router_advertisements(dev: &str) {
 }
 
 impl Backend for VxlanBackend {
+    type Network = VxlanNetwork;
+
     fn lease_attrs(&self, public_ip: Ipv4Addr) -> LeaseAttrs {
         let data = VxlanLeaseData {
             vni: self.cfg.vni,
@@ -334,8 +329,7 @@ impl Backend for VxlanBackend {
         }
     }
 
-    async fn start(&mut self, own: &Lease, config: &NetworkConfig) -> anyhow::Result<()> {
-        self.peers.set_network(config.network);
+    async fn start(self, own: &Lease, config: &NetworkConfig) -> anyhow::Result<VxlanNetwork> {
         log::info!(
             "vxlan: VNI {} port {} GBP {} learning {} DirectRouting {} MTU {} VTEP MAC {}",
             self.cfg.vni,
@@ -348,28 +342,34 @@ impl Backend for VxlanBackend {
         );
         let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
         tokio::spawn(conn);
-        self.dev = VxlanDevice::new(self.dev.spec.clone(), IpAddr::V4(own.subnet().network()));
-        self.dev.ensure(&handle).await?;
-        if self.ipv6 {
-            self.start_v6(&handle, own, config).await?;
-        }
-        self.handle = Some(handle);
-        Ok(())
+        let mut dev = VxlanDevice::new(self.spec.clone(), IpAddr::V4(own.subnet().network()));
+        dev.ensure(&handle).await?;
+        let v6 = match self.ipv6 {
+            true => Some(self.start_v6(&handle, own, config).await?),
+            false => None,
+        };
+        Ok(VxlanNetwork {
+            handle,
+            dev,
+            peers: Peers::new(self.cfg.direct_routing, self.ext.index, config.network),
+            v6,
+        })
     }
+}
 
+impl BackendNetwork for VxlanNetwork {
     async fn handle_events(&mut self, events: &[PeerEvent]) -> anyhow::Result<()> {
-        let handle = self.handle()?;
-        self.peers_known = true;
+        let handle = &self.handle;
         let mut first_error = None;
         for ev in events {
-            if let Err(e) = self.peers.apply(&handle, self.dev.index(), ev).await {
+            if let Err(e) = self.peers.apply(handle, self.dev.index(), ev).await {
                 log::warn!("vxlan: {e}");
                 first_error.get_or_insert(e);
             }
             // IPv6 trouble with a peer is logged and repaired by resync; it never fails the
             // batch (the IPv4 side reports its own).
             if let Some(v6) = self.v6.as_mut() {
-                if let Err(e) = v6.peers.apply(&handle, v6.dev.index(), ev).await {
+                if let Err(e) = v6.peers.apply(handle, v6.dev.index(), ev).await {
                     log::warn!("vxlan: {e}");
                 }
             }
@@ -377,22 +377,19 @@ impl Backend for VxlanBackend {
         first_error.map_or(Ok(()), |e| Err(anyhow::anyhow!("vxlan: {e}")))
     }
 
-    /// Recreate the device if it went away, re-apply every peer's entries, drop stale ones.
+    /// Recreate the device if it went away, re-apply every peer's entries, drop stale ones
+    /// (resync runs once the first listing is applied: `peers` is the full view).
     async fn resync(&mut self) -> anyhow::Result<()> {
-        let handle = self.handle()?;
-        if self.dev.ensure(&handle).await? {
+        if self.dev.ensure(&self.handle).await? {
             log::info!(
                 "vxlan: device {} (re)created: reinstalling {} peers",
                 self.dev.name(),
                 self.peers.len()
             );
         }
-        self.peers.restore(&handle, self.dev.index()).await;
-        let pruned = match self.peers_known {
-            true => self.peers.prune(&handle, self.dev.index()).await,
-            false => Ok(()),
-        };
-        self.resync_v6(&handle).await;
+        self.peers.restore(&self.handle, self.dev.index()).await;
+        let pruned = self.peers.prune(&self.handle, self.dev.index()).await;
+        self.resync_v6().await;
         Ok(pruned?)
     }
 }

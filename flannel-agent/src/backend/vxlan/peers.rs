@@ -31,22 +31,18 @@ pub struct Peers {
     /// The external interface (DirectRouting routes go out through it).
     ext_index: u32,
     /// The Network (for recognising stale DirectRouting routes on the external interface).
-    network: Option<Ipv4Network>,
+    network: Ipv4Network,
     paths: BTreeMap<Ipv4Network, PeerPath>,
 }
 
 impl Peers {
-    pub fn new(direct_routing: bool, ext_index: u32) -> Self {
+    pub fn new(direct_routing: bool, ext_index: u32, network: Ipv4Network) -> Self {
         Peers {
             direct_routing,
             ext_index,
-            network: None,
+            network,
             paths: BTreeMap::new(),
         }
-    }
-
-    pub fn set_network(&mut self, network: Ipv4Network) {
-        self.network = Some(network);
     }
 
     pub fn len(&self) -> usize {
@@ -183,10 +179,9 @@ impl Peers {
     /// A route into the Network via the external interface that no DirectRouting peer owns
     /// (a peer that left, or moved off our L2 network, while we were not looking).
     fn is_stale_direct_route(&self, r: &Route) -> bool {
-        let Some(network) = self.network.filter(|_| self.direct_routing) else {
-            return false;
-        };
-        r.oif == self.ext_index
+        let network = self.network;
+        self.direct_routing
+            && r.oif == self.ext_index
             && network.contains(r.dst.network())
             && r.dst.prefix() >= network.prefix()
             && !matches!(self.paths.get(&r.dst), Some(PeerPath::Direct(d)) if d.gateway == r.gateway)
