@@ -7,13 +7,11 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
+use crate::backend::network::StatsRequest;
 use crate::backend::DataplaneSample;
 
 /// How often the data plane counters behind `/metrics` are refreshed.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
-
-/// A request to the backend network for its counters (None: no data plane of its own).
-pub type StatsRequest = oneshot::Sender<Option<DataplaneSample>>;
 
 /// The latest sample, read by `/metrics` (None: no udp data plane, or none taken yet).
 #[derive(Default)]

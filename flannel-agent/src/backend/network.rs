@@ -8,9 +8,11 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use super::{AnyNetwork, BackendNetwork};
-use crate::sampling::StatsRequest;
 use crate::status::AgentStatus;
 use crate::subnet::PeerEvent;
+
+/// A request for the running data plane's counters (answered None: no data plane of its own).
+pub type StatsRequest = tokio::sync::oneshot::Sender<Option<super::DataplaneSample>>;
 
 const RESYNC_INTERVAL: Duration = Duration::from_secs(10);
 
