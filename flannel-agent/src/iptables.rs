@@ -579,6 +579,7 @@ mod tests {
         let same = PreviousSubnetEnv {
             network: Some(net("10.244.0.0/16")),
             subnet: Some(net("10.244.7.0/24")),
+            ipv6_subnet: None,
         };
         let stale = stale_rules(&same, &current);
         assert_eq!(stale.len(), 2, "{stale:?}");
@@ -589,6 +590,7 @@ mod tests {
         let moved = PreviousSubnetEnv {
             network: Some(net("10.244.0.0/16")),
             subnet: Some(net("10.244.9.0/24")),
+            ipv6_subnet: None,
         };
         let stale = lines(&stale_rules(&moved, &current));
         assert!(stale.contains(
@@ -604,6 +606,7 @@ mod tests {
         let renumbered = PreviousSubnetEnv {
             network: Some(net("10.1.0.0/16")),
             subnet: Some(net("10.1.3.0/24")),
+            ipv6_subnet: None,
         };
         let stale = lines(&stale_rules(&renumbered, &current));
         assert!(stale.contains(&"-t filter -A FLANNEL-FWD -s 10.1.0.0/16 -m comment --comment flanneld forward -j ACCEPT".to_string()));

@@ -83,7 +83,7 @@ async fn agent(flags: Flags) -> anyhow::Result<()> {
     let manager = LeaseManager::new(registry.clone(), config.clone(), attrs, ttl, margin);
     let keeper = LeaseKeeper::new(manager, registry.clone(), status.clone(), ttl);
     let previous = PreviousSubnetEnv::read(&flags.subnet_file);
-    let own = keeper.acquire(previous.subnet).await?;
+    let own = keeper.acquire(previous.subnets()).await?;
     let startup::HostSetUp { network, subnet_tx } =
         startup::set_up_host(&flags, &config, &own, backend, &previous, &handle).await?;
 

@@ -8,11 +8,13 @@ use std::path::Path;
 
 use ipnetwork::{Ipv4Network, Ipv6Network};
 
-/// What a previous run left in subnet.env (both fields optional: the file may be partial).
+/// What a previous run left in subnet.env (all fields optional: the file may be partial).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct PreviousSubnetEnv {
     pub network: Option<Ipv4Network>,
     pub subnet: Option<Ipv4Network>,
+    /// FLANNEL_IPV6_SUBNET, as a network.
+    pub ipv6_subnet: Option<Ipv6Network>,
 }
 
 /// Contents to write.
@@ -73,6 +75,14 @@ impl SubnetEnv {
 }
 
 impl PreviousSubnetEnv {
+    /// The subnets to ask for again (upstream reuses them when still free).
+    pub fn subnets(&self) -> crate::subnet::allocate::Previous {
+        crate::subnet::allocate::Previous {
+            ipv4: self.subnet,
+            ipv6: self.ipv6_subnet,
+        }
+    }
+
     /// Read what a previous run wrote; a missing or garbled file is simply "nothing known".
     pub fn read(path: &Path) -> Self {
         let Ok(text) = fs::read_to_string(path) else {
@@ -92,6 +102,12 @@ impl PreviousSubnetEnv {
                         .ok()
                         .and_then(|n| Ipv4Network::new(n.network(), n.prefix()).ok())
                 }
+                "FLANNEL_IPV6_SUBNET" => {
+                    prev.ipv6_subnet = v
+                        .parse::<Ipv6Network>()
+                        .ok()
+                        .and_then(|n| Ipv6Network::new(n.network(), n.prefix()).ok())
+                }
                 _ => {}
             }
         }
@@ -102,6 +118,23 @@ impl PreviousSubnetEnv {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_previous_ipv6_subnet_is_read_back() {
+        let dir = std::env::temp_dir().join(format!("fl-subnet-env-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("subnet.env");
+        std::fs::write(
+            &path,
+            "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.58.1/24\nFLANNEL_IPV6_NETWORK=fd00:10:244::/48\nFLANNEL_IPV6_SUBNET=fd00:10:244:3a::1/64\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n",
+        )
+        .unwrap();
+        let prev = PreviousSubnetEnv::read(&path);
+        std::fs::remove_dir_all(&dir).unwrap();
+        let subnets = prev.subnets();
+        assert_eq!(subnets.ipv4, Some("10.244.58.0/24".parse().unwrap()));
+        assert_eq!(subnets.ipv6, Some("fd00:10:244:3a::/64".parse().unwrap()));
+    }
 
     #[test]
     fn renders_upstream_format_and_reads_back() {

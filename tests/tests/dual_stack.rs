@@ -223,3 +223,41 @@ fn ipv6_with_udp_is_refused_naming_the_backend() {
     );
     assert_eq!(agent.http_get("/readyz").map(|(s, _)| s).unwrap_or(0), 503);
 }
+
+#[test]
+fn a_restart_asks_for_both_subnets_of_the_previous_run_again() {
+    let config = DUAL_HOSTGW.replace("host-gw", "alloc");
+    let mut o = Overlay::builder(&config, 1)
+        .containers_per_host(0)
+        .before_agents(ipv6_underlay)
+        .start()
+        .unwrap();
+    let v4 = o.agents[0].subnet_env_value("FLANNEL_SUBNET").unwrap();
+    let v6 = o.agents[0].subnet_env_value("FLANNEL_IPV6_SUBNET").unwrap();
+    // Stopped, and its lease gone from etcd (expired, or deleted by an operator): a fresh start
+    // takes the subnets recorded in subnet.env again while they are free, as upstream does.
+    o.agents[0].stop().unwrap();
+    for kv in o.cluster.leases().unwrap() {
+        o.cluster.etcd.del(&kv.key).unwrap();
+    }
+    o.start_agent(0).unwrap();
+    assert_eq!(
+        o.agents[0].subnet_env_value("FLANNEL_SUBNET").unwrap(),
+        v4,
+        "{}",
+        o.agent_log(0)
+    );
+    assert_eq!(
+        o.agents[0].subnet_env_value("FLANNEL_IPV6_SUBNET").unwrap(),
+        v6,
+        "{}",
+        o.agent_log(0)
+    );
+    let leases = o.cluster.leases().unwrap();
+    assert_eq!(leases.len(), 1);
+    assert!(leases[0].key.ends_with(&format!(
+        "{}&{}",
+        v4.replace(".1/24", ".0-24"),
+        v6.replace("::1/64", "::-64")
+    )));
+}

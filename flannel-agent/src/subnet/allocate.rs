@@ -1,10 +1,11 @@
-//! Choosing a subnet, as upstream does: our own lease (by PublicIP), then the subnet of the
-//! previous subnet.env if free, then a random free one among the first 100 free.
+//! Choosing a subnet, as upstream does: our own lease (by PublicIP), then the subnets of the
+//! previous subnet.env if free (IPv4 and, with IPv6, IPv6 each on its own), then a random free
+//! one among the first 100 free.
 
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 use rand::seq::SliceRandom;
 use rand::Rng;
 
@@ -13,6 +14,23 @@ use crate::lease::{Lease, SubnetKey};
 
 /// How many free subnets the random pick chooses among (upstream's number).
 const RANDOM_POOL: usize = 100;
+
+/// The subnets a previous run recorded in subnet.env (FLANNEL_SUBNET, FLANNEL_IPV6_SUBNET).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Previous {
+    pub ipv4: Option<Ipv4Network>,
+    pub ipv6: Option<Ipv6Network>,
+}
+
+impl Previous {
+    /// Only an IPv4 subnet known.
+    pub fn v4(ipv4: Ipv4Network) -> Self {
+        Previous {
+            ipv4: Some(ipv4),
+            ipv6: None,
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Choice {
@@ -34,17 +52,24 @@ fn is_ours(config: &NetworkConfig, lease: &Lease, public_ip: Ipv4Addr) -> bool {
         && v6_fits
 }
 
-/// With IPv6: a random free IPv6 subnet among the first 100 free (upstream picks it
-/// independently of the IPv4 one). `Some(None)` without IPv6; `None` when none is free.
+/// With IPv6: the previous IPv6 subnet if it fits and is free, else a random free one among
+/// the first 100 free (upstream picks it independently of the IPv4 one). `Some(None)` without
+/// IPv6; `None` when none is free.
 fn choose_ipv6(
     config: &NetworkConfig,
     leases: &[Lease],
+    previous: Option<Ipv6Network>,
     rng: &mut impl Rng,
-) -> Option<Option<ipnetwork::Ipv6Network>> {
+) -> Option<Option<Ipv6Network>> {
     if !config.enable_ipv6 {
         return Some(None);
     }
-    let taken: HashSet<ipnetwork::Ipv6Network> = leases.iter().filter_map(|l| l.key.ipv6).collect();
+    let taken: HashSet<Ipv6Network> = leases.iter().filter_map(|l| l.key.ipv6).collect();
+    if let Some(prev) = previous {
+        if config.contains_ipv6_subnet(prev) && !taken.contains(&prev) {
+            return Some(Some(prev));
+        }
+    }
     let mut pool = Vec::with_capacity(RANDOM_POOL);
     let mut i = 0;
     while pool.len() < RANDOM_POOL {
@@ -63,7 +88,7 @@ pub fn choose(
     config: &NetworkConfig,
     leases: &[Lease],
     public_ip: Ipv4Addr,
-    previous: Option<Ipv4Network>,
+    previous: Previous,
     rng: &mut impl Rng,
 ) -> Option<Choice> {
     // A reservation for us beats a dynamic lease of ours.
@@ -78,9 +103,9 @@ pub fn choose(
 
     // Every key in etcd (leases and reservations, any owner) is taken.
     let taken: HashSet<Ipv4Network> = leases.iter().map(|l| l.subnet()).collect();
-    let ipv6 = choose_ipv6(config, leases, rng)?;
+    let ipv6 = choose_ipv6(config, leases, previous.ipv6, rng)?;
     let free = |ipv4| Choice::Free(SubnetKey { ipv4, ipv6 });
-    if let Some(prev) = previous {
+    if let Some(prev) = previous.ipv4 {
         if config.contains_subnet(prev) && !taken.contains(&prev) {
             return Some(free(prev));
         }
@@ -122,6 +147,49 @@ mod tests {
     }
 
     #[test]
+    fn the_previous_ipv6_subnet_is_reused_when_it_fits_and_is_free() {
+        let mut rng = rand::thread_rng();
+        let config = NetworkConfig::parse(
+            br#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/48"}"#,
+        )
+        .unwrap();
+        let me: Ipv4Addr = "192.0.2.10".parse().unwrap();
+        let prev6: Ipv6Network = "fd00:10:244:3a::/64".parse().unwrap();
+        let previous = Previous {
+            ipv4: Some("10.244.58.0/24".parse().unwrap()),
+            ipv6: Some(prev6),
+        };
+        let pick =
+            |leases: &[Lease], previous: Previous, rng: &mut rand::rngs::ThreadRng| match choose(
+                &config, leases, me, previous, rng,
+            ) {
+                Some(Choice::Free(k)) => k,
+                other => panic!("{other:?}"),
+            };
+        // Free: both subnets of the previous run come back (upstream does the same).
+        let k = pick(&[], previous, &mut rng);
+        assert_eq!((k.ipv4, k.ipv6), (previous.ipv4.unwrap(), Some(prev6)));
+        // Taken by another node: a different IPv6 subnet, the IPv4 one still reused.
+        let mut other = lease("10.244.9.0/24", "192.0.2.11", 5);
+        other.key.ipv6 = Some(prev6);
+        for _ in 0..20 {
+            let k = pick(std::slice::from_ref(&other), previous, &mut rng);
+            assert_eq!(k.ipv4, previous.ipv4.unwrap());
+            assert!(k.ipv6.is_some_and(|v6| v6 != prev6), "{k:?}");
+        }
+        // Outside the IPv6Network now (the config changed): not reused.
+        let outside = Previous {
+            ipv6: Some("fd00:99::/64".parse().unwrap()),
+            ..previous
+        };
+        let k = pick(&[], outside, &mut rng);
+        assert!(
+            k.ipv6.is_some_and(|v6| config.contains_ipv6_subnet(v6)),
+            "{k:?}"
+        );
+    }
+
+    #[test]
     fn own_lease_then_previous_then_random_free() {
         let mut rng = rand::thread_rng();
         let me: Ipv4Addr = "192.0.2.10".parse().unwrap();
@@ -130,7 +198,7 @@ mod tests {
             lease("10.244.2.0/24", "192.0.2.10", 6),
         ];
         assert_eq!(
-            choose(&config(), &leases, me, None, &mut rng),
+            choose(&config(), &leases, me, Previous::default(), &mut rng),
             Some(Choice::Existing(leases[1].clone()))
         );
         let others = vec![lease("10.244.1.0/24", "192.0.2.11", 5)];
@@ -139,7 +207,7 @@ mod tests {
                 &config(),
                 &others,
                 me,
-                Some("10.244.3.0/24".parse().unwrap()),
+                Previous::v4("10.244.3.0/24".parse().unwrap()),
                 &mut rng
             ),
             Some(Choice::Free(SubnetKey::new(
@@ -152,7 +220,7 @@ mod tests {
                 &config(),
                 &others,
                 me,
-                Some("10.244.1.0/24".parse().unwrap()),
+                Previous::v4("10.244.1.0/24".parse().unwrap()),
                 &mut rng,
             );
             assert!(
@@ -174,7 +242,7 @@ mod tests {
                     &config(),
                     &leases,
                     "192.0.2.10".parse().unwrap(),
-                    Some("10.244.1.0/24".parse().unwrap()),
+                    Previous::v4("10.244.1.0/24".parse().unwrap()),
                     &mut rng
                 ),
                 Some(Choice::Free(SubnetKey::new(
@@ -189,7 +257,7 @@ mod tests {
                 &config(),
                 &with_dynamic,
                 "192.0.2.51".parse().unwrap(),
-                None,
+                Previous::default(),
                 &mut rng
             ),
             Some(Choice::Existing(leases[1].clone()))
@@ -208,7 +276,7 @@ mod tests {
                 &config(),
                 &leases,
                 "192.0.2.9".parse().unwrap(),
-                None,
+                Previous::default(),
                 &mut rand::thread_rng()
             ),
             None

@@ -60,7 +60,10 @@ impl<R: Registry> LeaseKeeper<R> {
     }
 
     /// Our lease, retrying while etcd is unreachable or contended; a full network is final.
-    pub async fn acquire(&self, previous: Option<Ipv4Network>) -> Result<Lease, ManagerError> {
+    pub async fn acquire(
+        &self,
+        previous: super::allocate::Previous,
+    ) -> Result<Lease, ManagerError> {
         let own = crate::retry::with_backoff(
             "acquiring a subnet lease",
             |e: &ManagerError| match e {

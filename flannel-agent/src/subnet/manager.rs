@@ -7,7 +7,7 @@ use std::time::Duration;
 use ipnetwork::Ipv4Network;
 use rand::Rng;
 
-use super::allocate::{choose, Choice};
+use super::allocate::{choose, Choice, Previous};
 use super::registry::{Registry, RegistryError};
 use crate::config::NetworkConfig;
 use crate::lease::{Lease, LeaseAttrs};
@@ -81,7 +81,7 @@ impl<R: Registry> LeaseManager<R> {
         .max(Duration::from_millis(500))
     }
 
-    pub async fn acquire(&self, previous: Option<Ipv4Network>) -> Result<OwnLease, ManagerError> {
+    pub async fn acquire(&self, previous: Previous) -> Result<OwnLease, ManagerError> {
         let public_ip = self.attrs.public_ip;
         for attempt in 0..MAX_ATTEMPTS {
             if attempt > 0 {

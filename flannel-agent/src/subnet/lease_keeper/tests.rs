@@ -7,6 +7,7 @@ use super::*;
 use crate::config::NetworkConfig;
 use crate::lease::LeaseAttrs;
 use crate::status::AgentStatus;
+use crate::subnet::allocate::Previous;
 use crate::subnet::memory::MemoryRegistry;
 
 const OWN_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
@@ -28,7 +29,7 @@ async fn keeping(ttl: Duration) -> Kept {
     let status = Arc::new(AgentStatus::default());
     let manager = LeaseManager::new(reg.clone(), config, LeaseAttrs::new(OWN_IP), ttl, ttl);
     let keeper = LeaseKeeper::new(manager, reg.clone(), status.clone(), ttl);
-    let own = keeper.acquire(None).await.expect("acquired");
+    let own = keeper.acquire(Previous::default()).await.expect("acquired");
     assert_eq!(status.own(), Some(own.clone()));
     assert!(status.lease_expiry() > 0);
     let (tx, rx) = mpsc::channel(8);

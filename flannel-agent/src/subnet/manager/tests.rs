@@ -5,6 +5,7 @@ use std::net::Ipv4Addr;
 
 use super::*;
 use crate::lease::SubnetKey;
+use crate::subnet::allocate::Previous;
 use crate::subnet::memory::MemoryRegistry;
 
 const OWN_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
@@ -40,7 +41,7 @@ fn key(third: u8) -> SubnetKey {
 async fn acquire_creates_a_free_subnet_under_a_fresh_etcd_lease() {
     let reg = MemoryRegistry::new();
     let m = manager(&reg, two_subnets());
-    let own = m.acquire(None).await.expect("acquired");
+    let own = m.acquire(Previous::default()).await.expect("acquired");
     assert!(own.subnet() == key(1).ipv4 || own.subnet() == key(2).ipv4);
     let stored = reg.lease_of(&own.key).expect("stored");
     assert_eq!(stored.attrs, LeaseAttrs::new(OWN_IP));
@@ -52,7 +53,10 @@ async fn acquire_creates_a_free_subnet_under_a_fresh_etcd_lease() {
 async fn acquire_prefers_the_subnet_of_the_previous_run() {
     let reg = MemoryRegistry::new();
     let m = manager(&reg, two_subnets());
-    let own = m.acquire(Some(key(2).ipv4)).await.expect("acquired");
+    let own = m
+        .acquire(Previous::v4(key(2).ipv4))
+        .await
+        .expect("acquired");
     assert_eq!(own.key, key(2));
 }
 
@@ -62,7 +66,7 @@ async fn acquire_reuses_our_lease_and_revokes_the_etcd_lease_it_had() {
     let old = reg.grant_now(60);
     reg.put(&key(2), &LeaseAttrs::new(OWN_IP), old);
     let m = manager(&reg, two_subnets());
-    let own = m.acquire(None).await.expect("acquired");
+    let own = m.acquire(Previous::default()).await.expect("acquired");
     assert_eq!(own.key, key(2));
     assert_ne!(own.etcd_lease, old);
     assert_eq!(reg.live_leases(), vec![own.etcd_lease]);
@@ -77,7 +81,7 @@ async fn acquire_uses_a_reservation_without_any_etcd_lease() {
     let reg = MemoryRegistry::new();
     reg.put(&key(1), &LeaseAttrs::new(OWN_IP), 0);
     let m = manager(&reg, two_subnets());
-    let own = m.acquire(None).await.expect("acquired");
+    let own = m.acquire(Previous::default()).await.expect("acquired");
     assert_eq!(own.key, key(1));
     assert!(own.is_reservation());
     assert!(reg.live_leases().is_empty());
@@ -95,7 +99,7 @@ async fn a_racing_writer_between_listing_and_create_makes_us_pick_again() {
         r.put(&key(1), &LeaseAttrs::new(OTHER_IP), id);
     });
     let m = manager(&reg, two_subnets());
-    let own = m.acquire(None).await.expect("acquired");
+    let own = m.acquire(Previous::default()).await.expect("acquired");
     assert_eq!(own.key, key(2));
     assert_eq!(
         reg.lease_of(&key(1)).map(|l| l.attrs.public_ip),
@@ -115,7 +119,7 @@ async fn a_full_network_is_an_error_and_leaks_no_lease() {
         }
     });
     let m = manager(&reg, two_subnets());
-    match m.acquire(None).await {
+    match m.acquire(Previous::default()).await {
         Err(ManagerError::NoFreeSubnet { min, max }) => {
             assert_eq!((min, max), (key(1).ipv4.ip(), key(2).ipv4.ip()));
         }
@@ -129,19 +133,19 @@ async fn an_outage_fails_acquire_with_a_retryable_error() {
     let reg = MemoryRegistry::new();
     reg.set_down(true);
     let m = manager(&reg, two_subnets());
-    match m.acquire(None).await {
+    match m.acquire(Previous::default()).await {
         Err(ManagerError::Registry(e)) => assert!(!e.is_permanent()),
         other => panic!("expected a registry error, got {other:?}"),
     }
     reg.set_down(false);
-    assert!(m.acquire(None).await.is_ok());
+    assert!(m.acquire(Previous::default()).await.is_ok());
 }
 
 #[tokio::test]
 async fn renew_reports_a_ttl_0_lease_as_lost() {
     let reg = MemoryRegistry::new();
     let m = manager(&reg, two_subnets());
-    let own = m.acquire(None).await.expect("acquired");
+    let own = m.acquire(Previous::default()).await.expect("acquired");
     assert_eq!(m.renew(&own).await.expect("renewed"), RenewOutcome::Renewed);
     reg.expire(own.etcd_lease);
     assert_eq!(m.renew(&own).await.expect("answered"), RenewOutcome::Lost);
@@ -153,7 +157,7 @@ async fn renew_reports_a_ttl_0_lease_as_lost() {
 async fn reclaim_after_expiry_recreates_our_key_under_a_new_etcd_lease() {
     let reg = MemoryRegistry::new();
     let m = manager(&reg, two_subnets());
-    let own = m.acquire(None).await.expect("acquired");
+    let own = m.acquire(Previous::default()).await.expect("acquired");
     reg.expire(own.etcd_lease);
     assert!(reg.lease_of(&own.key).is_none());
     let back = m.reclaim(&own).await.expect("reclaimed");
@@ -170,7 +174,7 @@ async fn reclaim_after_expiry_recreates_our_key_under_a_new_etcd_lease() {
 async fn reclaim_after_a_delete_keeps_our_live_etcd_lease() {
     let reg = MemoryRegistry::new();
     let m = manager(&reg, two_subnets());
-    let own = m.acquire(None).await.expect("acquired");
+    let own = m.acquire(Previous::default()).await.expect("acquired");
     reg.delete(&own.key);
     let back = m.reclaim(&own).await.expect("reclaimed");
     assert_eq!(back.etcd_lease, own.etcd_lease);
@@ -181,7 +185,7 @@ async fn reclaim_after_a_delete_keeps_our_live_etcd_lease() {
 async fn reclaim_of_a_key_already_back_returns_what_is_stored() {
     let reg = MemoryRegistry::new();
     let m = manager(&reg, two_subnets());
-    let own = m.acquire(None).await.expect("acquired");
+    let own = m.acquire(Previous::default()).await.expect("acquired");
     let back = m.reclaim(&own).await.expect("still ours");
     assert_eq!(back.key, own.key);
     assert_eq!(back.etcd_lease, own.etcd_lease);
@@ -192,7 +196,7 @@ async fn reclaim_of_a_key_already_back_returns_what_is_stored() {
 async fn reclaim_never_takes_a_subnet_someone_else_now_holds() {
     let reg = MemoryRegistry::new();
     let m = manager(&reg, two_subnets());
-    let own = m.acquire(None).await.expect("acquired");
+    let own = m.acquire(Previous::default()).await.expect("acquired");
     reg.expire(own.etcd_lease);
     let theirs = reg.grant_now(60);
     reg.put(&own.key, &LeaseAttrs::new(OTHER_IP), theirs);
@@ -215,7 +219,7 @@ async fn reclaim_never_takes_a_subnet_someone_else_now_holds() {
 async fn release_revokes_the_etcd_lease_and_with_it_the_key() {
     let reg = MemoryRegistry::new();
     let m = manager(&reg, two_subnets());
-    let own = m.acquire(None).await.expect("acquired");
+    let own = m.acquire(Previous::default()).await.expect("acquired");
     m.release(&own).await.expect("released");
     assert!(reg.live_leases().is_empty());
     assert_eq!(reg.key_count(), 0);
