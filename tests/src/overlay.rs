@@ -118,6 +118,18 @@ impl Overlay {
         Ok(&mut self.agents[i])
     }
 
+    /// Stop host `i`'s agent and run `flanneld uninstall` there with its subnet file and pin
+    /// dir, as an operator would.
+    pub fn uninstall(&mut self, i: usize) -> Result<std::process::Output> {
+        self.agents[i].stop()?;
+        let host = &self.cluster.hosts[i];
+        host.flanneld(&[
+            "uninstall",
+            &format!("--subnet-file={}", self.agents[i].subnet_file.display()),
+            &format!("--bpf-pin-dir={}", host.pin_dir()),
+        ])
+    }
+
     /// The log of host `host`'s agent (for failure messages).
     pub fn agent_log(&self, host: usize) -> String {
         self.agents.get(host).map(Agent::log).unwrap_or_default()

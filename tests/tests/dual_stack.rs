@@ -182,14 +182,8 @@ fn dual_stack_host_gw_three_hosts_v4_and_v6_pods_talk_and_v6_routes_follow_etcd(
     assert!(Pod::ping(&pods[0], pods[1].v6));
 
     // uninstall removes the ip6tables chains too.
-    o.agents[0].stop().unwrap();
-    let out = h0
-        .flanneld(&[
-            "uninstall",
-            &format!("--subnet-file={}", o.agents[0].subnet_file.display()),
-            &format!("--bpf-pin-dir={}", h0.pin_dir()),
-        ])
-        .unwrap();
+    let out = o.uninstall(0).unwrap();
+    let h0 = &o.cluster.hosts[0];
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(

@@ -116,14 +116,8 @@ fn nftables_mode_has_upstreams_tables_traffic_masquerade_and_resync() {
     assert_eq!(seen.client, IpAddr::V4(h0ip));
 
     // uninstall, once the agent is stopped, removes both tables.
-    o.agents[0].stop().unwrap();
-    let out = h0
-        .flanneld(&[
-            "uninstall",
-            &format!("--subnet-file={}", o.agents[0].subnet_file.display()),
-            &format!("--bpf-pin-dir={}", h0.pin_dir()),
-        ])
-        .unwrap();
+    let out = o.uninstall(0).unwrap();
+    let h0 = &o.cluster.hosts[0];
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(
@@ -176,20 +170,7 @@ fn nftables_dual_stack_fills_the_ip6_table_as_upstream() {
         2,
     )
     .containers_per_host(0)
-    .before_agents(|c| {
-        for h in &c.hosts {
-            h.ns.ip(&[
-                "-6",
-                "addr",
-                "add",
-                &format!("2001:db8::{}/64", 10 + h.index),
-                "dev",
-                "eth0",
-                "nodad",
-            ])?;
-        }
-        Ok(())
-    })
+    .before_agents(flannel_tests::dual_stack::ipv6_underlay)
     .start()
     .unwrap();
     for (i, h) in o.cluster.hosts.iter().enumerate() {

@@ -223,14 +223,8 @@ fn dual_stack_vxlan_three_hosts_pods_talk_over_both_families_and_v6_entries_foll
     assert!(Pod::ping(&pods[1], pods[0].v4));
 
     // uninstall removes both vxlan devices.
-    o.agents[0].stop().unwrap();
-    let out = h0
-        .flanneld(&[
-            "uninstall",
-            &format!("--subnet-file={}", o.agents[0].subnet_file.display()),
-            &format!("--bpf-pin-dir={}", h0.pin_dir()),
-        ])
-        .unwrap();
+    let out = o.uninstall(0).unwrap();
+    let h0 = &o.cluster.hosts[0];
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     for dev in ["flannel.1", V6_DEV] {
