@@ -209,6 +209,19 @@ impl Agent {
         self.subnet_env().ok()?.subnet_network().ok()
     }
 
+    /// FLANNEL_IPV6_SUBNET from subnet.env, as the network address (e.g. fd00:10:244:5::/64).
+    pub fn ipv6_subnet(&self) -> Option<String> {
+        let v = self.subnet_env_value("FLANNEL_IPV6_SUBNET")?;
+        let (ip, len) = v.split_once('/')?;
+        let ip: std::net::Ipv6Addr = ip.parse().ok()?;
+        let len: u32 = len.parse().ok().filter(|l| *l <= 128)?;
+        let mask = u128::MAX.checked_shl(128 - len).unwrap_or(0);
+        Some(format!(
+            "{}/{len}",
+            std::net::Ipv6Addr::from(u128::from(ip) & mask)
+        ))
+    }
+
     /// This agent's subnet.env, as the CNI rendering reads it.
     pub fn subnet_env(&self) -> Result<crate::cni::SubnetEnv> {
         crate::cni::SubnetEnv::read(&self.subnet_file)

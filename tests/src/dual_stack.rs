@@ -3,12 +3,14 @@
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 
 use anyhow::Context;
 use serde_json::json;
 
 use crate::cni::{self, Attachment};
-use crate::{Cluster, Host, Netns, Result, SubnetEnv};
+use crate::traffic::tcp_send_ip;
+use crate::{wait_for, Cluster, Host, Netns, Overlay, Result, SubnetEnv};
 
 static PODS: AtomicU32 = AtomicU32::new(0);
 
@@ -27,6 +29,47 @@ pub fn ipv6_underlay(c: &Cluster) -> Result<()> {
         h.ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
     }
     Ok(())
+}
+
+/// The IPv6 underlay subnet behind the router: 2001:db8:1::/64.
+pub const ROUTED_V6_PREFIX: &str = "2001:db8:1::";
+
+/// Host `i` also gets 2001:db8:1::<10+i>/64, which the other hosts reach only through the
+/// switch acting as an IPv6 router (2001:db8::1): a host on another L2 network as far as they
+/// can tell. Runs after [`ipv6_underlay`].
+pub fn ipv6_behind_router(i: usize) -> impl FnOnce(&Cluster) -> Result<()> {
+    move |c: &Cluster| {
+        for a in ["2001:db8::1/64", &format!("{ROUTED_V6_PREFIX}1/64")] {
+            c.switch
+                .ip(&["-6", "addr", "add", a, "dev", "br0", "nodad"])?;
+        }
+        c.switch.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        for h in &c.hosts {
+            if h.index == i {
+                h.ns.ip(&[
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{ROUTED_V6_PREFIX}{}/64", 10 + i),
+                    "dev",
+                    "eth0",
+                    "nodad",
+                ])?;
+            } else {
+                h.ns.ip(&[
+                    "-6",
+                    "route",
+                    "add",
+                    &format!("{ROUTED_V6_PREFIX}/64"),
+                    "via",
+                    "2001:db8::1",
+                    "dev",
+                    "eth0",
+                ])?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A dual-stack pod: its namespace, its CNI attachment (removed on drop) and its addresses.
@@ -71,6 +114,24 @@ impl DualPod {
         })
     }
 
+    /// One pod on every host of `o`, in host order, in each agent's IPv4 and IPv6 subnet, routed
+    /// to the IPv6 network `v6_network`.
+    pub fn one_per_host(o: &Overlay, v6_network: &str) -> Result<Vec<Self>> {
+        (0..o.cluster.hosts.len())
+            .map(|i| {
+                let v6_subnet = o.agents[i]
+                    .ipv6_subnet()
+                    .with_context(|| format!("no FLANNEL_IPV6_SUBNET on host {i}"))?;
+                Self::attach(
+                    &o.cluster.hosts[i],
+                    &o.subnet_env(i)?,
+                    &v6_subnet,
+                    v6_network,
+                )
+            })
+            .collect()
+    }
+
     /// One ping to `to` answered within a second.
     pub fn ping(&self, to: IpAddr) -> bool {
         self.ns
@@ -80,4 +141,31 @@ impl DualPod {
             .map(|o| o.status.success())
             .unwrap_or(false)
     }
+}
+
+/// Between every ordered pair of `pods`, to its IPv4 and its IPv6 address: a first ping within
+/// 10 s, then a verified TCP transfer of `bytes`; over IPv6 the receiver must see the sender's
+/// own address (no NAT inside the overlay).
+pub fn check_all_pairs(pods: &[DualPod], bytes: usize) -> Result<()> {
+    for a in pods {
+        for b in pods.iter().filter(|b| b.v4 != a.v4) {
+            for dst in [b.v4, b.v6] {
+                let pair = format!("{} -> {dst}", a.v4);
+                wait_for(Duration::from_secs(10), "a first ping", || {
+                    a.ping(dst).then_some(())
+                })
+                .with_context(|| format!("ping {pair}"))?;
+                let t =
+                    tcp_send_ip(&a.ns, &b.ns, dst, bytes).with_context(|| format!("TCP {pair}"))?;
+                anyhow::ensure!(t.bytes == bytes, "TCP {pair}: {} bytes", t.bytes);
+                anyhow::ensure!(
+                    dst.is_ipv4() || t.client == a.v6,
+                    "TCP {pair}: the receiver saw {}, not the sender's own {}",
+                    t.client,
+                    a.v6
+                );
+            }
+        }
+    }
+    Ok(())
 }

@@ -4,8 +4,7 @@
 
 use std::time::Duration;
 
-use flannel_tests::dual_stack::{ipv6_underlay, DualPod as Pod};
-use flannel_tests::traffic::tcp_send_ip;
+use flannel_tests::dual_stack::{check_all_pairs, ipv6_underlay, DualPod as Pod};
 use flannel_tests::{wait_for, Cluster, Overlay};
 
 const DUAL_HOSTGW: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/48","Backend":{"Type":"host-gw"}}"#;
@@ -127,35 +126,8 @@ fn dual_stack_host_gw_three_hosts_v4_and_v6_pods_talk_and_v6_routes_follow_etcd(
         .unwrap()
         .is_empty());
 
-    let pods: Vec<Pod> = (0..3)
-        .map(|i| {
-            Pod::attach(
-                &o.cluster.hosts[i],
-                &o.subnet_env(i).unwrap(),
-                &v6_subnets[i],
-                V6_NET,
-            )
-            .unwrap()
-        })
-        .collect();
-    for a in &pods {
-        for b in &pods {
-            if a.v4 == b.v4 {
-                continue;
-            }
-            for dst in [b.v4, b.v6] {
-                wait_for(Duration::from_secs(10), "pod ping", || {
-                    Pod::ping(a, dst).then_some(())
-                })
-                .unwrap_or_else(|e| panic!("{e}: {} -> {dst}", a.v4));
-                let t = tcp_send_ip(&a.ns, &b.ns, dst, 128 << 10).unwrap();
-                assert_eq!(t.bytes, 128 << 10);
-            }
-            // Inside the overlay the receiver sees the sender's own IPv6 address.
-            let t = tcp_send_ip(&a.ns, &b.ns, b.v6, 1024).unwrap();
-            assert_eq!(t.client, a.v6);
-        }
-    }
+    let pods = Pod::one_per_host(&o, V6_NET).unwrap();
+    check_all_pairs(&pods, 128 << 10).unwrap_or_else(|e| panic!("{e:#}\n{}", o.agent_log(0)));
 
     // Host 2 leaves (its lease deleted from etcd): its IPv6 route goes on host 0.
     o.agents[2].stop().unwrap();
