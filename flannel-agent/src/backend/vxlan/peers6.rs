@@ -226,3 +226,69 @@ impl Peers6 {
         prune_entries(handle, dev, AddressFamily::Inet6, &neigh_ips, &fdb).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXT: u32 = 2;
+
+    fn net(s: &str) -> Ipv6Network {
+        s.parse().unwrap()
+    }
+
+    fn route(dst: &str, gateway: &str, oif: u32) -> Route6 {
+        Route6 {
+            dst: net(dst),
+            gateway: gateway.parse().unwrap(),
+            oif,
+            onlink: false,
+        }
+    }
+
+    /// DirectRouting in fd00:10:244::/48 with one direct peer, fd00:10:244:1::/64 via
+    /// 2001:db8::11, and one vxlan peer, fd00:10:244:2::/64.
+    fn peers(direct_routing: bool, network: Option<&str>) -> Peers6 {
+        let mut p = Peers6::new(direct_routing, EXT, network.map(net));
+        let direct = route("fd00:10:244:1::/64", "2001:db8::11", EXT);
+        p.paths.insert(direct.dst, PeerPath6::Direct(direct));
+        p.paths.insert(
+            net("fd00:10:244:2::/64"),
+            PeerPath6::Vxlan {
+                mac: Mac([0x0e, 0, 0, 0, 0, 2]),
+                public_ipv6: "2001:db8:1::12".parse().unwrap(),
+            },
+        );
+        p
+    }
+
+    #[test]
+    fn a_direct_route_into_the_network_no_direct_peer_owns_is_stale() {
+        let p = peers(true, Some("fd00:10:244::/48"));
+        // Left for a peer that is gone.
+        assert!(p.is_stale_direct_route(&route("fd00:10:244:ff::/64", "2001:db8::99", EXT)));
+        // A current direct peer's subnet via another gateway (it moved).
+        assert!(p.is_stale_direct_route(&route("fd00:10:244:1::/64", "2001:db8::99", EXT)));
+        // A vxlan peer's subnet routed directly (it left our L2 network).
+        assert!(p.is_stale_direct_route(&route("fd00:10:244:2::/64", "2001:db8::12", EXT)));
+    }
+
+    #[test]
+    fn routes_flannel_does_not_own_and_current_direct_routes_stay() {
+        let p = peers(true, Some("fd00:10:244::/48"));
+        for kept in [
+            route("fd00:10:244:1::/64", "2001:db8::11", EXT),
+            // Outside the Network, or covering more than it (same first address).
+            route("2001:db8:99::/64", "2001:db8::11", EXT),
+            route("fd00:10:244::/47", "2001:db8::11", EXT),
+            // Another interface.
+            route("fd00:10:244:ff::/64", "2001:db8::99", EXT + 1),
+        ] {
+            assert!(!p.is_stale_direct_route(&kept), "{kept:?}");
+        }
+        // Without DirectRouting (or an IPv6 Network) no direct route is ours to remove.
+        let stale = route("fd00:10:244:ff::/64", "2001:db8::99", EXT);
+        assert!(!peers(false, Some("fd00:10:244::/48")).is_stale_direct_route(&stale));
+        assert!(!peers(true, None).is_stale_direct_route(&stale));
+    }
+}
