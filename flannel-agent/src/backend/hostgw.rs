@@ -308,6 +308,8 @@ mod tests {
             mtu: 1500,
             iface_addr: iface_addr.parse().unwrap(),
             ext_addr: ext_addr.parse().unwrap(),
+            iface_v6_addr: None,
+            ext_v6_addr: None,
         }
     }
 

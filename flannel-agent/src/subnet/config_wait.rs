@@ -98,17 +98,16 @@ pub async fn wait_for_config<R: Registry, T>(
 /// A valid upstream config this node cannot run is as good as invalid here: wait for a change.
 fn runnable((state, revision): (ConfigState, i64)) -> (ConfigState, i64) {
     match state {
-        // Without IPv4 the IPv4 side would run for 0.0.0.0/0 (firewall rules, blackhole
-        // route, every peer under one IPv4 key): refuse rather than do that.
+        // udp is refused below (IPv4 only); host-gw keeps its routes by IPv4 subnet.
         ConfigState::Valid {
             config,
             mod_revision,
-        } if !config.enable_ipv4 => (
+        } if !config.enable_ipv4 && !runs_ipv6_only(&config.backend.backend_type) => (
             ConfigState::Invalid {
                 error: ConfigError::Field {
                     field: "EnableIPv4",
                     value: "false".into(),
-                    message: "IPv6-only networks are not supported by this flanneld yet; set EnableIPv4 to true (dual stack with vxlan or host-gw works)".into(),
+                    message: ipv6_only_refusal(&config.backend.backend_type).into(),
                 },
                 mod_revision,
             },
@@ -147,6 +146,22 @@ fn ipv6_refusal(backend_type: &str) -> &'static str {
         "the udp backend carries IPv4 only (as upstream's): use vxlan or host-gw for IPv6, or set EnableIPv6 to false"
     } else {
         "this flanneld carries IPv6 with the vxlan and host-gw backends only; use one of them or set EnableIPv6 to false"
+    }
+}
+
+/// Backends that run an IPv6-only network (EnableIPv4 false) here: vxlan (`flannel-v6.<VNI>`
+/// alone) and alloc (leases only).
+fn runs_ipv6_only(backend_type: &str) -> bool {
+    ["vxlan", "alloc"]
+        .iter()
+        .any(|b| backend_type.eq_ignore_ascii_case(b))
+}
+
+fn ipv6_only_refusal(backend_type: &str) -> &'static str {
+    if backend_type.eq_ignore_ascii_case("udp") {
+        ipv6_refusal(backend_type)
+    } else {
+        "this flanneld runs IPv6-only networks with the vxlan backend only; use vxlan, or set EnableIPv4 to true (dual stack works with host-gw too)"
     }
 }
 
@@ -265,19 +280,8 @@ mod tests {
         assert_eq!(task.await.unwrap().network.to_string(), "10.244.0.0/16");
     }
 
-    #[test]
-    fn ipv6_only_is_refused_naming_the_key_and_vxlan_dual_stack_runs() {
-        let v6_only = refusal(
-            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/48","Backend":{"Type":"vxlan"}}"#,
-        );
-        assert!(
-            v6_only.contains("EnableIPv4") && v6_only.contains("IPv6-only"),
-            "{v6_only}"
-        );
-        let config = NetworkConfig::parse(
-            br#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/48","Backend":{"Type":"vxlan"}}"#,
-        )
-        .unwrap();
+    fn runs(json: &str) -> bool {
+        let config = NetworkConfig::parse(json.as_bytes()).unwrap();
         let (state, _) = runnable((
             ConfigState::Valid {
                 config,
@@ -285,7 +289,38 @@ mod tests {
             },
             7,
         ));
-        assert!(matches!(state, ConfigState::Valid { .. }));
+        matches!(state, ConfigState::Valid { .. })
+    }
+
+    #[test]
+    fn ipv6_only_and_dual_stack_run_with_vxlan() {
+        assert!(runs(
+            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/48","Backend":{"Type":"vxlan"}}"#
+        ));
+        assert!(runs(
+            r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/48","Backend":{"Type":"vxlan"}}"#
+        ));
+        assert!(runs(
+            r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/48","Backend":{"Type":"host-gw"}}"#
+        ));
+    }
+
+    #[test]
+    fn ipv6_only_with_udp_or_host_gw_is_refused_in_one_line() {
+        let udp = refusal(
+            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/48","Backend":{"Type":"udp"}}"#,
+        );
+        assert!(
+            udp.contains("EnableIPv4") && udp.contains("udp backend carries IPv4 only"),
+            "{udp}"
+        );
+        let hostgw = refusal(
+            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/48","Backend":{"Type":"host-gw"}}"#,
+        );
+        assert!(hostgw.contains("vxlan backend only"), "{hostgw}");
+        for line in [udp, hostgw] {
+            assert!(!line.contains('\n'), "{line}");
+        }
     }
 
     #[test]
