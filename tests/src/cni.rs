@@ -116,7 +116,7 @@ pub fn delegate_config(env: &SubnetEnv, data_dir: &Path) -> Result<serde_json::V
         env.mtu,
         env.ipmasq,
         &[env.subnet_network()?],
-        &[env.network.clone()],
+        std::slice::from_ref(&env.network),
         data_dir,
     ))
 }

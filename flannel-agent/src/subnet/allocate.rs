@@ -48,7 +48,7 @@ fn is_ours(config: &NetworkConfig, lease: &Lease, owner: IpAddr) -> bool {
         None => !config.enable_ipv6,
     };
     lease.attrs.owner() == owner
-        && lease.key.is_ipv6_only() == !config.enable_ipv4
+        && lease.key.is_ipv6_only() != config.enable_ipv4
         && lease.subnet().prefix() == config.subnet_len
         && config.network.contains(lease.subnet().network())
         && v6_fits
