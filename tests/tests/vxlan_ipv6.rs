@@ -238,8 +238,8 @@ fn dual_stack_vxlan_three_hosts_pods_talk_over_both_families_and_v6_entries_foll
     }
 }
 
-/// IPv6-only (EnableIPv4 false) with vxlan, each agent picking its interface by its IPv6
-/// address (`--iface=2001:db8::1x`): upstream's keys `0.0.0.0-0&<v6>-64`, lease JSON with
+/// IPv6-only (EnableIPv4 false) with vxlan, each agent picking its interface by IPv6
+/// (`--iface`, `--iface-regex`, `--iface-can-reach`): upstream's keys `0.0.0.0-0&<v6>-64`, lease JSON with
 /// PublicIP 0.0.0.0 and BackendV6Data alone, subnet.env without the IPv4 lines, only
 /// `flannel-v6.1`, only IPv6 rules, pods that talk over IPv6, entries that follow etcd, and a
 /// restarted node finding its own lease by PublicIPv6 (upstream's would take the first 0.0.0.0
@@ -250,8 +250,17 @@ fn ipv6_only_vxlan_three_hosts_upstream_leases_and_subnet_env_pods_talk_and_entr
         .containers_per_host(0)
         .flags(&["--ip-blackhole-route"])
         .before_agents(ipv6_underlay);
-    for i in 0..3 {
-        b = b.host_flags(i, &[&format!("--iface=2001:db8::{}", 10 + i)]);
+    // The three ways of naming the interface by IPv6: an address, a regex over addresses, a
+    // route lookup (host 2's route to host 0).
+    for (i, flag) in [
+        "--iface=2001:db8::10",
+        "--iface-regex=^2001:db8::11$",
+        "--iface-can-reach=2001:db8::10",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        b = b.host_flags(i, &[flag]);
     }
     let mut o = b.start().unwrap();
 
