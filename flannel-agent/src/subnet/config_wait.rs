@@ -98,16 +98,16 @@ pub async fn wait_for_config<R: Registry, T>(
 /// A valid upstream config this node cannot run is as good as invalid here: wait for a change.
 fn runnable((state, revision): (ConfigState, i64)) -> (ConfigState, i64) {
     match state {
-        // udp is refused below (IPv4 only); host-gw keeps its routes by IPv4 subnet.
+        // IPv6-only runs where IPv6 does, the IPv4 side switched off; udp is IPv4 only.
         ConfigState::Valid {
             config,
             mod_revision,
-        } if !config.enable_ipv4 && !runs_ipv6_only(&config.backend.backend_type) => (
+        } if !config.enable_ipv4 && !runs_ipv6(&config.backend.backend_type) => (
             ConfigState::Invalid {
                 error: ConfigError::Field {
                     field: "EnableIPv4",
                     value: "false".into(),
-                    message: ipv6_only_refusal(&config.backend.backend_type).into(),
+                    message: ipv6_refusal(&config.backend.backend_type).into(),
                 },
                 mod_revision,
             },
@@ -131,8 +131,8 @@ fn runnable((state, revision): (ConfigState, i64)) -> (ConfigState, i64) {
     }
 }
 
-/// Backends that carry IPv6 here: host-gw (IPv6 routes), vxlan (`flannel-v6.<VNI>`) and
-/// alloc (leases only).
+/// Backends that carry IPv6 here, also IPv6-only: host-gw (IPv6 routes), vxlan
+/// (`flannel-v6.<VNI>`) and alloc (leases only).
 fn runs_ipv6(backend_type: &str) -> bool {
     ["host-gw", "vxlan", "alloc"]
         .iter()
@@ -146,22 +146,6 @@ fn ipv6_refusal(backend_type: &str) -> &'static str {
         "the udp backend carries IPv4 only (as upstream's): use vxlan or host-gw for IPv6, or set EnableIPv6 to false"
     } else {
         "this flanneld carries IPv6 with the vxlan and host-gw backends only; use one of them or set EnableIPv6 to false"
-    }
-}
-
-/// Backends that run an IPv6-only network (EnableIPv4 false) here: vxlan (`flannel-v6.<VNI>`
-/// alone) and alloc (leases only).
-fn runs_ipv6_only(backend_type: &str) -> bool {
-    ["vxlan", "alloc"]
-        .iter()
-        .any(|b| backend_type.eq_ignore_ascii_case(b))
-}
-
-fn ipv6_only_refusal(backend_type: &str) -> &'static str {
-    if backend_type.eq_ignore_ascii_case("udp") {
-        ipv6_refusal(backend_type)
-    } else {
-        "this flanneld runs IPv6-only networks with the vxlan backend only; use vxlan, or set EnableIPv4 to true (dual stack works with host-gw too)"
     }
 }
 
@@ -303,10 +287,13 @@ mod tests {
         assert!(runs(
             r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/48","Backend":{"Type":"host-gw"}}"#
         ));
+        assert!(runs(
+            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/48","Backend":{"Type":"host-gw"}}"#
+        ));
     }
 
     #[test]
-    fn ipv6_only_with_udp_or_host_gw_is_refused_in_one_line() {
+    fn ipv6_only_with_udp_or_an_unknown_backend_is_refused_in_one_line() {
         let udp = refusal(
             r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/48","Backend":{"Type":"udp"}}"#,
         );
@@ -314,11 +301,11 @@ mod tests {
             udp.contains("EnableIPv4") && udp.contains("udp backend carries IPv4 only"),
             "{udp}"
         );
-        let hostgw = refusal(
-            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/48","Backend":{"Type":"host-gw"}}"#,
+        let other = refusal(
+            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/48","Backend":{"Type":"ipip"}}"#,
         );
-        assert!(hostgw.contains("vxlan backend only"), "{hostgw}");
-        for line in [udp, hostgw] {
+        assert!(other.contains("vxlan and host-gw backends only"), "{other}");
+        for line in [udp, other] {
             assert!(!line.contains('\n'), "{line}");
         }
     }
