@@ -331,28 +331,42 @@ fn why_unusable(link: &Link, addr: Option<IpAddr>) -> Option<String> {
     }
 }
 
-/// `--public-ip` (IPv4) or `--public-ipv6` (IPv6): checked for its family and usability.
-fn public_address(flag: &'static str, value: IpAddr, want_v6: bool) -> Result<IpAddr, IfaceError> {
-    if value.is_ipv6() != want_v6 {
-        let (want, hint) = if want_v6 {
-            ("IPv6", " (use --public-ip for IPv4)")
-        } else {
-            ("IPv4", " (use --public-ipv6 for IPv6)")
-        };
-        return Err(IfaceError::WrongFamily {
-            flag,
+/// `--public-ip`: an IPv4 address other hosts can reach.
+fn public_v4(value: IpAddr) -> Result<Ipv4Addr, IfaceError> {
+    const FLAG: &str = "--public-ip";
+    match value {
+        IpAddr::V4(a) => usable_public(FLAG, value).map(|()| a),
+        IpAddr::V6(_) => Err(IfaceError::WrongFamily {
+            flag: FLAG,
             value,
-            want,
-            hint,
-        });
+            want: "IPv4",
+            hint: " (use --public-ipv6 for IPv6)",
+        }),
     }
+}
+
+/// `--public-ipv6`: an IPv6 address other hosts can reach.
+fn public_v6(value: IpAddr) -> Result<Ipv6Addr, IfaceError> {
+    const FLAG: &str = "--public-ipv6";
+    match value {
+        IpAddr::V6(a) => usable_public(FLAG, value).map(|()| a),
+        IpAddr::V4(_) => Err(IfaceError::WrongFamily {
+            flag: FLAG,
+            value,
+            want: "IPv6",
+            hint: " (use --public-ip for IPv4)",
+        }),
+    }
+}
+
+fn usable_public(flag: &'static str, value: IpAddr) -> Result<(), IfaceError> {
     match unusable_ip(value) {
         Some(why) => Err(IfaceError::Unusable {
             flag,
             value: value.to_string(),
             why: why.into(),
         }),
-        None => Ok(value),
+        None => Ok(()),
     }
 }
 
@@ -374,17 +388,11 @@ pub fn external_interface(
     let iface_addr = iface_addr.unwrap_or(Ipv4Addr::UNSPECIFIED);
     let ext_addr = match sel.public_ip {
         None => iface_addr,
-        Some(ip) => match public_address("--public-ip", ip, false)? {
-            IpAddr::V4(a) => a,
-            IpAddr::V6(_) => iface_addr,
-        },
+        Some(ip) => public_v4(ip)?,
     };
     let ext_v6_addr = match sel.public_ipv6 {
         None => iface_v6_addr,
-        Some(ip) => match public_address("--public-ipv6", ip, true)? {
-            IpAddr::V6(a) => Some(a),
-            IpAddr::V4(_) => iface_v6_addr,
-        },
+        Some(ip) => Some(public_v6(ip)?),
     };
     Ok(ExternalInterface {
         name: link.name,
