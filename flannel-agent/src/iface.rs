@@ -1,14 +1,17 @@
-//! Finding the external interface: `--iface` (name or IP, in order), `--iface-regex`,
-//! `--iface-can-reach`, else the interface of the default route; `--public-ip` overrides the
-//! address other nodes use.
+//! Finding the external interface: `--iface` (name, IPv4 or IPv6 address, in order),
+//! `--iface-regex` (matched against IPv4 addresses, IPv6 addresses, then names),
+//! `--iface-can-reach` (an IPv4 or IPv6 route lookup), else the interface of the default route
+//! (IPv4, else IPv6); `--public-ip` / `--public-ipv6` override the addresses other nodes use.
+//! As upstream's ExternalInterface it carries both families' addresses; which are needed
+//! depends on the network config (`check_stack`).
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures::TryStreamExt;
 use regex::Regex;
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags};
-use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute};
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
 use rtnetlink::{Handle, RouteMessageBuilder};
 
 #[derive(Debug, thiserror::Error)]
@@ -21,12 +24,21 @@ pub enum IfaceError {
     NoMatch(String),
     #[error("no route to {0} (--iface-can-reach)")]
     Unreachable(IpAddr),
-    #[error("no default route: name the interface with --iface")]
+    #[error("no default route (IPv4 or IPv6): name the interface with --iface")]
     NoDefaultRoute,
-    #[error("interface {0} has no IPv4 address")]
+    #[error("interface {0} has no usable IPv4 or IPv6 address")]
+    NoAddress(String),
+    #[error("interface {0} has no IPv4 address, which the network config needs (EnableIPv4); add one, or name another interface with --iface")]
     NoIpv4(String),
-    #[error("only IPv4 is supported for --iface-can-reach and --public-ip, got {0}")]
-    NotIpv4(IpAddr),
+    #[error("interface {0} has no global IPv6 address, which the network config needs (EnableIPv6); add one or pass --public-ipv6")]
+    NoIpv6(String),
+    #[error("{flag} {value} is not an {want} address{hint}")]
+    WrongFamily {
+        flag: &'static str,
+        value: IpAddr,
+        want: &'static str,
+        hint: &'static str,
+    },
     #[error("{flag} {value}: {why}; name the interface that reaches the other hosts")]
     Unusable {
         flag: &'static str,
@@ -35,8 +47,8 @@ pub enum IfaceError {
     },
 }
 
-/// One link with its IPv4 addresses, as netlink reports it.
-#[derive(Debug, Clone)]
+/// One link with its addresses, as netlink reports them.
+#[derive(Debug, Clone, Default)]
 pub struct Link {
     pub index: u32,
     pub name: String,
@@ -44,6 +56,30 @@ pub struct Link {
     pub up: bool,
     pub loopback: bool,
     pub ipv4: Vec<Ipv4Addr>,
+    pub ipv6: Vec<Ipv6Addr>,
+}
+
+impl Link {
+    fn holds(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(a) => self.ipv4.contains(&a),
+            IpAddr::V6(a) => self.ipv6.contains(&a),
+        }
+    }
+
+    fn first_usable_v4(&self) -> Option<Ipv4Addr> {
+        self.ipv4
+            .iter()
+            .copied()
+            .find(|a| unusable_address(*a).is_none())
+    }
+
+    fn first_usable_v6(&self) -> Option<Ipv6Addr> {
+        self.ipv6
+            .iter()
+            .copied()
+            .find(|a| unusable_address_v6(*a).is_none())
+    }
 }
 
 /// Why an address cannot be the one other hosts send to (`None`: it can).
@@ -61,16 +97,57 @@ pub fn unusable_address(ip: Ipv4Addr) -> Option<&'static str> {
     }
 }
 
-/// The interface flannel sends encapsulated traffic through.
+/// The same for IPv6: only global unicast addresses (ULAs included) qualify.
+pub fn unusable_address_v6(ip: Ipv6Addr) -> Option<&'static str> {
+    if ip.is_loopback() {
+        Some("a loopback address, which other hosts cannot reach")
+    } else if ip.is_unspecified() {
+        Some("the unspecified address")
+    } else if ip.is_multicast() {
+        Some("a multicast address")
+    } else if (ip.segments()[0] & 0xffc0) == 0xfe80 {
+        Some("a link-local address, which other hosts cannot route to")
+    } else {
+        None
+    }
+}
+
+fn unusable_ip(ip: IpAddr) -> Option<&'static str> {
+    match ip {
+        IpAddr::V4(a) => unusable_address(a),
+        IpAddr::V6(a) => unusable_address_v6(a),
+    }
+}
+
+/// The interface flannel sends encapsulated traffic through (upstream's ExternalInterface).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExternalInterface {
     pub name: String,
     pub index: u32,
     pub mtu: u32,
-    /// The interface's own address (what packets leave from).
+    /// The interface's own IPv4 address (what packets leave from); 0.0.0.0 when it has none,
+    /// which only an IPv6-only network accepts (`check_stack`).
     pub iface_addr: Ipv4Addr,
     /// The address other nodes reach us at (`--public-ip`, else `iface_addr`).
     pub ext_addr: Ipv4Addr,
+    /// The interface's IPv6 address (the one `--iface`/`--iface-regex` matched, else its first
+    /// global one).
+    pub iface_v6_addr: Option<Ipv6Addr>,
+    /// The IPv6 address other nodes reach us at (`--public-ipv6`, else `iface_v6_addr`).
+    pub ext_v6_addr: Option<Ipv6Addr>,
+}
+
+impl ExternalInterface {
+    /// Whether the interface can carry the families the network config enables.
+    pub fn check_stack(&self, enable_ipv4: bool, enable_ipv6: bool) -> Result<(), IfaceError> {
+        if enable_ipv4 && self.iface_addr.is_unspecified() {
+            return Err(IfaceError::NoIpv4(self.name.clone()));
+        }
+        if enable_ipv6 && self.ext_v6_addr.is_none() {
+            return Err(IfaceError::NoIpv6(self.name.clone()));
+        }
+        Ok(())
+    }
 }
 
 /// How to pick the interface (the relevant flags).
@@ -80,6 +157,7 @@ pub struct IfaceSelector {
     pub regexes: Vec<String>,
     pub can_reach: Option<IpAddr>,
     pub public_ip: Option<IpAddr>,
+    pub public_ipv6: Option<IpAddr>,
 }
 
 pub async fn list_links(handle: &Handle) -> Result<Vec<Link>, IfaceError> {
@@ -88,11 +166,9 @@ pub async fn list_links(handle: &Handle) -> Result<Vec<Link>, IfaceError> {
     while let Some(msg) = stream.try_next().await? {
         let mut link = Link {
             index: msg.header.index,
-            name: String::new(),
-            mtu: 0,
             up: msg.header.flags.contains(LinkFlags::Up),
             loopback: msg.header.flags.contains(LinkFlags::Loopback),
-            ipv4: Vec::new(),
+            ..Link::default()
         };
         for attr in msg.attributes {
             match attr {
@@ -105,58 +181,76 @@ pub async fn list_links(handle: &Handle) -> Result<Vec<Link>, IfaceError> {
     }
     let mut addrs = handle.address().get().execute();
     while let Some(msg) = addrs.try_next().await? {
-        let ip = msg.attributes.iter().find_map(|a| match a {
-            AddressAttribute::Local(IpAddr::V4(ip)) => Some(*ip),
+        // IPv4: the local address (on point-to-point links Address is the peer's); IPv6
+        // reports only Address.
+        let local = msg.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Local(ip @ IpAddr::V4(_)) => Some(*ip),
             _ => None,
         });
-        let ip = ip.or_else(|| {
+        let ip = local.or_else(|| {
             msg.attributes.iter().find_map(|a| match a {
-                AddressAttribute::Address(IpAddr::V4(ip)) => Some(*ip),
+                AddressAttribute::Address(ip) => Some(*ip),
                 _ => None,
             })
         });
-        if let (Some(ip), Some(link)) = (ip, links.iter_mut().find(|l| l.index == msg.header.index))
-        {
-            link.ipv4.push(ip);
+        let Some(link) = links.iter_mut().find(|l| l.index == msg.header.index) else {
+            continue;
+        };
+        match ip {
+            Some(IpAddr::V4(a)) => link.ipv4.push(a),
+            Some(IpAddr::V6(a)) => link.ipv6.push(a),
+            None => {}
         }
     }
     Ok(links)
 }
 
-async fn route_oif(handle: &Handle, dst: Ipv4Addr, prefix: u8) -> Result<Option<u32>, IfaceError> {
-    if prefix == 32 {
-        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(dst, 32)
-            .build();
-        let mut stream = handle.route().get(msg).execute();
-        return match stream.try_next().await {
-            Ok(Some(route)) => Ok(route.attributes.iter().find_map(|a| match a {
-                RouteAttribute::Oif(i) => Some(*i),
-                _ => None,
-            })),
-            Ok(None) => Ok(None),
-            // ENETUNREACH and friends: no route.
-            Err(rtnetlink::Error::NetlinkError(_)) => Ok(None),
-            Err(e) => Err(e.into()),
-        };
+fn oif_of(route: &RouteMessage) -> Option<u32> {
+    route.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Oif(i) => Some(*i),
+        _ => None,
+    })
+}
+
+/// The interface the kernel would send to `dst` through.
+async fn route_oif(handle: &Handle, dst: IpAddr) -> Result<Option<u32>, IfaceError> {
+    let msg = match dst {
+        IpAddr::V4(ip) => RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(ip, 32)
+            .build(),
+        IpAddr::V6(ip) => RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(ip, 128)
+            .build(),
+    };
+    let mut stream = handle.route().get(msg).execute();
+    match stream.try_next().await {
+        Ok(Some(route)) => Ok(oif_of(&route)),
+        Ok(None) => Ok(None),
+        // ENETUNREACH and friends: no route.
+        Err(rtnetlink::Error::NetlinkError(_)) => Ok(None),
+        Err(e) => Err(e.into()),
     }
-    // Default route: dump the main table and take the 0.0.0.0/0 entry.
-    let msg = RouteMessageBuilder::<Ipv4Addr>::new().build();
+}
+
+/// The interface of the main table's default route of one family (`v6`).
+async fn default_route_oif(handle: &Handle, v6: bool) -> Result<Option<u32>, IfaceError> {
+    let msg = if v6 {
+        RouteMessageBuilder::<Ipv6Addr>::new().build()
+    } else {
+        RouteMessageBuilder::<Ipv4Addr>::new().build()
+    };
     let mut stream = handle.route().get(msg).execute();
     while let Some(route) = stream.try_next().await? {
+        let has_destination = route.attributes.iter().any(|a| match a {
+            RouteAttribute::Destination(RouteAddress::Inet(ip)) => !ip.is_unspecified(),
+            RouteAttribute::Destination(RouteAddress::Inet6(ip)) => !ip.is_unspecified(),
+            _ => false,
+        });
         let is_default = route.header.destination_prefix_length == 0
             && route.header.table == 254
-            && !route
-                .attributes
-                .iter()
-                .any(|a| matches!(a, RouteAttribute::Destination(RouteAddress::Inet(ip)) if !ip.is_unspecified()));
-        if is_default {
-            if let Some(oif) = route.attributes.iter().find_map(|a| match a {
-                RouteAttribute::Oif(i) => Some(*i),
-                _ => None,
-            }) {
-                return Ok(Some(oif));
-            }
+            && !has_destination;
+        if let Some(oif) = oif_of(&route).filter(|_| is_default) {
+            return Ok(Some(oif));
         }
     }
     Ok(None)
@@ -167,14 +261,11 @@ async fn route_oif(handle: &Handle, dst: Ipv4Addr, prefix: u8) -> Result<Option<
 pub fn select_by_options(
     links: &[Link],
     sel: &IfaceSelector,
-) -> Result<Option<(Link, Option<Ipv4Addr>)>, IfaceError> {
+) -> Result<Option<(Link, Option<IpAddr>)>, IfaceError> {
     let mut refused: Vec<(&'static str, String, String)> = Vec::new();
     for spec in &sel.ifaces {
-        let found = if let Ok(ip) = spec.parse::<Ipv4Addr>() {
-            links
-                .iter()
-                .find(|l| l.ipv4.contains(&ip))
-                .map(|l| (l, Some(ip)))
+        let found = if let Ok(ip) = spec.parse::<IpAddr>() {
+            links.iter().find(|l| l.holds(ip)).map(|l| (l, Some(ip)))
         } else {
             links.iter().find(|l| &l.name == spec).map(|l| (l, None))
         };
@@ -193,14 +284,19 @@ pub fn select_by_options(
     }
     for pattern in &sel.regexes {
         let re = Regex::new(pattern).map_err(|e| IfaceError::BadRegex(pattern.clone(), e))?;
-        // Upstream matches addresses first, then names; loopback never qualifies.
-        for l in links.iter().filter(|l| !l.loopback) {
-            if let Some(ip) = l
-                .ipv4
-                .iter()
-                .find(|ip| unusable_address(**ip).is_none() && re.is_match(&ip.to_string()))
-            {
-                return Ok(Some((l.clone(), Some(*ip))));
+        // Upstream matches addresses (IPv4, then IPv6) first, then names; loopback never
+        // qualifies.
+        let addresses = |l: &Link| -> Vec<IpAddr> {
+            let v4 = l.ipv4.iter().map(|a| IpAddr::V4(*a));
+            v4.chain(l.ipv6.iter().map(|a| IpAddr::V6(*a))).collect()
+        };
+        for v6 in [false, true] {
+            for l in links.iter().filter(|l| !l.loopback) {
+                if let Some(ip) = addresses(l).into_iter().find(|ip| {
+                    ip.is_ipv6() == v6 && unusable_ip(*ip).is_none() && re.is_match(&ip.to_string())
+                }) {
+                    return Ok(Some((l.clone(), Some(ip))));
+                }
             }
         }
         if let Some(l) = links
@@ -219,7 +315,7 @@ pub fn select_by_options(
 }
 
 /// Why `link` (with `addr`, or its first usable address) cannot carry the overlay.
-fn why_unusable(link: &Link, addr: Option<Ipv4Addr>) -> Option<String> {
+fn why_unusable(link: &Link, addr: Option<IpAddr>) -> Option<String> {
     if link.loopback {
         return Some(format!(
             "{} is a loopback interface, which other hosts cannot reach",
@@ -227,12 +323,86 @@ fn why_unusable(link: &Link, addr: Option<Ipv4Addr>) -> Option<String> {
         ));
     }
     match addr {
-        Some(a) => unusable_address(a).map(|why| format!("{a} is {why}")),
-        None if !link.ipv4.iter().any(|a| unusable_address(*a).is_none()) => {
-            Some(format!("{} has no usable IPv4 address", link.name))
+        Some(a) => unusable_ip(a).map(|why| format!("{a} is {why}")),
+        None if link.first_usable_v4().is_none() && link.first_usable_v6().is_none() => {
+            Some(format!("{} has no usable IPv4 or IPv6 address", link.name))
         }
         None => None,
     }
+}
+
+/// `--public-ip`: an IPv4 address other hosts can reach.
+fn public_v4(value: IpAddr) -> Result<Ipv4Addr, IfaceError> {
+    const FLAG: &str = "--public-ip";
+    match value {
+        IpAddr::V4(a) => usable_public(FLAG, value).map(|()| a),
+        IpAddr::V6(_) => Err(IfaceError::WrongFamily {
+            flag: FLAG,
+            value,
+            want: "IPv4",
+            hint: " (use --public-ipv6 for IPv6)",
+        }),
+    }
+}
+
+/// `--public-ipv6`: an IPv6 address other hosts can reach.
+fn public_v6(value: IpAddr) -> Result<Ipv6Addr, IfaceError> {
+    const FLAG: &str = "--public-ipv6";
+    match value {
+        IpAddr::V6(a) => usable_public(FLAG, value).map(|()| a),
+        IpAddr::V4(_) => Err(IfaceError::WrongFamily {
+            flag: FLAG,
+            value,
+            want: "IPv6",
+            hint: " (use --public-ip for IPv4)",
+        }),
+    }
+}
+
+fn usable_public(flag: &'static str, value: IpAddr) -> Result<(), IfaceError> {
+    match unusable_ip(value) {
+        Some(why) => Err(IfaceError::Unusable {
+            flag,
+            value: value.to_string(),
+            why: why.into(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// The addresses of the chosen `link`: `addr` (what an option matched) for its family, the
+/// link's first usable address for the other; then the public overrides.
+pub fn external_interface(
+    link: Link,
+    addr: Option<IpAddr>,
+    sel: &IfaceSelector,
+) -> Result<ExternalInterface, IfaceError> {
+    let (iface_addr, iface_v6_addr) = match addr {
+        Some(IpAddr::V4(a)) => (Some(a), link.first_usable_v6()),
+        Some(IpAddr::V6(a)) => (link.first_usable_v4(), Some(a)),
+        None => (link.first_usable_v4(), link.first_usable_v6()),
+    };
+    if iface_addr.is_none() && iface_v6_addr.is_none() {
+        return Err(IfaceError::NoAddress(link.name));
+    }
+    let iface_addr = iface_addr.unwrap_or(Ipv4Addr::UNSPECIFIED);
+    let ext_addr = match sel.public_ip {
+        None => iface_addr,
+        Some(ip) => public_v4(ip)?,
+    };
+    let ext_v6_addr = match sel.public_ipv6 {
+        None => iface_v6_addr,
+        Some(ip) => Some(public_v6(ip)?),
+    };
+    Ok(ExternalInterface {
+        name: link.name,
+        index: link.index,
+        mtu: link.mtu,
+        iface_addr,
+        ext_addr,
+        iface_v6_addr,
+        ext_v6_addr,
+    })
 }
 
 pub async fn lookup_external_interface(
@@ -253,13 +423,16 @@ pub async fn lookup_external_interface(
         })?
     } else {
         let oif = match sel.can_reach {
-            Some(IpAddr::V4(ip)) => route_oif(handle, ip, 32)
+            Some(ip) => route_oif(handle, ip)
                 .await?
-                .ok_or(IfaceError::Unreachable(IpAddr::V4(ip)))?,
-            Some(other) => return Err(IfaceError::NotIpv4(other)),
-            None => route_oif(handle, Ipv4Addr::UNSPECIFIED, 0)
-                .await?
-                .ok_or(IfaceError::NoDefaultRoute)?,
+                .ok_or(IfaceError::Unreachable(ip))?,
+            // IPv4's default route, else IPv6's (an IPv6-only host).
+            None => match default_route_oif(handle, false).await? {
+                Some(oif) => oif,
+                None => default_route_oif(handle, true)
+                    .await?
+                    .ok_or(IfaceError::NoDefaultRoute)?,
+            },
         };
         let link = links
             .iter()
@@ -279,59 +452,7 @@ pub async fn lookup_external_interface(
             why: "a loopback interface, which other hosts cannot reach".into(),
         });
     }
-    let iface_addr = match addr {
-        Some(a) => a,
-        None => *link
-            .ipv4
-            .iter()
-            .find(|a| unusable_address(**a).is_none())
-            .ok_or_else(|| IfaceError::NoIpv4(link.name.clone()))?,
-    };
-    let ext_addr = match sel.public_ip {
-        None => iface_addr,
-        Some(IpAddr::V4(ip)) => {
-            if let Some(why) = unusable_address(ip) {
-                return Err(IfaceError::Unusable {
-                    flag: "--public-ip",
-                    value: ip.to_string(),
-                    why: why.into(),
-                });
-            }
-            ip
-        }
-        Some(other) => return Err(IfaceError::NotIpv4(other)),
-    };
-    Ok(ExternalInterface {
-        name: link.name,
-        index: link.index,
-        mtu: link.mtu,
-        iface_addr,
-        ext_addr,
-    })
-}
-
-/// The first global IPv6 address of interface `index` (upstream's default PublicIPv6 when
-/// `--public-ipv6` is not given); link-local and ULA-less corner cases are left to the flag.
-pub async fn ipv6_address(
-    handle: &Handle,
-    index: u32,
-) -> Result<Option<std::net::Ipv6Addr>, rtnetlink::Error> {
-    let mut addrs = handle
-        .address()
-        .get()
-        .set_link_index_filter(index)
-        .execute();
-    while let Some(msg) = addrs.try_next().await? {
-        for a in &msg.attributes {
-            if let AddressAttribute::Address(IpAddr::V6(ip)) = a {
-                // fe80::/10 is link-local: other hosts cannot route to it.
-                if (ip.segments()[0] & 0xffc0) != 0xfe80 && !ip.is_loopback() {
-                    return Ok(Some(*ip));
-                }
-            }
-        }
-    }
-    Ok(None)
+    external_interface(link, addr, sel)
 }
 
 #[cfg(test)]
@@ -347,6 +468,7 @@ mod tests {
                 up: true,
                 loopback: true,
                 ipv4: vec![Ipv4Addr::LOCALHOST],
+                ipv6: vec![Ipv6Addr::LOCALHOST],
             },
             Link {
                 index: 2,
@@ -355,6 +477,10 @@ mod tests {
                 up: true,
                 loopback: false,
                 ipv4: vec!["192.0.2.10".parse().unwrap()],
+                ipv6: vec![
+                    "fe80::10".parse().unwrap(),
+                    "2001:db8:1::10".parse().unwrap(),
+                ],
             },
             Link {
                 index: 3,
@@ -366,6 +492,16 @@ mod tests {
                     "198.51.100.7".parse().unwrap(),
                     "198.51.100.8".parse().unwrap(),
                 ],
+                ipv6: vec![],
+            },
+            Link {
+                index: 4,
+                name: "eth6".into(),
+                mtu: 1500,
+                up: true,
+                loopback: false,
+                ipv4: vec![],
+                ipv6: vec!["fe80::6".parse().unwrap(), "2001:db8:6::6".parse().unwrap()],
             },
         ]
     }
@@ -438,6 +574,133 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "--iface lo: lo is a loopback interface, which other hosts cannot reach; name the interface that reaches the other hosts"
+        );
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn an_ipv6_address_in_iface_finds_the_link_holding_it() {
+        let (l, a) = select_by_options(&links(), &sel(&["2001:db8:6::7", "2001:db8:6::6"], &[]))
+            .unwrap()
+            .unwrap();
+        assert_eq!((l.name.as_str(), a), ("eth6", Some(ip("2001:db8:6::6"))));
+        // A link-local address is not one other hosts can use.
+        let e = select_by_options(&links(), &sel(&["fe80::6"], &[])).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--iface fe80::6: fe80::6 is a link-local address, which other hosts cannot route to; name the interface that reaches the other hosts"
+        );
+    }
+
+    #[test]
+    fn regexes_match_ipv6_addresses_after_ipv4_ones() {
+        let (l, a) = select_by_options(&links(), &sel(&[], &["^2001:db8:6:"]))
+            .unwrap()
+            .unwrap();
+        assert_eq!((l.name.as_str(), a), ("eth6", Some(ip("2001:db8:6::6"))));
+        // Matches both an IPv4 address (eth0) and IPv6 ones: IPv4 first, as upstream.
+        let (l, a) = select_by_options(&links(), &sel(&[], &["^(192\\.0\\.2|2001:db8:6)"]))
+            .unwrap()
+            .unwrap();
+        assert_eq!((l.name.as_str(), a), ("eth0", Some(ip("192.0.2.10"))));
+        // Link-local addresses never match.
+        assert!(select_by_options(&links(), &sel(&[], &["^fe80"]))
+            .unwrap()
+            .is_none());
+        // A link with IPv6 addresses only is usable by name.
+        let (l, a) = select_by_options(&links(), &sel(&[], &["^eth6$"]))
+            .unwrap()
+            .unwrap();
+        assert_eq!((l.name.as_str(), a), ("eth6", None));
+    }
+
+    fn link(name: &str) -> Link {
+        links().into_iter().find(|l| l.name == name).unwrap()
+    }
+
+    #[test]
+    fn both_families_addresses_are_taken_from_the_chosen_link() {
+        let ext = external_interface(link("eth0"), None, &IfaceSelector::default()).unwrap();
+        assert_eq!(ext.iface_addr, Ipv4Addr::new(192, 0, 2, 10));
+        assert_eq!(ext.ext_addr, ext.iface_addr);
+        assert_eq!(ext.iface_v6_addr, Some("2001:db8:1::10".parse().unwrap()));
+        assert_eq!(ext.ext_v6_addr, ext.iface_v6_addr);
+        assert!(ext.check_stack(true, true).is_ok());
+        let ext = external_interface(
+            link("eth0"),
+            Some(ip("192.0.2.10")),
+            &IfaceSelector {
+                public_ip: Some(ip("198.51.100.99")),
+                public_ipv6: Some(ip("2001:db8:99::1")),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(ext.ext_addr, Ipv4Addr::new(198, 51, 100, 99));
+        assert_eq!(ext.iface_v6_addr, Some("2001:db8:1::10".parse().unwrap()));
+        assert_eq!(ext.ext_v6_addr, Some("2001:db8:99::1".parse().unwrap()));
+    }
+
+    #[test]
+    fn an_ipv6_only_link_serves_an_ipv6_only_network_only() {
+        let ext = external_interface(link("eth6"), None, &IfaceSelector::default()).unwrap();
+        assert!(ext.iface_addr.is_unspecified());
+        assert_eq!(ext.ext_v6_addr, Some("2001:db8:6::6".parse().unwrap()));
+        assert!(ext.check_stack(false, true).is_ok());
+        assert_eq!(
+            ext.check_stack(true, true).unwrap_err().to_string(),
+            "interface eth6 has no IPv4 address, which the network config needs (EnableIPv4); add one, or name another interface with --iface"
+        );
+        let v4_only = external_interface(link("eth1"), None, &IfaceSelector::default()).unwrap();
+        assert_eq!(
+            v4_only.check_stack(true, true).unwrap_err().to_string(),
+            "interface eth1 has no global IPv6 address, which the network config needs (EnableIPv6); add one or pass --public-ipv6"
+        );
+        let none = Link {
+            ipv6: vec!["fe80::1".parse().unwrap()],
+            ..link("eth1")
+        };
+        let none = Link {
+            ipv4: vec![],
+            ..none
+        };
+        assert_eq!(
+            external_interface(none, None, &IfaceSelector::default())
+                .unwrap_err()
+                .to_string(),
+            "interface eth1 has no usable IPv4 or IPv6 address"
+        );
+    }
+
+    #[test]
+    fn public_addresses_of_the_wrong_family_are_one_line_errors() {
+        let wrong = |public_ip, public_ipv6| {
+            external_interface(
+                link("eth0"),
+                None,
+                &IfaceSelector {
+                    public_ip,
+                    public_ipv6,
+                    ..Default::default()
+                },
+            )
+            .unwrap_err()
+            .to_string()
+        };
+        assert_eq!(
+            wrong(Some(ip("2001:db8::1")), None),
+            "--public-ip 2001:db8::1 is not an IPv4 address (use --public-ipv6 for IPv6)"
+        );
+        assert_eq!(
+            wrong(None, Some(ip("192.0.2.1"))),
+            "--public-ipv6 192.0.2.1 is not an IPv6 address (use --public-ip for IPv4)"
+        );
+        assert_eq!(
+            wrong(None, Some(ip("::1"))),
+            "--public-ipv6 ::1: a loopback address, which other hosts cannot reach; name the interface that reaches the other hosts"
         );
     }
 }

@@ -2,7 +2,7 @@
 //! value whose bytes must match upstream's (field order, `"PublicIPv6":null`, omitted empties).
 
 use std::fmt;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnetwork::{Ipv4Network, Ipv6Network};
 use serde::{Deserialize, Serialize};
@@ -69,6 +69,16 @@ impl LeaseAttrs {
         }
     }
 
+    /// The node holding the lease: its PublicIP, or in an IPv6-only network (PublicIP
+    /// 0.0.0.0 on every node) its PublicIPv6. Upstream's etcd manager compares PublicIP
+    /// alone, so there its IPv6-only nodes take each other's leases; we do not.
+    pub fn owner(&self) -> IpAddr {
+        match self.public_ipv6 {
+            Some(v6) if self.public_ip.is_unspecified() => IpAddr::V6(v6),
+            _ => IpAddr::V4(self.public_ip),
+        }
+    }
+
     /// The bytes stored in etcd.
     pub fn to_json(&self) -> String {
         // Serializing plain strings, IPs and already-valid raw JSON cannot fail.
@@ -93,6 +103,29 @@ pub struct SubnetKey {
 impl SubnetKey {
     pub fn new(ipv4: Ipv4Network) -> Self {
         SubnetKey { ipv4, ipv6: None }
+    }
+
+    /// The key of an IPv6-only network (EnableIPv4 false): upstream writes the absent IPv4
+    /// subnet as `0.0.0.0-0`.
+    pub fn ipv6_only(ipv6: Ipv6Network) -> Self {
+        SubnetKey {
+            ipv4: Ipv4Network::new(Ipv4Addr::UNSPECIFIED, 0).expect("/0 is a valid prefix"),
+            ipv6: Some(ipv6),
+        }
+    }
+
+    /// The subnet for messages: the IPv4 one (`10.244.58.0/24`), or the IPv6 one when the key
+    /// has no IPv4 part.
+    pub fn subnet_text(&self) -> String {
+        match self.ipv6 {
+            Some(v6) if self.is_ipv6_only() => v6.to_string(),
+            _ => self.ipv4.to_string(),
+        }
+    }
+
+    /// Whether the key names no IPv4 subnet (`0.0.0.0-0&...`).
+    pub fn is_ipv6_only(&self) -> bool {
+        self.ipv4.prefix() == 0 && self.ipv6.is_some()
     }
 
     /// Parse the last path element of a subnet key, e.g. `10.244.58.0-24`.
@@ -222,6 +255,32 @@ mod tests {
         assert_eq!(attrs.public_ip, Ipv4Addr::UNSPECIFIED);
         assert!(attrs.backend_data.is_none());
         assert_eq!(attrs.to_json(), upstream);
+        assert!(k.is_ipv6_only());
+        assert_eq!(SubnetKey::ipv6_only(k.ipv6.unwrap()), k);
+        assert!(!SubnetKey::parse("10.244.58.0-24&fc00:0:0:3a::-64")
+            .unwrap()
+            .is_ipv6_only());
+    }
+
+    #[test]
+    fn the_owner_is_the_public_ip_or_in_ipv6_only_leases_the_public_ipv6() {
+        let v6_only = LeaseAttrs::from_json(
+            "k",
+            br#"{"PublicIP":"0.0.0.0","PublicIPv6":"2001:db8::10","BackendType":"vxlan"}"#,
+        )
+        .unwrap();
+        assert_eq!(v6_only.owner(), "2001:db8::10".parse::<IpAddr>().unwrap());
+        let dual = LeaseAttrs::from_json(
+            "k",
+            br#"{"PublicIP":"192.0.2.10","PublicIPv6":"2001:db8::10","BackendType":"vxlan"}"#,
+        )
+        .unwrap();
+        assert_eq!(dual.owner(), "192.0.2.10".parse::<IpAddr>().unwrap());
+        let other = LeaseAttrs {
+            public_ipv6: Some("2001:db8::11".parse().unwrap()),
+            ..v6_only.clone()
+        };
+        assert_ne!(v6_only.owner(), other.owner());
     }
 
     #[test]

@@ -78,7 +78,7 @@ async fn agent(flags: Flags) -> anyhow::Result<()> {
     let (config, backend) = startup::network_config(&registry, &ext, &flags).await;
 
     let (ttl, margin) = (flags.subnet_lease_ttl, flags.subnet_lease_renew_margin);
-    let attrs = startup::lease_attrs(&flags, &config, &backend, &handle, &ext).await?;
+    let attrs = startup::lease_attrs(&config, &backend, &ext)?;
     let margin = Duration::from_secs(u64::from(margin) * 60);
     let manager = LeaseManager::new(registry.clone(), config.clone(), attrs, ttl, margin);
     let keeper = LeaseKeeper::new(manager, registry.clone(), status.clone(), ttl);
@@ -90,7 +90,7 @@ async fn agent(flags: Flags) -> anyhow::Result<()> {
     // One task each: the watch, our lease, the backend network, data plane sampling.
     let (peers_tx, peers_rx) = mpsc::channel(64);
     let (own_tx, own_rx) = mpsc::channel(16);
-    let sanity = LeaseSanity::new(config.network, own.attrs.public_ip);
+    let sanity = LeaseSanity::new(config.network, own.attrs.owner());
     let watcher = PeerWatcher::new(registry, own.key, status.watch().clone()).checked_by(sanity);
     tokio::spawn(watcher.run_split(peers_tx, own_tx));
     let (stats_tx, stats_rx) = mpsc::channel(1);

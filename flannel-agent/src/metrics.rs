@@ -76,7 +76,7 @@ pub fn render(state: &AgentStatus, dataplane: Option<&DataplaneSample>) -> Strin
             &mut out,
             "flannel_lease_info",
             &[
-                ("subnet", &own.subnet().to_string()),
+                ("subnet", &own.key.subnet_text()),
                 ("public_ip", &own.attrs.public_ip.to_string()),
             ],
             1,

@@ -118,20 +118,23 @@ fn postrtg_chain_for(
     }
 }
 
-/// The chains the flags ask for; `ipv6` (IPv6Network, our IPv6 subnet) adds the ip6 ones.
+/// The chains the flags ask for: the ip ones for `network` (`None`: IPv6-only), and with
+/// `ipv6` (IPv6Network, our IPv6 subnet) the ip6 ones.
 pub fn wanted_chains(
     opts: &RuleOptions,
-    network: Ipv4Network,
+    network: Option<Ipv4Network>,
     subnet: Ipv4Network,
     ipv6: Option<(Ipv6Network, Ipv6Network)>,
     fully_random: bool,
 ) -> Vec<Chain> {
     let mut chains = Vec::new();
-    if opts.forward {
-        chains.push(forward_chain(network));
-    }
-    if opts.ip_masq {
-        chains.push(postrtg_chain(network, subnet, fully_random));
+    if let Some(network) = network {
+        if opts.forward {
+            chains.push(forward_chain(network));
+        }
+        if opts.ip_masq {
+            chains.push(postrtg_chain(network, subnet, fully_random));
+        }
     }
     if let Some((network6, subnet6)) = ipv6 {
         if opts.forward {
@@ -260,7 +263,7 @@ pub async fn ensure(chains: &[Chain]) -> Result<bool, NftError> {
 /// of our subnet). Returns once the rules are in place (readiness depends on it).
 pub async fn install_and_keep(
     opts: RuleOptions,
-    network: Ipv4Network,
+    network: Option<Ipv4Network>,
     mut subnet: watch::Receiver<Ipv4Network>,
     ipv6: Option<(Ipv6Network, Ipv6Network)>,
 ) -> Result<(), NftError> {
@@ -388,7 +391,7 @@ mod tests {
         };
         let s = script(&wanted_chains(
             &opts,
-            net("10.244.0.0/16"),
+            Some(net("10.244.0.0/16")),
             net("10.244.7.0/24"),
             None,
             true,
@@ -398,5 +401,24 @@ mod tests {
         let first = s.find("add rule ip flannel-ipv4 postrtg").unwrap();
         assert!(flush < first);
         assert_eq!(s.matches("add rule ").count(), 8);
+    }
+
+    #[test]
+    fn ipv6_only_has_ip6_chains_alone() {
+        let opts = RuleOptions {
+            ip_masq: true,
+            forward: true,
+            random_fully_disable: false,
+            resync: Duration::from_secs(5),
+        };
+        let v6 = (
+            "fd00:10:244::/48".parse().unwrap(),
+            "fd00:10:244:7::/64".parse().unwrap(),
+        );
+        let chains = wanted_chains(&opts, None, net("0.0.0.0/0"), Some(v6), true);
+        assert_eq!(chains.len(), 2);
+        assert!(chains.iter().all(|c| c.family == "ip6"), "{chains:?}");
+        let s = script(&chains);
+        assert!(!s.contains("add rule ip flannel-ipv4"), "{s}");
     }
 }

@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use std::net::Ipv4Addr;
+
+use anyhow::Context;
 use ipnetwork::Ipv4Network;
 use rtnetlink::Handle;
 use tokio::sync::watch;
@@ -37,45 +39,42 @@ pub async fn external_interface(flags: &Flags) -> anyhow::Result<(Handle, Extern
         regexes: flags.iface_regex.clone(),
         can_reach: flags.iface_can_reach,
         public_ip: flags.public_ip,
+        public_ipv6: flags.public_ipv6,
     };
     let ext = lookup_external_interface(&handle, &selector)
         .await
         .context("finding the external interface")?;
+    let v6 = |a: Option<std::net::Ipv6Addr>| a.map_or("none".to_owned(), |a| a.to_string());
     log::info!(
-        "using interface {} (index {}, mtu {}), address {}, public address {}",
+        "using interface {} (index {}, mtu {}), address {}, public address {}, IPv6 address {}, public IPv6 address {}",
         ext.name,
         ext.index,
         ext.mtu,
         ext.iface_addr,
-        ext.ext_addr
+        ext.ext_addr,
+        v6(ext.iface_v6_addr),
+        v6(ext.ext_v6_addr)
     );
     Ok((handle, ext))
 }
 
-/// What goes into our lease: the backend's attributes, with EnableIPv6 our public IPv6 address
-/// (`--public-ipv6`, else the interface's global one).
-pub async fn lease_attrs(
-    flags: &Flags,
+/// What goes into our lease: the backend's attributes for our public IP (0.0.0.0 in an
+/// IPv6-only network, as upstream), with EnableIPv6 our public IPv6 address (`--public-ipv6`,
+/// else the interface's global one). Fails when the interface lacks a family the config needs.
+pub fn lease_attrs(
     config: &NetworkConfig,
     backend: &AnyBackend,
-    handle: &Handle,
     ext: &ExternalInterface,
 ) -> anyhow::Result<LeaseAttrs> {
-    let mut attrs = backend.lease_attrs(ext.ext_addr);
+    ext.check_stack(config.enable_ipv4, config.enable_ipv6)
+        .context("the external interface")?;
+    let public_ip = match config.enable_ipv4 {
+        true => ext.ext_addr,
+        false => Ipv4Addr::UNSPECIFIED,
+    };
+    let mut attrs = backend.lease_attrs(public_ip);
     if config.enable_ipv6 {
-        attrs.public_ipv6 = match flags.public_ipv6 {
-            Some(std::net::IpAddr::V6(ip)) => Some(ip),
-            Some(other) => bail!("--public-ipv6 {other} is not an IPv6 address"),
-            None => crate::iface::ipv6_address(handle, ext.index)
-                .await
-                .context("reading the external interface's IPv6 addresses")?,
-        };
-        if attrs.public_ipv6.is_none() {
-            bail!(
-                "EnableIPv6: interface {} has no global IPv6 address; add one or pass --public-ipv6",
-                ext.name
-            );
-        }
+        attrs.public_ipv6 = ext.ext_v6_addr;
         backend.add_ipv6_attrs(&mut attrs);
     }
     Ok(attrs)
@@ -132,8 +131,7 @@ pub async fn set_up_host(
         .await
         .with_context(|| format!("starting the {name} backend"))?;
     let env = SubnetEnv {
-        network: config.network,
-        subnet: own.subnet(),
+        ipv4: config.enable_ipv4.then_some((config.network, own.subnet())),
         mtu,
         ip_masq: flags.ip_masq,
         ipv6: config.ipv6_network.zip(own.key.ipv6),
@@ -150,23 +148,31 @@ pub async fn set_up_host(
     if config.enable_nftables {
         crate::nftables::install_and_keep(
             rule_opts,
-            config.network,
+            config.enable_ipv4.then_some(config.network),
             subnet_rx.clone(),
             config.ipv6_network.zip(own.key.ipv6),
         )
         .await
         .context("installing nftables rules")?;
     } else {
-        crate::iptables::install_and_keep(rule_opts, config.network, subnet_rx.clone(), previous)
+        if config.enable_ipv4 {
+            crate::iptables::install_and_keep(
+                rule_opts,
+                config.network,
+                subnet_rx.clone(),
+                previous,
+            )
             .await
             .context("installing iptables rules")?;
+        }
         if let (Some(network6), Some(subnet6)) = (config.ipv6_network, own.key.ipv6) {
             crate::iptables::install_and_keep_v6(rule_opts, network6, subnet6)
                 .await
                 .context("installing ip6tables rules")?;
         }
     }
-    if flags.ip_blackhole_route {
+    // IPv4 only, as upstream: no blackhole route for an IPv6-only network.
+    if flags.ip_blackhole_route && config.enable_ipv4 {
         tokio::spawn(crate::blackhole::keep(
             handle.clone(),
             subnet_rx,

@@ -7,16 +7,14 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ipnetwork::Ipv4Network;
-
-use crate::lease::Lease;
+use crate::lease::{Lease, SubnetKey};
 use crate::subnet::watch::{PeerEvent, WatchStats};
 
 #[derive(Default)]
 pub struct AgentStatus {
     ready: AtomicBool,
     own: RwLock<Option<Lease>>,
-    peers: RwLock<BTreeMap<Ipv4Network, Lease>>,
+    peers: RwLock<BTreeMap<SubnetKey, Lease>>,
     watch: Arc<WatchStats>,
     /// Unix time our lease expires unless renewed; 0 for a reservation (or no lease yet).
     lease_expiry: AtomicI64,
@@ -68,10 +66,10 @@ impl AgentStatus {
         for ev in events {
             match ev {
                 PeerEvent::Added(l) => {
-                    peers.insert(l.subnet(), l.clone());
+                    peers.insert(l.key, l.clone());
                 }
                 PeerEvent::Removed(l) => {
-                    peers.remove(&l.subnet());
+                    peers.remove(&l.key);
                 }
             }
         }
@@ -97,7 +95,7 @@ impl AgentStatus {
             .map(|l| {
                 format!(
                     "{{\"Subnet\":\"{}\",\"Lease\":{}}}",
-                    l.subnet(),
+                    l.key.subnet_text(),
                     l.attrs.to_json()
                 )
             })

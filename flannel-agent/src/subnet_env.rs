@@ -20,8 +20,9 @@ pub struct PreviousSubnetEnv {
 /// Contents to write.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SubnetEnv {
-    pub network: Ipv4Network,
-    pub subnet: Ipv4Network,
+    /// Network and our subnet; `None` in an IPv6-only network (upstream then writes no
+    /// FLANNEL_NETWORK / FLANNEL_SUBNET lines).
+    pub ipv4: Option<(Ipv4Network, Ipv4Network)>,
     pub mtu: u32,
     pub ip_masq: bool,
     /// With EnableIPv6: IPv6Network and our IPv6 subnet.
@@ -30,14 +31,15 @@ pub struct SubnetEnv {
 
 impl SubnetEnv {
     pub fn render(&self) -> String {
-        // FLANNEL_SUBNET is the subnet's first host address with the subnet length.
-        let first_host = Ipv4Addr::from(u32::from(self.subnet.network()).wrapping_add(1));
-        let mut out = format!(
-            "FLANNEL_NETWORK={}\nFLANNEL_SUBNET={}/{}\n",
-            self.network,
-            first_host,
-            self.subnet.prefix()
-        );
+        let mut out = String::new();
+        if let Some((network, subnet)) = self.ipv4 {
+            // FLANNEL_SUBNET is the subnet's first host address with the subnet length.
+            let first_host = Ipv4Addr::from(u32::from(subnet.network()).wrapping_add(1));
+            out += &format!(
+                "FLANNEL_NETWORK={network}\nFLANNEL_SUBNET={first_host}/{}\n",
+                subnet.prefix()
+            );
+        }
         if let Some((network, subnet)) = self.ipv6 {
             let first = std::net::Ipv6Addr::from(u128::from(subnet.network()).wrapping_add(1));
             out += &format!(
@@ -139,8 +141,10 @@ mod tests {
     #[test]
     fn renders_upstream_format_and_reads_back() {
         let env = SubnetEnv {
-            network: "10.244.0.0/16".parse().unwrap(),
-            subnet: "10.244.58.0/24".parse().unwrap(),
+            ipv4: Some((
+                "10.244.0.0/16".parse().unwrap(),
+                "10.244.58.0/24".parse().unwrap(),
+            )),
             mtu: 1472,
             ip_masq: false,
             ipv6: None,
@@ -163,8 +167,10 @@ mod tests {
     #[test]
     fn dual_stack_renders_upstreams_ipv6_lines() {
         let env = SubnetEnv {
-            network: "10.244.0.0/16".parse().unwrap(),
-            subnet: "10.244.58.0/24".parse().unwrap(),
+            ipv4: Some((
+                "10.244.0.0/16".parse().unwrap(),
+                "10.244.58.0/24".parse().unwrap(),
+            )),
             mtu: 1450,
             ip_masq: true,
             ipv6: Some((
@@ -175,6 +181,34 @@ mod tests {
         assert_eq!(
             env.render(),
             "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.58.1/24\nFLANNEL_IPV6_NETWORK=fd00:10:244::/48\nFLANNEL_IPV6_SUBNET=fd00:10:244:3a::1/64\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n"
+        );
+    }
+
+    /// Upstream's WriteSubnetFile with EnableIPv4 false: no IPv4 lines at all.
+    #[test]
+    fn ipv6_only_renders_no_ipv4_lines_and_reads_back_its_ipv6_subnet() {
+        let env = SubnetEnv {
+            ipv4: None,
+            mtu: 1430,
+            ip_masq: false,
+            ipv6: Some((
+                "fd00:10:244::/48".parse().unwrap(),
+                "fd00:10:244:3a::/64".parse().unwrap(),
+            )),
+        };
+        assert_eq!(
+            env.render(),
+            "FLANNEL_IPV6_NETWORK=fd00:10:244::/48\nFLANNEL_IPV6_SUBNET=fd00:10:244:3a::1/64\nFLANNEL_MTU=1430\nFLANNEL_IPMASQ=false\n"
+        );
+        let dir = std::env::temp_dir().join(format!("fl-subnetenv-v6-{}", std::process::id()));
+        let path = dir.join("subnet.env");
+        env.write(&path).unwrap();
+        let prev = PreviousSubnetEnv::read(&path);
+        fs::remove_dir_all(&dir).unwrap();
+        assert_eq!((prev.network, prev.subnet), (None, None));
+        assert_eq!(
+            prev.subnets().ipv6,
+            Some("fd00:10:244:3a::/64".parse().unwrap())
         );
     }
 

@@ -42,8 +42,14 @@ impl Agent {
         env: &[(&str, &str)],
     ) -> Result<Self> {
         let mut flags = Self::harness_flags(host, etcd_endpoint);
-        // --iface collects every value: one in `extra` replaces the harness's eth0.
-        if extra.iter().any(|f| f.starts_with("--iface=")) {
+        // --iface collects every value, and beats --iface-regex and --iface-can-reach: any
+        // interface option in `extra` replaces the harness's eth0.
+        let names_iface = |f: &&str| {
+            ["--iface=", "--iface-regex=", "--iface-can-reach="]
+                .iter()
+                .any(|p| f.starts_with(p))
+        };
+        if extra.iter().any(names_iface) {
             flags.retain(|f| f != "--iface=eth0");
         }
         flags.extend(extra.iter().map(|s| s.to_string()));

@@ -112,22 +112,42 @@ impl SubnetEnv {
 /// The delegate config flannel's CNI plugin passes to `bridge` for `env`, with host-local's
 /// state in `data_dir` (see the module docs).
 pub fn delegate_config(env: &SubnetEnv, data_dir: &Path) -> Result<serde_json::Value> {
-    Ok(json!({
+    Ok(bridge_config(
+        env.mtu,
+        env.ipmasq,
+        &[env.subnet_network()?],
+        std::slice::from_ref(&env.network),
+        data_dir,
+    ))
+}
+
+/// The same rendering for any ranges (one per subnet, in order) and routes (to each network):
+/// what flannel's plugin makes of a dual-stack or IPv6-only subnet.env.
+pub fn bridge_config(
+    mtu: u32,
+    ipmasq: bool,
+    subnets: &[String],
+    networks: &[String],
+    data_dir: &Path,
+) -> serde_json::Value {
+    let ranges: Vec<_> = subnets.iter().map(|s| json!([{ "subnet": s }])).collect();
+    let routes: Vec<_> = networks.iter().map(|n| json!({ "dst": n })).collect();
+    json!({
         "cniVersion": "0.3.1",
         "name": NETWORK_NAME,
         "type": "bridge",
-        "ipMasq": !env.ipmasq,
-        "mtu": env.mtu,
+        "ipMasq": !ipmasq,
+        "mtu": mtu,
         "isGateway": true,
         "hairpinMode": true,
         "isDefaultGateway": true,
         "ipam": {
             "type": "host-local",
-            "ranges": [[{"subnet": env.subnet_network()?}]],
-            "routes": [{"dst": env.network}],
+            "ranges": ranges,
+            "routes": routes,
             "dataDir": data_dir,
         },
-    }))
+    })
 }
 
 /// What a runtime passes for `lo`.
@@ -142,7 +162,8 @@ pub struct Attachment {
     netns: PathBuf,
     container_id: String,
     config: serde_json::Value,
-    /// The address host-local gave the container.
+    /// The IPv4 address host-local gave the container (0.0.0.0 for an IPv6-only pod: its
+    /// addresses are in `result`).
     pub ip: Ipv4Addr,
     /// The plugin's ADD result, as it printed it.
     pub result: serde_json::Value,
@@ -176,15 +197,27 @@ impl Attachment {
             attached: true,
         };
         // On a bad result, the drop still runs DEL.
-        let address = a.result["ips"][0]["address"]
-            .as_str()
-            .with_context(|| format!("CNI ADD result without an address: {}", a.result))?;
-        a.ip = address
-            .split('/')
-            .next()
-            .unwrap_or_default()
-            .parse()
-            .with_context(|| format!("CNI ADD address {address}"))?;
+        let mut addresses = Vec::new();
+        for ip in a.result["ips"].as_array().into_iter().flatten() {
+            let address = ip["address"]
+                .as_str()
+                .with_context(|| format!("CNI ADD result with a bad address: {}", a.result))?;
+            let ip: std::net::IpAddr = address
+                .split('/')
+                .next()
+                .unwrap_or_default()
+                .parse()
+                .with_context(|| format!("CNI ADD address {address}"))?;
+            addresses.push(ip);
+        }
+        anyhow::ensure!(
+            !addresses.is_empty(),
+            "CNI ADD result without an address: {}",
+            a.result
+        );
+        if let Some(std::net::IpAddr::V4(v4)) = addresses.iter().find(|ip| ip.is_ipv4()) {
+            a.ip = *v4;
+        }
         Ok(a)
     }
 

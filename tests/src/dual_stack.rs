@@ -1,12 +1,12 @@
 //! Dual stack in the harness: an IPv6 underlay on the hosts and pods attached with an IPv4 and
-//! an IPv6 range, as flannel's CNI plugin renders them for a dual-stack subnet.env.
+//! an IPv6 range, as flannel's CNI plugin renders them for a dual-stack subnet.env, or with the
+//! IPv6 range alone for an IPv6-only one.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
-use serde_json::json;
 
 use crate::cni::{self, Attachment};
 use crate::traffic::tcp_send_ip;
@@ -87,10 +87,13 @@ impl DualPod {
     pub fn attach(host: &Host, env: &SubnetEnv, v6_subnet: &str, v6_network: &str) -> Result<Self> {
         let n = PODS.fetch_add(1, Ordering::Relaxed);
         let ns = Netns::create(&format!("{}-d{n}", host.ns.name))?;
-        let mut config = cni::delegate_config(env, &host.cni_data_dir())?;
-        config["ipam"]["ranges"] =
-            json!([[{"subnet": env.subnet_network()?}], [{"subnet": v6_subnet}]]);
-        config["ipam"]["routes"] = json!([{"dst": env.network}, {"dst": v6_network}]);
+        let config = cni::bridge_config(
+            env.mtu,
+            env.ipmasq,
+            &[env.subnet_network()?, v6_subnet.to_owned()],
+            &[env.network.clone(), v6_network.to_owned()],
+            &host.cni_data_dir(),
+        );
         let attachment = Attachment::add(&host.ns.path(), &ns.path(), &ns.name, config)?;
         let ip = |i: usize| -> Result<IpAddr> {
             let a = attachment.result["ips"][i]["address"]
@@ -104,8 +107,7 @@ impl DualPod {
             "not one IPv4 and one IPv6 address: {}",
             attachment.result
         );
-        // No DAD wait before the first packets.
-        let _ = ns.sysctl("net.ipv6.conf.eth0.accept_dad", "0");
+        no_dad(&ns);
         Ok(DualPod {
             _attachment: attachment,
             ns,
@@ -134,12 +136,99 @@ impl DualPod {
 
     /// One ping to `to` answered within a second.
     pub fn ping(&self, to: IpAddr) -> bool {
-        self.ns
-            .command("ping")
-            .args(["-n", "-q", "-c", "1", "-W", "1", &to.to_string()])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
+        ping_once(&self.ns, to)
+    }
+}
+
+/// No DAD wait before the first packets.
+fn no_dad(ns: &Netns) {
+    let _ = ns.sysctl("net.ipv6.conf.eth0.accept_dad", "0");
+}
+
+fn ping_once(ns: &Netns, to: IpAddr) -> bool {
+    ns.command("ping")
+        .args(["-n", "-q", "-c", "1", "-W", "1", &to.to_string()])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// What an IPv6-only subnet.env (EnableIPv4 false) gives the CNI rendering: no FLANNEL_NETWORK
+/// or FLANNEL_SUBNET, the IPv6 lines, MTU and masquerading.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct V6SubnetEnv {
+    /// FLANNEL_IPV6_NETWORK.
+    pub network: String,
+    /// FLANNEL_IPV6_SUBNET as a network, e.g. fd00:10:244:5::/64.
+    pub subnet: String,
+    pub mtu: u32,
+    pub ipmasq: bool,
+}
+
+impl V6SubnetEnv {
+    pub fn read(path: &std::path::Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let value = |key: &str| -> Result<&str> {
+            text.lines()
+                .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+                .map(str::trim)
+                .with_context(|| format!("{} has no {key}", path.display()))
+        };
+        let first = value("FLANNEL_IPV6_SUBNET")?;
+        let (ip, len) = first
+            .split_once('/')
+            .context("FLANNEL_IPV6_SUBNET length")?;
+        let ip: std::net::Ipv6Addr = ip.parse().context("FLANNEL_IPV6_SUBNET address")?;
+        let len: u32 = len.parse().context("FLANNEL_IPV6_SUBNET length")?;
+        anyhow::ensure!(len <= 128, "FLANNEL_IPV6_SUBNET length {len} > 128");
+        let mask = u128::MAX.checked_shl(128 - len).unwrap_or(0);
+        Ok(V6SubnetEnv {
+            network: value("FLANNEL_IPV6_NETWORK")?.to_owned(),
+            subnet: format!("{}/{len}", std::net::Ipv6Addr::from(u128::from(ip) & mask)),
+            mtu: value("FLANNEL_MTU")?.parse().context("FLANNEL_MTU")?,
+            ipmasq: value("FLANNEL_IPMASQ")?.parse().context("FLANNEL_IPMASQ")?,
+        })
+    }
+}
+
+/// A pod of an IPv6-only network: its namespace, its CNI attachment and its one address.
+pub struct V6Pod {
+    _attachment: Attachment,
+    pub ns: Netns,
+    pub v6: IpAddr,
+}
+
+impl V6Pod {
+    /// Attach a pod on `host` as flannel's CNI plugin does for an IPv6-only subnet.env: one
+    /// range (our IPv6 subnet), a route to the IPv6 network.
+    pub fn attach(host: &Host, env: &V6SubnetEnv) -> Result<Self> {
+        let n = PODS.fetch_add(1, Ordering::Relaxed);
+        let ns = Netns::create(&format!("{}-v{n}", host.ns.name))?;
+        let config = cni::bridge_config(
+            env.mtu,
+            env.ipmasq,
+            std::slice::from_ref(&env.subnet),
+            std::slice::from_ref(&env.network),
+            &host.cni_data_dir(),
+        );
+        let attachment = Attachment::add(&host.ns.path(), &ns.path(), &ns.name, config)?;
+        let a = attachment.result["ips"][0]["address"]
+            .as_str()
+            .with_context(|| format!("no address in {}", attachment.result))?;
+        let v6: IpAddr = a.split('/').next().unwrap_or(a).parse()?;
+        anyhow::ensure!(v6.is_ipv6(), "not an IPv6 address: {}", attachment.result);
+        no_dad(&ns);
+        Ok(V6Pod {
+            _attachment: attachment,
+            ns,
+            v6,
+        })
+    }
+
+    /// One ping to `to` answered within a second.
+    pub fn ping(&self, to: IpAddr) -> bool {
+        ping_once(&self.ns, to)
     }
 }
 

@@ -1,14 +1,137 @@
 //! Dual stack with host-gw on three hosts: leases, lease JSON and subnet.env as upstream writes
 //! them, pods attached with an IPv4 and an IPv6 range (as flannel's CNI plugin renders them)
-//! reach each other over both families, and IPv6 routes follow etcd removals.
+//! reach each other over both families, and IPv6 routes follow etcd removals; the same for an
+//! IPv6-only host-gw network (EnableIPv4 false), whose IPv4 side stays off.
 
 use std::time::Duration;
 
-use flannel_tests::dual_stack::{check_all_pairs, ipv6_underlay, DualPod as Pod};
+use flannel_tests::dual_stack::{
+    check_all_pairs, ipv6_underlay, DualPod as Pod, V6Pod, V6SubnetEnv,
+};
+use flannel_tests::traffic::tcp_send_ip;
 use flannel_tests::{wait_for, Cluster, Overlay};
 
 const DUAL_HOSTGW: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/48","Backend":{"Type":"host-gw"}}"#;
 const V6_NET: &str = "fd00:10:244::/48";
+const V6_ONLY_HOSTGW: &str = r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/48","Backend":{"Type":"host-gw"}}"#;
+const SUBNETS: &str = "/coreos.com/network/subnets/";
+
+#[test]
+fn ipv6_only_host_gw_three_hosts_pods_talk_v6_routes_follow_etcd_and_ipv4_is_left_alone() {
+    let mut o = Overlay::builder(V6_ONLY_HOSTGW, 3)
+        .containers_per_host(0)
+        .before_agents(ipv6_underlay)
+        .start()
+        .unwrap();
+
+    let leases = o.cluster.leases().unwrap();
+    assert_eq!(leases.len(), 3, "{leases:?}");
+    let mut envs = Vec::new();
+    for (i, a) in o.agents.iter().enumerate() {
+        let env = V6SubnetEnv::read(&a.subnet_file).unwrap();
+        let key = format!("{SUBNETS}0.0.0.0-0&{}", env.subnet.replace('/', "-"));
+        let lease = leases.iter().find(|kv| kv.key == key).unwrap();
+        assert_eq!(
+            lease.value,
+            format!(
+                r#"{{"PublicIP":"0.0.0.0","PublicIPv6":"2001:db8::{}","BackendType":"host-gw"}}"#,
+                10 + i
+            )
+        );
+        assert_eq!(env.mtu, 1500);
+        assert!(!std::fs::read_to_string(&a.subnet_file)
+            .unwrap()
+            .contains("FLANNEL_NETWORK"));
+        envs.push(env);
+    }
+    for h in 0..3 {
+        for p in (0..3).filter(|p| *p != h) {
+            let want = format!("{} via 2001:db8::{} dev eth0", envs[p].subnet, 10 + p);
+            wait_for(Duration::from_secs(10), "IPv6 route", || {
+                o.cluster.hosts[h]
+                    .ns
+                    .ip(&["-6", "route", "show", &envs[p].subnet])
+                    .ok()?
+                    .contains(&want)
+                    .then_some(())
+            })
+            .unwrap_or_else(|e| panic!("{e}: host {h}: {want}\n{}", o.agent_log(h)));
+        }
+    }
+
+    let pods: Vec<V6Pod> = (0..3)
+        .map(|i| V6Pod::attach(&o.cluster.hosts[i], &envs[i]).unwrap())
+        .collect();
+    for a in &pods {
+        for b in pods.iter().filter(|b| b.v6 != a.v6) {
+            wait_for(Duration::from_secs(10), "pod ping", || {
+                a.ping(b.v6).then_some(())
+            })
+            .unwrap_or_else(|e| panic!("{e}: {} -> {}", a.v6, b.v6));
+            let t = tcp_send_ip(&a.ns, &b.ns, b.v6, 256 << 10).unwrap();
+            assert_eq!((t.bytes, t.client), (256 << 10, a.v6));
+        }
+    }
+
+    // A resync (seen removing a stale IPv6 route) leaves IPv4 gateway routes alone: there is
+    // no IPv4 Network whose routes would be flannel's.
+    let h0 = &o.cluster.hosts[0];
+    let v4_route = "10.99.0.0/24";
+    h0.ns
+        .ip(&["route", "add", v4_route, "via", "192.0.2.11", "dev", "eth0"])
+        .unwrap();
+    let stale = "fd00:10:244:ff::/64";
+    h0.ns
+        .ip(&[
+            "-6",
+            "route",
+            "add",
+            stale,
+            "via",
+            "2001:db8::99",
+            "dev",
+            "eth0",
+        ])
+        .unwrap();
+    wait_for(Duration::from_secs(25), "stale IPv6 route removed", || {
+        h0.ns
+            .ip(&["-6", "route", "show", stale])
+            .ok()?
+            .trim()
+            .is_empty()
+            .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", o.agent_log(0)));
+    assert!(h0
+        .ns
+        .ip(&["route", "show", v4_route])
+        .unwrap()
+        .contains("via 192.0.2.11"));
+    let v4_rules = h0.ns.exec("iptables-save", &[]).unwrap();
+    assert!(!v4_rules.contains("FLANNEL"), "{v4_rules}");
+
+    // Host 2's lease deleted: its route goes on the others.
+    o.agents[2].stop().unwrap();
+    let key = format!("{SUBNETS}0.0.0.0-0&{}", envs[2].subnet.replace('/', "-"));
+    o.cluster.etcd.del(&key).unwrap();
+    for h in 0..2 {
+        wait_for(
+            Duration::from_secs(10),
+            "the removed peer's route gone",
+            || {
+                o.cluster.hosts[h]
+                    .ns
+                    .ip(&["-6", "route", "show", &envs[2].subnet])
+                    .ok()?
+                    .trim()
+                    .is_empty()
+                    .then_some(())
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}: host {h}\n{}", o.agent_log(h)));
+    }
+    assert!(pods[0].ping(pods[1].v6));
+}
 
 #[test]
 fn dual_stack_host_gw_three_hosts_v4_and_v6_pods_talk_and_v6_routes_follow_etcd() {

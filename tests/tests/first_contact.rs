@@ -323,6 +323,40 @@ fn loopback_interface_is_refused() {
     );
 }
 
+/// An interface with an IPv6 address only, named by that address: fine for an IPv6-only
+/// network, one line saying what is missing for an IPv4 one (and no lease).
+#[test]
+fn an_ipv6_only_interface_in_an_ipv4_network_is_one_line_naming_it() {
+    let cluster = Cluster::new(1).unwrap();
+    cluster.set_config(CONFIG).unwrap();
+    let host = &cluster.hosts[0];
+    host.ns
+        .ip(&[
+            "link", "add", "v6only", "type", "veth", "peer", "name", "v6only-p",
+        ])
+        .unwrap();
+    host.ns
+        .ip(&[
+            "-6",
+            "addr",
+            "add",
+            "2001:db8:77::1/64",
+            "dev",
+            "v6only",
+            "nodad",
+        ])
+        .unwrap();
+    host.ns.ip(&["link", "set", "v6only", "up"]).unwrap();
+    let mut agent = cluster.start_agent(0, &["--iface=2001:db8:77::1"]).unwrap();
+    let st = agent.wait_exit(Duration::from_secs(20)).unwrap();
+    assert_eq!(st.code(), Some(1));
+    assert_eq!(
+        messages(&agent, "ERROR"),
+        vec!["the external interface: interface v6only has no IPv4 address, which the network config needs (EnableIPv4); add one, or name another interface with --iface".to_owned()]
+    );
+    assert!(cluster.leases().unwrap().is_empty());
+}
+
 #[test]
 fn a_second_agent_for_the_same_network_refuses_to_start() {
     let cluster = Cluster::new(1).unwrap();

@@ -193,3 +193,35 @@ fn nftables_dual_stack_fills_the_ip6_table_as_upstream() {
         assert!(!saved.contains("FLANNEL-"), "{saved}");
     }
 }
+
+/// IPv6-only (EnableIPv4 false) in nftables mode: the ip6 table as in dual stack, the ip table
+/// there (as upstream's Init creates both) but without chains.
+#[test]
+fn nftables_ipv6_only_fills_only_the_ip6_table() {
+    let o = Overlay::builder(
+        r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/48","EnableNFTables":true,"Backend":{"Type":"vxlan"}}"#,
+        2,
+    )
+    .containers_per_host(0)
+    .before_agents(flannel_tests::dual_stack::ipv6_underlay)
+    .start()
+    .unwrap();
+    for (i, h) in o.cluster.hosts.iter().enumerate() {
+        let env = flannel_tests::dual_stack::V6SubnetEnv::read(&o.agents[i].subnet_file).unwrap();
+        for chain in ["postrtg", "forward"] {
+            let listed =
+                h.ns.exec("nft", &["list", "chain", "ip6", "flannel-ipv6", chain])
+                    .unwrap();
+            assert_eq!(
+                listed.trim_end(),
+                golden6(chain, "fd00:10:244::/48", &env.subnet)
+            );
+        }
+        let v4 =
+            h.ns.exec("nft", &["list", "table", "ip", "flannel-ipv4"])
+                .unwrap();
+        assert!(!v4.contains("chain"), "{v4}");
+        let saved = h.ns.exec("iptables-save", &[]).unwrap();
+        assert!(!saved.contains("FLANNEL-"), "{saved}");
+    }
+}

@@ -1,14 +1,19 @@
 //! The vxlan backend with IPv6: a second device `flannel-v6.<VNI>` over the IPv6 underlay, its
 //! VTEP MAC published as BackendV6Data byte for byte as upstream writes it, per-peer IPv6
 //! neighbour, FDB entry and onlink route that follow etcd and survive a deleted device, and
-//! CNI-attached dual-stack pods that reach each other over both families.
+//! CNI-attached dual-stack pods that reach each other over both families; the same for an
+//! IPv6-only network (EnableIPv4 false).
 
 use std::time::Duration;
 
-use flannel_tests::dual_stack::{check_all_pairs, ipv6_underlay, DualPod as Pod};
+use flannel_tests::dual_stack::{
+    check_all_pairs, ipv6_underlay, DualPod as Pod, V6Pod, V6SubnetEnv,
+};
+use flannel_tests::traffic::tcp_send_ip;
 use flannel_tests::{wait_for, Cluster, Netns, Overlay};
 
 const DUAL_VXLAN: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/48","Backend":{"Type":"vxlan"}}"#;
+const V6_ONLY_VXLAN: &str = r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/48","Backend":{"Type":"vxlan"}}"#;
 const V6_NET: &str = "fd00:10:244::/48";
 const V6_DEV: &str = "flannel-v6.1";
 const SUBNETS: &str = "/coreos.com/network/subnets/";
@@ -207,14 +212,154 @@ fn dual_stack_vxlan_three_hosts_pods_talk_over_both_families_and_v6_entries_foll
     }
 }
 
-/// IPv6-only (EnableIPv4 false) is not run yet: one line naming the key, no lease, no rules
-/// (running it would put the IPv4 side on 0.0.0.0/0).
+/// IPv6-only (EnableIPv4 false) with vxlan, each agent picking its interface by IPv6
+/// (`--iface`, `--iface-regex`, `--iface-can-reach`): upstream's keys `0.0.0.0-0&<v6>-64`, lease JSON with
+/// PublicIP 0.0.0.0 and BackendV6Data alone, subnet.env without the IPv4 lines, only
+/// `flannel-v6.1`, only IPv6 rules, pods that talk over IPv6, entries that follow etcd, and a
+/// restarted node finding its own lease by PublicIPv6 (upstream's would take the first 0.0.0.0
+/// one).
 #[test]
-fn ipv6_only_is_refused_naming_the_key_without_taking_a_lease_or_installing_rules() {
+fn ipv6_only_vxlan_three_hosts_upstream_leases_and_subnet_env_pods_talk_and_entries_follow_etcd() {
+    let mut b = Overlay::builder(V6_ONLY_VXLAN, 3)
+        .containers_per_host(0)
+        .flags(&["--ip-blackhole-route"])
+        .before_agents(ipv6_underlay);
+    // The three ways of naming the interface by IPv6: an address, a regex over addresses, a
+    // route lookup (host 2's route to host 0).
+    for (i, flag) in [
+        "--iface=2001:db8::10",
+        "--iface-regex=^2001:db8::11$",
+        "--iface-can-reach=2001:db8::10",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        b = b.host_flags(i, &[flag]);
+    }
+    let mut o = b.start().unwrap();
+
+    let leases = o.cluster.leases().unwrap();
+    assert_eq!(leases.len(), 3, "{leases:?}");
+    let mut envs = Vec::new();
+    let mut macs = Vec::new();
+    for (i, a) in o.agents.iter().enumerate() {
+        let host = &o.cluster.hosts[i];
+        let env = V6SubnetEnv::read(&a.subnet_file).unwrap();
+        let first_host = a.subnet_env_value("FLANNEL_IPV6_SUBNET").unwrap();
+        assert!(first_host.ends_with("::1/64"), "{first_host}");
+        assert_eq!(
+            std::fs::read_to_string(&a.subnet_file).unwrap(),
+            format!("FLANNEL_IPV6_NETWORK={V6_NET}\nFLANNEL_IPV6_SUBNET={first_host}\nFLANNEL_MTU=1430\nFLANNEL_IPMASQ=true\n")
+        );
+        let mac6 = device_mac(&host.ns, V6_DEV);
+        let key = format!("{SUBNETS}0.0.0.0-0&{}", env.subnet.replace('/', "-"));
+        let lease = leases
+            .iter()
+            .find(|kv| kv.key == key)
+            .unwrap_or_else(|| panic!("no key {key}: {leases:?}"));
+        assert_eq!(
+            lease.value,
+            format!(
+                r#"{{"PublicIP":"0.0.0.0","PublicIPv6":"2001:db8::{}","BackendType":"vxlan","BackendV6Data":{{"VNI":1,"VtepMAC":"{mac6}"}}}}"#,
+                10 + i
+            )
+        );
+        // No IPv4 side: no flannel.1, no IPv4 rules, no blackhole route; IPv6 rules as in
+        // dual stack.
+        assert!(host.ns.ip(&["link", "show", "dev", "flannel.1"]).is_err());
+        let link = host.ns.ip(&["-d", "link", "show", "dev", V6_DEV]).unwrap();
+        assert!(
+            link.contains(&format!("local 2001:db8::{}", 10 + i)),
+            "{link}"
+        );
+        let v4_rules = host.ns.exec("iptables-save", &[]).unwrap();
+        assert!(!v4_rules.contains("FLANNEL"), "{v4_rules}");
+        let v6_rules = host.ns.exec("ip6tables-save", &[]).unwrap();
+        for chain in ["FLANNEL-FWD", "FLANNEL-POSTRTG"] {
+            assert!(v6_rules.contains(chain), "{chain} missing in {v6_rules}");
+        }
+        let blackholes = host.ns.ip(&["route", "show", "type", "blackhole"]).unwrap();
+        assert!(blackholes.trim().is_empty(), "{blackholes}");
+        envs.push(env);
+        macs.push(mac6);
+    }
+
+    for h in 0..3 {
+        for p in (0..3).filter(|p| *p != h) {
+            let pub6 = format!("2001:db8::{}", 10 + p);
+            wait_for(FOLLOW, "IPv6 peer entries", || {
+                let e = v6_entries(&o.cluster.hosts[h].ns, &envs[p].subnet, &macs[p], &pub6);
+                (e == (true, true, true)).then_some(())
+            })
+            .unwrap_or_else(|e| panic!("{e}: host {h} peer {p}\n{}", o.agent_log(h)));
+        }
+    }
+
+    let pods: Vec<V6Pod> = (0..3)
+        .map(|i| V6Pod::attach(&o.cluster.hosts[i], &envs[i]).unwrap())
+        .collect();
+    for a in &pods {
+        for b in pods.iter().filter(|b| b.v6 != a.v6) {
+            wait_for(FOLLOW, "pod ping", || a.ping(b.v6).then_some(()))
+                .unwrap_or_else(|e| panic!("{e}: {} -> {}", a.v6, b.v6));
+            let t = tcp_send_ip(&a.ns, &b.ns, b.v6, 256 << 10)
+                .unwrap_or_else(|e| panic!("TCP {} -> {}: {e:#}", a.v6, b.v6));
+            assert_eq!(t.bytes, 256 << 10);
+            assert_eq!(t.client, a.v6, "no NAT inside the overlay");
+        }
+    }
+
+    // Host 1 restarts without its subnet.env: it finds its own lease by PublicIPv6 and leaves
+    // the others' alone.
+    o.agents[1].stop().unwrap();
+    std::fs::remove_file(&o.agents[1].subnet_file).unwrap();
+    o.start_agent(1).unwrap();
+    let env1 = V6SubnetEnv::read(&o.agents[1].subnet_file).unwrap();
+    assert_eq!(env1, envs[1]);
+    let after = o.cluster.leases().unwrap();
+    assert_eq!(after.len(), 3, "{after:?}");
+    for (i, env) in envs.iter().enumerate() {
+        let key = format!("{SUBNETS}0.0.0.0-0&{}", env.subnet.replace('/', "-"));
+        let kv = after.iter().find(|kv| kv.key == key).unwrap();
+        assert!(
+            kv.value
+                .contains(&format!("\"PublicIPv6\":\"2001:db8::{}\"", 10 + i)),
+            "{kv:?}"
+        );
+    }
+    wait_for(FOLLOW, "pod ping after the restart", || {
+        pods[0].ping(pods[1].v6).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", o.agent_log(1)));
+
+    // Host 2 leaves (lease deleted in etcd): its IPv6 neighbour, FDB entry and route go.
+    o.agents[2].stop().unwrap();
+    let key = format!("{SUBNETS}0.0.0.0-0&{}", envs[2].subnet.replace('/', "-"));
+    o.cluster.etcd.del(&key).unwrap();
+    for h in 0..2 {
+        wait_for(FOLLOW, "a removed peer's IPv6 entries gone", || {
+            let e = v6_entries(
+                &o.cluster.hosts[h].ns,
+                &envs[2].subnet,
+                &macs[2],
+                "2001:db8::12",
+            );
+            (e == (false, false, false)).then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e}: host {h}\n{}", o.agent_log(h)));
+    }
+    assert!(pods[0].ping(pods[1].v6));
+    assert!(pods[1].ping(pods[0].v6));
+}
+
+/// udp carries IPv4 only (as upstream's): an IPv6-only udp network is refused in one line
+/// naming the key, without a lease or rules.
+#[test]
+fn ipv6_only_udp_is_refused_in_one_line_without_taking_a_lease_or_installing_rules() {
     let cluster = Cluster::new(1).unwrap();
     ipv6_underlay(&cluster).unwrap();
     cluster
-        .set_config(r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/48","Backend":{"Type":"vxlan"}}"#)
+        .set_config(r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/48","Backend":{"Type":"udp"}}"#)
         .unwrap();
     let agent = cluster.start_agent(0, &[]).unwrap();
     let line = wait_for(Duration::from_secs(20), "the refusal", || {
@@ -225,14 +370,11 @@ fn ipv6_only_is_refused_naming_the_key_without_taking_a_lease_or_installing_rule
             .map(str::to_owned)
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", agent.log()));
-    assert!(
-        line.contains("IPv6-only networks are not supported"),
-        "{line}"
-    );
+    assert!(line.contains("the udp backend carries IPv4 only"), "{line}");
     assert_eq!(agent.http_get("/readyz").map(|(s, _)| s).unwrap_or(0), 503);
     assert!(cluster.leases().unwrap().is_empty());
     let h = &cluster.hosts[0];
     let saved = h.ns.exec("iptables-save", &[]).unwrap();
     assert!(!saved.contains("FLANNEL"), "{saved}");
-    assert!(h.ns.ip(&["link", "show", "dev", V6_DEV]).is_err());
+    assert!(h.ns.ip(&["link", "show", "dev", "flannel0"]).is_err());
 }

@@ -12,7 +12,7 @@ use super::route6::{self, Route6};
 use super::{Backend, BackendNetwork};
 use crate::config::NetworkConfig;
 use crate::iface::ExternalInterface;
-use crate::lease::{Lease, LeaseAttrs};
+use crate::lease::{Lease, LeaseAttrs, SubnetKey};
 use crate::subnet::PeerEvent;
 
 pub const BACKEND_TYPE: &str = "host-gw";
@@ -36,8 +36,11 @@ pub struct HostGwNetwork {
     routes: BTreeMap<Ipv4Network, Route>,
     /// Peers whose public IP is not on our link: reported once each, re-checked on resync.
     off_link: BTreeMap<Ipv4Network, Lease>,
-    /// With EnableIPv6: the IPv6 route of each dual-stack peer, keyed by its IPv4 subnet.
-    routes6: BTreeMap<Ipv4Network, Route6>,
+    /// With EnableIPv6: the IPv6 route of each peer with IPv6, keyed by its lease key.
+    routes6: BTreeMap<SubnetKey, Route6>,
+    /// EnableIPv4: false in an IPv6-only network, where the IPv4 side (routes, pruning of
+    /// routes into the 0.0.0.0/0 "Network") must not run at all.
+    ipv4: bool,
     ipv6: bool,
     /// IPv6Network with EnableIPv6: routes into it that no peer owns are stale.
     network6: Option<Ipv6Network>,
@@ -72,14 +75,14 @@ impl HostGwNetwork {
             PeerEvent::Removed(l) => (l, false),
         };
         let want = if added { self.route6_for(lease) } else { None };
-        let old = self.routes6.remove(&lease.subnet());
+        let old = self.routes6.remove(&lease.key);
         if let Some(old) = old.filter(|o| Some(*o) != want) {
             if let Err(e) = old.delete(handle).await {
                 log::warn!("host-gw: removing IPv6 route {}: {e}", old.dst);
             }
         }
         if let Some(r) = want {
-            self.routes6.insert(lease.subnet(), r);
+            self.routes6.insert(lease.key, r);
             if let Err(e) = r.replace(handle).await {
                 log::warn!("host-gw: IPv6 route {} via {}: {e}", r.dst, r.gateway);
             }
@@ -124,7 +127,9 @@ impl Backend for HostGwBackend {
     }
 
     async fn start(self, _own: &Lease, config: &NetworkConfig) -> anyhow::Result<HostGwNetwork> {
-        check_public_ip(&self.ext)?;
+        if config.enable_ipv4 {
+            check_public_ip(&self.ext)?;
+        }
         let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
         tokio::spawn(conn);
         Ok(HostGwNetwork {
@@ -134,6 +139,7 @@ impl Backend for HostGwBackend {
             routes: BTreeMap::new(),
             off_link: BTreeMap::new(),
             routes6: BTreeMap::new(),
+            ipv4: config.enable_ipv4,
             ipv6: config.enable_ipv6,
             network6: config.ipv6_network.filter(|_| config.enable_ipv6),
         })
@@ -146,6 +152,9 @@ impl BackendNetwork for HostGwNetwork {
         let mut first_error = None;
         for ev in events {
             self.apply_v6(&handle, ev).await;
+            if !self.ipv4 {
+                continue;
+            }
             let result = match ev {
                 PeerEvent::Added(lease) if lease.attrs.backend_type != BACKEND_TYPE => {
                     log::warn!(
@@ -206,6 +215,16 @@ impl BackendNetwork for HostGwNetwork {
 
     /// Put back routes someone deleted and drop routes into the network that no peer owns.
     async fn resync(&mut self) -> anyhow::Result<()> {
+        if self.ipv4 {
+            self.resync_v4().await?;
+        }
+        self.resync_v6().await
+    }
+}
+
+impl HostGwNetwork {
+    /// Peers back on our link, missing routes restored, stale ones into the Network removed.
+    async fn resync_v4(&mut self) -> anyhow::Result<()> {
         let handle = self.handle.clone();
         // A peer that was off our link may be reachable now (addresses or routes changed).
         let mut now_on_link = Vec::new();
@@ -236,22 +255,6 @@ impl BackendNetwork for HostGwNetwork {
                 }
             }
         }
-        let present6 = match self.ipv6 {
-            true => route6::list_gateway_routes(&handle).await?,
-            false => Vec::new(),
-        };
-        for want in self.routes6.values() {
-            if !present6.contains(want) {
-                log::info!(
-                    "host-gw: restoring IPv6 route {} via {}",
-                    want.dst,
-                    want.gateway
-                );
-                if let Err(e) = want.replace(&handle).await {
-                    log::warn!("host-gw: restoring IPv6 route {}: {e}", want.dst);
-                }
-            }
-        }
         // Resync runs once the first listing is applied: `routes` is the full peer view.
         let network = self.network;
         for stale in present.iter().filter(|r| {
@@ -274,7 +277,29 @@ impl BackendNetwork for HostGwNetwork {
                 }
             }
         }
-        // The same for IPv6: e.g. routes a previous run left to peers that are gone now.
+        Ok(())
+    }
+
+    /// The same for the IPv6 routes.
+    async fn resync_v6(&mut self) -> anyhow::Result<()> {
+        if !self.ipv6 {
+            return Ok(());
+        }
+        let handle = self.handle.clone();
+        let present6 = route6::list_gateway_routes(&handle).await?;
+        for want in self.routes6.values() {
+            if !present6.contains(want) {
+                log::info!(
+                    "host-gw: restoring IPv6 route {} via {}",
+                    want.dst,
+                    want.gateway
+                );
+                if let Err(e) = want.replace(&handle).await {
+                    log::warn!("host-gw: restoring IPv6 route {}: {e}", want.dst);
+                }
+            }
+        }
+        // Routes into the IPv6Network no peer owns: e.g. a previous run left to peers that are gone now.
         let Some(network6) = self.network6 else {
             return Ok(());
         };
@@ -308,6 +333,8 @@ mod tests {
             mtu: 1500,
             iface_addr: iface_addr.parse().unwrap(),
             ext_addr: ext_addr.parse().unwrap(),
+            iface_v6_addr: None,
+            ext_v6_addr: None,
         }
     }
 

@@ -105,11 +105,15 @@ impl AnyBackend {
                 ext,
                 opts,
             )?))),
-            vxlan::BACKEND_TYPE => Ok(AnyBackend::Vxlan(Box::new(vxlan::VxlanBackend::new(
-                &config.backend,
-                ext,
-                config.enable_ipv6,
-            )?))),
+            vxlan::BACKEND_TYPE => {
+                let b = vxlan::VxlanBackend::new(&config.backend, ext, config.enable_ipv6)?;
+                let b = if config.enable_ipv4 {
+                    b
+                } else {
+                    b.without_ipv4()
+                };
+                Ok(AnyBackend::Vxlan(Box::new(b)))
+            }
             hostgw::BACKEND_TYPE => Ok(AnyBackend::HostGw(hostgw::HostGwBackend::new(ext))),
             other => Err(BackendError::Unknown(other.to_owned())),
         }

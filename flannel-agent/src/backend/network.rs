@@ -77,7 +77,7 @@ impl<N: BackendNetwork> Network<N> {
         }
         self.status.set_ready();
         crate::notify::ready();
-        let subnet = self.status.own().map(|l| l.subnet().to_string());
+        let subnet = self.status.own().map(|l| l.key.subnet_text());
         log::info!(
             "running: subnet {}, {} peers",
             subnet.unwrap_or_default(),
@@ -90,8 +90,8 @@ impl<N: BackendNetwork> Network<N> {
             match ev {
                 PeerEvent::Added(l) => log::info!(
                     "peer {} at {} {}",
-                    l.subnet(),
-                    l.attrs.public_ip,
+                    l.key.subnet_text(),
+                    l.attrs.owner(),
                     if l.is_reservation() {
                         "(reservation)"
                     } else {
@@ -99,7 +99,11 @@ impl<N: BackendNetwork> Network<N> {
                     }
                 ),
                 PeerEvent::Removed(l) => {
-                    log::info!("peer {} at {} removed", l.subnet(), l.attrs.public_ip)
+                    log::info!(
+                        "peer {} at {} removed",
+                        l.key.subnet_text(),
+                        l.attrs.owner()
+                    )
                 }
             }
         }

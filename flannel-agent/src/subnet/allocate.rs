@@ -1,9 +1,10 @@
-//! Choosing a subnet, as upstream does: our own lease (by PublicIP), then the subnets of the
+//! Choosing a subnet, as upstream does: our own lease (by PublicIP; in an IPv6-only network
+//! by PublicIPv6, see `LeaseAttrs::owner`), then the subnets of the
 //! previous subnet.env if free (IPv4 and, with IPv6, IPv6 each on its own), then a random free
 //! one among the first 100 free.
 
 use std::collections::HashSet;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use ipnetwork::{Ipv4Network, Ipv6Network};
 use rand::seq::SliceRandom;
@@ -41,12 +42,13 @@ pub enum Choice {
 }
 
 /// Does `lease` belong to us and fit the current config?
-fn is_ours(config: &NetworkConfig, lease: &Lease, public_ip: Ipv4Addr) -> bool {
+fn is_ours(config: &NetworkConfig, lease: &Lease, owner: IpAddr) -> bool {
     let v6_fits = match lease.key.ipv6 {
         Some(v6) => config.contains_ipv6_subnet(v6),
         None => !config.enable_ipv6,
     };
-    lease.attrs.public_ip == public_ip
+    lease.attrs.owner() == owner
+        && lease.key.is_ipv6_only() != config.enable_ipv4
         && lease.subnet().prefix() == config.subnet_len
         && config.network.contains(lease.subnet().network())
         && v6_fits
@@ -87,14 +89,15 @@ fn choose_ipv6(
 pub fn choose(
     config: &NetworkConfig,
     leases: &[Lease],
-    public_ip: Ipv4Addr,
+    owner: impl Into<IpAddr>,
     previous: Previous,
     rng: &mut impl Rng,
 ) -> Option<Choice> {
+    let owner = owner.into();
     // A reservation for us beats a dynamic lease of ours.
     let mut ours: Vec<&Lease> = leases
         .iter()
-        .filter(|l| is_ours(config, l, public_ip))
+        .filter(|l| is_ours(config, l, owner))
         .collect();
     ours.sort_by_key(|l| (!l.is_reservation(), l.subnet()));
     if let Some(l) = ours.first() {
@@ -104,6 +107,10 @@ pub fn choose(
     // Every key in etcd (leases and reservations, any owner) is taken.
     let taken: HashSet<Ipv4Network> = leases.iter().map(|l| l.subnet()).collect();
     let ipv6 = choose_ipv6(config, leases, previous.ipv6, rng)?;
+    if !config.enable_ipv4 {
+        // IPv6-only: every key has the IPv4 part 0.0.0.0-0; the IPv6 subnet tells them apart.
+        return ipv6.map(|v6| Choice::Free(SubnetKey::ipv6_only(v6)));
+    }
     let free = |ipv4| Choice::Free(SubnetKey { ipv4, ipv6 });
     if let Some(prev) = previous.ipv4 {
         if config.contains_subnet(prev) && !taken.contains(&prev) {
@@ -153,7 +160,7 @@ mod tests {
             br#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/48"}"#,
         )
         .unwrap();
-        let me: Ipv4Addr = "192.0.2.10".parse().unwrap();
+        let me: std::net::Ipv4Addr = "192.0.2.10".parse().unwrap();
         let prev6: Ipv6Network = "fd00:10:244:3a::/64".parse().unwrap();
         let previous = Previous {
             ipv4: Some("10.244.58.0/24".parse().unwrap()),
@@ -189,10 +196,53 @@ mod tests {
         );
     }
 
+    /// IPv6-only: keys `0.0.0.0-0&<v6>`, every PublicIP 0.0.0.0; our lease is the one with our
+    /// PublicIPv6 (upstream would take the first 0.0.0.0 lease, another node's).
+    #[test]
+    fn ipv6_only_keys_have_no_ipv4_part_and_our_lease_is_found_by_public_ipv6() {
+        let mut rng = rand::thread_rng();
+        let config = NetworkConfig::parse(
+            br#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/48","IPv6SubnetMax":"fd00:10:244:3::"}"#,
+        )
+        .unwrap();
+        let v6_lease = |subnet: &str, ip6: &str| {
+            let mut l = lease("0.0.0.0/0", "0.0.0.0", 5);
+            l.key = SubnetKey::ipv6_only(subnet.parse().unwrap());
+            l.attrs.public_ipv6 = Some(ip6.parse().unwrap());
+            l
+        };
+        let me: IpAddr = "2001:db8::10".parse().unwrap();
+        let others = vec![
+            v6_lease("fd00:10:244:1::/64", "2001:db8::11"),
+            v6_lease("fd00:10:244:2::/64", "2001:db8::12"),
+        ];
+        for _ in 0..20 {
+            match choose(&config, &others, me, Previous::default(), &mut rng) {
+                Some(Choice::Free(k)) => {
+                    assert!(k.is_ipv6_only(), "{k}");
+                    assert_eq!(k.to_string(), "0.0.0.0-0&fd00:10:244:3::-64");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let mut leases = others.clone();
+        leases.push(v6_lease("fd00:10:244:3::/64", "2001:db8::10"));
+        assert_eq!(
+            choose(&config, &leases, me, Previous::default(), &mut rng),
+            Some(Choice::Existing(leases[2].clone()))
+        );
+        // All three taken and none ours: nothing free.
+        let stranger: IpAddr = "2001:db8::99".parse().unwrap();
+        assert_eq!(
+            choose(&config, &leases, stranger, Previous::default(), &mut rng),
+            None
+        );
+    }
+
     #[test]
     fn own_lease_then_previous_then_random_free() {
         let mut rng = rand::thread_rng();
-        let me: Ipv4Addr = "192.0.2.10".parse().unwrap();
+        let me: std::net::Ipv4Addr = "192.0.2.10".parse().unwrap();
         let leases = vec![
             lease("10.244.1.0/24", "192.0.2.11", 5),
             lease("10.244.2.0/24", "192.0.2.10", 6),
@@ -241,7 +291,7 @@ mod tests {
                 choose(
                     &config(),
                     &leases,
-                    "192.0.2.10".parse().unwrap(),
+                    "192.0.2.10".parse::<IpAddr>().unwrap(),
                     Previous::v4("10.244.1.0/24".parse().unwrap()),
                     &mut rng
                 ),
@@ -256,7 +306,7 @@ mod tests {
             choose(
                 &config(),
                 &with_dynamic,
-                "192.0.2.51".parse().unwrap(),
+                "192.0.2.51".parse::<IpAddr>().unwrap(),
                 Previous::default(),
                 &mut rng
             ),
@@ -275,7 +325,7 @@ mod tests {
             choose(
                 &config(),
                 &leases,
-                "192.0.2.9".parse().unwrap(),
+                "192.0.2.9".parse::<IpAddr>().unwrap(),
                 Previous::default(),
                 &mut rand::thread_rng()
             ),

@@ -98,17 +98,16 @@ pub async fn wait_for_config<R: Registry, T>(
 /// A valid upstream config this node cannot run is as good as invalid here: wait for a change.
 fn runnable((state, revision): (ConfigState, i64)) -> (ConfigState, i64) {
     match state {
-        // Without IPv4 the IPv4 side would run for 0.0.0.0/0 (firewall rules, blackhole
-        // route, every peer under one IPv4 key): refuse rather than do that.
+        // IPv6-only runs where IPv6 does, the IPv4 side switched off; udp is IPv4 only.
         ConfigState::Valid {
             config,
             mod_revision,
-        } if !config.enable_ipv4 => (
+        } if !config.enable_ipv4 && !runs_ipv6(&config.backend.backend_type) => (
             ConfigState::Invalid {
                 error: ConfigError::Field {
                     field: "EnableIPv4",
                     value: "false".into(),
-                    message: "IPv6-only networks are not supported by this flanneld yet; set EnableIPv4 to true (dual stack with vxlan or host-gw works)".into(),
+                    message: ipv6_refusal(&config.backend.backend_type).into(),
                 },
                 mod_revision,
             },
@@ -132,8 +131,8 @@ fn runnable((state, revision): (ConfigState, i64)) -> (ConfigState, i64) {
     }
 }
 
-/// Backends that carry IPv6 here: host-gw (IPv6 routes), vxlan (`flannel-v6.<VNI>`) and
-/// alloc (leases only).
+/// Backends that carry IPv6 here, also IPv6-only: host-gw (IPv6 routes), vxlan
+/// (`flannel-v6.<VNI>`) and alloc (leases only).
 fn runs_ipv6(backend_type: &str) -> bool {
     ["host-gw", "vxlan", "alloc"]
         .iter()
@@ -265,19 +264,8 @@ mod tests {
         assert_eq!(task.await.unwrap().network.to_string(), "10.244.0.0/16");
     }
 
-    #[test]
-    fn ipv6_only_is_refused_naming_the_key_and_vxlan_dual_stack_runs() {
-        let v6_only = refusal(
-            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/48","Backend":{"Type":"vxlan"}}"#,
-        );
-        assert!(
-            v6_only.contains("EnableIPv4") && v6_only.contains("IPv6-only"),
-            "{v6_only}"
-        );
-        let config = NetworkConfig::parse(
-            br#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/48","Backend":{"Type":"vxlan"}}"#,
-        )
-        .unwrap();
+    fn runs(json: &str) -> bool {
+        let config = NetworkConfig::parse(json.as_bytes()).unwrap();
         let (state, _) = runnable((
             ConfigState::Valid {
                 config,
@@ -285,7 +273,41 @@ mod tests {
             },
             7,
         ));
-        assert!(matches!(state, ConfigState::Valid { .. }));
+        matches!(state, ConfigState::Valid { .. })
+    }
+
+    #[test]
+    fn ipv6_only_and_dual_stack_run_with_vxlan() {
+        assert!(runs(
+            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/48","Backend":{"Type":"vxlan"}}"#
+        ));
+        assert!(runs(
+            r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/48","Backend":{"Type":"vxlan"}}"#
+        ));
+        assert!(runs(
+            r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/48","Backend":{"Type":"host-gw"}}"#
+        ));
+        assert!(runs(
+            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/48","Backend":{"Type":"host-gw"}}"#
+        ));
+    }
+
+    #[test]
+    fn ipv6_only_with_udp_or_an_unknown_backend_is_refused_in_one_line() {
+        let udp = refusal(
+            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/48","Backend":{"Type":"udp"}}"#,
+        );
+        assert!(
+            udp.contains("EnableIPv4") && udp.contains("udp backend carries IPv4 only"),
+            "{udp}"
+        );
+        let other = refusal(
+            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/48","Backend":{"Type":"ipip"}}"#,
+        );
+        assert!(other.contains("vxlan and host-gw backends only"), "{other}");
+        for line in [udp, other] {
+            assert!(!line.contains('\n'), "{line}");
+        }
     }
 
     #[test]

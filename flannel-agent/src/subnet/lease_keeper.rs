@@ -21,10 +21,10 @@ pub enum KeeperError {
     /// Deleted by hand, or taken by another node while we could not put it back.
     #[error(transparent)]
     Manager(#[from] ManagerError),
-    #[error("our subnet {subnet} is now leased to {owner}: exiting rather than using it")]
+    #[error("our subnet {} is now leased to {owner}: exiting rather than using it", .subnet.subnet_text())]
     TakenOver {
-        subnet: Ipv4Network,
-        owner: std::net::Ipv4Addr,
+        subnet: crate::lease::SubnetKey,
+        owner: std::net::IpAddr,
     },
     #[error("lease watch ended")]
     WatchEnded,
@@ -74,7 +74,7 @@ impl<R: Registry> LeaseKeeper<R> {
             || self.manager.acquire(previous),
         )
         .await?;
-        log::info!("lease acquired: {}", own.subnet());
+        log::info!("lease acquired: {}", own.key.subnet_text());
         self.kept(&own);
         Ok(own)
     }
@@ -110,16 +110,16 @@ impl<R: Registry> LeaseKeeper<R> {
                             }
                             Err(e) => {
                                 let e = fatal(e)?;
-                                log::warn!("putting our lease {} back: {e}; retrying", own.subnet());
+                                log::warn!("putting our lease {} back: {e}; retrying", own.key.subnet_text());
                                 reclaim_pending = true;
                                 renew_at = Instant::now() + RETRY;
                             }
                         },
                         Some(current) => {
-                            if current.attrs.public_ip != own.attrs.public_ip {
+                            if current.attrs.owner() != own.attrs.owner() {
                                 return Err(KeeperError::TakenOver {
-                                    subnet: own.subnet(),
-                                    owner: current.attrs.public_ip,
+                                    subnet: own.key,
+                                    owner: current.attrs.owner(),
                                 });
                             }
                             own = current;
@@ -153,7 +153,10 @@ impl<R: Registry> LeaseKeeper<R> {
             }
             Ok(RenewOutcome::Lost) => {
                 if !*reclaim_pending {
-                    log::warn!("our etcd lease for {} expired or was revoked", own.subnet());
+                    log::warn!(
+                        "our etcd lease for {} expired or was revoked",
+                        own.key.subnet_text()
+                    );
                 }
                 match self.manager.reclaim(own).await {
                     Ok(l) => {
@@ -164,14 +167,17 @@ impl<R: Registry> LeaseKeeper<R> {
                     }
                     Err(e) => {
                         let e = fatal(e)?;
-                        log::warn!("putting our lease {} back: {e}; retrying", own.subnet());
+                        log::warn!(
+                            "putting our lease {} back: {e}; retrying",
+                            own.key.subnet_text()
+                        );
                         *reclaim_pending = true;
                         Ok(RETRY)
                     }
                 }
             }
             Err(e) => {
-                log::warn!("renewing lease {}: {e}; retrying", own.subnet());
+                log::warn!("renewing lease {}: {e}; retrying", own.key.subnet_text());
                 Ok(RETRY)
             }
         }
@@ -182,7 +188,7 @@ impl<R: Registry> LeaseKeeper<R> {
     async fn own_key_gone(&self, own: &Lease) -> Result<Lease, ManagerError> {
         // The event may be stale: the renewal path can already have put the key back.
         if let Ok(Some(current)) = self.registry.get_lease(&own.key).await {
-            if current.attrs.public_ip == own.attrs.public_ip {
+            if current.attrs.owner() == own.attrs.owner() {
                 return Ok(current);
             }
         }
@@ -197,7 +203,7 @@ impl<R: Registry> LeaseKeeper<R> {
             if let Err(e) = self.manager.release(own).await {
                 log::warn!("revoking our etcd lease: {e}");
             }
-            return Err(ManagerError::DeletedByHand(own.subnet()));
+            return Err(ManagerError::DeletedByHand(own.key));
         }
         self.manager.reclaim(own).await
     }

@@ -1,16 +1,15 @@
 //! Our own lease: acquire, renew (one etcd lease per node, never leaked), and reclaim when our
 //! key disappears — without ever taking a subnet etcd now gives to someone else.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
-use ipnetwork::Ipv4Network;
 use rand::Rng;
 
 use super::allocate::{choose, Choice, Previous};
 use super::registry::{Registry, RegistryError};
 use crate::config::NetworkConfig;
-use crate::lease::{Lease, LeaseAttrs};
+use crate::lease::{Lease, LeaseAttrs, SubnetKey};
 
 const MAX_ATTEMPTS: usize = 100;
 
@@ -22,13 +21,10 @@ pub enum ManagerError {
     NoFreeSubnet { min: Ipv4Addr, max: Ipv4Addr },
     #[error("could not acquire a subnet after {0} attempts (too many conflicting writers)")]
     TooManyConflicts(usize),
-    #[error("our subnet lease {0} was deleted from etcd: exiting so that a restart acquires a lease afresh")]
-    DeletedByHand(Ipv4Network),
-    #[error("subnet {subnet} is now leased to {owner}: refusing to keep using it")]
-    SubnetTaken {
-        subnet: Ipv4Network,
-        owner: Ipv4Addr,
-    },
+    #[error("our subnet lease {} was deleted from etcd: exiting so that a restart acquires a lease afresh", .0.subnet_text())]
+    DeletedByHand(SubnetKey),
+    #[error("subnet {} is now leased to {owner}: refusing to keep using it", .subnet.subnet_text())]
+    SubnetTaken { subnet: SubnetKey, owner: IpAddr },
 }
 
 /// The lease this node holds.
@@ -82,7 +78,7 @@ impl<R: Registry> LeaseManager<R> {
     }
 
     pub async fn acquire(&self, previous: Previous) -> Result<OwnLease, ManagerError> {
-        let public_ip = self.attrs.public_ip;
+        let owner = self.attrs.owner();
         for attempt in 0..MAX_ATTEMPTS {
             if attempt > 0 {
                 // Conflicts mean others are writing right now: spread the retries.
@@ -93,7 +89,7 @@ impl<R: Registry> LeaseManager<R> {
             let choice = choose(
                 &self.config,
                 &listing.leases,
-                public_ip,
+                owner,
                 previous,
                 &mut rand::thread_rng(),
             );
@@ -113,7 +109,7 @@ impl<R: Registry> LeaseManager<R> {
                     {
                         continue;
                     }
-                    log::info!("using reserved subnet {}", old.subnet());
+                    log::info!("using reserved subnet {}", old.key.subnet_text());
                     return Ok(Lease {
                         attrs: self.attrs.clone(),
                         ..old
@@ -130,7 +126,7 @@ impl<R: Registry> LeaseManager<R> {
                         if let Err(e) = self.registry.revoke(old.etcd_lease).await {
                             log::warn!("revoking previous etcd lease {:x}: {e}", old.etcd_lease);
                         }
-                        log::info!("reusing our existing lease {}", old.subnet());
+                        log::info!("reusing our existing lease {}", old.key.subnet_text());
                         return Ok(Lease {
                             attrs: self.attrs.clone(),
                             etcd_lease: id,
@@ -142,8 +138,8 @@ impl<R: Registry> LeaseManager<R> {
                 Some(Choice::Free(key)) => {
                     let id = self.registry.grant(self.ttl).await?;
                     let subnet = match key.ipv6 {
-                        Some(v6) => format!("{} and {v6}", key.ipv4),
-                        None => key.ipv4.to_string(),
+                        Some(v6) if !key.is_ipv6_only() => format!("{} and {v6}", key.ipv4),
+                        _ => key.subnet_text(),
                     };
                     if self
                         .registry
@@ -195,7 +191,7 @@ impl<R: Registry> LeaseManager<R> {
         {
             log::warn!(
                 "our lease {} had disappeared from etcd; re-created it",
-                own.subnet()
+                own.key.subnet_text()
             );
             return Ok(Lease {
                 etcd_lease: id,
@@ -207,10 +203,10 @@ impl<R: Registry> LeaseManager<R> {
             self.revoke_quietly(id).await;
         }
         match self.registry.get_lease(&own.key).await? {
-            Some(current) if current.attrs.public_ip == self.attrs.public_ip => Ok(current),
+            Some(current) if current.attrs.owner() == self.attrs.owner() => Ok(current),
             Some(current) => Err(ManagerError::SubnetTaken {
-                subnet: own.subnet(),
-                owner: current.attrs.public_ip,
+                subnet: own.key,
+                owner: current.attrs.owner(),
             }),
             // Deleted again in between, or malformed: try once more later.
             None => Ok(own.clone()),

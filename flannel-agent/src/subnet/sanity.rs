@@ -2,7 +2,7 @@
 //! under another subnet) are left out of the peer view, with one warning per key.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use ipnetwork::Ipv4Network;
 
@@ -16,20 +16,22 @@ pub enum LeaseProblem {
         network: Ipv4Network,
     },
     #[error("it names our own public IP {0} under another subnet (traffic would loop to us)")]
-    OurPublicIp(Ipv4Addr),
+    OurPublicIp(IpAddr),
 }
 
 /// Checks peer leases against the network config and our own public IP.
 #[derive(Debug, Clone)]
 pub struct LeaseSanity {
     network: Ipv4Network,
-    own_ip: Ipv4Addr,
+    /// Our `LeaseAttrs::owner` (PublicIP, or PublicIPv6 in an IPv6-only network).
+    own_ip: IpAddr,
     /// Keys we already warned about, with the problem we warned of.
     warned: BTreeMap<SubnetKey, LeaseProblem>,
 }
 
 impl LeaseSanity {
-    pub fn new(network: Ipv4Network, own_ip: Ipv4Addr) -> Self {
+    pub fn new(network: Ipv4Network, own_ip: impl Into<IpAddr>) -> Self {
+        let own_ip = own_ip.into();
         LeaseSanity {
             network,
             own_ip,
@@ -46,7 +48,7 @@ impl LeaseSanity {
                 network: self.network,
             });
         }
-        if lease.attrs.public_ip == self.own_ip {
+        if lease.attrs.owner() == self.own_ip {
             return Some(LeaseProblem::OurPublicIp(self.own_ip));
         }
         None
@@ -74,6 +76,7 @@ impl LeaseSanity {
 mod tests {
     use super::*;
     use crate::lease::LeaseAttrs;
+    use std::net::Ipv4Addr;
 
     fn lease(subnet: &str, ip: [u8; 4]) -> Lease {
         let subnet: Ipv4Network = subnet.parse().unwrap();
@@ -104,10 +107,33 @@ mod tests {
         let ours = lease("10.244.9.0/24", [192, 0, 2, 11]);
         assert_eq!(
             s.problem(&ours),
-            Some(LeaseProblem::OurPublicIp(Ipv4Addr::new(192, 0, 2, 11)))
+            Some(LeaseProblem::OurPublicIp(
+                Ipv4Addr::new(192, 0, 2, 11).into()
+            ))
         );
         assert!(!s.admit("c", &ours));
         assert!(!s.admit("c", &ours));
         assert_eq!(s.warned.len(), 2);
+    }
+
+    /// IPv6-only: every lease has PublicIP 0.0.0.0; peers are told apart by PublicIPv6.
+    #[test]
+    fn ipv6_only_peers_are_not_mistaken_for_us() {
+        let v6 = |ip6: &str| Lease {
+            key: SubnetKey::ipv6_only("fd00:10:244:1::/64".parse().unwrap()),
+            attrs: LeaseAttrs {
+                public_ipv6: Some(ip6.parse().unwrap()),
+                ..LeaseAttrs::new(Ipv4Addr::UNSPECIFIED)
+            },
+            etcd_lease: 0,
+            mod_revision: 0,
+        };
+        let me: IpAddr = "2001:db8::10".parse().unwrap();
+        let s = LeaseSanity::new("0.0.0.0/0".parse().unwrap(), me);
+        assert_eq!(s.problem(&v6("2001:db8::11")), None);
+        assert_eq!(
+            s.problem(&v6("2001:db8::10")),
+            Some(LeaseProblem::OurPublicIp(me))
+        );
     }
 }

@@ -1,7 +1,8 @@
 //! The `vxlan` backend: a kernel VXLAN device `flannel.<VNI>` and, per peer, a permanent
 //! neighbour entry, an FDB entry and an onlink route, as upstream installs them. With
 //! EnableIPv6 a second device `flannel-v6.<VNI>` over the IPv6 underlay does the same for the
-//! peers' IPv6 subnets (its MAC is published as BackendV6Data).
+//! peers' IPv6 subnets (its MAC is published as BackendV6Data). An IPv6-only network
+//! (EnableIPv4 false) has that device alone.
 //!
 //! Unlike upstream, the VTEP MAC is derived from the public IP, so it stays the same across
 //! restarts and peers never keep stale neighbour/FDB entries for us (upstream issue #1795).
@@ -161,6 +162,12 @@ impl VxlanLeaseData {
     }
 }
 
+/// The IPv4 device and its peers (EnableIPv4).
+struct V4Side {
+    dev: VxlanDevice,
+    peers: Peers,
+}
+
 /// The IPv6 device and its peers (EnableIPv6).
 struct V6Side {
     dev: VxlanDevice,
@@ -172,7 +179,9 @@ pub struct VxlanBackend {
     ext: ExternalInterface,
     mac: Mac,
     mtu: u32,
-    /// EnableIPv6: run `flannel-v6.<VNI>` too.
+    /// EnableIPv4 (default): run `flannel.<VNI>`.
+    ipv4: bool,
+    /// EnableIPv6: run `flannel-v6.<VNI>`.
     ipv6: bool,
     /// The IPv4 device to create (its address comes with our lease).
     spec: DeviceSpec,
@@ -181,8 +190,8 @@ pub struct VxlanBackend {
 /// vxlan started for our lease: its devices and what each peer has on them.
 pub struct VxlanNetwork {
     handle: Handle,
-    dev: VxlanDevice,
-    peers: Peers,
+    /// With EnableIPv4.
+    v4: Option<V4Side>,
     /// With EnableIPv6.
     v6: Option<V6Side>,
 }
@@ -213,10 +222,19 @@ impl VxlanBackend {
             ext: ext.clone(),
             mac,
             mtu,
+            ipv4: true,
             ipv6,
             spec,
             cfg,
         })
+    }
+
+    /// An IPv6-only network (EnableIPv4 false): no `flannel.<VNI>`, no BackendData.
+    pub fn without_ipv4(self) -> Self {
+        VxlanBackend {
+            ipv4: false,
+            ..self
+        }
     }
 
     fn v6_data(&self, public_ipv6: Ipv6Addr) -> VxlanLeaseData {
@@ -264,6 +282,22 @@ impl VxlanBackend {
 }
 
 impl VxlanNetwork {
+    /// The IPv4 side of resync.
+    async fn resync_v4(&mut self) -> anyhow::Result<()> {
+        let Some(v4) = self.v4.as_mut() else {
+            return Ok(());
+        };
+        if v4.dev.ensure(&self.handle).await? {
+            log::info!(
+                "vxlan: device {} (re)created: reinstalling {} peers",
+                v4.dev.name(),
+                v4.peers.len()
+            );
+        }
+        v4.peers.restore(&self.handle, v4.dev.index()).await;
+        Ok(v4.peers.prune(&self.handle, v4.dev.index()).await?)
+    }
+
     /// The IPv6 side of resync: failures are logged, never stop the IPv4 side.
     async fn resync_v6(&mut self) {
         let handle = &self.handle;
@@ -304,13 +338,15 @@ impl Backend for VxlanBackend {
     type Network = VxlanNetwork;
 
     fn lease_attrs(&self, public_ip: Ipv4Addr) -> LeaseAttrs {
-        let data = VxlanLeaseData {
-            vni: self.cfg.vni,
-            vtep_mac: self.mac.to_string(),
-        };
         let mut attrs = LeaseAttrs::new(public_ip);
         attrs.backend_type = BACKEND_TYPE.into();
-        attrs.backend_data = data.raw();
+        if self.ipv4 {
+            let data = VxlanLeaseData {
+                vni: self.cfg.vni,
+                vtep_mac: self.mac.to_string(),
+            };
+            attrs.backend_data = data.raw();
+        }
         attrs
     }
 
@@ -322,38 +358,45 @@ impl Backend for VxlanBackend {
 
     /// With IPv6 the smaller of the two devices' MTUs: pods have one MTU for both families.
     fn mtu(&self) -> u32 {
-        if self.ipv6 {
-            self.mtu.min(self.cfg.mtu_v6(self.ext.mtu))
-        } else {
-            self.mtu
+        match (self.ipv4, self.ipv6) {
+            (true, true) => self.mtu.min(self.cfg.mtu_v6(self.ext.mtu)),
+            (false, _) => self.cfg.mtu_v6(self.ext.mtu),
+            (true, false) => self.mtu,
         }
     }
 
     async fn start(self, own: &Lease, config: &NetworkConfig) -> anyhow::Result<VxlanNetwork> {
         log::info!(
-            "vxlan: VNI {} port {} GBP {} learning {} DirectRouting {} MTU {} VTEP MAC {}",
+            "vxlan: VNI {} port {} GBP {} learning {} DirectRouting {}",
             self.cfg.vni,
             self.cfg.effective_port(),
             self.cfg.gbp,
             self.cfg.learning,
             self.cfg.direct_routing,
-            self.mtu,
-            self.mac
         );
         let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
         tokio::spawn(conn);
-        let mut dev = VxlanDevice::new(self.spec.clone(), IpAddr::V4(own.subnet().network()));
-        dev.ensure(&handle).await?;
+        let v4 = match self.ipv4 {
+            true => {
+                log::info!(
+                    "vxlan: IPv4 device {} MTU {} VTEP MAC {}",
+                    self.spec.name,
+                    self.mtu,
+                    self.mac
+                );
+                let mut dev =
+                    VxlanDevice::new(self.spec.clone(), IpAddr::V4(own.subnet().network()));
+                dev.ensure(&handle).await?;
+                let peers = Peers::new(self.cfg.direct_routing, self.ext.index, config.network);
+                Some(V4Side { dev, peers })
+            }
+            false => None,
+        };
         let v6 = match self.ipv6 {
             true => Some(self.start_v6(&handle, own, config).await?),
             false => None,
         };
-        Ok(VxlanNetwork {
-            handle,
-            dev,
-            peers: Peers::new(self.cfg.direct_routing, self.ext.index, config.network),
-            v6,
-        })
+        Ok(VxlanNetwork { handle, v4, v6 })
     }
 }
 
@@ -362,9 +405,11 @@ impl BackendNetwork for VxlanNetwork {
         let handle = &self.handle;
         let mut first_error = None;
         for ev in events {
-            if let Err(e) = self.peers.apply(handle, self.dev.index(), ev).await {
-                log::warn!("vxlan: {e}");
-                first_error.get_or_insert(e);
+            if let Some(v4) = self.v4.as_mut() {
+                if let Err(e) = v4.peers.apply(handle, v4.dev.index(), ev).await {
+                    log::warn!("vxlan: {e}");
+                    first_error.get_or_insert(e);
+                }
             }
             // IPv6 trouble with a peer is logged and repaired by resync; it never fails the
             // batch (the IPv4 side reports its own).
@@ -380,17 +425,9 @@ impl BackendNetwork for VxlanNetwork {
     /// Recreate the device if it went away, re-apply every peer's entries, drop stale ones
     /// (resync runs once the first listing is applied: `peers` is the full view).
     async fn resync(&mut self) -> anyhow::Result<()> {
-        if self.dev.ensure(&self.handle).await? {
-            log::info!(
-                "vxlan: device {} (re)created: reinstalling {} peers",
-                self.dev.name(),
-                self.peers.len()
-            );
-        }
-        self.peers.restore(&self.handle, self.dev.index()).await;
-        let pruned = self.peers.prune(&self.handle, self.dev.index()).await;
+        let v4 = self.resync_v4().await;
         self.resync_v6().await;
-        Ok(pruned?)
+        v4
     }
 }
 
@@ -413,6 +450,8 @@ mod tests {
             mtu: 1500,
             iface_addr: "172.30.0.11".parse().unwrap(),
             ext_addr: "172.30.0.11".parse().unwrap(),
+            iface_v6_addr: None,
+            ext_v6_addr: None,
         }
     }
 
@@ -471,6 +510,22 @@ mod tests {
         let mut attrs = b.lease_attrs("172.30.0.11".parse().unwrap());
         b.add_ipv6_attrs(&mut attrs);
         assert!(attrs.backend_v6_data.is_none());
+    }
+
+    /// Upstream's vxlan lease for EnableIPv4 false: PublicIP 0.0.0.0, no BackendData.
+    #[test]
+    fn ipv6_only_lease_json_is_upstreams_and_the_mtu_the_v6_devices() {
+        let b = VxlanBackend::new(&backend_config(r#"{"Type":"vxlan"}"#), &ext(), true)
+            .unwrap()
+            .without_ipv4();
+        let mut attrs = b.lease_attrs(Ipv4Addr::UNSPECIFIED);
+        attrs.public_ipv6 = Some("2001:db8::11".parse().unwrap());
+        b.add_ipv6_attrs(&mut attrs);
+        assert_eq!(
+            attrs.to_json(),
+            r#"{"PublicIP":"0.0.0.0","PublicIPv6":"2001:db8::11","BackendType":"vxlan","BackendV6Data":{"VNI":1,"VtepMAC":"0e:f6:20:01:0d:a9"}}"#
+        );
+        assert_eq!(b.mtu(), 1430);
     }
 
     #[test]

@@ -67,7 +67,7 @@ async fn a_key_deleted_by_hand_ends_the_agent_and_frees_the_lease() {
     k.tx.send(None).await.expect("keeper runs");
     let r = tokio::time::timeout(DEADLINE, k.task).await.expect("ends");
     match r.expect("no panic") {
-        Err(KeeperError::Manager(ManagerError::DeletedByHand(s))) => assert_eq!(s, k.own.subnet()),
+        Err(KeeperError::Manager(ManagerError::DeletedByHand(s))) => assert_eq!(s, k.own.key),
         other => panic!("expected DeletedByHand, got {other:?}"),
     }
     assert!(k.reg.live_leases().is_empty());
@@ -120,7 +120,7 @@ async fn a_new_owner_of_our_subnet_ends_the_agent() {
     let r = tokio::time::timeout(DEADLINE, k.task).await.expect("ends");
     match r.expect("no panic") {
         Err(KeeperError::TakenOver { subnet, owner }) => {
-            assert_eq!(subnet, k.own.subnet());
+            assert_eq!(subnet, k.own.key);
             assert_eq!(owner, Ipv4Addr::new(192, 0, 2, 7));
         }
         other => panic!("expected TakenOver, got {other:?}"),

@@ -7,6 +7,7 @@ use super::*;
 use crate::lease::SubnetKey;
 use crate::subnet::allocate::Previous;
 use crate::subnet::memory::MemoryRegistry;
+use ipnetwork::Ipv4Network;
 
 const OWN_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 const OTHER_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
@@ -202,8 +203,8 @@ async fn reclaim_never_takes_a_subnet_someone_else_now_holds() {
     reg.put(&own.key, &LeaseAttrs::new(OTHER_IP), theirs);
     match m.reclaim(&own).await {
         Err(ManagerError::SubnetTaken { subnet, owner }) => {
-            assert_eq!(subnet, own.subnet());
-            assert_eq!(owner, OTHER_IP);
+            assert_eq!(subnet, own.key);
+            assert_eq!(owner, std::net::IpAddr::V4(OTHER_IP));
         }
         other => panic!("expected SubnetTaken, got {other:?}"),
     }
