@@ -8,12 +8,14 @@ use aya_ebpf::{
     helpers::bpf_redirect,
     programs::TcContext,
 };
-use flannel_common::{Config, Counter, CONFIG_F_OVERLAY_L2, XDP_DECAP_MARK};
+use flannel_common::{
+    Config, Counter, CONFIG_F_KERNEL_RX, CONFIG_F_OVERLAY_L2, XDP_DECAP_MARK,
+};
 
 use super::{check_ingress, DECAP_RESET_EXTRA};
 use crate::encap::SAVED_MAX;
 use crate::frame::store_saved;
-use crate::hdr::{self, eth, ipv4, udp};
+use crate::hdr::{self, be16, eth, fold, ipv4, put16, udp, vxlan};
 use crate::maps::config;
 use crate::stats::count_rx;
 
@@ -58,6 +60,11 @@ pub fn decap(ctx: &TcContext) -> Result<i32, Counter> {
     let Some(c) = check_ingress(ctx, &cfg, len, |_| pkt_type == hdr::PACKET_OTHERHOST)? else {
         return Ok(NOT_OURS);
     };
+    // SAFETY: ctx.skb.skb is the program's context pointer.
+    let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
+    if gso && cfg.flags & CONFIG_F_KERNEL_RX != 0 && c.outer_hlen == ipv4::MIN_LEN + udp::LEN {
+        return to_kernel_tunnel(ctx, &cfg, c.inner_total);
+    }
     let mut inner_head = [0u8; SAVED_MAX];
     inner_head[..DECAP_RESET_EXTRA].copy_from_slice(&c.inner_head);
 
@@ -80,8 +87,6 @@ pub fn decap(ctx: &TcContext) -> Result<i32, Counter> {
             .map_err(|_| Counter::DropHelperError)?;
         store_saved(ctx, eth::LEN, &inner_head, DECAP_RESET_EXTRA)?;
     } else {
-        // SAFETY: ctx.skb.skb is the program's context pointer.
-        let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
         // A super-packet from an eBPF sender over a veth still says "UDP tunnel"
         // (skb->encapsulation, SKB_GSO_UDP_TUNNEL); left so, a bridge (cni0, whose
         // hw_enc_features lack TSO and checksum offload) segments and checksums it in
@@ -103,6 +108,56 @@ pub fn decap(ctx: &TcContext) -> Result<i32, Counter> {
     }
     count_rx(c.inner_total);
     deliver(ctx, &cfg)
+}
+
+/// Bytes the VXLAN form adds behind the outer UDP header: VXLAN and the inner Ethernet header.
+const KERNEL_RX_GROW: usize = vxlan::LEN + eth::LEN;
+/// Outer IPv4 (no options), UDP, VXLAN and inner Ethernet: what the rewrite writes.
+const KERNEL_RX_HDRS: usize = ipv4::MIN_LEN + udp::LEN + KERNEL_RX_GROW;
+/// Source MAC of the inner frames handed to the kernel's VXLAN receive: any valid unicast
+/// address other than the device's own (it drops frames looking like its own echo).
+const KERNEL_RX_SRC_MAC: [u8; 6] = [0x02, 0x66, 0x6c, 0x00, 0x00, 0x01];
+
+/// Rewrites an accepted packet (outer IPv4 without options) from upstream's format into VXLAN
+/// on the same port, for the overlay device's kernel VXLAN receive: outer IPv4 + UDP, then
+/// VXLAN and an Ethernet header to the overlay device, then the inner packet untouched. The
+/// stack then takes it from here as it would a kernel tunnel's (netfilter INPUT sees UDP to
+/// our port as with upstream's socket).
+#[inline(always)]
+fn to_kernel_tunnel(ctx: &TcContext, cfg: &Config, inner_total: usize) -> Result<i32, Counter> {
+    let mut h = [0u8; KERNEL_RX_HDRS];
+    let outer = ctx
+        .load::<[u8; ipv4::MIN_LEN + udp::LEN]>(eth::LEN)
+        .map_err(|_| Counter::DropHelperError)?;
+    h[..ipv4::MIN_LEN + udp::LEN].copy_from_slice(&outer);
+    // Lengths grow by the added bytes; the header checksum follows (RFC 1624).
+    let total = be16(&h, ipv4::TOT_LEN);
+    let new_total = total + KERNEL_RX_GROW as u16;
+    put16(&mut h, ipv4::TOT_LEN, new_total);
+    let old_csum = be16(&h, ipv4::CSUM);
+    let csum = !fold(u32::from(!old_csum) + u32::from(!total) + u32::from(new_total));
+    put16(&mut h, ipv4::CSUM, csum);
+    let u = ipv4::MIN_LEN;
+    let udp_len = be16(&h, u + udp::LENGTH);
+    put16(&mut h, u + udp::LENGTH, udp_len + KERNEL_RX_GROW as u16);
+    // No outer UDP checksum, as on the wire from our senders (zero is valid for IPv4).
+    put16(&mut h, u + udp::CSUM, 0);
+    let v = u + udp::LEN;
+    h[v] = vxlan::FLAGS_VNI;
+    let e = v + vxlan::LEN;
+    h[e..e + 6].copy_from_slice(&cfg.overlay_mac);
+    h[e + 6..e + 12].copy_from_slice(&KERNEL_RX_SRC_MAC);
+    put16(&mut h, e + eth::PROTO, eth::P_IP);
+    // Room behind the Ethernet header; the old outer headers are overwritten with the new.
+    ctx.adjust_room(
+        KERNEL_RX_GROW as i32,
+        BPF_ADJ_ROOM_MAC,
+        u64::from(BPF_F_ADJ_ROOM_FIXED_GSO),
+    )
+    .map_err(|_| Counter::DropHelperError)?;
+    store_saved(ctx, eth::LEN, &h, KERNEL_RX_HDRS)?;
+    count_rx(inner_total);
+    Ok(TC_ACT_OK)
 }
 
 /// Hands a decapsulated frame (Ethernet + inner IPv4) to the overlay device's ingress.

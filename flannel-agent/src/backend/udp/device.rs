@@ -22,7 +22,7 @@ use futures::TryStreamExt;
 use ipnetwork::Ipv4Network;
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
-use rtnetlink::{LinkIfb, LinkUnspec, RouteMessageBuilder};
+use rtnetlink::{LinkIfb, LinkUnspec, LinkVxlan, RouteMessageBuilder};
 
 /// Largest interface name the kernel accepts (IFNAMSIZ - 1).
 const MAX_IFNAME_LEN: usize = 15;
@@ -39,6 +39,10 @@ pub enum OverlayKind {
     Tun,
     /// An ifb with ARP off: the eBPF data plane's, always with carrier.
     Ifb,
+    /// A kernel VXLAN device in collect-metadata mode on the udp port, ARP off: the eBPF
+    /// data plane's, with carrier, and the kernel's UDP tunnel receive for super-packets
+    /// (see `CONFIG_F_KERNEL_RX`).
+    Vxlan { port: u16 },
 }
 
 impl OverlayKind {
@@ -46,6 +50,7 @@ impl OverlayKind {
         match self {
             OverlayKind::Tun => InfoKind::Tun,
             OverlayKind::Ifb => InfoKind::Ifb,
+            OverlayKind::Vxlan { .. } => InfoKind::Vxlan,
         }
     }
 }
@@ -195,7 +200,7 @@ pub async fn setup_overlay_device(
     if let Some(link) = &existing {
         match link_kind(link) {
             Some(kind) if kind == cfg.kind.info_kind() => {}
-            Some(kind @ (InfoKind::Tun | InfoKind::Ifb)) => {
+            Some(kind @ (InfoKind::Tun | InfoKind::Ifb | InfoKind::Vxlan)) => {
                 log::info!(
                     "{name} is a {} device: replacing it with a {} for this data plane",
                     format!("{kind:?}").to_lowercase(),
@@ -239,6 +244,23 @@ pub async fn setup_overlay_device(
             }
             Vec::new()
         }
+        OverlayKind::Vxlan { port } => {
+            if existing.is_none() {
+                handle
+                    .link()
+                    .add(
+                        LinkVxlan::new(name, 0)
+                            .collect_metadata(true)
+                            .port(port)
+                            .learning(false)
+                            .build(),
+                    )
+                    .execute()
+                    .await
+                    .map_err(nl_err("add vxlan"))?;
+            }
+            Vec::new()
+        }
     };
 
     let link = find_link(handle, name)
@@ -247,7 +269,7 @@ pub async fn setup_overlay_device(
             name: name.to_string(),
         })?;
     let ifindex = link.header.index;
-    if cfg.kind == OverlayKind::Ifb {
+    if cfg.kind != OverlayKind::Tun {
         // No IPv6 on it: link-local autoconfiguration would only send packets encap drops.
         let knob = format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6");
         if let Err(e) = std::fs::write(&knob, "1") {
@@ -257,7 +279,7 @@ pub async fn setup_overlay_device(
 
     // MTU and up first: IPv4 refuses routes through a device that is down.
     let mut settings = LinkUnspec::new_with_index(ifindex).mtu(cfg.mtu).up();
-    if cfg.kind == OverlayKind::Ifb {
+    if cfg.kind != OverlayKind::Tun {
         // The ifb is Ethernet: without ARP, routed packets reach encap at once.
         settings = settings.arp(false);
     }

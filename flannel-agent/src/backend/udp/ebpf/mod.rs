@@ -107,6 +107,7 @@ impl EbpfDataplane {
         let config = loader::config(
             opts,
             complete_csum,
+            netdev::driver_name(&overlay_name).as_deref() == Some("vxlan"),
             netdev::ethernet_address(&overlay_name),
             netdev::ethernet_address(&ext_name),
         );
