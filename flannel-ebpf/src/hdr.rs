@@ -74,6 +74,8 @@ pub mod vxlan {
     pub const LEN: usize = 8;
     /// First byte: the I flag (a valid VNI follows).
     pub const FLAGS_VNI: u8 = 0x08;
+    /// Offset of the 24-bit VNI (big-endian).
+    pub const VNI: usize = 4;
 }
 
 pub mod tcp {

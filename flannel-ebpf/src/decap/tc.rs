@@ -62,7 +62,7 @@ pub fn decap(ctx: &TcContext) -> Result<i32, Counter> {
     };
     // SAFETY: ctx.skb.skb is the program's context pointer.
     let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
-    if gso && cfg.flags & CONFIG_F_KERNEL_RX != 0 && c.outer_hlen == ipv4::MIN_LEN + udp::LEN {
+    if cfg.flags & CONFIG_F_KERNEL_RX != 0 && c.outer_hlen == ipv4::MIN_LEN + udp::LEN {
         return to_kernel_tunnel(ctx, &cfg, c.inner_total);
     }
     let mut inner_head = [0u8; SAVED_MAX];
@@ -116,6 +116,8 @@ const KERNEL_RX_GROW: usize = vxlan::LEN + eth::LEN;
 const KERNEL_RX_HDRS: usize = ipv4::MIN_LEN + udp::LEN + KERNEL_RX_GROW;
 /// Source MAC of the inner frames handed to the kernel's VXLAN receive: any valid unicast
 /// address other than the device's own (it drops frames looking like its own echo).
+/// The overlay device's VNI (the agent's `device::KERNEL_RX_VNI`).
+const KERNEL_RX_VNI: u8 = 1;
 const KERNEL_RX_SRC_MAC: [u8; 6] = [0x02, 0x66, 0x6c, 0x00, 0x00, 0x01];
 
 /// Rewrites an accepted packet (outer IPv4 without options) from upstream's format into VXLAN
@@ -144,6 +146,7 @@ fn to_kernel_tunnel(ctx: &TcContext, cfg: &Config, inner_total: usize) -> Result
     put16(&mut h, u + udp::CSUM, 0);
     let v = u + udp::LEN;
     h[v] = vxlan::FLAGS_VNI;
+    h[v + vxlan::VNI + 2] = KERNEL_RX_VNI;
     let e = v + vxlan::LEN;
     h[e..e + 6].copy_from_slice(&cfg.overlay_mac);
     h[e + 6..e + 12].copy_from_slice(&KERNEL_RX_SRC_MAC);
