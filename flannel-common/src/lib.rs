@@ -31,7 +31,16 @@ pub mod prog_names {
     pub const DECAP: &str = "flannel_decap";
     /// Native XDP on the external device: decapsulates before GRO (see `--udp-decap`).
     pub const DECAP_XDP: &str = "flannel_decap_xdp";
+    /// TC ingress on the overlay device: lets in only what decap handed it.
+    pub const OVERLAY_IN: &str = "flannel_overlay_in";
+    pub const ALL: [&str; 4] = [ENCAP, DECAP, DECAP_XDP, OVERLAY_IN];
 }
+
+/// What decap leaves in `skb->tc_index` (unused by the kernel since tcindex and dsmark are
+/// gone) on every packet it hands the overlay device, redirected or through the kernel's
+/// VXLAN receive; `flannel_overlay_in` drops what arrives without it (VXLAN sent to the udp
+/// port from anywhere but the external device, past decap's checks) and clears it.
+pub const DECAP_TOKEN: u16 = 0x464c;
 
 /// What XDP decap writes into the packet's metadata area (4 bytes, native endian) so that the
 /// TC program on the same device, which sees the packet after GRO, hands it to the overlay

@@ -9,7 +9,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use flannel_common::{
-    Config, Counter, CONFIG_F_KERNEL_RX, CONFIG_F_OVERLAY_L2, XDP_DECAP_MARK,
+    Config, Counter, CONFIG_F_KERNEL_RX, CONFIG_F_OVERLAY_L2, DECAP_TOKEN, XDP_DECAP_MARK,
 };
 
 use super::{check_ingress, DECAP_RESET_EXTRA};
@@ -160,6 +160,9 @@ fn to_kernel_tunnel(ctx: &TcContext, cfg: &Config, inner_total: usize) -> Result
     .map_err(|_| Counter::DropHelperError)?;
     store_saved(ctx, eth::LEN, &h, KERNEL_RX_HDRS)?;
     count_rx(inner_total);
+    // TCX copies tc_classid into tc_index when the verdict is "pass" (tcx_action_code).
+    // SAFETY: ctx.skb.skb is the program's context pointer; TC programs may write tc_classid.
+    unsafe { (*ctx.skb.skb).tc_classid = u32::from(DECAP_TOKEN) };
     Ok(TC_ACT_OK)
 }
 
@@ -174,10 +177,19 @@ fn deliver(ctx: &TcContext, cfg: &Config) -> Result<i32, Counter> {
         ctx.store(0, &cfg.overlay_mac, 0)
             .map_err(|_| Counter::DropHelperError)?;
     }
+    mark_checked(ctx);
     // As if the packet had been written to the TUN: it enters the stack on flannel0.
     // SAFETY: plain helper call.
     let action = unsafe { bpf_redirect(cfg.decap_ifindex, u64::from(BPF_F_INGRESS)) };
     Ok(action as i32)
+}
+
+/// Leaves decap's token for `flannel_overlay_in` (see `DECAP_TOKEN`) on a packet decap
+/// redirects (a redirect keeps tc_index as it is).
+#[inline(always)]
+fn mark_checked(ctx: &TcContext) {
+    // SAFETY: ctx.skb.skb is the program's context pointer; TC programs may write tc_index.
+    unsafe { (*ctx.skb.skb).tc_index = u32::from(DECAP_TOKEN) };
 }
 
 /// Whether XDP decap on this device left its mark in the packet's metadata.

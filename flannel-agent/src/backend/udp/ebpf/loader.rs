@@ -96,9 +96,7 @@ pub(super) fn take_map(bpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::
 /// Removes the pinned programs and maps, the namespace marker and then `pin_dir` itself (the
 /// links must be gone already).
 pub(super) fn remove_pins(pin_dir: &Path) -> Result<(), EbpfError> {
-    let names = [prog_names::ENCAP, prog_names::DECAP, prog_names::DECAP_XDP]
-        .into_iter()
-        .chain(map_names::ALL);
+    let names = prog_names::ALL.into_iter().chain(map_names::ALL);
     for name in names {
         let path = pin_dir.join(name);
         if path.exists() {

@@ -41,7 +41,7 @@ use super::{DataplaneStats, UdpDataplane};
 use crate::cli::UdpDecap;
 use error::map_err;
 pub use error::EbpfError;
-pub use links::{xdp_decap_ifindex, DECAP_LINK, DECAP_XDP_LINK, ENCAP_LINK};
+pub use links::{xdp_decap_ifindex, DECAP_LINK, DECAP_XDP_LINK, ENCAP_LINK, OVERLAY_IN_LINK};
 pub use loader::DEFAULT_PIN_DIR;
 use peers::PeerTable;
 pub use stats::read_pinned_stats;
