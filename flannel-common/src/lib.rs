@@ -46,6 +46,9 @@ pub const DECAP_TOKEN: u16 = 0x464c;
 /// TC program on the same device, which sees the packet after GRO, hands it to the overlay
 /// device like one it decapsulated itself.
 pub const XDP_DECAP_MARK: u32 = 0x464c_4e31;
+/// What XDP writes there instead when it rewrote the packet into the VXLAN form for the overlay
+/// device's kernel VXLAN receive (`CONFIG_F_KERNEL_RX`): TC then only lets it go on.
+pub const XDP_KERNEL_RX_MARK: u32 = 0x464c_4e32;
 
 /// Capacity of the peer table (a /16 network split into /24s has 256 subnets; /8 into /24s
 /// has 65536).

@@ -10,12 +10,13 @@ use aya_ebpf::{
 };
 use flannel_common::{
     Config, Counter, CONFIG_F_KERNEL_RX, CONFIG_F_OVERLAY_L2, DECAP_TOKEN, XDP_DECAP_MARK,
+    XDP_KERNEL_RX_MARK,
 };
 
-use super::{check_ingress, DECAP_RESET_EXTRA};
+use super::{check_ingress, kernel_rx, DECAP_RESET_EXTRA};
 use crate::encap::SAVED_MAX;
 use crate::frame::store_saved;
-use crate::hdr::{self, be16, eth, fold, ipv4, put16, udp, vxlan};
+use crate::hdr::{self, eth, ipv4, udp};
 use crate::maps::config;
 use crate::stats::count_rx;
 
@@ -41,9 +42,13 @@ pub fn decap(ctx: &TcContext) -> Result<i32, Counter> {
     let Some(cfg) = config() else {
         return Ok(NOT_OURS);
     };
-    if xdp_decapsulated(ctx) {
+    match xdp_mark(ctx) {
         // XDP decap already checked, stripped and counted it (GRO has merged it since).
-        return deliver(ctx, &cfg);
+        Some(XDP_DECAP_MARK) => return deliver(ctx, &cfg),
+        // XDP checked it and rewrote it as VXLAN (GRO has merged it in the kernel's VXLAN
+        // GRO since): on to the kernel's VXLAN receive.
+        Some(XDP_KERNEL_RX_MARK) => return Ok(pass_to_kernel(ctx)),
+        _ => {}
     }
     let len = ctx.len() as usize;
     // Make the headers we may read linear (a no-op for the usual veth/NIC skbs).
@@ -62,7 +67,7 @@ pub fn decap(ctx: &TcContext) -> Result<i32, Counter> {
     };
     // SAFETY: ctx.skb.skb is the program's context pointer.
     let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
-    if cfg.flags & CONFIG_F_KERNEL_RX != 0 && c.outer_hlen == ipv4::MIN_LEN + udp::LEN {
+    if cfg.flags & CONFIG_F_KERNEL_RX != 0 && c.outer_hlen == kernel_rx::OUTER_LEN {
         return to_kernel_tunnel(ctx, &cfg, c.inner_total);
     }
     let mut inner_head = [0u8; SAVED_MAX];
@@ -110,62 +115,6 @@ pub fn decap(ctx: &TcContext) -> Result<i32, Counter> {
     deliver(ctx, &cfg)
 }
 
-/// Bytes the VXLAN form adds behind the outer UDP header: VXLAN and the inner Ethernet header.
-const KERNEL_RX_GROW: usize = vxlan::LEN + eth::LEN;
-/// Outer IPv4 (no options), UDP, VXLAN and inner Ethernet: what the rewrite writes.
-const KERNEL_RX_HDRS: usize = ipv4::MIN_LEN + udp::LEN + KERNEL_RX_GROW;
-/// Source MAC of the inner frames handed to the kernel's VXLAN receive: any valid unicast
-/// address other than the device's own (it drops frames looking like its own echo).
-/// The overlay device's VNI (the agent's `device::KERNEL_RX_VNI`).
-const KERNEL_RX_VNI: u8 = 1;
-const KERNEL_RX_SRC_MAC: [u8; 6] = [0x02, 0x66, 0x6c, 0x00, 0x00, 0x01];
-
-/// Rewrites an accepted packet (outer IPv4 without options) from upstream's format into VXLAN
-/// on the same port, for the overlay device's kernel VXLAN receive: outer IPv4 + UDP, then
-/// VXLAN and an Ethernet header to the overlay device, then the inner packet untouched. The
-/// stack then takes it from here as it would a kernel tunnel's (netfilter INPUT sees UDP to
-/// our port as with upstream's socket).
-#[inline(always)]
-fn to_kernel_tunnel(ctx: &TcContext, cfg: &Config, inner_total: usize) -> Result<i32, Counter> {
-    let mut h = [0u8; KERNEL_RX_HDRS];
-    let outer = ctx
-        .load::<[u8; ipv4::MIN_LEN + udp::LEN]>(eth::LEN)
-        .map_err(|_| Counter::DropHelperError)?;
-    h[..ipv4::MIN_LEN + udp::LEN].copy_from_slice(&outer);
-    // Lengths grow by the added bytes; the header checksum follows (RFC 1624).
-    let total = be16(&h, ipv4::TOT_LEN);
-    let new_total = total + KERNEL_RX_GROW as u16;
-    put16(&mut h, ipv4::TOT_LEN, new_total);
-    let old_csum = be16(&h, ipv4::CSUM);
-    let csum = !fold(u32::from(!old_csum) + u32::from(!total) + u32::from(new_total));
-    put16(&mut h, ipv4::CSUM, csum);
-    let u = ipv4::MIN_LEN;
-    let udp_len = be16(&h, u + udp::LENGTH);
-    put16(&mut h, u + udp::LENGTH, udp_len + KERNEL_RX_GROW as u16);
-    // No outer UDP checksum, as on the wire from our senders (zero is valid for IPv4).
-    put16(&mut h, u + udp::CSUM, 0);
-    let v = u + udp::LEN;
-    h[v] = vxlan::FLAGS_VNI;
-    h[v + vxlan::VNI + 2] = KERNEL_RX_VNI;
-    let e = v + vxlan::LEN;
-    h[e..e + 6].copy_from_slice(&cfg.overlay_mac);
-    h[e + 6..e + 12].copy_from_slice(&KERNEL_RX_SRC_MAC);
-    put16(&mut h, e + eth::PROTO, eth::P_IP);
-    // Room behind the Ethernet header; the old outer headers are overwritten with the new.
-    ctx.adjust_room(
-        KERNEL_RX_GROW as i32,
-        BPF_ADJ_ROOM_MAC,
-        u64::from(BPF_F_ADJ_ROOM_FIXED_GSO),
-    )
-    .map_err(|_| Counter::DropHelperError)?;
-    store_saved(ctx, eth::LEN, &h, KERNEL_RX_HDRS)?;
-    count_rx(inner_total);
-    // TCX copies tc_classid into tc_index when the verdict is "pass" (tcx_action_code).
-    // SAFETY: ctx.skb.skb is the program's context pointer; TC programs may write tc_classid.
-    unsafe { (*ctx.skb.skb).tc_classid = u32::from(DECAP_TOKEN) };
-    Ok(TC_ACT_OK)
-}
-
 /// Hands a decapsulated frame (Ethernet + inner IPv4) to the overlay device's ingress.
 #[inline(always)]
 fn deliver(ctx: &TcContext, cfg: &Config) -> Result<i32, Counter> {
@@ -192,16 +141,47 @@ fn mark_checked(ctx: &TcContext) {
     unsafe { (*ctx.skb.skb).tc_index = u32::from(DECAP_TOKEN) };
 }
 
-/// Whether XDP decap on this device left its mark in the packet's metadata.
+/// Rewrites an accepted packet (outer IPv4 without options) into the VXLAN form
+/// (`kernel_rx`) in place, for the overlay device's kernel VXLAN receive. The stack takes it
+/// from here as it would a kernel tunnel's (netfilter INPUT sees UDP to our port, as with
+/// upstream's socket).
 #[inline(always)]
-fn xdp_decapsulated(ctx: &TcContext) -> bool {
+fn to_kernel_tunnel(ctx: &TcContext, cfg: &Config, inner_total: usize) -> Result<i32, Counter> {
+    let outer = ctx
+        .load::<[u8; kernel_rx::OUTER_LEN]>(eth::LEN)
+        .map_err(|_| Counter::DropHelperError)?;
+    let h = kernel_rx::headers(&outer, &cfg.overlay_mac);
+    // Room behind the Ethernet header; the old outer headers are overwritten with the new.
+    // FIXED_GSO: a super-packet keeps its inner MSS.
+    ctx.adjust_room(
+        kernel_rx::GROW as i32,
+        BPF_ADJ_ROOM_MAC,
+        u64::from(BPF_F_ADJ_ROOM_FIXED_GSO),
+    )
+    .map_err(|_| Counter::DropHelperError)?;
+    store_saved(ctx, eth::LEN, &h, kernel_rx::HDRS_LEN)?;
+    count_rx(inner_total);
+    Ok(pass_to_kernel(ctx))
+}
+
+/// Lets a packet in the VXLAN form go on up the stack, with decap's token.
+#[inline(always)]
+fn pass_to_kernel(ctx: &TcContext) -> i32 {
+    // TCX copies tc_classid into tc_index when the verdict is "pass" (tcx_action_code).
+    // SAFETY: ctx.skb.skb is the program's context pointer; TC programs may write tc_classid.
+    unsafe { (*ctx.skb.skb).tc_classid = u32::from(DECAP_TOKEN) };
+    TC_ACT_OK
+}
+
+/// The mark XDP decap on this device left in the packet's metadata, if any.
+#[inline(always)]
+fn xdp_mark(ctx: &TcContext) -> Option<u32> {
     // SAFETY: ctx.skb.skb is the program's context pointer.
     let meta = unsafe { (*ctx.skb.skb).data_meta } as usize;
     let data = ctx.data();
     if meta + XDP_META_LEN > data {
-        return false;
+        return None;
     }
     // SAFETY: the 4 bytes lie inside the metadata area, checked against data above.
-    let mark = unsafe { (meta as *const u32).read_unaligned() };
-    mark == XDP_DECAP_MARK
+    Some(unsafe { (meta as *const u32).read_unaligned() })
 }
