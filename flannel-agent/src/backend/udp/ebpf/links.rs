@@ -261,7 +261,7 @@ pub(super) fn set_up_xdp_decap(
         match attach_xdp(bpf, opts) {
             Ok(()) => {
                 log::info!(
-                    "decapsulating with native XDP on {ext_name} (driver {driver}, --udp-decap={}): before GRO, which then merges the inner TCP stream",
+                    "decapsulating with native XDP on {ext_name} (driver {driver}, --udp-decap={}): before GRO, which then merges the stream",
                     if opts.decap == UdpDecap::Xdp { "xdp" } else { "auto, GRO on" }
                 );
                 return Ok(());
