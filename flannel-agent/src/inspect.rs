@@ -92,6 +92,7 @@ pub fn render(pin_dir: &Path) -> anyhow::Result<Report> {
         None => {
             for (ifindex, attach, what) in [
                 (config.decap_ifindex, TcAttachType::Egress, "egress"),
+                (config.decap_ifindex, TcAttachType::Ingress, "ingress"),
                 (config.ext_ifindex, TcAttachType::Ingress, "ingress"),
             ] {
                 let hook = match interface_name(ifindex) {

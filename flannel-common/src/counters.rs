@@ -186,6 +186,8 @@ counters! {
         "Decap: the outer IPv4 header checksum is wrong (the stack would drop it too).";
     drop_other_host => DropOtherHost, DROPS = "other_host", Ebpf,
         "Decap: the frame was addressed to another host's MAC (pkt_type other-host, seen in promiscuous mode or on a flooding switch), which the stack drops.";
+    drop_unverified => DropUnverified, DROPS = "unverified", Ebpf,
+        "Overlay device: a packet reached flannel0's VXLAN receive without passing decap's checks (VXLAN sent to the udp port other than through the external device).";
 }
 
 #[cfg(test)]

@@ -31,12 +31,24 @@ pub mod prog_names {
     pub const DECAP: &str = "flannel_decap";
     /// Native XDP on the external device: decapsulates before GRO (see `--udp-decap`).
     pub const DECAP_XDP: &str = "flannel_decap_xdp";
+    /// TC ingress on the overlay device: lets in only what decap handed it.
+    pub const OVERLAY_IN: &str = "flannel_overlay_in";
+    pub const ALL: [&str; 4] = [ENCAP, DECAP, DECAP_XDP, OVERLAY_IN];
 }
+
+/// What decap leaves in `skb->tc_index` (unused by the kernel since tcindex and dsmark are
+/// gone) on every packet it hands the overlay device, redirected or through the kernel's
+/// VXLAN receive; `flannel_overlay_in` drops what arrives without it (VXLAN sent to the udp
+/// port from anywhere but the external device, past decap's checks) and clears it.
+pub const DECAP_TOKEN: u16 = 0x464c;
 
 /// What XDP decap writes into the packet's metadata area (4 bytes, native endian) so that the
 /// TC program on the same device, which sees the packet after GRO, hands it to the overlay
 /// device like one it decapsulated itself.
 pub const XDP_DECAP_MARK: u32 = 0x464c_4e31;
+/// What XDP writes there instead when it rewrote the packet into the VXLAN form for the overlay
+/// device's kernel VXLAN receive (`CONFIG_F_KERNEL_RX`): TC then only lets it go on.
+pub const XDP_KERNEL_RX_MARK: u32 = 0x464c_4e32;
 
 /// Capacity of the peer table (a /16 network split into /24s has 256 subnets; /8 into /24s
 /// has 65536).
@@ -124,6 +136,13 @@ pub const CONFIG_F_COMPLETE_CSUM: u32 = 1 << 0;
 /// [`Config::flags`]: the overlay device has an Ethernet header (the eBPF data plane's `ifb`,
 /// which keeps its carrier with no process attached), not a TUN's bare IPv4.
 pub const CONFIG_F_OVERLAY_L2: u32 = 1 << 1;
+
+/// [`Config::flags`]: the overlay device is a kernel VXLAN device in collect-metadata mode
+/// listening on our port. TC decap hands it the super-packets it accepted, rewritten in place
+/// as VXLAN: the kernel's UDP tunnel receive then resets the tunnel offload state
+/// (skb->encapsulation, SKB_GSO_UDP_TUNNEL) that `bpf_skb_adjust_room` leaves behind on this
+/// kernel, so a bridge on the way to the pod does not segment them in software.
+pub const CONFIG_F_KERNEL_RX: u32 = 1 << 2;
 
 #[cfg(feature = "user")]
 mod pod {

@@ -69,6 +69,15 @@ pub mod udp {
     pub const CSUM: usize = 6;
 }
 
+/// VXLAN (RFC 7348), as the kernel's VXLAN device receives it.
+pub mod vxlan {
+    pub const LEN: usize = 8;
+    /// First byte: the I flag (a valid VNI follows).
+    pub const FLAGS_VNI: u8 = 0x08;
+    /// Offset of the 24-bit VNI (big-endian).
+    pub const VNI: usize = 4;
+}
+
 pub mod tcp {
     pub const MIN_LEN: usize = 20;
     pub const CSUM: usize = 16;

@@ -4,7 +4,9 @@
 //! This file only declares the programs; the work is done by concept:
 //! - `encap` (egress): `flannel_encap`, TC egress on the overlay device.
 //! - `decap` (ingress): the checks shared by `flannel_decap` (TC ingress on the external
-//!   device, `decap::tc`) and `flannel_decap_xdp` (native XDP there, `decap::xdp`).
+//!   device, `decap::tc`) and `flannel_decap_xdp` (native XDP there, `decap::xdp`), and
+//!   `flannel_overlay_in` (TC ingress on the overlay device, `decap::overlay_in`), which lets
+//!   in only what decap handed it.
 //! - `maps` (the maps shared with the agent and their lookups), `stats` (counters),
 //!   `hdr` (header offsets, checksum arithmetic), `frame` (packet access for TC and XDP).
 #![no_std]
@@ -46,6 +48,14 @@ pub fn flannel_encap(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn flannel_decap(ctx: TcContext) -> i32 {
     match decap::tc::decap(&ctx) {
+        Ok(action) => action,
+        Err(reason) => drop_packet(reason),
+    }
+}
+
+#[classifier]
+pub fn flannel_overlay_in(ctx: TcContext) -> i32 {
+    match decap::overlay_in::admit(&ctx) {
         Ok(action) => action,
         Err(reason) => drop_packet(reason),
     }

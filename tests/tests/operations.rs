@@ -191,6 +191,7 @@ fn sigkill_and_restart(extra: &[&'static str], xdp_progs: u32) {
         hooks,
         [
             ("tcx egress of flannel0".to_owned(), 1),
+            ("tcx ingress of flannel0".to_owned(), 1),
             ("tcx ingress of eth0".to_owned(), 1),
             ("xdp of eth0".to_owned(), xdp_progs),
         ],

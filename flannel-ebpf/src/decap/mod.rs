@@ -7,6 +7,8 @@
 //! unknown sender, spoofed inner source) is dropped and counted by reason. Outer IP options
 //! are allowed (the header length is honoured); inner packets are payload.
 
+pub mod kernel_rx;
+pub mod overlay_in;
 pub mod tc;
 pub mod xdp;
 

@@ -8,9 +8,12 @@ use aya_ebpf::{
     helpers::bpf_redirect,
     programs::TcContext,
 };
-use flannel_common::{Config, Counter, CONFIG_F_OVERLAY_L2, XDP_DECAP_MARK};
+use flannel_common::{
+    Config, Counter, CONFIG_F_KERNEL_RX, CONFIG_F_OVERLAY_L2, DECAP_TOKEN, XDP_DECAP_MARK,
+    XDP_KERNEL_RX_MARK,
+};
 
-use super::{check_ingress, DECAP_RESET_EXTRA};
+use super::{check_ingress, kernel_rx, DECAP_RESET_EXTRA};
 use crate::encap::SAVED_MAX;
 use crate::frame::store_saved;
 use crate::hdr::{self, eth, ipv4, udp};
@@ -39,9 +42,13 @@ pub fn decap(ctx: &TcContext) -> Result<i32, Counter> {
     let Some(cfg) = config() else {
         return Ok(NOT_OURS);
     };
-    if xdp_decapsulated(ctx) {
+    match xdp_mark(ctx) {
         // XDP decap already checked, stripped and counted it (GRO has merged it since).
-        return deliver(ctx, &cfg);
+        Some(XDP_DECAP_MARK) => return deliver(ctx, &cfg),
+        // XDP checked it and rewrote it as VXLAN (GRO has merged it in the kernel's VXLAN
+        // GRO since): on to the kernel's VXLAN receive.
+        Some(XDP_KERNEL_RX_MARK) => return Ok(pass_to_kernel(ctx)),
+        _ => {}
     }
     let len = ctx.len() as usize;
     // Make the headers we may read linear (a no-op for the usual veth/NIC skbs).
@@ -58,6 +65,11 @@ pub fn decap(ctx: &TcContext) -> Result<i32, Counter> {
     let Some(c) = check_ingress(ctx, &cfg, len, |_| pkt_type == hdr::PACKET_OTHERHOST)? else {
         return Ok(NOT_OURS);
     };
+    // SAFETY: ctx.skb.skb is the program's context pointer.
+    let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
+    if cfg.flags & CONFIG_F_KERNEL_RX != 0 && c.outer_hlen == kernel_rx::OUTER_LEN {
+        return to_kernel_tunnel(ctx, &cfg, c.inner_total);
+    }
     let mut inner_head = [0u8; SAVED_MAX];
     inner_head[..DECAP_RESET_EXTRA].copy_from_slice(&c.inner_head);
 
@@ -80,8 +92,6 @@ pub fn decap(ctx: &TcContext) -> Result<i32, Counter> {
             .map_err(|_| Counter::DropHelperError)?;
         store_saved(ctx, eth::LEN, &inner_head, DECAP_RESET_EXTRA)?;
     } else {
-        // SAFETY: ctx.skb.skb is the program's context pointer.
-        let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
         // A super-packet from an eBPF sender over a veth still says "UDP tunnel"
         // (skb->encapsulation, SKB_GSO_UDP_TUNNEL); left so, a bridge (cni0, whose
         // hw_enc_features lack TSO and checksum offload) segments and checksums it in
@@ -116,22 +126,62 @@ fn deliver(ctx: &TcContext, cfg: &Config) -> Result<i32, Counter> {
         ctx.store(0, &cfg.overlay_mac, 0)
             .map_err(|_| Counter::DropHelperError)?;
     }
+    mark_checked(ctx);
     // As if the packet had been written to the TUN: it enters the stack on flannel0.
     // SAFETY: plain helper call.
     let action = unsafe { bpf_redirect(cfg.decap_ifindex, u64::from(BPF_F_INGRESS)) };
     Ok(action as i32)
 }
 
-/// Whether XDP decap on this device left its mark in the packet's metadata.
+/// Leaves decap's token for `flannel_overlay_in` (see `DECAP_TOKEN`) on a packet decap
+/// redirects (a redirect keeps tc_index as it is).
 #[inline(always)]
-fn xdp_decapsulated(ctx: &TcContext) -> bool {
+fn mark_checked(ctx: &TcContext) {
+    // SAFETY: ctx.skb.skb is the program's context pointer; TC programs may write tc_index.
+    unsafe { (*ctx.skb.skb).tc_index = u32::from(DECAP_TOKEN) };
+}
+
+/// Rewrites an accepted packet (outer IPv4 without options) into the VXLAN form
+/// (`kernel_rx`) in place, for the overlay device's kernel VXLAN receive. The stack takes it
+/// from here as it would a kernel tunnel's (netfilter INPUT sees UDP to our port, as with
+/// upstream's socket).
+#[inline(always)]
+fn to_kernel_tunnel(ctx: &TcContext, cfg: &Config, inner_total: usize) -> Result<i32, Counter> {
+    let outer = ctx
+        .load::<[u8; kernel_rx::OUTER_LEN]>(eth::LEN)
+        .map_err(|_| Counter::DropHelperError)?;
+    let h = kernel_rx::headers(&outer, &cfg.overlay_mac);
+    // Room behind the Ethernet header; the old outer headers are overwritten with the new.
+    // FIXED_GSO: a super-packet keeps its inner MSS.
+    ctx.adjust_room(
+        kernel_rx::GROW as i32,
+        BPF_ADJ_ROOM_MAC,
+        u64::from(BPF_F_ADJ_ROOM_FIXED_GSO),
+    )
+    .map_err(|_| Counter::DropHelperError)?;
+    store_saved(ctx, eth::LEN, &h, kernel_rx::HDRS_LEN)?;
+    count_rx(inner_total);
+    Ok(pass_to_kernel(ctx))
+}
+
+/// Lets a packet in the VXLAN form go on up the stack, with decap's token.
+#[inline(always)]
+fn pass_to_kernel(ctx: &TcContext) -> i32 {
+    // TCX copies tc_classid into tc_index when the verdict is "pass" (tcx_action_code).
+    // SAFETY: ctx.skb.skb is the program's context pointer; TC programs may write tc_classid.
+    unsafe { (*ctx.skb.skb).tc_classid = u32::from(DECAP_TOKEN) };
+    TC_ACT_OK
+}
+
+/// The mark XDP decap on this device left in the packet's metadata, if any.
+#[inline(always)]
+fn xdp_mark(ctx: &TcContext) -> Option<u32> {
     // SAFETY: ctx.skb.skb is the program's context pointer.
     let meta = unsafe { (*ctx.skb.skb).data_meta } as usize;
     let data = ctx.data();
     if meta + XDP_META_LEN > data {
-        return false;
+        return None;
     }
     // SAFETY: the 4 bytes lie inside the metadata area, checked against data above.
-    let mark = unsafe { (meta as *const u32).read_unaligned() };
-    mark == XDP_DECAP_MARK
+    Some(unsafe { (meta as *const u32).read_unaligned() })
 }

@@ -21,14 +21,20 @@ use std::os::unix::fs::OpenOptionsExt;
 use futures::TryStreamExt;
 use ipnetwork::Ipv4Network;
 use rtnetlink::packet_route::address::AddressAttribute;
-use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
-use rtnetlink::{LinkIfb, LinkUnspec, RouteMessageBuilder};
+use rtnetlink::packet_route::link::{
+    InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage,
+};
+use rtnetlink::{LinkIfb, LinkUnspec, LinkVxlan, RouteMessageBuilder};
 
 /// Largest interface name the kernel accepts (IFNAMSIZ - 1).
 const MAX_IFNAME_LEN: usize = 15;
 /// Offloads a TUN with virtio headers advertises: checksum offload and IPv4 TSO, so reads
 /// return 64 KB TCP super-packets.
 const TUN_OFFLOADS: libc::c_uint = libc::TUN_F_CSUM | libc::TUN_F_TSO4;
+/// VNI of the frames decap hands the overlay device's VXLAN receive (`CONFIG_F_KERNEL_RX`).
+/// A plain (not collect-metadata) device: the kernel then attaches no per-packet tunnel
+/// metadata, which it would allocate and free through RCU for every packet.
+pub const KERNEL_RX_VNI: u32 = 1;
 /// IPv4 minimum MTU (RFC 791).
 const MIN_MTU: u32 = 68;
 
@@ -39,13 +45,26 @@ pub enum OverlayKind {
     Tun,
     /// An ifb with ARP off: the eBPF data plane's, always with carrier.
     Ifb,
+    /// A kernel VXLAN device in collect-metadata mode on the udp port, ARP off: the eBPF
+    /// data plane's, with carrier, and the kernel's UDP tunnel receive for super-packets
+    /// (see `CONFIG_F_KERNEL_RX`).
+    Vxlan { port: u16 },
 }
 
 impl OverlayKind {
+    fn label(self) -> &'static str {
+        match self {
+            OverlayKind::Tun => "tun",
+            OverlayKind::Ifb => "ifb",
+            OverlayKind::Vxlan { .. } => "vxlan",
+        }
+    }
+
     fn info_kind(self) -> InfoKind {
         match self {
             OverlayKind::Tun => InfoKind::Tun,
             OverlayKind::Ifb => InfoKind::Ifb,
+            OverlayKind::Vxlan { .. } => InfoKind::Vxlan,
         }
     }
 }
@@ -153,7 +172,7 @@ pub enum DeviceError {
     #[error("invalid overlay device config: {0}")]
     InvalidConfig(String),
     #[error(
-        "{name} exists but is a {kind} device, not a TUN or ifb; remove it or choose another name"
+        "{name} exists but is a {kind} device, not a TUN, ifb or VXLAN; remove it or choose another name"
     )]
     NotTun { name: String, kind: String },
     #[error("TUN {op} on {name}: {source}")]
@@ -170,6 +189,8 @@ pub enum DeviceError {
         #[source]
         source: rtnetlink::Error,
     },
+    #[error("{name}: UDP port {port} is in use by another program (another flanneld, or a VXLAN device on that port); the eBPF data plane receives on it")]
+    PortInUse { name: String, port: u16 },
     #[error("{name} was created but the netlink handle cannot see it (handle in another network namespace?)")]
     NotVisible { name: String },
 }
@@ -194,12 +215,12 @@ pub async fn setup_overlay_device(
     let mut existing = find_link(handle, name).await?;
     if let Some(link) = &existing {
         match link_kind(link) {
-            Some(kind) if kind == cfg.kind.info_kind() => {}
-            Some(kind @ (InfoKind::Tun | InfoKind::Ifb)) => {
+            Some(kind) if kind == cfg.kind.info_kind() && vxlan_settings_match(link, cfg.kind) => {}
+            Some(kind @ (InfoKind::Tun | InfoKind::Ifb | InfoKind::Vxlan)) => {
                 log::info!(
                     "{name} is a {} device: replacing it with a {} for this data plane",
                     format!("{kind:?}").to_lowercase(),
-                    format!("{:?}", cfg.kind).to_lowercase()
+                    cfg.kind.label()
                 );
                 handle
                     .link()
@@ -239,6 +260,22 @@ pub async fn setup_overlay_device(
             }
             Vec::new()
         }
+        OverlayKind::Vxlan { port } => {
+            if existing.is_none() {
+                handle
+                    .link()
+                    .add(
+                        LinkVxlan::new(name, KERNEL_RX_VNI)
+                            .port(port)
+                            .learning(false)
+                            .build(),
+                    )
+                    .execute()
+                    .await
+                    .map_err(nl_err("add vxlan"))?;
+            }
+            Vec::new()
+        }
     };
 
     let link = find_link(handle, name)
@@ -247,7 +284,7 @@ pub async fn setup_overlay_device(
             name: name.to_string(),
         })?;
     let ifindex = link.header.index;
-    if cfg.kind == OverlayKind::Ifb {
+    if cfg.kind != OverlayKind::Tun {
         // No IPv6 on it: link-local autoconfiguration would only send packets encap drops.
         let knob = format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6");
         if let Err(e) = std::fs::write(&knob, "1") {
@@ -257,7 +294,7 @@ pub async fn setup_overlay_device(
 
     // MTU and up first: IPv4 refuses routes through a device that is down.
     let mut settings = LinkUnspec::new_with_index(ifindex).mtu(cfg.mtu).up();
-    if cfg.kind == OverlayKind::Ifb {
+    if cfg.kind != OverlayKind::Tun {
         // The ifb is Ethernet: without ARP, routed packets reach encap at once.
         settings = settings.arp(false);
     }
@@ -266,7 +303,18 @@ pub async fn setup_overlay_device(
         .set(settings.build())
         .execute()
         .await
-        .map_err(nl_err("set mtu/up"))?;
+        .map_err(|source| match (cfg.kind, &source) {
+            // A VXLAN device binds its UDP port when it goes up.
+            (OverlayKind::Vxlan { port }, rtnetlink::Error::NetlinkError(e))
+                if e.raw_code() == -libc::EADDRINUSE =>
+            {
+                DeviceError::PortInUse {
+                    name: name.to_string(),
+                    port,
+                }
+            }
+            _ => nl_err("set mtu/up")(source),
+        })?;
 
     let address = cfg.own_subnet.network();
     ensure_single_address(handle, ifindex, name, address).await?;
@@ -308,6 +356,29 @@ async fn find_link(
             source,
         }),
     }
+}
+
+/// For a VXLAN overlay, whether `link` has the VNI and port we want (another port: the udp
+/// port changed in the network config); true for the other kinds.
+fn vxlan_settings_match(link: &LinkMessage, kind: OverlayKind) -> bool {
+    let OverlayKind::Vxlan { port } = kind else {
+        return true;
+    };
+    let data: Vec<&InfoVxlan> = link
+        .attributes
+        .iter()
+        .filter_map(|a| match a {
+            LinkAttribute::LinkInfo(infos) => Some(infos),
+            _ => None,
+        })
+        .flatten()
+        .filter_map(|i| match i {
+            LinkInfo::Data(InfoData::Vxlan(d)) => Some(d),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    data.contains(&&InfoVxlan::Id(KERNEL_RX_VNI)) && data.contains(&&InfoVxlan::Port(port))
 }
 
 fn link_kind(link: &LinkMessage) -> Option<InfoKind> {

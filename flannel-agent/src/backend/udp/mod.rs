@@ -96,7 +96,7 @@ impl UdpBackend {
         // The eBPF programs never read the device: an ifb, which has carrier with no reader
         // and outlives the agent (see device.rs).
         let dev_cfg = device::OverlayDeviceConfig {
-            kind: device::OverlayKind::Ifb,
+            kind: device::OverlayKind::Vxlan { port: self.port },
             persistent: true,
             queues: 0,
             vnet_hdr: false,

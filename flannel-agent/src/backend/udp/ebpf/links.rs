@@ -26,6 +26,7 @@ use crate::cli::UdpDecap;
 pub const ENCAP_LINK: &str = "flannel_encap_link";
 pub const DECAP_LINK: &str = "flannel_decap_link";
 pub const DECAP_XDP_LINK: &str = "flannel_decap_xdp_link";
+pub const OVERLAY_IN_LINK: &str = "flannel_overlay_in_link";
 
 /// Where a program hangs through a link: what differs between TCX and XDP.
 trait Hook {
@@ -190,7 +191,8 @@ where
     program.try_into().map_err(prog_err(name))
 }
 
-/// Attaches encap to the overlay's egress and decap to the external device's ingress (TCX).
+/// Attaches encap to the overlay's egress, decap to the external device's ingress and the
+/// overlay's ingress guard (TCX).
 pub(super) fn attach_tc(
     bpf: &mut Ebpf,
     opts: &EbpfOptions,
@@ -211,6 +213,13 @@ pub(super) fn attach_tc(
             opts.ext_ifindex,
             TcAttachType::Ingress,
             DECAP_LINK,
+        ),
+        (
+            prog_names::OVERLAY_IN,
+            overlay_name,
+            opts.overlay_ifindex,
+            TcAttachType::Ingress,
+            OVERLAY_IN_LINK,
         ),
     ];
     for (name, ifname, ifindex, direction, link_file) in hooks {
@@ -252,7 +261,7 @@ pub(super) fn set_up_xdp_decap(
         match attach_xdp(bpf, opts) {
             Ok(()) => {
                 log::info!(
-                    "decapsulating with native XDP on {ext_name} (driver {driver}, --udp-decap={}): before GRO, which then merges the inner TCP stream",
+                    "decapsulating with native XDP on {ext_name} (driver {driver}, --udp-decap={}): before GRO, which then merges the stream",
                     if opts.decap == UdpDecap::Xdp { "xdp" } else { "auto, GRO on" }
                 );
                 return Ok(());
@@ -290,7 +299,7 @@ fn attach_xdp(bpf: &mut Ebpf, opts: &EbpfOptions) -> Result<(), EbpfError> {
 
 /// Detaches and unpins every link this data plane pinned in `pin_dir`.
 pub(super) fn remove_links(pin_dir: &Path) -> Result<(), EbpfError> {
-    for link in [DECAP_XDP_LINK, ENCAP_LINK, DECAP_LINK] {
+    for link in [DECAP_XDP_LINK, ENCAP_LINK, DECAP_LINK, OVERLAY_IN_LINK] {
         let path = pin_dir.join(link);
         if path.exists() {
             if let Err(e) = detach(&path) {

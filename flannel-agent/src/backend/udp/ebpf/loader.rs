@@ -10,7 +10,7 @@ use aya::maps::{Array, MapData, MapInfo};
 use aya::{Ebpf, EbpfLoader};
 use flannel_common::{
     map_names, prog_names, Config, PeerKey, PeerValue, SenderKey, SenderValue, Stats,
-    CONFIG_F_COMPLETE_CSUM, CONFIG_F_OVERLAY_L2, MAX_PEERS,
+    CONFIG_F_COMPLETE_CSUM, CONFIG_F_KERNEL_RX, CONFIG_F_OVERLAY_L2, MAX_PEERS,
 };
 
 use super::error::{io_err, map_err};
@@ -49,6 +49,7 @@ pub(super) fn load_with_pinned_maps(object: &[u8], pin_dir: &Path) -> Result<Ebp
 pub(super) fn config(
     opts: &EbpfOptions,
     complete_csum: bool,
+    kernel_rx: bool,
     overlay_mac: Option<[u8; 6]>,
     ext_mac: Option<[u8; 6]>,
 ) -> Config {
@@ -58,6 +59,9 @@ pub(super) fn config(
     }
     if overlay_mac.is_some() {
         flags |= CONFIG_F_OVERLAY_L2;
+    }
+    if kernel_rx {
+        flags |= CONFIG_F_KERNEL_RX;
     }
     Config {
         public_ip: opts.ext_ip.octets(),
@@ -92,9 +96,7 @@ pub(super) fn take_map(bpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::
 /// Removes the pinned programs and maps, the namespace marker and then `pin_dir` itself (the
 /// links must be gone already).
 pub(super) fn remove_pins(pin_dir: &Path) -> Result<(), EbpfError> {
-    let names = [prog_names::ENCAP, prog_names::DECAP, prog_names::DECAP_XDP]
-        .into_iter()
-        .chain(map_names::ALL);
+    let names = prog_names::ALL.into_iter().chain(map_names::ALL);
     for name in names {
         let path = pin_dir.join(name);
         if path.exists() {

@@ -41,7 +41,7 @@ use super::{DataplaneStats, UdpDataplane};
 use crate::cli::UdpDecap;
 use error::map_err;
 pub use error::EbpfError;
-pub use links::{xdp_decap_ifindex, DECAP_LINK, DECAP_XDP_LINK, ENCAP_LINK};
+pub use links::{xdp_decap_ifindex, DECAP_LINK, DECAP_XDP_LINK, ENCAP_LINK, OVERLAY_IN_LINK};
 pub use loader::DEFAULT_PIN_DIR;
 use peers::PeerTable;
 pub use stats::read_pinned_stats;
@@ -107,6 +107,7 @@ impl EbpfDataplane {
         let config = loader::config(
             opts,
             complete_csum,
+            netdev::driver_name(&overlay_name).as_deref() == Some("vxlan"),
             netdev::ethernet_address(&overlay_name),
             netdev::ethernet_address(&ext_name),
         );
