@@ -169,6 +169,48 @@ fn metric(o: &Overlay, host: usize, name: &str) -> Option<u64> {
         .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
 }
 
+/// flannel0's address on `host` (its subnet's network address).
+fn flannel0_ip(o: &Overlay, host: usize) -> std::net::Ipv4Addr {
+    let subnet = o.agents[host].subnet().unwrap();
+    subnet.split('/').next().unwrap().parse().unwrap()
+}
+
+/// From container `from`, sends each of `dsts` (port 8285) a VXLAN datagram (VNI 1, to the
+/// MAC of flannel0 on `from`'s host) carrying UDP to `target`:7777 from `claimed_src`, and
+/// waits until that host's /metrics counts each as an unverified drop (sampled once a second).
+fn send_forged_vxlan(
+    o: &Overlay,
+    from: &flannel_tests::Container,
+    claimed_src: std::net::Ipv4Addr,
+    target: std::net::Ipv4Addr,
+    dsts: &[std::net::Ipv4Addr],
+) {
+    let host = from.host;
+    let (_, mac) = flannel0(o, host);
+    let forged_inner = ipv4(
+        claimed_src,
+        target,
+        64,
+        PROTO_UDP,
+        &[],
+        &udp(40000, 7777, b"forged"),
+    );
+    let datagram = vxlan(1, &ether_between(mac, SRC_MAC, ETH_P_IP, &forged_inner));
+    let before = metric(o, host, UNVERIFIED).expect("unverified drops in /metrics");
+    let dsts = dsts.to_vec();
+    let n = dsts.len() as u64;
+    from.ns.enter(move || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        for dst in dsts {
+            s.send_to(&datagram, (dst, 8285)).unwrap();
+        }
+    });
+    wait_for(Duration::from_secs(5), "the unverified drops", || {
+        (metric(o, host, UNVERIFIED)? >= before + n).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", o.agent_log(host)));
+}
+
 const UNVERIFIED: &str = "flannel_dataplane_drops_total{reason=\"unverified\"}";
 
 /// flannel0 is a kernel VXLAN device listening on the udp port on every address of the host:
@@ -199,38 +241,16 @@ fn a_pod_cannot_inject_vxlan_posing_as_a_peers_pod() {
             .map(|(n, from)| (buf[..n].to_vec(), from.ip()))
     };
 
-    // The forgery: VNI 1, to flannel0's MAC, a UDP datagram "from" the peer's pod.
-    let (_, mac) = flannel0(&o, 0);
-    let forged_inner = ipv4(
+    // The forgery, UDP to the target "from" the peer's pod, sent to the host's underlay
+    // address and to flannel0's: both reach flannel0's VXLAN receive and are dropped there.
+    let host_ip = o.cluster.hosts[0].ip;
+    send_forged_vxlan(
+        &o,
+        attacker,
         peer_pod.ip,
         target_ip,
-        64,
-        PROTO_UDP,
-        &[],
-        &udp(40000, 7777, b"forged"),
+        &[host_ip, flannel0_ip(&o, 0)],
     );
-    let datagram = vxlan(1, &ether_between(mac, SRC_MAC, ETH_P_IP, &forged_inner));
-    let host_ip = o.cluster.hosts[0].ip;
-    let flannel0_ip: std::net::Ipv4Addr = o.agents[0]
-        .subnet()
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let before = metric(&o, 0, UNVERIFIED).expect("unverified drops in /metrics");
-    attacker.ns.enter(move || {
-        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-        for dst in [host_ip, flannel0_ip] {
-            s.send_to(&datagram, (dst, 8285)).unwrap();
-        }
-    });
-    // Both reached flannel0's receive and were dropped there (sampled once a second).
-    wait_for(Duration::from_secs(5), "2 more unverified drops", || {
-        (metric(&o, 0, UNVERIFIED)? >= before + 2).then_some(())
-    })
-    .unwrap_or_else(|e| panic!("{e}\n{}", o.agent_log(0)));
     assert_eq!(recv(), None, "the forged datagram reached the target pod");
 
     // The real peer pod still gets through, with its own address.
@@ -320,6 +340,15 @@ fn ebpf_flannel0_is_a_vxlan_device_replacing_an_old_ifb_and_kept_across_restarts
     );
     assert!(o.containers[1].ping(o.containers[0].ip, 3, 2).unwrap());
     assert_eq!(metric(&o, 0, UNVERIFIED), Some(0), "{}", o.agent_log(0));
+    // flannel0's guard is still in place.
+    let (peer_pod, own_pod) = (o.containers[1].ip, o.containers[0].ip);
+    send_forged_vxlan(
+        &o,
+        &o.containers[0],
+        peer_pod,
+        own_pod,
+        &[flannel0_ip(&o, 0)],
+    );
 }
 
 /// Starts an agent with `dataplane` on a host where another program already holds UDP 8285
@@ -370,5 +399,41 @@ fn auto_mode_exits_with_the_same_error_when_the_udp_port_is_taken() {
             .contains("falling back to the TUN data plane"),
         "{}",
         agent.own_log()
+    );
+}
+
+/// An upgrade from a version whose eBPF mode used an ifb flannel0: that agent's programs stay
+/// pinned (links to flannel0 and eth0) when the new agent replaces the ifb, whose deletion
+/// leaves the flannel0 links attached to nothing. The new agent must attach afresh.
+#[test]
+fn upgrading_from_an_ifb_flannel0_with_pinned_programs_keeps_the_overlay_working() {
+    let mut o = Overlay::builder(UDP, 2)
+        .flags(&["--udp-dataplane=ebpf"])
+        .start()
+        .unwrap();
+    o.agents[0].stop().unwrap();
+    // The old version's device, with the pins of a previous run still in place.
+    let ns = &o.cluster.hosts[0].ns;
+    ns.ip(&["link", "del", "flannel0"]).unwrap();
+    ns.ip(&["link", "add", "flannel0", "type", "ifb"]).unwrap();
+    ns.ip(&["link", "set", "flannel0", "arp", "off", "up"])
+        .unwrap();
+    o.start_agent(0).unwrap();
+    let link = o.cluster.hosts[0]
+        .ns
+        .ip(&["-d", "link", "show", "flannel0"])
+        .unwrap();
+    assert!(link.contains("vxlan id 1 "), "{link}");
+    o.check_all_pairs(1 << 20)
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", o.agent_log(0)));
+    assert_eq!(metric(&o, 0, UNVERIFIED), Some(0), "{}", o.agent_log(0));
+    // flannel0's guard came with the new device.
+    let (peer_pod, own_pod) = (o.containers[1].ip, o.containers[0].ip);
+    send_forged_vxlan(
+        &o,
+        &o.containers[0],
+        peer_pod,
+        own_pod,
+        &[flannel0_ip(&o, 0)],
     );
 }
