@@ -266,6 +266,7 @@ mod tests {
                 drop_not_configured: 8,
                 drop_bad_ip_checksum: 9,
                 drop_other_host: 10,
+                drop_unverified: 11,
             },
         });
         let body = render(&state, dataplane.as_ref());
@@ -311,6 +312,7 @@ mod tests {
                 "9",
             ),
             ("flannel_dataplane_drops_total{reason=\"other_host\"}", "10"),
+            ("flannel_dataplane_drops_total{reason=\"unverified\"}", "11"),
             ("flannel_build_info{version=\"0.1.0\"}", "1"),
         ];
         for (series, want) in expect {

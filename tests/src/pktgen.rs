@@ -35,12 +35,27 @@ pub mod ipv4_off {
 
 /// An Ethernet frame from [`SRC_MAC`] to [`DST_MAC`].
 pub fn ether(ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    ether_between(DST_MAC, SRC_MAC, ethertype, payload)
+}
+
+/// An Ethernet frame from `src` to `dst`.
+pub fn ether_between(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8> {
     let mut f = Vec::with_capacity(ETH_HLEN + payload.len());
-    f.extend_from_slice(&DST_MAC);
-    f.extend_from_slice(&SRC_MAC);
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
     f.extend_from_slice(&ethertype.to_be_bytes());
     f.extend_from_slice(payload);
     f
+}
+
+/// A VXLAN header (RFC 7348: I flag, 24-bit `vni`, reserved bytes zero) and `frame`, the
+/// Ethernet frame it carries: the payload of a UDP datagram to a VXLAN port.
+pub fn vxlan(vni: u32, frame: &[u8]) -> Vec<u8> {
+    assert!(vni < 1 << 24, "VNI has 24 bits");
+    let mut v = vec![0x08, 0, 0, 0];
+    v.extend_from_slice(&(vni << 8).to_be_bytes());
+    v.extend_from_slice(frame);
+    v
 }
 
 /// An ARP request (Ethernet/IPv4) from `sender` asking for `target`.

@@ -80,7 +80,8 @@ fn seed() -> u64 {
 // ---------------------------------------------------------------------------------------------
 // Namespace and data plane
 
-/// A namespace `fl<pid>x<n>-fuzz` with `flannel0` (persistent TUN) and a veth `ext0`/`ext1` at
+/// A namespace `fl<pid>x<n>-fuzz` with `flannel0` (a persistent TUN, or with `kernel_rx` a
+/// VXLAN device on our port as the agent's eBPF mode creates it) and a veth `ext0`/`ext1` at
 /// OUR_IP, plus its own pin directory; all removed on drop.
 struct Host {
     ns: Netns,
@@ -88,7 +89,7 @@ struct Host {
 }
 
 impl Host {
-    fn new() -> Host {
+    fn new(kernel_rx: bool) -> Host {
         // Unique per test (the TC and XDP fuzz tests run in parallel), and named as the
         // harness names its namespaces so a crashed run's leftovers are cleaned up.
         let ns = Netns::unique("fuzz").expect("namespace");
@@ -96,8 +97,25 @@ impl Host {
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/{}", ns.name)),
             ns,
         };
+        let port = PORT.to_string();
+        let overlay: &[&str] = if kernel_rx {
+            &[
+                "link",
+                "add",
+                "flannel0",
+                "type",
+                "vxlan",
+                "id",
+                "1",
+                "dstport",
+                &port,
+                "nolearning",
+            ]
+        } else {
+            &["tuntap", "add", "dev", "flannel0", "mode", "tun"]
+        };
         let setup: [&[&str]; 9] = [
-            &["tuntap", "add", "dev", "flannel0", "mode", "tun"],
+            overlay,
             &["addr", "add", "10.244.1.0/32", "dev", "flannel0"],
             &["link", "set", "flannel0", "mtu", "1472", "up"],
             &["route", "add", "10.244.0.0/16", "dev", "flannel0"],
@@ -110,8 +128,15 @@ impl Host {
             &["link", "set", "ext0", "up"],
             &["link", "set", "ext1", "up"],
         ];
-        for args in setup {
+        for (i, args) in setup.iter().enumerate() {
             host.ns.ip(args).expect("ip");
+            if i == 0 {
+                // No IPv6 on flannel0, as the agent does: its link-local autoconfiguration
+                // (router solicitations, which encap drops) would count drops in between.
+                host.ns
+                    .sysctl("net.ipv6.conf.flannel0.disable_ipv6", "1")
+                    .expect("sysctl");
+            }
         }
         host
     }
@@ -259,24 +284,34 @@ fn drops(s: &Stats) -> u64 {
 
 #[test]
 fn decap_answers_random_packets_with_a_known_verdict_and_counts_each_once() {
-    fuzz(UdpDecap::Tc);
+    fuzz(UdpDecap::Tc, false);
 }
 
 #[test]
 fn xdp_decap_answers_random_packets_with_a_known_verdict_and_counts_each_once() {
-    fuzz(UdpDecap::Xdp);
+    fuzz(UdpDecap::Xdp, false);
 }
 
-fn fuzz(decap: UdpDecap) {
+/// TC decap handing what it accepts to flannel0's kernel VXLAN receive (CONFIG_F_KERNEL_RX).
+#[test]
+fn kernel_rx_decap_answers_random_packets_with_a_known_verdict_and_counts_each_once() {
+    fuzz(UdpDecap::Tc, true);
+}
+
+fn require_object() {
     assert!(
         EbpfDataplane::embedded(),
         "the eBPF object is not compiled into flannel-agent: run `cargo xtask build-ebpf`, then rebuild the tests"
     );
+}
+
+fn fuzz(decap: UdpDecap, kernel_rx: bool) {
+    require_object();
     let seed = seed();
     println!("ebpf_fuzz seed {seed} (replay with FLANNEL_FUZZ_SEED={seed})");
     let mut rng = Rng(seed);
 
-    let host = Host::new();
+    let host = Host::new(kernel_rx);
     let mut dp = host.load(decap);
     dp.set_peer(net(PEER_SUBNET), PEER_IP).expect("set peer");
     let xdp = decap == UdpDecap::Xdp;
@@ -343,6 +378,27 @@ fn fuzz(decap: UdpDecap) {
             continue;
         }
         match verdict {
+            TC_ACT_OK if kernel_rx && rx == 1 => {
+                // Rewritten in place into VXLAN for flannel0: 22 bytes more behind the
+                // Ethernet header (outer IPv4 without options only), VNI 1.
+                seen[2] += 1;
+                assert_eq!(dropped, 0, "{}", ctx());
+                assert_eq!(
+                    out.len(),
+                    frame.len() + 22,
+                    "grown by VXLAN + Ethernet: {}",
+                    ctx()
+                );
+                assert_eq!(&out[..14], &frame[..14], "Ethernet header kept: {}", ctx());
+                assert_eq!(out[14], 0x45, "outer IPv4 without options: {}", ctx());
+                assert_eq!(
+                    &out[42..50],
+                    &[0x08, 0, 0, 0, 0, 0, 1, 0],
+                    "VXLAN: {}",
+                    ctx()
+                );
+                assert_eq!(&out[64..], &frame[42..], "inner packet kept: {}", ctx());
+            }
             TCX_NEXT | TC_ACT_OK => {
                 seen[0] += 1;
                 assert_eq!(dropped, 0, "pass counted as a drop: {}", ctx());
@@ -367,4 +423,52 @@ fn fuzz(decap: UdpDecap) {
         seen.iter().all(|&n| n >= RUNS / 50),
         "verdicts pass/drop/redirect {seen:?} (seed {seed})"
     );
+}
+
+/// flannel0's guard on its ingress: whatever arrives without decap's token (a test run
+/// cannot carry one: the kernel takes no tc_index in ctx_in) is dropped and counted as
+/// unverified, exactly once.
+#[test]
+fn overlay_in_drops_every_packet_without_decaps_token_and_counts_it_once() {
+    require_object();
+    let seed = seed();
+    println!("ebpf_fuzz seed {seed} (replay with FLANNEL_FUZZ_SEED={seed})");
+    let mut rng = Rng(seed);
+    let host = Host::new(true);
+    let mut dp = host.load(UdpDecap::Tc);
+    dp.set_peer(net(PEER_SUBNET), PEER_IP).expect("set peer");
+    let guard = PinnedProgram::tc(&host.pin_dir.join("flannel_overlay_in"));
+    let flannel0 = host.ns.ifindex("flannel0").expect("flannel0");
+    // What a VXLAN receive hands on: an Ethernet header, then a tunnel packet's inner packet.
+    let received = |f: Vec<u8>| ether(ETH_P_IP, f.get(42..).unwrap_or_default());
+    let mut before = host.stats();
+    for i in 0..RUNS / 4 {
+        let frame = match rng.below(3) {
+            0 => random_frame(&mut rng),
+            1 => received(valid_frame(&mut rng)),
+            _ => {
+                let valid = valid_frame(&mut rng);
+                received(mutate(&mut rng, valid))
+            }
+        };
+        let frame = fit_for_test_run(&mut rng, frame);
+        let (verdict, _) = {
+            let (guard, frame) = (guard.clone(), frame.clone());
+            host.ns.enter(move || guard.run(&frame, flannel0))
+        };
+        let after = host.stats();
+        let ctx = || format!("seed {seed}, run {i}, verdict {verdict}, frame {frame:02x?}");
+        assert_eq!(verdict, TC_ACT_SHOT, "{}", ctx());
+        assert_eq!(
+            (
+                after.drop_unverified - before.drop_unverified,
+                drops(&after) - drops(&before),
+                after.rx_packets - before.rx_packets
+            ),
+            (1, 1, 0),
+            "counted once as unverified: {}",
+            ctx()
+        );
+        before = after;
+    }
 }

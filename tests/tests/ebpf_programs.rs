@@ -16,16 +16,17 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use aya::maps::{Array, Map, MapData};
 use aya::programs::{SchedClassifier, TcAttachType};
 use flannel_agent::backend::udp::ebpf::{read_pinned_stats, EbpfDataplane, EbpfOptions};
 use flannel_agent::backend::udp::UdpDataplane;
 use flannel_agent::cli::UdpDecap;
-use flannel_common::{Stats, XDP_DECAP_MARK};
+use flannel_common::{map_names, Config, Stats, CONFIG_F_KERNEL_RX, XDP_DECAP_MARK};
 use flannel_tests::bpf::PinnedProgram;
 use flannel_tests::pktgen::{
-    arp_request, checksum, ether, inner, ipv4, ipv4_off, ipv6, l4_checksum_ok, pseudo_seed,
-    refresh_ipv4_checksum, set_frag, tcp4, tunnelled, udp, ETH_HLEN, ETH_P_ARP, ETH_P_IPV6, IP_DF,
-    IP_MF, SRC_MAC,
+    arp_request, checksum, ether, ether_between, inner, ipv4, ipv4_off, ipv6, l4_checksum_ok,
+    pseudo_seed, refresh_ipv4_checksum, set_frag, tcp4, tunnelled, udp, vxlan, ETH_HLEN, ETH_P_ARP,
+    ETH_P_IP, ETH_P_IPV6, IPV4_HLEN, IP_DF, IP_MF, PROTO_UDP, SRC_MAC, UDP_HLEN,
 };
 use flannel_tests::Netns;
 use ipnetwork::Ipv4Network;
@@ -72,9 +73,15 @@ enum Overlay {
     TunRead,
     /// A persistent TUN nobody reads (NO-CARRIER).
     Tun,
-    /// An ifb without ARP, what the agent's eBPF mode creates: always with carrier.
+    /// An ifb without ARP, what older versions of the agent's eBPF mode created.
     Ifb,
+    /// A kernel VXLAN device on our port (VNI 1, no learning, ARP off), what the agent's eBPF
+    /// mode creates now: the loader then sets `CONFIG_F_KERNEL_RX`.
+    Vxlan,
 }
+
+/// The MAC the tests give a VXLAN `flannel0`: decap writes it into the frames it hands on.
+const OVERLAY_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xaa];
 
 /// One "host": a namespace with a `flannel0` overlay device (overlay route through it) and an
 /// external veth end `ext0` at `ip`, plus its own pin directory.
@@ -105,6 +112,32 @@ impl Host {
                     .expect("ip");
                 ns.ip(&["link", "set", "flannel0", "arp", "off"])
                     .expect("ip");
+                None
+            }
+            Overlay::Vxlan => {
+                let mac = OVERLAY_MAC.map(|b| format!("{b:02x}")).join(":");
+                let port = PORT.to_string();
+                ns.ip(&[
+                    "link",
+                    "add",
+                    "flannel0",
+                    "address",
+                    &mac,
+                    "type",
+                    "vxlan",
+                    "id",
+                    "1",
+                    "dstport",
+                    &port,
+                    "nolearning",
+                ])
+                .expect("ip");
+                ns.ip(&["link", "set", "flannel0", "arp", "off"])
+                    .expect("ip");
+                // As the agent does: IPv6 autoconfiguration would only send packets encap
+                // drops, and count them.
+                ns.sysctl("net.ipv6.conf.flannel0.disable_ipv6", "1")
+                    .expect("sysctl");
                 None
             }
         };
@@ -659,12 +692,12 @@ fn decap_accepts_peers_and_strips_exactly_the_outer_headers_with(decap: UdpDecap
 
 #[test]
 fn decap_passes_what_is_not_ours_untouched() {
-    decap_passes_what_is_not_ours_untouched_with(UdpDecap::Tc);
+    decap_passes_what_is_not_ours_untouched_with(UdpDecap::Tc, Overlay::TunRead);
 }
 
-fn decap_passes_what_is_not_ours_untouched_with(decap: UdpDecap) {
+fn decap_passes_what_is_not_ours_untouched_with(decap: UdpDecap, overlay: Overlay) {
     require_object();
-    let host = Host::alone();
+    let host = Host::alone_with(overlay);
     let (mut dp, prog) = DecapProg::load(&host, decap);
     dp.set_peer(net(PEER_SUBNET), PEER_IP).expect("set peer");
     let plain = inner(a("10.244.2.7"), a("10.244.1.5"));
@@ -724,12 +757,12 @@ fn decap_passes_what_is_not_ours_untouched_with(decap: UdpDecap) {
 
 #[test]
 fn decap_drops_and_counts_by_reason() {
-    decap_drops_and_counts_by_reason_with(UdpDecap::Tc);
+    decap_drops_and_counts_by_reason_with(UdpDecap::Tc, Overlay::TunRead);
 }
 
-fn decap_drops_and_counts_by_reason_with(decap: UdpDecap) {
+fn decap_drops_and_counts_by_reason_with(decap: UdpDecap, overlay: Overlay) {
     require_object();
-    let host = Host::alone();
+    let host = Host::alone_with(overlay);
     let (mut dp, prog) = DecapProg::load(&host, decap);
     dp.set_peer(net(PEER_SUBNET), PEER_IP).expect("set peer");
     dp.set_peer(net(OTHER_PEER_SUBNET), OTHER_PEER_IP)
@@ -876,12 +909,182 @@ fn xdp_decap_accepts_peers_and_strips_exactly_the_outer_headers() {
 
 #[test]
 fn xdp_decap_passes_what_is_not_ours_untouched() {
-    decap_passes_what_is_not_ours_untouched_with(UdpDecap::Xdp);
+    decap_passes_what_is_not_ours_untouched_with(UdpDecap::Xdp, Overlay::TunRead);
 }
 
 #[test]
 fn xdp_decap_drops_and_counts_by_reason() {
-    decap_drops_and_counts_by_reason_with(UdpDecap::Xdp);
+    decap_drops_and_counts_by_reason_with(UdpDecap::Xdp, Overlay::TunRead);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests: decap into flannel0's kernel VXLAN receive (CONFIG_F_KERNEL_RX) and flannel0's guard
+
+/// TC_ACT_OK: the stack takes the packet on ext0 (here: as VXLAN for flannel0's receive).
+const TC_ACT_OK: u32 = 0;
+/// Source MAC of the Ethernet header decap puts in front of the inner packet.
+const KERNEL_RX_SRC_MAC: [u8; 6] = [0x02, 0x66, 0x6c, 0x00, 0x00, 0x01];
+
+/// The config entry the loader wrote (the pinned `flannel_config`).
+fn pinned_config(host: &Host) -> Config {
+    let path = host.pin_dir.join(map_names::CONFIG);
+    let data = MapData::from_pin(&path).expect("pinned config map");
+    let array: Array<MapData, Config> = Array::try_from(Map::Array(data)).expect("config array");
+    array.get(&0, 0).expect("config entry")
+}
+
+/// A host with a VXLAN flannel0 and the TC data plane loaded: the loader must have chosen
+/// the kernel VXLAN receive.
+fn kernel_rx_host() -> (Host, EbpfDataplane, DecapProg) {
+    let host = Host::alone_with(Overlay::Vxlan);
+    let (dp, prog) = DecapProg::load(&host, UdpDecap::Tc);
+    let cfg = pinned_config(&host);
+    assert_ne!(
+        cfg.flags & CONFIG_F_KERNEL_RX,
+        0,
+        "kernel rx flag set: {cfg:?}"
+    );
+    (host, dp, prog)
+}
+
+/// What flannel0's VXLAN receive must get for `inner` sent by PEER_IP as `tunnelled` frames
+/// it: the same outer Ethernet, IPv4 (ID, DF, TTL) and ports, lengths 22 bytes longer, no UDP
+/// checksum, VXLAN VNI 1, an Ethernet header to flannel0, `inner` unchanged.
+fn kernel_rx_frame(inner: &[u8]) -> Vec<u8> {
+    let l2 = ether_between(OVERLAY_MAC, KERNEL_RX_SRC_MAC, ETH_P_IP, inner);
+    let mut outer = ipv4(
+        PEER_IP,
+        OUR_IP,
+        64,
+        PROTO_UDP,
+        &[],
+        &udp(PORT, PORT, &vxlan(1, &l2)),
+    );
+    set_frag(&mut outer, IP_DF);
+    ether(ETH_P_IP, &outer)
+}
+
+#[test]
+fn kernel_rx_decap_rewrites_accepted_packets_into_vxlan_byte_exact() {
+    require_object();
+    let (host, mut dp, prog) = kernel_rx_host();
+    dp.set_peer(net(PEER_SUBNET), PEER_IP).expect("set peer");
+
+    let plain = inner(a("10.244.2.7"), a("10.244.1.5"));
+    let with_options = ipv4(
+        a("10.244.2.7"),
+        a("10.244.1.5"),
+        17,
+        6,
+        &[1, 1, 1, 0],
+        b"tcp-ish bytes, not parsed",
+    );
+    let big = ipv4(
+        a("10.244.2.7"),
+        a("10.244.1.5"),
+        64,
+        PROTO_UDP,
+        &[],
+        &udp(40000, 7777, &[0x5a; 1400]),
+    );
+    // Outer UDP checksum left to the device by the sender's kernel: VXLAN gets none.
+    let mut partial = tunnelled(PEER_IP, OUR_IP, PORT, &plain);
+    let seed = pseudo_seed(PEER_IP, OUR_IP, PROTO_UDP, UDP_HLEN + plain.len());
+    partial[40..42].copy_from_slice(&seed.to_be_bytes());
+    let cases = [
+        ("plain", tunnelled(PEER_IP, OUR_IP, PORT, &plain), &plain),
+        (
+            "inner options",
+            tunnelled(PEER_IP, OUR_IP, PORT, &with_options),
+            &with_options,
+        ),
+        (
+            "1428-byte inner",
+            tunnelled(PEER_IP, OUR_IP, PORT, &big),
+            &big,
+        ),
+        ("outer checksum left to the device", partial, &plain),
+    ];
+    for (name, frame, inner) in &cases {
+        let (verdict, out) = prog.run(&host, frame);
+        assert_eq!(verdict, TC_ACT_OK, "{name}: to the stack as VXLAN");
+        assert_eq!(out, kernel_rx_frame(inner), "{name}");
+        assert_eq!(checksum(&out[ETH_HLEN..ETH_HLEN + IPV4_HLEN]), 0, "{name}");
+    }
+    let s = host.stats();
+    let bytes: usize = cases.iter().map(|(_, _, inner)| inner.len()).sum();
+    assert_eq!((s.rx_packets, s.rx_bytes), (4, bytes as u64), "{s:?}");
+    assert_eq!(s.drops(), 0, "{s:?}");
+}
+
+#[test]
+fn kernel_rx_decap_delivers_outer_headers_with_options_directly() {
+    require_object();
+    let (host, mut dp, prog) = kernel_rx_host();
+    dp.set_peer(net(PEER_SUBNET), PEER_IP).expect("set peer");
+    let plain = inner(a("10.244.2.7"), a("10.244.1.5"));
+    let mut outer = ipv4(
+        PEER_IP,
+        OUR_IP,
+        64,
+        PROTO_UDP,
+        &[1, 1, 1, 0],
+        &udp(PORT, PORT, &plain),
+    );
+    set_frag(&mut outer, IP_DF);
+    let frame = ether(ETH_P_IP, &outer);
+    let (verdict, out) = prog.run(&host, &frame);
+    // Stripped and redirected to flannel0, addressed to its MAC (it is Ethernet).
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(out, ether_between(OVERLAY_MAC, SRC_MAC, ETH_P_IP, &plain));
+    let s = host.stats();
+    assert_eq!((s.rx_packets, s.drops()), (1, 0), "{s:?}");
+}
+
+#[test]
+fn kernel_rx_decap_passes_what_is_not_ours_untouched() {
+    decap_passes_what_is_not_ours_untouched_with(UdpDecap::Tc, Overlay::Vxlan);
+}
+
+#[test]
+fn kernel_rx_decap_drops_and_counts_by_reason() {
+    decap_drops_and_counts_by_reason_with(UdpDecap::Tc, Overlay::Vxlan);
+}
+
+#[test]
+fn overlay_in_drops_and_counts_what_decap_did_not_hand_on() {
+    require_object();
+    let (host, mut dp, _) = kernel_rx_host();
+    dp.set_peer(net(PEER_SUBNET), PEER_IP).expect("set peer");
+    let guard = PinnedProgram::tc(&host.pin_dir.join("flannel_overlay_in"));
+    let flannel0 = host.ns.ifindex("flannel0").expect("device");
+    // What flannel0's VXLAN receive hands on from datagrams sent to the port past decap (a
+    // test run cannot carry decap's token: the kernel takes no tc_index in ctx_in): a pod
+    // posing as a peer's pod, and other traffic.
+    let spoofed = inner(a("10.244.2.7"), a("10.244.1.5"));
+    let frames = [
+        ether_between(OVERLAY_MAC, SRC_MAC, ETH_P_IP, &spoofed),
+        ether_between(
+            OVERLAY_MAC,
+            SRC_MAC,
+            ETH_P_ARP,
+            &arp_request(SRC_MAC, a("10.244.2.7"), a("10.244.1.0")),
+        ),
+        ether_between(
+            OVERLAY_MAC,
+            SRC_MAC,
+            ETH_P_IPV6,
+            &ipv6(V6_ANY, V6_ANY, 17, 64, &udp(1, 2, b"")),
+        ),
+    ];
+    for frame in &frames {
+        let (guard, frame) = (guard.clone(), frame.clone());
+        let (verdict, _) = host.ns.enter(move || guard.run(&frame, flannel0));
+        assert_eq!(verdict, TC_ACT_SHOT);
+    }
+    let s = host.stats();
+    assert_eq!(s.drop_unverified, frames.len() as u64, "{s:?}");
+    assert_eq!((s.drops(), s.rx_packets), (frames.len() as u64, 0), "{s:?}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -940,6 +1143,12 @@ fn traffic_crosses_the_tunnel_with_strict_rp_filter_over_an_ifb() {
     traffic_crosses_the_tunnel_with_strict_rp_filter_on(Overlay::Ifb);
 }
 
+/// Decap hands packets to flannel0's VXLAN receive, and flannel0's guard lets them in.
+#[test]
+fn traffic_crosses_the_tunnel_with_strict_rp_filter_over_kernel_vxlan() {
+    traffic_crosses_the_tunnel_with_strict_rp_filter_on(Overlay::Vxlan);
+}
+
 fn traffic_crosses_the_tunnel_with_strict_rp_filter_on(overlay: Overlay) {
     require_object();
     let (a_host, b_host) = two_hosts(overlay);
@@ -970,7 +1179,11 @@ fn traffic_crosses_the_tunnel_with_strict_rp_filter_on(overlay: Overlay) {
     assert!(sb.tx_packets >= 6 && sb.rx_packets >= 6, "b: {sb:?}");
     for s in [sa, sb] {
         assert_eq!(
-            s.drop_helper_error + s.drop_malformed + s.drop_unknown_sender + s.drop_spoofed_source,
+            s.drop_helper_error
+                + s.drop_malformed
+                + s.drop_unknown_sender
+                + s.drop_spoofed_source
+                + s.drop_unverified,
             0,
             "{s:?}"
         );
@@ -1127,6 +1340,11 @@ fn bulk_tcp_keeps_gso_super_packets_whole_and_data_intact_over_an_ifb() {
     bulk_tcp_keeps_gso_super_packets_whole_and_data_intact_on(Overlay::Ifb);
 }
 
+#[test]
+fn bulk_tcp_keeps_gso_super_packets_whole_and_data_intact_over_kernel_vxlan() {
+    bulk_tcp_keeps_gso_super_packets_whole_and_data_intact_on(Overlay::Vxlan);
+}
+
 fn bulk_tcp_keeps_gso_super_packets_whole_and_data_intact_on(overlay: Overlay) {
     require_object();
     let (a_host, b_host) = two_hosts(overlay);
@@ -1170,7 +1388,8 @@ fn bulk_tcp_keeps_gso_super_packets_whole_and_data_intact_on(overlay: Overlay) {
         s.tx_bytes >= LEN as u64 && s.tx_packets < 11800 / 2,
         "GSO super-packets expected: {s:?}"
     );
-    assert_eq!(b_host.stats().drop_malformed, 0);
+    let sb = b_host.stats();
+    assert_eq!((sb.drop_malformed, sb.drop_unverified), (0, 0), "{sb:?}");
 }
 
 /// A TCP connection from `src` (port chosen by the kernel) to `dst`.

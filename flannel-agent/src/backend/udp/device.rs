@@ -298,23 +298,26 @@ pub async fn setup_overlay_device(
         // The ifb is Ethernet: without ARP, routed packets reach encap at once.
         settings = settings.arp(false);
     }
-    handle
-        .link()
-        .set(settings.build())
-        .execute()
-        .await
-        .map_err(|source| match (cfg.kind, &source) {
+    if let Err(source) = handle.link().set(settings.build()).execute().await {
+        return Err(match (cfg.kind, &source) {
             // A VXLAN device binds its UDP port when it goes up.
             (OverlayKind::Vxlan { port }, rtnetlink::Error::NetlinkError(e))
                 if e.raw_code() == -libc::EADDRINUSE =>
             {
+                if existing.is_none() {
+                    // Made just now and unusable: leave no down flannel0 behind.
+                    if let Err(e) = handle.link().del(ifindex).execute().await {
+                        log::warn!("removing {name}, which cannot go up: {e}");
+                    }
+                }
                 DeviceError::PortInUse {
                     name: name.to_string(),
                     port,
                 }
             }
             _ => nl_err("set mtu/up")(source),
-        })?;
+        });
+    }
 
     let address = cfg.own_subnet.network();
     ensure_single_address(handle, ifindex, name, address).await?;

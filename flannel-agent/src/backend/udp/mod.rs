@@ -145,6 +145,14 @@ impl UdpBackend {
     }
 }
 
+/// Whether `e` says another program holds the udp port.
+fn is_port_in_use(e: &anyhow::Error) -> bool {
+    matches!(
+        e.downcast_ref::<device::DeviceError>(),
+        Some(device::DeviceError::PortInUse { .. })
+    )
+}
+
 impl super::Backend for UdpBackend {
     type Network = UdpNetwork;
     fn lease_attrs(&self, public_ip: Ipv4Addr) -> crate::lease::LeaseAttrs {
@@ -171,6 +179,9 @@ impl super::Backend for UdpBackend {
             UdpDataplaneKind::Auto => {
                 match self.start_ebpf(&handle, own, config).await {
                     Ok(dp) => (dp, "eBPF"),
+                    // The TUN data plane needs the same port: falling back would only fail
+                    // again, with a less telling error.
+                    Err(e) if is_port_in_use(&e) => return Err(e),
                     Err(e) => {
                         log::warn!("eBPF data plane unavailable ({e:#}); falling back to the TUN data plane");
                         (self.start_tun(&handle, own, config).await?, "TUN")
