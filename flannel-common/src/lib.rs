@@ -137,11 +137,12 @@ pub const CONFIG_F_COMPLETE_CSUM: u32 = 1 << 0;
 /// which keeps its carrier with no process attached), not a TUN's bare IPv4.
 pub const CONFIG_F_OVERLAY_L2: u32 = 1 << 1;
 
-/// [`Config::flags`]: the overlay device is a kernel VXLAN device in collect-metadata mode
-/// listening on our port. TC decap hands it the super-packets it accepted, rewritten in place
-/// as VXLAN: the kernel's UDP tunnel receive then resets the tunnel offload state
-/// (skb->encapsulation, SKB_GSO_UDP_TUNNEL) that `bpf_skb_adjust_room` leaves behind on this
-/// kernel, so a bridge on the way to the pod does not segment them in software.
+/// [`Config::flags`]: the overlay device is a kernel VXLAN device (VNI 1) listening on our
+/// port. Decap (TC, or XDP before GRO) hands it the packets it accepted rewritten in place as
+/// VXLAN (`decap/kernel_rx.rs`): the kernel's UDP tunnel receive then resets the tunnel
+/// offload state (skb->encapsulation, SKB_GSO_UDP_TUNNEL) that `bpf_skb_adjust_room` leaves
+/// behind on this kernel, so a bridge on the way to the pod does not segment them in
+/// software, and its GRO merges MTU-sized arrivals.
 pub const CONFIG_F_KERNEL_RX: u32 = 1 << 2;
 
 #[cfg(feature = "user")]

@@ -45,7 +45,7 @@ pub enum OverlayKind {
     Tun,
     /// An ifb with ARP off: the eBPF data plane's, always with carrier.
     Ifb,
-    /// A kernel VXLAN device in collect-metadata mode on the udp port, ARP off: the eBPF
+    /// A plain kernel VXLAN device (VNI 1) on the udp port, ARP off: the eBPF
     /// data plane's, with carrier, and the kernel's UDP tunnel receive for super-packets
     /// (see `CONFIG_F_KERNEL_RX`).
     Vxlan { port: u16 },

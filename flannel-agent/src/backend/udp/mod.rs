@@ -93,8 +93,8 @@ impl UdpBackend {
         if !ebpf::EbpfDataplane::embedded() {
             anyhow::bail!("this flanneld was built without the eBPF object (run `cargo xtask build-ebpf` before building it)");
         }
-        // The eBPF programs never read the device: an ifb, which has carrier with no reader
-        // and outlives the agent (see device.rs).
+        // The eBPF programs never read the device: a kernel VXLAN device, which has carrier
+        // with no reader, outlives the agent and receives what decap hands it (device.rs).
         let dev_cfg = device::OverlayDeviceConfig {
             kind: device::OverlayKind::Vxlan { port: self.port },
             persistent: true,
