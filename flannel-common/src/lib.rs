@@ -46,9 +46,6 @@ pub const DECAP_TOKEN: u16 = 0x464c;
 /// TC program on the same device, which sees the packet after GRO, hands it to the overlay
 /// device like one it decapsulated itself.
 pub const XDP_DECAP_MARK: u32 = 0x464c_4e31;
-/// What XDP writes there instead when it rewrote the packet into the VXLAN form for the overlay
-/// device's kernel VXLAN receive (`CONFIG_F_KERNEL_RX`): TC then only lets it go on.
-pub const XDP_KERNEL_RX_MARK: u32 = 0x464c_4e32;
 
 /// Capacity of the peer table (a /16 network split into /24s has 256 subnets; /8 into /24s
 /// has 65536).
@@ -138,8 +135,8 @@ pub const CONFIG_F_COMPLETE_CSUM: u32 = 1 << 0;
 pub const CONFIG_F_OVERLAY_L2: u32 = 1 << 1;
 
 /// [`Config::flags`]: the overlay device is a kernel VXLAN device (VNI 1) listening on our
-/// port. Decap (TC, or XDP before GRO) hands it the packets it accepted rewritten in place as
-/// VXLAN (`decap/kernel_rx.rs`): the kernel's UDP tunnel receive then resets the tunnel
+/// port. TC decap hands it the packets it accepted rewritten in place as VXLAN
+/// (`decap/kernel_rx.rs`): the kernel's UDP tunnel receive then resets the tunnel
 /// offload state (skb->encapsulation, SKB_GSO_UDP_TUNNEL) that `bpf_skb_adjust_room` leaves
 /// behind on this kernel, so a bridge on the way to the pod does not segment them in
 /// software, and its GRO merges MTU-sized arrivals.

@@ -21,9 +21,7 @@ use aya::programs::{SchedClassifier, TcAttachType};
 use flannel_agent::backend::udp::ebpf::{read_pinned_stats, EbpfDataplane, EbpfOptions};
 use flannel_agent::backend::udp::UdpDataplane;
 use flannel_agent::cli::UdpDecap;
-use flannel_common::{
-    map_names, Config, Stats, CONFIG_F_KERNEL_RX, XDP_DECAP_MARK, XDP_KERNEL_RX_MARK,
-};
+use flannel_common::{map_names, Config, Stats, CONFIG_F_KERNEL_RX, XDP_DECAP_MARK};
 use flannel_tests::bpf::PinnedProgram;
 use flannel_tests::pktgen::{
     arp_request, checksum, ether, ether_between, inner, ipv4, ipv4_off, ipv6, l4_checksum_ok,
@@ -1023,40 +1021,14 @@ fn kernel_rx_decap_rewrites_accepted_packets_into_vxlan_byte_exact() {
     assert_eq!(s.drops(), 0, "{s:?}");
 }
 
+/// With a VXLAN flannel0, XDP decap still strips before GRO (faster than the VXLAN form and
+/// the kernel's VXLAN GRO, measured on the nic underlay); TC then redirects to flannel0.
 #[test]
-fn kernel_rx_xdp_decap_rewrites_accepted_packets_into_vxlan_byte_exact() {
+fn kernel_rx_xdp_decap_still_strips_exactly_the_outer_headers() {
     require_object();
     let (host, mut dp, prog) = kernel_rx_host_with(UdpDecap::Xdp);
     dp.set_peer(net(PEER_SUBNET), PEER_IP).expect("set peer");
     let plain = inner(a("10.244.2.7"), a("10.244.1.5"));
-    let big = ipv4(
-        a("10.244.2.7"),
-        a("10.244.1.5"),
-        64,
-        PROTO_UDP,
-        &[],
-        &udp(40000, 7777, &[0x5a; 1400]),
-    );
-    let mut partial = tunnelled(PEER_IP, OUR_IP, PORT, &plain);
-    let seed = pseudo_seed(PEER_IP, OUR_IP, PROTO_UDP, UDP_HLEN + plain.len());
-    partial[40..42].copy_from_slice(&seed.to_be_bytes());
-    let cases = [
-        ("plain", tunnelled(PEER_IP, OUR_IP, PORT, &plain), &plain),
-        (
-            "1428-byte inner",
-            tunnelled(PEER_IP, OUR_IP, PORT, &big),
-            &big,
-        ),
-        ("outer checksum left to the device", partial, &plain),
-    ];
-    for (name, frame, inner) in &cases {
-        let (verdict, out) = prog.run(&host, frame);
-        // Passed on in the VXLAN form, for the kernel's VXLAN GRO, marked for TC.
-        assert_eq!(verdict, XDP_PASS, "{name}");
-        assert_eq!(&out[..4], &XDP_KERNEL_RX_MARK.to_ne_bytes(), "{name}: mark");
-        assert_eq!(&out[4..], &kernel_rx_frame(inner)[..], "{name}");
-    }
-    // Outer IP options: stripped as before, with the other mark (TC redirects those).
     let mut outer = ipv4(
         PEER_IP,
         OUR_IP,
@@ -1066,11 +1038,15 @@ fn kernel_rx_xdp_decap_rewrites_accepted_packets_into_vxlan_byte_exact() {
         &udp(PORT, PORT, &plain),
     );
     set_frag(&mut outer, IP_DF);
-    let frame = ether(ETH_P_IP, &outer);
-    let (verdict, out) = prog.run(&host, &frame);
-    prog.assert_delivered(verdict, &out, &frame, &plain);
+    for frame in [
+        tunnelled(PEER_IP, OUR_IP, PORT, &plain),
+        ether(ETH_P_IP, &outer),
+    ] {
+        let (verdict, out) = prog.run(&host, &frame);
+        prog.assert_delivered(verdict, &out, &frame, &plain);
+    }
     let s = host.stats();
-    assert_eq!((s.rx_packets, s.drops()), (4, 0), "{s:?}");
+    assert_eq!((s.rx_packets, s.drops()), (2, 0), "{s:?}");
 }
 
 #[test]

@@ -3,8 +3,9 @@
 //! Ethernet header addressed to the overlay device, then the inner packet untouched. The
 //! kernel's UDP tunnel receive resets the tunnel offload state of a super-packet
 //! (skb->encapsulation, SKB_GSO_UDP_TUNNEL), which `bpf_skb_adjust_room` leaves behind on
-//! this kernel, and its GRO (outer, before TC, when XDP rewrote the packet; inner, after the
-//! tunnel otherwise) merges MTU-sized arrivals into super-packets.
+//! this kernel, and its GRO cells merge MTU-sized arrivals into super-packets. XDP decap does
+//! not use it: stripping before GRO, which then merges the inner stream directly, measured
+//! faster than this form and the kernel's VXLAN GRO (nic underlay, 1 and 4 streams).
 
 use crate::hdr::{be16, eth, fold, ipv4, put16, udp, vxlan};
 

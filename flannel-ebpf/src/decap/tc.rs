@@ -10,7 +10,6 @@ use aya_ebpf::{
 };
 use flannel_common::{
     Config, Counter, CONFIG_F_KERNEL_RX, CONFIG_F_OVERLAY_L2, DECAP_TOKEN, XDP_DECAP_MARK,
-    XDP_KERNEL_RX_MARK,
 };
 
 use super::{check_ingress, kernel_rx, DECAP_RESET_EXTRA};
@@ -43,11 +42,9 @@ pub fn decap(ctx: &TcContext) -> Result<i32, Counter> {
         return Ok(NOT_OURS);
     };
     match xdp_mark(ctx) {
-        // XDP decap already checked, stripped and counted it (GRO has merged it since).
+        // XDP decap already checked, stripped and counted it, and GRO merged the inner stream
+        // since: nothing left for the kernel's VXLAN receive to do.
         Some(XDP_DECAP_MARK) => return deliver(ctx, &cfg),
-        // XDP checked it and rewrote it as VXLAN (GRO has merged it in the kernel's VXLAN
-        // GRO since): on to the kernel's VXLAN receive.
-        Some(XDP_KERNEL_RX_MARK) => return Ok(pass_to_kernel(ctx)),
         _ => {}
     }
     let len = ctx.len() as usize;
