@@ -353,6 +353,14 @@ pub(crate) fn parse_lease(
 }
 
 /// The subnet key in a full etcd key under `subnets_prefix`, if it is one.
+/// Whether two lease keys claim the same IPv4 subnet (IPv6-only keys claim none) or the
+/// same IPv6 subnet.
+fn shares_a_subnet(a: &SubnetKey, b: &SubnetKey) -> bool {
+    let v4 = !a.is_ipv6_only() && !b.is_ipv6_only() && a.ipv4 == b.ipv4;
+    let v6 = a.ipv6.is_some() && a.ipv6 == b.ipv6;
+    v4 || v6
+}
+
 pub(crate) fn parse_key(subnets_prefix: &str, key: &[u8]) -> Option<SubnetKey> {
     let key_str = String::from_utf8_lossy(key);
     SubnetKey::parse(key_str.strip_prefix(subnets_prefix)?).ok()
@@ -473,8 +481,36 @@ impl Registry for EtcdRegistry {
         let put = put_options(etcd_lease);
         let txn = Txn::new()
             .when([Compare::version(k.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(k, attrs.to_json(), put)]);
-        Ok(self.kv.clone().txn(txn).await?.succeeded())
+            .and_then([TxnOp::put(k.clone(), attrs.to_json(), put)]);
+        let resp = self.kv.clone().txn(txn).await?;
+        if !resp.succeeded() {
+            return Ok(false);
+        }
+        // The key only makes the pair of subnets unique: with two families, another node may
+        // have created a key with the same IPv4 or IPv6 subnet and the other one different at
+        // the same time. The older key keeps it; the younger one steps back (both see both).
+        let ours = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let listing = self
+            .kv
+            .clone()
+            .get(self.subnets_prefix(), Some(GetOptions::new().with_prefix()))
+            .await?;
+        let clash = listing.kvs().iter().any(|kv| {
+            kv.key() != k.as_bytes()
+                && kv.create_revision() < ours
+                && self
+                    .parse_key(kv.key())
+                    .is_some_and(|other| shares_a_subnet(key, &other))
+        });
+        if clash {
+            let undo = Txn::new()
+                .when([Compare::create_revision(k.clone(), CompareOp::Equal, ours)])
+                .and_then([TxnOp::delete(k, None)]);
+            self.kv.clone().txn(undo).await?;
+            log::info!("subnet {key}: another node took one of its subnets at the same time; choosing again");
+            return Ok(false);
+        }
+        Ok(true)
     }
     async fn replace_if_unchanged(
         &self,
@@ -612,4 +648,40 @@ fn tls_options(s: &EtcdSettings) -> Result<etcd_client::TlsOptions, RegistryErro
         (true, true) => {}
     }
     Ok(tls)
+}
+
+#[cfg(test)]
+mod clash_tests {
+    use super::*;
+
+    fn key(s: &str) -> SubnetKey {
+        SubnetKey::parse(s).expect("key")
+    }
+
+    #[test]
+    fn keys_clash_on_either_family_but_ipv6_only_keys_share_no_ipv4_subnet() {
+        let a = key("10.244.6.0-24&fd00:10:244:25::-64");
+        assert!(shares_a_subnet(
+            &a,
+            &key("10.244.7.0-24&fd00:10:244:25::-64")
+        ));
+        assert!(shares_a_subnet(
+            &a,
+            &key("10.244.6.0-24&fd00:10:244:26::-64")
+        ));
+        assert!(!shares_a_subnet(
+            &a,
+            &key("10.244.7.0-24&fd00:10:244:26::-64")
+        ));
+        let v6a = key("0.0.0.0-0&fd00:10:244:25::-64");
+        assert!(!shares_a_subnet(
+            &v6a,
+            &key("0.0.0.0-0&fd00:10:244:26::-64")
+        ));
+        assert!(shares_a_subnet(&v6a, &key("0.0.0.0-0&fd00:10:244:25::-64")));
+        assert!(!shares_a_subnet(
+            &key("10.244.6.0-24"),
+            &key("10.244.7.0-24")
+        ));
+    }
 }
