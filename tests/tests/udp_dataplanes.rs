@@ -9,17 +9,29 @@ const UDP: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#;
 /// Full-size segments and GSO super-packets both ways.
 const BYTES: usize = 4 << 20;
 
-/// Host 0 on eBPF, host 1 on TUN (what an upstream node sends, the wire format is the same):
-/// all pairs ping and move a verified TCP stream.
+/// Hosts 0 and 1 on eBPF with the decap `auto` picks for the underlay (TC on veth, where eth0
+/// has GRO off; XDP on nic), hosts 2 and 3 on TUN (what an upstream node sends, the wire format
+/// is the same): every ordered pair, so eBPF to eBPF, eBPF to TUN, TUN to eBPF and TUN to TUN,
+/// pings and moves a verified TCP stream.
 fn mixed_hosts(underlay: Underlay, ip_masq: bool) {
-    let o = Overlay::builder(UDP, 2)
+    let o = Overlay::builder(UDP, 4)
         .underlay(underlay)
         .ip_masq(ip_masq)
         .host_flags(0, &["--udp-dataplane=ebpf"])
-        .host_flags(1, &["--udp-dataplane=tun"])
+        .host_flags(1, &["--udp-dataplane=ebpf"])
+        .host_flags(2, &["--udp-dataplane=tun"])
+        .host_flags(3, &["--udp-dataplane=tun"])
         .start()
         .unwrap();
     o.check_all_pairs(BYTES).unwrap();
+    let picked = match underlay {
+        Underlay::Veth => "decapsulating on TC ingress of eth0: GRO is off there",
+        Underlay::Nic => "decapsulating with native XDP on eth0",
+    };
+    for i in 0..2 {
+        let log = o.agent_log(i);
+        assert!(log.contains(picked), "host {i} ({underlay:?}): {log}");
+    }
 }
 
 #[test]
