@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use flannel_tests::cni::SubnetEnv;
+use flannel_tests::etcd::peer_view;
 use flannel_tests::etcd_cluster::{EtcdCluster, FLANNEL_PASSWORD, FLANNEL_USER};
 use flannel_tests::rng::{seed_from_env, Rng};
 use flannel_tests::{Agent, Cluster, Container, Result};
@@ -74,20 +75,7 @@ impl Chaos {
 
     /// What etcd says node `i`'s peers are.
     fn etcd_view(&self, own_ip: &str) -> Result<Vec<(String, String)>> {
-        let mut v: Vec<(String, String)> = self
-            .etcd
-            .list(SUBNETS)?
-            .into_iter()
-            .filter_map(|kv| {
-                let name = kv.key.strip_prefix(SUBNETS)?;
-                let (ip, len) = name.split_once('-')?;
-                let attrs: serde_json::Value = serde_json::from_str(&kv.value).ok()?;
-                let public = attrs["PublicIP"].as_str()?.to_owned();
-                (public != own_ip).then(|| (format!("{ip}/{len}"), public))
-            })
-            .collect();
-        v.sort();
-        Ok(v)
+        Ok(peer_view(self.etcd.list(SUBNETS)?, SUBNETS, own_ip))
     }
 
     /// Checked all the time: no agent exited, no two nodes hold the same subnet.
