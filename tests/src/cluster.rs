@@ -55,6 +55,15 @@ pub struct Host {
 }
 
 impl Host {
+    /// Adds a route to `dst` (IPv4 or IPv6) via `via` on eth0, one the agent did not make (a
+    /// left-over of an earlier run, an operator's).
+    pub fn add_route_via_eth0(&self, dst: &str, via: &str) -> Result<()> {
+        let family = if dst.contains(':') { "-6" } else { "-4" };
+        self.ns
+            .ip(&[family, "route", "add", dst, "via", via, "dev", "eth0"])
+            .map(|_| ())
+    }
+
     /// host-local's state for containers on this host (never the machine-wide default).
     pub fn cni_data_dir(&self) -> PathBuf {
         self.dir.join("cni")

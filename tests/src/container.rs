@@ -25,16 +25,7 @@ impl Container {
     /// Attach a new container to `host` with the CNI config rendered from `env` (the host's
     /// subnet.env).
     pub fn attach(host: &Host, env: &SubnetEnv) -> Result<Self> {
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let ns = Netns::create(&format!("{}-c{n}", host.ns.name))?;
-        let config = cni::delegate_config(env, &host.cni_data_dir())?;
-        let attachment = Attachment::add(&host.ns.path(), &ns.path(), &ns.name, config)?;
-        Ok(Container {
-            ip: attachment.ip,
-            attachment,
-            ns,
-            host: host.index,
-        })
+        Container::attach_with(host, cni::delegate_config(env, &host.cni_data_dir())?)
     }
 
     /// Attach to a second flannel network on `host`: the same delegate config with its own
@@ -45,11 +36,16 @@ impl Container {
         network: &str,
         bridge: &str,
     ) -> Result<Self> {
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let ns = Netns::create(&format!("{}-c{n}", host.ns.name))?;
         let mut config = cni::delegate_config(env, &host.cni_data_dir().join(network))?;
         config["name"] = network.into();
         config["bridge"] = bridge.into();
+        Container::attach_with(host, config)
+    }
+
+    /// A new container namespace on `host`, attached with the delegate `config`.
+    fn attach_with(host: &Host, config: serde_json::Value) -> Result<Self> {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let ns = Netns::create(&format!("{}-c{n}", host.ns.name))?;
         let attachment = Attachment::add(&host.ns.path(), &ns.path(), &ns.name, config)?;
         Ok(Container {
             ip: attachment.ip,

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::cni::{self, Attachment};
+use crate::etcd::KeyValue;
 use crate::traffic::tcp_send_ip;
 use crate::{wait_for, Cluster, Host, Netns, Overlay, Result, SubnetEnv};
 
@@ -29,6 +30,39 @@ pub fn ipv6_underlay(c: &Cluster) -> Result<()> {
         h.ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
     }
     Ok(())
+}
+
+/// An overlay of `n` hosts with the IPv6 underlay ([`ipv6_underlay`]) and no pods, agents
+/// started on the network `config`.
+pub fn on_ipv6_underlay(config: &str, n: usize) -> Result<Overlay> {
+    Overlay::builder(config, n)
+        .containers_per_host(0)
+        .before_agents(ipv6_underlay)
+        .start()
+}
+
+/// The dual-stack lease among `leases` of the node whose IPv4 subnet is `v4` (upstream's key
+/// `<v4>&<v6>`, `-` for `/`), and the address of its IPv6 subnet, which must be a /64.
+pub fn dual_stack_lease<'a>(leases: &'a [KeyValue], v4: &str) -> (&'a KeyValue, &'a str) {
+    let lease = leases
+        .iter()
+        .find(|kv| kv.key.contains(&format!("/{}&", v4.replace('/', "-"))))
+        .unwrap_or_else(|| {
+            panic!(
+                "no dual-stack key for {v4}: {:?}",
+                leases.iter().map(|l| &l.key).collect::<Vec<_>>()
+            )
+        });
+    let name = lease.key.rsplit('/').next().unwrap_or_default();
+    let v6 = name
+        .split_once('&')
+        .map(|(_, v6)| v6)
+        .unwrap_or_else(|| panic!("no IPv6 part in {name}"));
+    let (v6_ip, v6_len) = v6
+        .rsplit_once('-')
+        .unwrap_or_else(|| panic!("no prefix length in {v6}"));
+    assert_eq!(v6_len, "64", "{name}");
+    (lease, v6_ip)
 }
 
 /// The IPv6 underlay subnet behind the router: 2001:db8:1::/64.

@@ -289,6 +289,28 @@ pub struct KeyValue {
     pub mod_revision: i64,
 }
 
+/// The peers a node at `own_ip` must see, given the subnet leases `kvs` listed under the
+/// key prefix `subnets`: (subnet as `a.b.c.d/len`, PublicIP) of every valid lease but its own,
+/// sorted.
+pub fn peer_view(
+    kvs: impl IntoIterator<Item = KeyValue>,
+    subnets: &str,
+    own_ip: &str,
+) -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = kvs
+        .into_iter()
+        .filter_map(|kv| {
+            let name = kv.key.strip_prefix(subnets)?;
+            let (ip, len) = name.split_once('-')?;
+            let attrs: serde_json::Value = serde_json::from_str(&kv.value).ok()?;
+            let public = attrs["PublicIP"].as_str()?.to_owned();
+            (public != own_ip).then(|| (format!("{ip}/{len}"), public))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
 impl Drop for Etcd {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -8,12 +8,14 @@ pub mod cluster;
 pub mod cni;
 pub mod container;
 pub mod dual_stack;
+pub mod ebpf_host;
 pub mod etcd;
 pub mod etcd_cluster;
 pub mod netns;
 pub mod overlay;
 pub mod pki;
 pub mod pktgen;
+pub mod rng;
 pub mod tls;
 pub mod traffic;
 

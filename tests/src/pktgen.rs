@@ -221,7 +221,31 @@ pub fn inner(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
 /// flannel's encapsulation as a peer at `from` sends it to `to`: Ethernet + outer IPv4 (DF, no
 /// options) + UDP (`port` both ways, checksum 0) + `inner`.
 pub fn tunnelled(from: Ipv4Addr, to: Ipv4Addr, port: u16, inner: &[u8]) -> Vec<u8> {
-    let mut outer = ipv4(from, to, 64, PROTO_UDP, &[], &udp(port, port, inner));
+    tunnelled_with_options(from, to, port, &[], inner)
+}
+
+/// [`tunnelled`] with `options` (a multiple of 4 bytes) in the outer IPv4 header.
+pub fn tunnelled_with_options(
+    from: Ipv4Addr,
+    to: Ipv4Addr,
+    port: u16,
+    options: &[u8],
+    inner: &[u8],
+) -> Vec<u8> {
+    let mut outer = ipv4(from, to, 64, PROTO_UDP, options, &udp(port, port, inner));
     set_frag(&mut outer, IP_DF);
     ether(ETH_P_IP, &outer)
+}
+
+/// `frame` (as [`tunnelled`] builds it: no outer options) with its outer UDP checksum left to
+/// the device: the field holds the pseudo-header sum, as a sender's kernel writes it over a
+/// veth (CHECKSUM_PARTIAL).
+pub fn udp_checksum_left_to_device(mut frame: Vec<u8>) -> Vec<u8> {
+    const UDP_AT: usize = ETH_HLEN + IPV4_HLEN;
+    let ip = &frame[ETH_HLEN..UDP_AT];
+    let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
+    let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+    let seed = pseudo_seed(src, dst, PROTO_UDP, frame.len() - UDP_AT);
+    frame[UDP_AT + 6..UDP_AT + 8].copy_from_slice(&seed.to_be_bytes());
+    frame
 }

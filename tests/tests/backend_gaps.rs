@@ -68,25 +68,16 @@ fn vxlan_direct_routing_routes_l2_peers_directly_and_others_over_vxlan() {
 
     // A direct route left by an earlier run for a peer that is gone is removed.
     o.agents[0].stop().unwrap();
-    let h0 = &o.cluster.hosts[0];
-    h0.ns
-        .ip(&[
-            "route",
-            "add",
-            "10.244.250.0/24",
-            "via",
-            "192.0.2.11",
-            "dev",
-            "eth0",
-        ])
+    o.cluster.hosts[0]
+        .add_route_via_eth0("10.244.250.0/24", "192.0.2.11")
         .unwrap();
     o.start_agent(0).unwrap();
-    wait_for(
+    wait_until_host0_has_no_route(
+        &o,
         Duration::from_secs(15),
         "stale direct route removed",
-        || route_to(&o, 0, "10.244.250.0/24").is_empty().then_some(()),
-    )
-    .unwrap_or_else(|e| panic!("{e}\n{}", o.agent_log(0)));
+        "10.244.250.0/24",
+    );
     assert_eq!(
         route_to(&o, 0, &s1),
         format!("{s1} via 192.0.2.11 dev eth0")
@@ -101,12 +92,24 @@ fn vxlan_direct_routing_routes_l2_peers_directly_and_others_over_vxlan() {
             s1.replace('/', "-")
         ))
         .unwrap();
-    wait_for(
+    wait_until_host0_has_no_route(
+        &o,
         Duration::from_secs(10),
         "direct route of a removed peer",
-        || route_to(&o, 0, &s1).is_empty().then_some(()),
-    )
-    .unwrap_or_else(|e| panic!("{e}\n{}", o.agent_log(0)));
+        &s1,
+    );
+}
+
+/// Waits up to `within` until host 0 has no route to `dst` (IPv4 or IPv6), else fails with
+/// agent 0's log.
+fn wait_until_host0_has_no_route(o: &Overlay, within: Duration, what: &str, dst: &str) {
+    let route = if dst.contains(':') {
+        route6_to
+    } else {
+        route_to
+    };
+    wait_for(within, what, || route(o, 0, dst).is_empty().then_some(()))
+        .unwrap_or_else(|e| panic!("{e}\n{}", o.agent_log(0)));
 }
 
 /// `ip -6 route show <subnet>` on host `on`, without what the kernel adds to every route.
@@ -197,26 +200,16 @@ fn vxlan_direct_routing_ipv6_routes_l2_peers_directly_and_others_over_vxlan_v6()
     let (stale, foreign) = ("fd00:10:244:ff::/64", "2001:db8:99::/64");
     for dst in [stale, foreign] {
         o.cluster.hosts[0]
-            .ns
-            .ip(&[
-                "-6",
-                "route",
-                "add",
-                dst,
-                "via",
-                "2001:db8::11",
-                "dev",
-                "eth0",
-            ])
+            .add_route_via_eth0(dst, "2001:db8::11")
             .unwrap();
     }
     o.start_agent(0).unwrap();
-    wait_for(
+    wait_until_host0_has_no_route(
+        &o,
         Duration::from_secs(15),
         "stale direct IPv6 route removed",
-        || route6_to(&o, 0, stale).is_empty().then_some(()),
-    )
-    .unwrap_or_else(|e| panic!("{e}\n{}", o.agent_log(0)));
+        stale,
+    );
     assert_eq!(
         route6_to(&o, 0, foreign),
         format!("{foreign} via 2001:db8::11 dev eth0")
@@ -240,22 +233,14 @@ fn vxlan_direct_routing_ipv6_routes_l2_peers_directly_and_others_over_vxlan_v6()
     // One added while the agent runs goes with the next periodic resync.
     let stale = "fd00:10:244:fe::/64";
     o.cluster.hosts[0]
-        .ns
-        .ip(&[
-            "-6",
-            "route",
-            "add",
-            stale,
-            "via",
-            "2001:db8::11",
-            "dev",
-            "eth0",
-        ])
+        .add_route_via_eth0(stale, "2001:db8::11")
         .unwrap();
-    wait_for(RESYNC_DEADLINE, "stale direct IPv6 route removed", || {
-        route6_to(&o, 0, stale).is_empty().then_some(())
-    })
-    .unwrap_or_else(|e| panic!("{e}\n{}", o.agent_log(0)));
+    wait_until_host0_has_no_route(
+        &o,
+        RESYNC_DEADLINE,
+        "stale direct IPv6 route removed",
+        stale,
+    );
     assert!(
         o.agent_log(0).contains(&format!(
             "removing stale direct IPv6 route {stale} via 2001:db8::11"

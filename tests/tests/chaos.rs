@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use flannel_tests::cni::SubnetEnv;
+use flannel_tests::etcd::peer_view;
 use flannel_tests::etcd_cluster::{EtcdCluster, FLANNEL_PASSWORD, FLANNEL_USER};
+use flannel_tests::rng::{seed_from_env, Rng};
 use flannel_tests::{Agent, Cluster, Container, Result};
 use nix::sys::signal::Signal;
 
@@ -28,27 +30,6 @@ const FAKE_VALUE: &str = r#"{"PublicIP":"192.0.2.99","PublicIPv6":null}"#;
 const RECOVERY: Duration = Duration::from_secs(2);
 /// How long the cluster may take to become quiet after a fault is healed.
 const QUIET_WITHIN: Duration = Duration::from_secs(40);
-
-/// splitmix64: small, seedable, good enough to pick faults.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn millis(&mut self, lo: u64, hi: u64) -> Duration {
-        Duration::from_millis(lo + self.next() % (hi - lo))
-    }
-}
 
 #[derive(Debug, Clone, Copy)]
 enum Fault {
@@ -94,20 +75,7 @@ impl Chaos {
 
     /// What etcd says node `i`'s peers are.
     fn etcd_view(&self, own_ip: &str) -> Result<Vec<(String, String)>> {
-        let mut v: Vec<(String, String)> = self
-            .etcd
-            .list(SUBNETS)?
-            .into_iter()
-            .filter_map(|kv| {
-                let name = kv.key.strip_prefix(SUBNETS)?;
-                let (ip, len) = name.split_once('-')?;
-                let attrs: serde_json::Value = serde_json::from_str(&kv.value).ok()?;
-                let public = attrs["PublicIP"].as_str()?.to_owned();
-                (public != own_ip).then(|| (format!("{ip}/{len}"), public))
-            })
-            .collect();
-        v.sort();
-        Ok(v)
+        Ok(peer_view(self.etcd.list(SUBNETS)?, SUBNETS, own_ip))
     }
 
     /// Checked all the time: no agent exited, no two nodes hold the same subnet.
@@ -352,15 +320,7 @@ fn run(seed: u64, budget: Duration) -> std::result::Result<(usize, Duration), (S
 #[test]
 fn chaos_agents_and_a_three_member_cluster_with_auth() {
     flannel_tests::require_root();
-    let seed = std::env::var("FLANNEL_CHAOS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-        });
+    let seed = seed_from_env("FLANNEL_CHAOS_SEED");
     let secs = std::env::var("FLANNEL_CHAOS_SECS")
         .ok()
         .and_then(|s| s.parse().ok())

@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
+use flannel_tests::etcd::peer_view;
 use flannel_tests::{wait_for, Agent, Cluster};
 use nix::sys::signal::Signal;
 
@@ -18,20 +19,7 @@ fn start_all(cluster: &Cluster, hosts: impl Iterator<Item = usize>, extra: &[&st
 
 /// What etcd says each node's peers are: every valid lease but the node's own.
 fn etcd_view(cluster: &Cluster, own_ip: &str) -> Vec<(String, String)> {
-    let mut v: Vec<(String, String)> = cluster
-        .leases()
-        .unwrap()
-        .into_iter()
-        .filter_map(|kv| {
-            let name = kv.key.strip_prefix(SUBNETS)?;
-            let (ip, len) = name.split_once('-')?;
-            let attrs: serde_json::Value = serde_json::from_str(&kv.value).ok()?;
-            let public = attrs["PublicIP"].as_str()?.to_owned();
-            (public != own_ip).then(|| (format!("{ip}/{len}"), public))
-        })
-        .collect();
-    v.sort();
-    v
+    peer_view(cluster.leases().unwrap(), SUBNETS, own_ip)
 }
 
 fn wait_view_matches_etcd(cluster: &Cluster, agent: &Agent, timeout: Duration) {

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use flannel_tests::dual_stack::{
-    check_all_pairs, ipv6_underlay, DualPod as Pod, V6Pod, V6SubnetEnv,
+    check_all_pairs, dual_stack_lease, on_ipv6_underlay, DualPod as Pod, V6Pod, V6SubnetEnv,
 };
 use flannel_tests::traffic::tcp_send_ip;
 use flannel_tests::{wait_for, Cluster, Overlay};
@@ -16,13 +16,23 @@ const V6_NET: &str = "fd00:10:244::/48";
 const V6_ONLY_HOSTGW: &str = r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/48","Backend":{"Type":"host-gw"}}"#;
 const SUBNETS: &str = "/coreos.com/network/subnets/";
 
+/// Waits until a resync removed host 0's IPv6 route to `stale`, one that no peer owns.
+fn wait_until_the_resync_removes(o: &Overlay, stale: &str) {
+    let h0 = &o.cluster.hosts[0];
+    wait_for(Duration::from_secs(25), "stale IPv6 route removed", || {
+        h0.ns
+            .ip(&["-6", "route", "show", stale])
+            .ok()?
+            .trim()
+            .is_empty()
+            .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", o.agent_log(0)));
+}
+
 #[test]
 fn ipv6_only_host_gw_three_hosts_pods_talk_v6_routes_follow_etcd_and_ipv4_is_left_alone() {
-    let mut o = Overlay::builder(V6_ONLY_HOSTGW, 3)
-        .containers_per_host(0)
-        .before_agents(ipv6_underlay)
-        .start()
-        .unwrap();
+    let mut o = on_ipv6_underlay(V6_ONLY_HOSTGW, 3).unwrap();
 
     let leases = o.cluster.leases().unwrap();
     assert_eq!(leases.len(), 3, "{leases:?}");
@@ -77,31 +87,10 @@ fn ipv6_only_host_gw_three_hosts_pods_talk_v6_routes_follow_etcd_and_ipv4_is_lef
     // no IPv4 Network whose routes would be flannel's.
     let h0 = &o.cluster.hosts[0];
     let v4_route = "10.99.0.0/24";
-    h0.ns
-        .ip(&["route", "add", v4_route, "via", "192.0.2.11", "dev", "eth0"])
-        .unwrap();
+    h0.add_route_via_eth0(v4_route, "192.0.2.11").unwrap();
     let stale = "fd00:10:244:ff::/64";
-    h0.ns
-        .ip(&[
-            "-6",
-            "route",
-            "add",
-            stale,
-            "via",
-            "2001:db8::99",
-            "dev",
-            "eth0",
-        ])
-        .unwrap();
-    wait_for(Duration::from_secs(25), "stale IPv6 route removed", || {
-        h0.ns
-            .ip(&["-6", "route", "show", stale])
-            .ok()?
-            .trim()
-            .is_empty()
-            .then_some(())
-    })
-    .unwrap_or_else(|e| panic!("{e}\n{}", o.agent_log(0)));
+    h0.add_route_via_eth0(stale, "2001:db8::99").unwrap();
+    wait_until_the_resync_removes(&o, stale);
     assert!(h0
         .ns
         .ip(&["route", "show", v4_route])
@@ -135,11 +124,7 @@ fn ipv6_only_host_gw_three_hosts_pods_talk_v6_routes_follow_etcd_and_ipv4_is_lef
 
 #[test]
 fn dual_stack_host_gw_three_hosts_v4_and_v6_pods_talk_and_v6_routes_follow_etcd() {
-    let mut o = Overlay::builder(DUAL_HOSTGW, 3)
-        .containers_per_host(0)
-        .before_agents(ipv6_underlay)
-        .start()
-        .unwrap();
+    let mut o = on_ipv6_underlay(DUAL_HOSTGW, 3).unwrap();
 
     // Leases: upstream's key form and JSON, byte for byte.
     let leases = o.cluster.leases().unwrap();
@@ -147,20 +132,8 @@ fn dual_stack_host_gw_three_hosts_v4_and_v6_pods_talk_and_v6_routes_follow_etcd(
     let mut v6_subnets = Vec::new();
     for (i, a) in o.agents.iter().enumerate() {
         let v4 = a.subnet().unwrap();
-        let lease = leases
-            .iter()
-            .find(|kv| kv.key.contains(&format!("/{}&", v4.replace('/', "-"))))
-            .unwrap_or_else(|| {
-                panic!(
-                    "no dual-stack key for {v4}: {:?}",
-                    leases.iter().map(|l| &l.key).collect::<Vec<_>>()
-                )
-            });
-        let name = lease.key.rsplit('/').next().unwrap();
-        let (_, v6) = name.split_once('&').unwrap();
-        let (v6_ip, v6_len) = v6.rsplit_once('-').unwrap();
-        assert_eq!(v6_len, "64");
-        assert!(v6_ip.starts_with("fd00:10:244:"), "{name}");
+        let (lease, v6_ip) = dual_stack_lease(&leases, &v4);
+        assert!(v6_ip.starts_with("fd00:10:244:"), "{}", lease.key);
         assert_eq!(
             lease.value,
             format!(
@@ -218,28 +191,9 @@ fn dual_stack_host_gw_three_hosts_v4_and_v6_pods_talk_and_v6_routes_follow_etcd(
     // that is gone) is removed by the resync; routes outside the network stay.
     let (stale, foreign) = ("fd00:10:244:ff::/64", "2001:db8:99::/64");
     for dst in [stale, foreign] {
-        h0.ns
-            .ip(&[
-                "-6",
-                "route",
-                "add",
-                dst,
-                "via",
-                "2001:db8::99",
-                "dev",
-                "eth0",
-            ])
-            .unwrap();
+        h0.add_route_via_eth0(dst, "2001:db8::99").unwrap();
     }
-    wait_for(Duration::from_secs(25), "stale IPv6 route removed", || {
-        h0.ns
-            .ip(&["-6", "route", "show", stale])
-            .ok()?
-            .trim()
-            .is_empty()
-            .then_some(())
-    })
-    .unwrap_or_else(|e| panic!("{e}\n{}", o.agent_log(0)));
+    wait_until_the_resync_removes(&o, stale);
     assert!(o.agent_log(0).contains(&format!(
         "removing stale IPv6 route {stale} via 2001:db8::99"
     )));
@@ -316,11 +270,7 @@ fn ipv6_with_udp_is_refused_naming_the_backend() {
 #[test]
 fn a_restart_asks_for_both_subnets_of_the_previous_run_again() {
     let config = DUAL_HOSTGW.replace("host-gw", "alloc");
-    let mut o = Overlay::builder(&config, 1)
-        .containers_per_host(0)
-        .before_agents(ipv6_underlay)
-        .start()
-        .unwrap();
+    let mut o = on_ipv6_underlay(&config, 1).unwrap();
     let v4 = o.agents[0].subnet_env_value("FLANNEL_SUBNET").unwrap();
     let v6 = o.agents[0].subnet_env_value("FLANNEL_IPV6_SUBNET").unwrap();
     // Stopped, and its lease gone from etcd (expired, or deleted by an operator): a fresh start

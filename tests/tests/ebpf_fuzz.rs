@@ -15,66 +15,27 @@ use flannel_agent::backend::udp::UdpDataplane;
 use flannel_agent::cli::UdpDecap;
 use flannel_common::{Stats, XDP_DECAP_MARK};
 use flannel_tests::bpf::PinnedProgram;
-use flannel_tests::pktgen::{
-    ether, icmp_echo, ipv4, ipv4_hlen, pseudo_seed, refresh_ipv4_checksum, set_frag, tcp, udp,
-    ETH_P_IP, IP_DF, PROTO_ICMP, PROTO_TCP, PROTO_UDP,
+use flannel_tests::ebpf_host::{
+    self, add_ext0_pair, add_flannel0, decap_program, Flannel0, NETWORK, OUR_IP, OUR_SUBNET,
+    PEER_IP, PEER_SUBNET, PORT, STRANGER_IP, TCX_NEXT, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
+    XDP_DROP, XDP_PASS,
 };
+use flannel_tests::pktgen::{
+    ether, icmp_echo, ipv4, ipv4_hlen, refresh_ipv4_checksum, set_frag, tcp, tunnelled, udp,
+    udp_checksum_left_to_device, ETH_P_IP, IP_DF, PROTO_ICMP, PROTO_TCP, PROTO_UDP,
+};
+use flannel_tests::rng::{seed_from_env, Rng};
 use flannel_tests::Netns;
 use ipnetwork::Ipv4Network;
 
-/// TC_ACT_UNSPEC (-1): "not mine", the next TCX program or the stack gets the packet.
-const TCX_NEXT: u32 = u32::MAX;
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
-const TC_ACT_REDIRECT: u32 = 7;
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const PORT: u16 = 8285;
 const RUNS: usize = 4000;
-
-const OUR_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
-const PEER_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
-const STRANGER_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 99);
-const OUR_SUBNET: &str = "10.244.1.0/24";
-const PEER_SUBNET: &str = "10.244.2.0/24";
 
 fn net(s: &str) -> Ipv4Network {
     s.parse().expect("test constant")
 }
 
-// ---------------------------------------------------------------------------------------------
-// A seeded RNG (splitmix64): small, and the same sequence everywhere for a given seed.
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    /// Uniform in 0..n (n > 0).
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn byte(&mut self) -> u8 {
-        self.next() as u8
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.byte()).collect()
-    }
-}
-
 fn seed() -> u64 {
-    match std::env::var("FLANNEL_FUZZ_SEED") {
-        Ok(s) => s.parse().expect("FLANNEL_FUZZ_SEED must be an integer"),
-        Err(_) => std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("clock after 1970")
-            .as_nanos() as u64,
-    }
+    seed_from_env("FLANNEL_FUZZ_SEED")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -93,52 +54,18 @@ impl Host {
         // Unique per test (the TC and XDP fuzz tests run in parallel), and named as the
         // harness names its namespaces so a crashed run's leftovers are cleaned up.
         let ns = Netns::unique("fuzz").expect("namespace");
-        let host = Host {
-            pin_dir: PathBuf::from(format!("/sys/fs/bpf/{}", ns.name)),
-            ns,
-        };
-        let port = PORT.to_string();
-        let overlay: &[&str] = if kernel_rx {
-            &[
-                "link",
-                "add",
-                "flannel0",
-                "type",
-                "vxlan",
-                "id",
-                "1",
-                "dstport",
-                &port,
-                "nolearning",
-            ]
+        let flannel0 = if kernel_rx {
+            Flannel0::Vxlan
         } else {
-            &["tuntap", "add", "dev", "flannel0", "mode", "tun"]
+            Flannel0::Tun
         };
-        let setup: [&[&str]; 9] = [
-            overlay,
-            &["addr", "add", "10.244.1.0/32", "dev", "flannel0"],
-            &["link", "set", "flannel0", "mtu", "1472", "up"],
-            &["route", "add", "10.244.0.0/16", "dev", "flannel0"],
-            &[
-                "link", "add", "ext0", "type", "veth", "peer", "name", "ext1",
-            ],
-            // The destination MAC of the generated frames: they arrive as for this host.
-            &["link", "set", "ext0", "address", "02:00:00:00:00:01"],
-            &["addr", "add", "192.0.2.1/24", "dev", "ext0"],
-            &["link", "set", "ext0", "up"],
-            &["link", "set", "ext1", "up"],
-        ];
-        for (i, args) in setup.iter().enumerate() {
-            host.ns.ip(args).expect("ip");
-            if i == 0 {
-                // No IPv6 on flannel0, as the agent does: its link-local autoconfiguration
-                // (router solicitations, which encap drops) would count drops in between.
-                host.ns
-                    .sysctl("net.ipv6.conf.flannel0.disable_ipv6", "1")
-                    .expect("sysctl");
-            }
+        // Neither form has a reader to keep.
+        let _ = add_flannel0(&ns, flannel0, OUR_SUBNET);
+        add_ext0_pair(&ns);
+        Host {
+            pin_dir: ebpf_host::pin_dir(&ns),
+            ns,
         }
-        host
     }
 
     fn load(&self, decap: UdpDecap) -> EbpfDataplane {
@@ -148,7 +75,7 @@ impl Host {
             ext_ifindex: self.ns.ifindex("ext0").expect("ext0"),
             ext_ip: OUR_IP,
             port: PORT,
-            network: net("10.244.0.0/16"),
+            network: net(NETWORK),
             own_subnet: net(OUR_SUBNET),
             decap,
         };
@@ -191,15 +118,13 @@ fn valid_frame(rng: &mut Rng) -> Vec<u8> {
     };
     let mut inner = ipv4(inner_src, inner_dst, 64, proto, &[], &l4);
     set_frag(&mut inner, IP_DF);
-    let mut outer_udp = udp(PORT, PORT, &inner);
+    let frame = tunnelled(outer_src, OUR_IP, PORT, &inner);
     if rng.below(3) == 0 {
         // Outer UDP checksum left to the device, as a sender's kernel does over a veth.
-        let seed = pseudo_seed(outer_src, OUR_IP, PROTO_UDP, outer_udp.len());
-        outer_udp[6..8].copy_from_slice(&seed.to_be_bytes());
+        udp_checksum_left_to_device(frame)
+    } else {
+        frame
     }
-    let mut outer = ipv4(outer_src, OUR_IP, 64, PROTO_UDP, &[], &outer_udp);
-    set_frag(&mut outer, IP_DF);
-    ether(ETH_P_IP, &outer)
 }
 
 /// A few random edits: byte flips and overwrites (mostly in the headers), cuts and growth;
@@ -305,10 +230,7 @@ fn kernel_rx_xdp_decap_answers_random_packets_with_a_known_verdict_and_counts_ea
 }
 
 fn require_object() {
-    assert!(
-        EbpfDataplane::embedded(),
-        "the eBPF object is not compiled into flannel-agent: run `cargo xtask build-ebpf`, then rebuild the tests"
-    );
+    ebpf_host::require_object(EbpfDataplane::embedded());
 }
 
 fn fuzz(decap: UdpDecap, kernel_rx: bool) {
@@ -321,11 +243,7 @@ fn fuzz(decap: UdpDecap, kernel_rx: bool) {
     let mut dp = host.load(decap);
     dp.set_peer(net(PEER_SUBNET), PEER_IP).expect("set peer");
     let xdp = decap == UdpDecap::Xdp;
-    let prog = if xdp {
-        PinnedProgram::xdp(&host.pin_dir.join("flannel_decap_xdp"))
-    } else {
-        PinnedProgram::tc(&host.pin_dir.join("flannel_decap"))
-    };
+    let prog = decap_program(&host.pin_dir, xdp);
     let ext0 = host.ns.ifindex("ext0").expect("ext0");
 
     let mut seen = [0usize; 3]; // pass, drop, redirect

@@ -8,7 +8,6 @@
 //! before building the tests); fails loudly otherwise.
 
 use std::collections::BTreeMap;
-use std::ffi::CString;
 use std::io;
 use std::net::{Ipv4Addr, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -23,65 +22,35 @@ use flannel_agent::backend::udp::UdpDataplane;
 use flannel_agent::cli::UdpDecap;
 use flannel_common::{map_names, Config, Stats, CONFIG_F_KERNEL_RX, XDP_DECAP_MARK};
 use flannel_tests::bpf::PinnedProgram;
+use flannel_tests::ebpf_host::{
+    self, add_ext0_pair, add_flannel0, decap_program, Flannel0, NETWORK, OUR_IP, OUR_SUBNET,
+    OVERLAY_MAC, PEER_IP, PEER_SUBNET, PORT, STRANGER_IP, TCX_NEXT, TC_ACT_OK, TC_ACT_REDIRECT,
+    TC_ACT_SHOT, XDP_DROP, XDP_PASS,
+};
 use flannel_tests::pktgen::{
     arp_request, checksum, ether, ether_between, inner, ipv4, ipv4_off, ipv6, l4_checksum_ok,
-    pseudo_seed, refresh_ipv4_checksum, set_frag, tcp4, tunnelled, udp, vxlan, ETH_HLEN, ETH_P_ARP,
-    ETH_P_IP, ETH_P_IPV6, IPV4_HLEN, IP_DF, IP_MF, PROTO_UDP, SRC_MAC, UDP_HLEN,
+    pseudo_seed, refresh_ipv4_checksum, set_frag, tcp4, tunnelled, tunnelled_with_options, udp,
+    udp_checksum_left_to_device, vxlan, ETH_HLEN, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, IPV4_HLEN,
+    IP_DF, IP_MF, PROTO_UDP, SRC_MAC,
 };
 use flannel_tests::Netns;
 use ipnetwork::Ipv4Network;
 
-/// TC_ACT_UNSPEC (-1): "not mine", the next TCX program or the stack gets the packet.
-const TCX_NEXT: u32 = u32::MAX;
-const TC_ACT_SHOT: u32 = 2;
-const TC_ACT_REDIRECT: u32 = 7;
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const PORT: u16 = 8285;
-
-const OUR_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
-const PEER_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
-const STRANGER_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 99);
-const OUR_SUBNET: &str = "10.244.1.0/24";
-const PEER_SUBNET: &str = "10.244.2.0/24";
 const OTHER_PEER_SUBNET: &str = "10.244.3.0/24";
 const OTHER_PEER_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 3);
 
 const V6_ANY: std::net::Ipv6Addr = std::net::Ipv6Addr::UNSPECIFIED;
-
-const EXT0_MAC: &str = "02:00:00:00:00:01";
-const EXT1_MAC: &str = "02:00:00:00:00:02";
 
 fn net(s: &str) -> Ipv4Network {
     s.parse().expect("test constant")
 }
 
 fn require_object() {
-    assert!(
-        EbpfDataplane::embedded(),
-        "the eBPF object is not compiled into flannel-agent: run `cargo xtask build-ebpf`, then rebuild the tests"
-    );
+    ebpf_host::require_object(EbpfDataplane::embedded());
 }
 
 // ---------------------------------------------------------------------------------------------
 // Namespaces and devices
-
-/// What `flannel0` is.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Overlay {
-    /// A TUN with a reader (the programs work either way).
-    TunRead,
-    /// A persistent TUN nobody reads (NO-CARRIER).
-    Tun,
-    /// An ifb without ARP, what older versions of the agent's eBPF mode created.
-    Ifb,
-    /// A kernel VXLAN device on our port (VNI 1, no learning, ARP off), what the agent's eBPF
-    /// mode creates now: the loader then sets `CONFIG_F_KERNEL_RX`.
-    Vxlan,
-}
-
-/// The MAC the tests give a VXLAN `flannel0`: decap writes it into the frames it hands on.
-const OVERLAY_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xaa];
 
 /// One "host": a namespace with a `flannel0` overlay device (overlay route through it) and an
 /// external veth end `ext0` at `ip`, plus its own pin directory.
@@ -96,95 +65,25 @@ struct Host {
 }
 
 impl Host {
-    fn new(ip: Ipv4Addr, subnet: &str, overlay: Overlay) -> Host {
+    fn new(ip: Ipv4Addr, subnet: &str, overlay: Flannel0) -> Host {
         let ns = Netns::unique("ebpf").expect("namespace");
-        let subnet = net(subnet);
-        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", ns.name));
-        let tun = match overlay {
-            Overlay::TunRead => Some(ns.enter(open_tun)),
-            Overlay::Tun => {
-                ns.ip(&["tuntap", "add", "dev", "flannel0", "mode", "tun"])
-                    .expect("ip");
-                None
-            }
-            Overlay::Ifb => {
-                ns.ip(&["link", "add", "flannel0", "type", "ifb"])
-                    .expect("ip");
-                ns.ip(&["link", "set", "flannel0", "arp", "off"])
-                    .expect("ip");
-                None
-            }
-            Overlay::Vxlan => {
-                let mac = OVERLAY_MAC.map(|b| format!("{b:02x}")).join(":");
-                let port = PORT.to_string();
-                ns.ip(&[
-                    "link",
-                    "add",
-                    "flannel0",
-                    "address",
-                    &mac,
-                    "type",
-                    "vxlan",
-                    "id",
-                    "1",
-                    "dstport",
-                    &port,
-                    "nolearning",
-                ])
-                .expect("ip");
-                ns.ip(&["link", "set", "flannel0", "arp", "off"])
-                    .expect("ip");
-                // As the agent does: IPv6 autoconfiguration would only send packets encap
-                // drops, and count them.
-                ns.sysctl("net.ipv6.conf.flannel0.disable_ipv6", "1")
-                    .expect("sysctl");
-                None
-            }
-        };
-        ns.ip(&[
-            "addr",
-            "add",
-            &format!("{}/32", subnet.network()),
-            "dev",
-            "flannel0",
-        ])
-        .expect("ip");
-        ns.ip(&["link", "set", "flannel0", "mtu", "1472", "up"])
-            .expect("ip");
-        ns.ip(&["route", "add", "10.244.0.0/16", "dev", "flannel0"])
-            .expect("ip");
         Host {
-            _tun: tun,
+            _tun: add_flannel0(&ns, overlay, subnet),
+            pin_dir: ebpf_host::pin_dir(&ns),
             ns,
-            pin_dir,
             ip,
-            subnet,
+            subnet: net(subnet),
         }
     }
 
     /// A standalone host whose `ext0` peer end (`ext1`) stays in the same namespace.
     fn alone() -> Host {
-        Host::alone_with(Overlay::TunRead)
+        Host::alone_with(Flannel0::TunRead)
     }
 
-    fn alone_with(overlay: Overlay) -> Host {
+    fn alone_with(overlay: Flannel0) -> Host {
         let host = Host::new(OUR_IP, OUR_SUBNET, overlay);
-        host.ns
-            .ip(&[
-                "link", "add", "ext0", "type", "veth", "peer", "name", "ext1",
-            ])
-            .expect("ip");
-        host.ns
-            .ip(&["link", "set", "ext0", "address", EXT0_MAC])
-            .expect("ip");
-        host.ns
-            .ip(&["link", "set", "ext1", "address", EXT1_MAC])
-            .expect("ip");
-        host.ns
-            .ip(&["addr", "add", "192.0.2.1/24", "dev", "ext0"])
-            .expect("ip");
-        host.ns.ip(&["link", "set", "ext0", "up"]).expect("ip");
-        host.ns.ip(&["link", "set", "ext1", "up"]).expect("ip");
+        add_ext0_pair(&host.ns);
         // The "peer" is ext1 itself: encapsulated frames land there for the test to read.
         host.ns
             .ip(&[
@@ -192,7 +91,7 @@ impl Host {
                 "add",
                 "192.0.2.2",
                 "lladdr",
-                EXT1_MAC,
+                &ebpf_host::mac(SRC_MAC),
                 "dev",
                 "ext0",
                 "nud",
@@ -209,7 +108,7 @@ impl Host {
             ext_ifindex: self.ns.ifindex("ext0").expect("device"),
             ext_ip: self.ip,
             port: PORT,
-            network: net("10.244.0.0/16"),
+            network: net(NETWORK),
             own_subnet: self.subnet,
             decap: UdpDecap::Tc,
         }
@@ -357,27 +256,8 @@ impl Drop for Host {
     }
 }
 
-/// Creates `flannel0` (IFF_TUN | IFF_NO_PI) in the current namespace.
-fn open_tun() -> OwnedFd {
-    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-    let path = CString::new("/dev/net/tun").expect("path");
-    // SAFETY: plain open of a NUL-terminated path.
-    let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
-    assert!(fd >= 0, "open /dev/net/tun: {}", io::Error::last_os_error());
-    // SAFETY: fd was just opened and is owned here.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut ifr = [0u8; 40]; // struct ifreq: name[16], flags
-    ifr[..8].copy_from_slice(b"flannel0");
-    let flags = (libc::IFF_TUN | libc::IFF_NO_PI) as u16;
-    ifr[16..18].copy_from_slice(&flags.to_ne_bytes());
-    // SAFETY: TUNSETIFF reads an ifreq, which ifr is large enough to be.
-    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, ifr.as_mut_ptr()) };
-    assert!(rc == 0, "TUNSETIFF: {}", io::Error::last_os_error());
-    fd
-}
-
 /// Two hosts whose `ext0` devices are the two ends of one veth pair.
-fn two_hosts(overlay: Overlay) -> (Host, Host) {
+fn two_hosts(overlay: Flannel0) -> (Host, Host) {
     let a = Host::new(OUR_IP, OUR_SUBNET, overlay);
     let b = Host::new(PEER_IP, PEER_SUBNET, overlay);
     a.ns.ip(&[
@@ -396,6 +276,45 @@ fn two_hosts(overlay: Overlay) -> (Host, Host) {
 
 fn a(s: &str) -> Ipv4Addr {
     s.parse().expect("test constant")
+}
+
+/// The inner packet most decap tests carry: UDP from a pod in the peer's subnet to ours.
+fn from_peer_pod() -> Vec<u8> {
+    inner(a("10.244.2.7"), a("10.244.1.5"))
+}
+
+/// `inner` as the peer tunnels it to us.
+fn from_peer(inner: &[u8]) -> Vec<u8> {
+    tunnelled(PEER_IP, OUR_IP, PORT, inner)
+}
+
+/// `inner` as the peer tunnels it to us with an option in the outer header (IHL 6).
+fn from_peer_with_outer_options(inner: &[u8]) -> Vec<u8> {
+    tunnelled_with_options(PEER_IP, OUR_IP, PORT, &[1, 1, 1, 0], inner)
+}
+
+/// Tunnel frames from the peer that decap accepts in every form (stripped, or rewritten into
+/// VXLAN for flannel0), by name, with the inner packet each carries.
+fn accepted_from_peer() -> Vec<(&'static str, Vec<u8>, Vec<u8>)> {
+    let plain = from_peer_pod();
+    let with_options = ipv4(
+        a("10.244.2.7"),
+        a("10.244.1.5"),
+        17,
+        6,
+        &[1, 1, 1, 0],
+        b"tcp-ish bytes, not parsed",
+    );
+    vec![
+        ("plain", from_peer(&plain), plain.clone()),
+        ("inner options", from_peer(&with_options), with_options),
+        // Outer UDP checksum still to be computed (a sender's kernel over a veth).
+        (
+            "outer checksum left to the device",
+            udp_checksum_left_to_device(from_peer(&plain)),
+            plain,
+        ),
+    ]
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -440,15 +359,15 @@ fn encap_drops_and_counts_what_it_cannot_send() {
 
 #[test]
 fn encap_output_is_byte_exact() {
-    encap_output_is_byte_exact_on(Overlay::TunRead);
+    encap_output_is_byte_exact_on(Flannel0::TunRead);
 }
 
 #[test]
 fn encap_output_is_byte_exact_over_an_ifb() {
-    encap_output_is_byte_exact_on(Overlay::Ifb);
+    encap_output_is_byte_exact_on(Flannel0::Ifb);
 }
 
-fn encap_output_is_byte_exact_on(overlay: Overlay) {
+fn encap_output_is_byte_exact_on(overlay: Flannel0) {
     require_object();
     let host = Host::alone_with(overlay);
     let mut dp = host.load();
@@ -491,15 +410,15 @@ fn inner_of(frame: &[u8]) -> &[u8] {
 
 #[test]
 fn encap_completes_checksums_left_to_a_virtual_wire_and_nothing_else() {
-    encap_completes_checksums_left_to_a_virtual_wire_and_nothing_else_on(Overlay::TunRead);
+    encap_completes_checksums_left_to_a_virtual_wire_and_nothing_else_on(Flannel0::TunRead);
 }
 
 #[test]
 fn encap_completes_checksums_left_to_a_virtual_wire_and_nothing_else_over_an_ifb() {
-    encap_completes_checksums_left_to_a_virtual_wire_and_nothing_else_on(Overlay::Ifb);
+    encap_completes_checksums_left_to_a_virtual_wire_and_nothing_else_on(Flannel0::Ifb);
 }
 
-fn encap_completes_checksums_left_to_a_virtual_wire_and_nothing_else_on(overlay: Overlay) {
+fn encap_completes_checksums_left_to_a_virtual_wire_and_nothing_else_on(overlay: Flannel0) {
     require_object();
     let host = Host::alone_with(overlay);
     let mut dp = host.load();
@@ -583,15 +502,15 @@ fn tcp_syn_frame(host: &Host, capture: &OwnedFd, dst: std::net::SocketAddr) -> V
 
 #[test]
 fn the_stacks_offloaded_tcp_checksums_leave_complete_and_stay_right() {
-    the_stacks_offloaded_tcp_checksums_leave_complete_and_stay_right_on(Overlay::TunRead);
+    the_stacks_offloaded_tcp_checksums_leave_complete_and_stay_right_on(Flannel0::TunRead);
 }
 
 #[test]
 fn the_stacks_offloaded_tcp_checksums_leave_complete_and_stay_right_over_an_ifb() {
-    the_stacks_offloaded_tcp_checksums_leave_complete_and_stay_right_on(Overlay::Ifb);
+    the_stacks_offloaded_tcp_checksums_leave_complete_and_stay_right_on(Flannel0::Ifb);
 }
 
-fn the_stacks_offloaded_tcp_checksums_leave_complete_and_stay_right_on(overlay: Overlay) {
+fn the_stacks_offloaded_tcp_checksums_leave_complete_and_stay_right_on(overlay: Flannel0) {
     require_object();
     let host = Host::alone_with(overlay);
     let mut dp = host.load();
@@ -631,76 +550,55 @@ struct DecapCase {
 
 #[test]
 fn decap_accepts_peers_and_strips_exactly_the_outer_headers() {
-    decap_accepts_peers_and_strips_exactly_the_outer_headers_with(UdpDecap::Tc);
+    decap_accepts_peers_and_strips_exactly_the_outer_headers_with(UdpDecap::Tc, Flannel0::TunRead);
 }
 
-fn decap_accepts_peers_and_strips_exactly_the_outer_headers_with(decap: UdpDecap) {
-    require_object();
-    let host = Host::alone();
+/// A host with `overlay` as flannel0, the data plane loaded with `decap` and the peer set:
+/// the loader must have chosen flannel0's kernel VXLAN receive exactly for a VXLAN flannel0.
+fn decap_host(decap: UdpDecap, overlay: Flannel0) -> (Host, EbpfDataplane, DecapProg) {
+    let host = Host::alone_with(overlay);
     let (mut dp, prog) = DecapProg::load(&host, decap);
     dp.set_peer(net(PEER_SUBNET), PEER_IP).expect("set peer");
+    let cfg = pinned_config(&host);
+    assert_eq!(
+        cfg.flags & CONFIG_F_KERNEL_RX != 0,
+        overlay == Flannel0::Vxlan,
+        "kernel rx flag with {overlay:?}: {cfg:?}"
+    );
+    (host, dp, prog)
+}
 
-    let plain = inner(a("10.244.2.7"), a("10.244.1.5"));
-    let with_options = ipv4(
-        a("10.244.2.7"),
-        a("10.244.1.5"),
-        17,
-        6,
-        &[1, 1, 1, 0],
-        b"tcp-ish bytes, not parsed",
-    );
+fn decap_accepts_peers_and_strips_exactly_the_outer_headers_with(
+    decap: UdpDecap,
+    overlay: Flannel0,
+) {
+    require_object();
+    let (host, _dp, prog) = decap_host(decap, overlay);
+    // The outer UDP checksum left to the device: decap resets the checksum state by cutting a
+    // few inner bytes too and putting them back.
+    let mut cases = accepted_from_peer();
     // Outer header with options (IHL 6): honoured, not mistaken for the UDP header.
-    let mut outer_opts = ipv4(
-        PEER_IP,
-        OUR_IP,
-        64,
-        17,
-        &[1, 1, 1, 0],
-        &udp(PORT, PORT, &plain),
-    );
-    set_frag(&mut outer_opts, IP_DF);
-    // Outer UDP checksum still to be computed (a sender's kernel over a veth): decap resets
-    // the checksum state by cutting a few inner bytes too and putting them back.
-    let mut outer_partial = tunnelled(PEER_IP, OUR_IP, PORT, &plain);
-    let seed = pseudo_seed(PEER_IP, OUR_IP, 17, 8 + plain.len());
-    outer_partial[40..42].copy_from_slice(&seed.to_be_bytes());
-    let cases = [
-        (tunnelled(PEER_IP, OUR_IP, PORT, &plain), &plain),
-        (
-            tunnelled(PEER_IP, OUR_IP, PORT, &with_options),
-            &with_options,
-        ),
-        (ether(0x0800, &outer_opts), &plain),
-        (outer_partial, &plain),
-    ];
-    for (frame, inner) in cases {
-        let (verdict, out) = prog.run(&host, &frame);
-        prog.assert_delivered(verdict, &out, &frame, inner);
+    let plain = from_peer_pod();
+    cases.push(("outer options", from_peer_with_outer_options(&plain), plain));
+    for (name, frame, inner) in &cases {
+        let (verdict, out) = prog.run(&host, frame);
+        prog.assert_delivered(name, verdict, &out, frame, inner);
     }
     let s = host.stats();
-    assert_eq!(s.rx_packets, 4, "{s:?}");
-    assert_eq!(
-        s.rx_bytes,
-        (3 * plain.len() + with_options.len()) as u64,
-        "{s:?}"
-    );
-    assert_eq!(
-        s.drop_malformed + s.drop_unknown_sender + s.drop_spoofed_source,
-        0
-    );
+    let bytes: usize = cases.iter().map(|(_, _, inner)| inner.len()).sum();
+    assert_eq!((s.rx_packets, s.rx_bytes), (4, bytes as u64), "{s:?}");
+    assert_eq!(s.drops(), 0, "{s:?}");
 }
 
 #[test]
 fn decap_passes_what_is_not_ours_untouched() {
-    decap_passes_what_is_not_ours_untouched_with(UdpDecap::Tc, Overlay::TunRead);
+    decap_passes_what_is_not_ours_untouched_with(UdpDecap::Tc, Flannel0::TunRead);
 }
 
-fn decap_passes_what_is_not_ours_untouched_with(decap: UdpDecap, overlay: Overlay) {
+fn decap_passes_what_is_not_ours_untouched_with(decap: UdpDecap, overlay: Flannel0) {
     require_object();
-    let host = Host::alone_with(overlay);
-    let (mut dp, prog) = DecapProg::load(&host, decap);
-    dp.set_peer(net(PEER_SUBNET), PEER_IP).expect("set peer");
-    let plain = inner(a("10.244.2.7"), a("10.244.1.5"));
+    let (host, _dp, prog) = decap_host(decap, overlay);
+    let plain = from_peer_pod();
 
     let arp = arp_request(SRC_MAC, PEER_IP, OUR_IP);
     let v6 = ipv6(V6_ANY, V6_ANY, 17, 64, &udp(PORT, PORT, b""));
@@ -708,7 +606,7 @@ fn decap_passes_what_is_not_ours_untouched_with(decap: UdpDecap, overlay: Overla
     let mut non_first_fragment = ipv4(PEER_IP, OUR_IP, 64, 17, &[], &[0u8; 64]);
     set_frag(&mut non_first_fragment, 0x0010);
     // Our IP and UDP, but the UDP header is cut off: the port is unknown, the stack drops it.
-    let mut cut = tunnelled(PEER_IP, OUR_IP, PORT, &plain);
+    let mut cut = from_peer(&plain);
     cut.truncate(14 + 20 + 4);
     let cases = [
         DecapCase {
@@ -757,17 +655,15 @@ fn decap_passes_what_is_not_ours_untouched_with(decap: UdpDecap, overlay: Overla
 
 #[test]
 fn decap_drops_and_counts_by_reason() {
-    decap_drops_and_counts_by_reason_with(UdpDecap::Tc, Overlay::TunRead);
+    decap_drops_and_counts_by_reason_with(UdpDecap::Tc, Flannel0::TunRead);
 }
 
-fn decap_drops_and_counts_by_reason_with(decap: UdpDecap, overlay: Overlay) {
+fn decap_drops_and_counts_by_reason_with(decap: UdpDecap, overlay: Flannel0) {
     require_object();
-    let host = Host::alone_with(overlay);
-    let (mut dp, prog) = DecapProg::load(&host, decap);
-    dp.set_peer(net(PEER_SUBNET), PEER_IP).expect("set peer");
+    let (host, mut dp, prog) = decap_host(decap, overlay);
     dp.set_peer(net(OTHER_PEER_SUBNET), OTHER_PEER_IP)
         .expect("set peer");
-    let plain = inner(a("10.244.2.7"), a("10.244.1.5"));
+    let plain = from_peer_pod();
 
     // Outer first fragment (MF set): would need reassembly.
     let mut first_fragment = ipv4(PEER_IP, OUR_IP, 64, 17, &[], &udp(PORT, PORT, &plain));
@@ -776,7 +672,7 @@ fn decap_drops_and_counts_by_reason_with(decap: UdpDecap, overlay: Overlay) {
     let mut short_inner = plain.clone();
     short_inner.truncate(plain.len() - 4);
     // Outer total length beyond the frame.
-    let mut long_outer = tunnelled(PEER_IP, OUR_IP, PORT, &plain);
+    let mut long_outer = from_peer(&plain);
     let outer_ip = &mut long_outer[ETH_HLEN..];
     let at = ipv4_off::TOT_LEN;
     let total = u16::from_be_bytes([outer_ip[at], outer_ip[at + 1]]) + 10;
@@ -788,9 +684,9 @@ fn decap_drops_and_counts_by_reason_with(decap: UdpDecap, overlay: Overlay) {
 
     let malformed = [
         ether(0x0800, &first_fragment),
-        tunnelled(PEER_IP, OUR_IP, PORT, &short_inner),
+        from_peer(&short_inner),
         long_outer,
-        tunnelled(PEER_IP, OUR_IP, PORT, &not_v4_inner),
+        from_peer(&not_v4_inner),
     ];
     for frame in &malformed {
         assert_eq!(prog.run(&host, frame).0, prog.drop());
@@ -799,34 +695,21 @@ fn decap_drops_and_counts_by_reason_with(decap: UdpDecap, overlay: Overlay) {
     let unknown = tunnelled(STRANGER_IP, OUR_IP, PORT, &plain);
     assert_eq!(prog.run(&host, &unknown).0, prog.drop());
     // A peer sending an inner source from another peer's subnet, and from outside the network.
-    let spoof1 = tunnelled(
-        OTHER_PEER_IP,
-        OUR_IP,
-        PORT,
-        &inner(a("10.244.2.7"), a("10.244.1.5")),
-    );
-    let spoof2 = tunnelled(PEER_IP, OUR_IP, PORT, &inner(a("8.8.8.8"), a("10.244.1.5")));
+    let spoof1 = tunnelled(OTHER_PEER_IP, OUR_IP, PORT, &from_peer_pod());
+    let spoof2 = from_peer(&inner(a("8.8.8.8"), a("10.244.1.5")));
     assert_eq!(prog.run(&host, &spoof1).0, prog.drop());
     assert_eq!(prog.run(&host, &spoof2).0, prog.drop());
 
     // A wrong outer header checksum, in the base header and in an option.
-    let mut bad_csum = tunnelled(PEER_IP, OUR_IP, PORT, &plain);
+    let mut bad_csum = from_peer(&plain);
     bad_csum[14 + 10] ^= 0x40;
-    let mut bad_option = ipv4(
-        PEER_IP,
-        OUR_IP,
-        64,
-        17,
-        &[1, 1, 1, 0],
-        &udp(PORT, PORT, &plain),
-    );
-    set_frag(&mut bad_option, IP_DF);
-    bad_option[21] = 7;
-    for frame in [bad_csum, ether(0x0800, &bad_option)] {
+    let mut bad_option = from_peer_with_outer_options(&plain);
+    bad_option[ETH_HLEN + 21] = 7;
+    for frame in [bad_csum, bad_option] {
         assert_eq!(prog.run(&host, &frame).0, prog.drop());
     }
     // A frame for another MAC (flooded by a switch, seen in promiscuous mode).
-    let mut other_host = tunnelled(PEER_IP, OUR_IP, PORT, &plain);
+    let mut other_host = from_peer(&plain);
     other_host[..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x99]);
     assert_eq!(prog.run(&host, &other_host).0, prog.drop());
 
@@ -840,7 +723,7 @@ fn decap_drops_and_counts_by_reason_with(decap: UdpDecap, overlay: Overlay) {
 
     // Once the peer is gone, its packets come from a stranger.
     dp.remove_peer(net(PEER_SUBNET)).expect("remove peer");
-    let ok_before = tunnelled(PEER_IP, OUR_IP, PORT, &plain);
+    let ok_before = from_peer(&plain);
     assert_eq!(prog.run(&host, &ok_before).0, prog.drop());
     assert_eq!(host.stats().drop_unknown_sender, 2);
 }
@@ -856,11 +739,7 @@ impl DecapProg {
     fn load(host: &Host, decap: UdpDecap) -> (EbpfDataplane, DecapProg) {
         let dp = host.load_with(decap);
         let xdp = decap == UdpDecap::Xdp;
-        let prog = if xdp {
-            PinnedProgram::xdp(&host.pin_dir.join("flannel_decap_xdp"))
-        } else {
-            PinnedProgram::tc(&host.pin_dir.join("flannel_decap"))
-        };
+        let prog = decap_program(&host.pin_dir, xdp);
         (dp, DecapProg { prog, xdp })
     }
 
@@ -887,41 +766,43 @@ impl DecapProg {
 
     /// Checks what a delivered frame looks like: TC redirects Ethernet + inner packet to
     /// flannel0; XDP passes the same to the stack with its mark in the metadata in front.
-    fn assert_delivered(&self, verdict: u32, out: &[u8], frame: &[u8], inner: &[u8]) {
+    fn assert_delivered(&self, name: &str, verdict: u32, out: &[u8], frame: &[u8], inner: &[u8]) {
         let out = if self.xdp {
-            assert_eq!(verdict, XDP_PASS, "passed on to GRO and TC");
-            assert_eq!(&out[..4], &XDP_DECAP_MARK.to_ne_bytes(), "marked for TC");
+            assert_eq!(verdict, XDP_PASS, "{name}: passed on to GRO and TC");
+            assert_eq!(
+                &out[..4],
+                &XDP_DECAP_MARK.to_ne_bytes(),
+                "{name}: marked for TC"
+            );
             &out[4..]
         } else {
-            assert_eq!(verdict, TC_ACT_REDIRECT, "delivered to flannel0");
+            assert_eq!(verdict, TC_ACT_REDIRECT, "{name}: delivered to flannel0");
             out
         };
-        assert_eq!(&out[..12], &frame[..12], "Ethernet addresses kept");
-        assert_eq!(&out[12..14], &[0x08, 0x00], "IPv4 ethertype");
-        assert_eq!(&out[14..], inner, "inner packet intact");
+        assert_eq!(&out[..12], &frame[..12], "{name}: Ethernet addresses kept");
+        assert_eq!(&out[12..14], &[0x08, 0x00], "{name}: IPv4 ethertype");
+        assert_eq!(&out[14..], inner, "{name}: inner packet intact");
     }
 }
 
 #[test]
 fn xdp_decap_accepts_peers_and_strips_exactly_the_outer_headers() {
-    decap_accepts_peers_and_strips_exactly_the_outer_headers_with(UdpDecap::Xdp);
+    decap_accepts_peers_and_strips_exactly_the_outer_headers_with(UdpDecap::Xdp, Flannel0::TunRead);
 }
 
 #[test]
 fn xdp_decap_passes_what_is_not_ours_untouched() {
-    decap_passes_what_is_not_ours_untouched_with(UdpDecap::Xdp, Overlay::TunRead);
+    decap_passes_what_is_not_ours_untouched_with(UdpDecap::Xdp, Flannel0::TunRead);
 }
 
 #[test]
 fn xdp_decap_drops_and_counts_by_reason() {
-    decap_drops_and_counts_by_reason_with(UdpDecap::Xdp, Overlay::TunRead);
+    decap_drops_and_counts_by_reason_with(UdpDecap::Xdp, Flannel0::TunRead);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Tests: decap into flannel0's kernel VXLAN receive (CONFIG_F_KERNEL_RX) and flannel0's guard
 
-/// TC_ACT_OK: the stack takes the packet on ext0 (here: as VXLAN for flannel0's receive).
-const TC_ACT_OK: u32 = 0;
 /// Source MAC of the Ethernet header decap puts in front of the inner packet.
 const KERNEL_RX_SRC_MAC: [u8; 6] = [0x02, 0x66, 0x6c, 0x00, 0x00, 0x01];
 
@@ -933,56 +814,22 @@ fn pinned_config(host: &Host) -> Config {
     array.get(&0, 0).expect("config entry")
 }
 
-/// A host with a VXLAN flannel0 and the TC data plane loaded: the loader must have chosen
-/// the kernel VXLAN receive.
-fn kernel_rx_host() -> (Host, EbpfDataplane, DecapProg) {
-    kernel_rx_host_with(UdpDecap::Tc)
-}
-
-fn kernel_rx_host_with(decap: UdpDecap) -> (Host, EbpfDataplane, DecapProg) {
-    let host = Host::alone_with(Overlay::Vxlan);
-    let (dp, prog) = DecapProg::load(&host, decap);
-    let cfg = pinned_config(&host);
-    assert_ne!(
-        cfg.flags & CONFIG_F_KERNEL_RX,
-        0,
-        "kernel rx flag set: {cfg:?}"
-    );
-    (host, dp, prog)
-}
-
 /// What flannel0's VXLAN receive must get for `inner` sent by PEER_IP as `tunnelled` frames
 /// it: the same outer Ethernet, IPv4 (ID, DF, TTL) and ports, lengths 22 bytes longer, no UDP
 /// checksum, VXLAN VNI 1, an Ethernet header to flannel0, `inner` unchanged.
 fn kernel_rx_frame(inner: &[u8]) -> Vec<u8> {
-    let l2 = ether_between(OVERLAY_MAC, KERNEL_RX_SRC_MAC, ETH_P_IP, inner);
-    let mut outer = ipv4(
-        PEER_IP,
-        OUR_IP,
-        64,
-        PROTO_UDP,
-        &[],
-        &udp(PORT, PORT, &vxlan(1, &l2)),
-    );
-    set_frag(&mut outer, IP_DF);
-    ether(ETH_P_IP, &outer)
+    from_peer(&vxlan(
+        1,
+        &ether_between(OVERLAY_MAC, KERNEL_RX_SRC_MAC, ETH_P_IP, inner),
+    ))
 }
 
 #[test]
 fn kernel_rx_decap_rewrites_accepted_packets_into_vxlan_byte_exact() {
     require_object();
-    let (host, mut dp, prog) = kernel_rx_host();
-    dp.set_peer(net(PEER_SUBNET), PEER_IP).expect("set peer");
-
-    let plain = inner(a("10.244.2.7"), a("10.244.1.5"));
-    let with_options = ipv4(
-        a("10.244.2.7"),
-        a("10.244.1.5"),
-        17,
-        6,
-        &[1, 1, 1, 0],
-        b"tcp-ish bytes, not parsed",
-    );
+    let (host, _dp, prog) = decap_host(UdpDecap::Tc, Flannel0::Vxlan);
+    // With the outer UDP checksum left to the device, VXLAN gets none.
+    let mut cases = accepted_from_peer();
     let big = ipv4(
         a("10.244.2.7"),
         a("10.244.1.5"),
@@ -991,24 +838,7 @@ fn kernel_rx_decap_rewrites_accepted_packets_into_vxlan_byte_exact() {
         &[],
         &udp(40000, 7777, &[0x5a; 1400]),
     );
-    // Outer UDP checksum left to the device by the sender's kernel: VXLAN gets none.
-    let mut partial = tunnelled(PEER_IP, OUR_IP, PORT, &plain);
-    let seed = pseudo_seed(PEER_IP, OUR_IP, PROTO_UDP, UDP_HLEN + plain.len());
-    partial[40..42].copy_from_slice(&seed.to_be_bytes());
-    let cases = [
-        ("plain", tunnelled(PEER_IP, OUR_IP, PORT, &plain), &plain),
-        (
-            "inner options",
-            tunnelled(PEER_IP, OUR_IP, PORT, &with_options),
-            &with_options,
-        ),
-        (
-            "1428-byte inner",
-            tunnelled(PEER_IP, OUR_IP, PORT, &big),
-            &big,
-        ),
-        ("outer checksum left to the device", partial, &plain),
-    ];
+    cases.push(("1428-byte inner", from_peer(&big), big));
     for (name, frame, inner) in &cases {
         let (verdict, out) = prog.run(&host, frame);
         assert_eq!(verdict, TC_ACT_OK, "{name}: to the stack as VXLAN");
@@ -1025,56 +855,25 @@ fn kernel_rx_decap_rewrites_accepted_packets_into_vxlan_byte_exact() {
 /// the kernel's VXLAN GRO, measured on the nic underlay); TC then redirects to flannel0.
 #[test]
 fn kernel_rx_xdp_decap_still_strips_exactly_the_outer_headers() {
-    require_object();
-    let (host, mut dp, prog) = kernel_rx_host_with(UdpDecap::Xdp);
-    dp.set_peer(net(PEER_SUBNET), PEER_IP).expect("set peer");
-    let plain = inner(a("10.244.2.7"), a("10.244.1.5"));
-    let mut outer = ipv4(
-        PEER_IP,
-        OUR_IP,
-        64,
-        PROTO_UDP,
-        &[1, 1, 1, 0],
-        &udp(PORT, PORT, &plain),
-    );
-    set_frag(&mut outer, IP_DF);
-    for frame in [
-        tunnelled(PEER_IP, OUR_IP, PORT, &plain),
-        ether(ETH_P_IP, &outer),
-    ] {
-        let (verdict, out) = prog.run(&host, &frame);
-        prog.assert_delivered(verdict, &out, &frame, &plain);
-    }
-    let s = host.stats();
-    assert_eq!((s.rx_packets, s.drops()), (2, 0), "{s:?}");
+    decap_accepts_peers_and_strips_exactly_the_outer_headers_with(UdpDecap::Xdp, Flannel0::Vxlan);
 }
 
 #[test]
 fn kernel_rx_xdp_decap_passes_what_is_not_ours_untouched() {
-    decap_passes_what_is_not_ours_untouched_with(UdpDecap::Xdp, Overlay::Vxlan);
+    decap_passes_what_is_not_ours_untouched_with(UdpDecap::Xdp, Flannel0::Vxlan);
 }
 
 #[test]
 fn kernel_rx_xdp_decap_drops_and_counts_by_reason() {
-    decap_drops_and_counts_by_reason_with(UdpDecap::Xdp, Overlay::Vxlan);
+    decap_drops_and_counts_by_reason_with(UdpDecap::Xdp, Flannel0::Vxlan);
 }
 
 #[test]
 fn kernel_rx_decap_delivers_outer_headers_with_options_directly() {
     require_object();
-    let (host, mut dp, prog) = kernel_rx_host();
-    dp.set_peer(net(PEER_SUBNET), PEER_IP).expect("set peer");
-    let plain = inner(a("10.244.2.7"), a("10.244.1.5"));
-    let mut outer = ipv4(
-        PEER_IP,
-        OUR_IP,
-        64,
-        PROTO_UDP,
-        &[1, 1, 1, 0],
-        &udp(PORT, PORT, &plain),
-    );
-    set_frag(&mut outer, IP_DF);
-    let frame = ether(ETH_P_IP, &outer);
+    let (host, _dp, prog) = decap_host(UdpDecap::Tc, Flannel0::Vxlan);
+    let plain = from_peer_pod();
+    let frame = from_peer_with_outer_options(&plain);
     let (verdict, out) = prog.run(&host, &frame);
     // Stripped and redirected to flannel0, addressed to its MAC (it is Ethernet).
     assert_eq!(verdict, TC_ACT_REDIRECT);
@@ -1085,25 +884,24 @@ fn kernel_rx_decap_delivers_outer_headers_with_options_directly() {
 
 #[test]
 fn kernel_rx_decap_passes_what_is_not_ours_untouched() {
-    decap_passes_what_is_not_ours_untouched_with(UdpDecap::Tc, Overlay::Vxlan);
+    decap_passes_what_is_not_ours_untouched_with(UdpDecap::Tc, Flannel0::Vxlan);
 }
 
 #[test]
 fn kernel_rx_decap_drops_and_counts_by_reason() {
-    decap_drops_and_counts_by_reason_with(UdpDecap::Tc, Overlay::Vxlan);
+    decap_drops_and_counts_by_reason_with(UdpDecap::Tc, Flannel0::Vxlan);
 }
 
 #[test]
 fn overlay_in_drops_and_counts_what_decap_did_not_hand_on() {
     require_object();
-    let (host, mut dp, _) = kernel_rx_host();
-    dp.set_peer(net(PEER_SUBNET), PEER_IP).expect("set peer");
+    let (host, _dp, _) = decap_host(UdpDecap::Tc, Flannel0::Vxlan);
     let guard = PinnedProgram::tc(&host.pin_dir.join("flannel_overlay_in"));
     let flannel0 = host.ns.ifindex("flannel0").expect("device");
     // What flannel0's VXLAN receive hands on from datagrams sent to the port past decap (a
     // test run cannot carry decap's token: the kernel takes no tc_index in ctx_in): a pod
     // posing as a peer's pod, and other traffic.
-    let spoofed = inner(a("10.244.2.7"), a("10.244.1.5"));
+    let spoofed = from_peer_pod();
     let frames = [
         ether_between(OVERLAY_MAC, SRC_MAC, ETH_P_IP, &spoofed),
         ether_between(
@@ -1175,23 +973,43 @@ fn round_trip(a: &Host, b: &Host, timeout: Duration) -> bool {
     matches!(client.recv_from(&mut buf), Ok((4, _))) && &buf[..4] == b"pong"
 }
 
+/// Waits until a first datagram makes it from `a` to `b` and back (it may wait for ARP on
+/// the underlay).
+fn wait_for_a_first_round_trip(a: &Host, b: &Host) {
+    wait_for("a first round trip", Duration::from_secs(10), || {
+        round_trip(a, b, Duration::from_millis(500)).then_some(())
+    });
+}
+
+/// Two hosts joined by a veth, the data plane loaded on each with the other as its peer, and
+/// traffic through the tunnel.
+fn tunnel_between_two_hosts(overlay: Flannel0) -> (Host, Host, EbpfDataplane, EbpfDataplane) {
+    let (a_host, b_host) = two_hosts(overlay);
+    let mut dpa = a_host.load();
+    let mut dpb = b_host.load();
+    dpa.set_peer(b_host.subnet, b_host.ip).expect("peer");
+    dpb.set_peer(a_host.subnet, a_host.ip).expect("peer");
+    wait_for_a_first_round_trip(&a_host, &b_host);
+    (a_host, b_host, dpa, dpb)
+}
+
 #[test]
 fn traffic_crosses_the_tunnel_with_strict_rp_filter() {
-    traffic_crosses_the_tunnel_with_strict_rp_filter_on(Overlay::TunRead);
+    traffic_crosses_the_tunnel_with_strict_rp_filter_on(Flannel0::TunRead);
 }
 
 #[test]
 fn traffic_crosses_the_tunnel_with_strict_rp_filter_over_an_ifb() {
-    traffic_crosses_the_tunnel_with_strict_rp_filter_on(Overlay::Ifb);
+    traffic_crosses_the_tunnel_with_strict_rp_filter_on(Flannel0::Ifb);
 }
 
 /// Decap hands packets to flannel0's VXLAN receive, and flannel0's guard lets them in.
 #[test]
 fn traffic_crosses_the_tunnel_with_strict_rp_filter_over_kernel_vxlan() {
-    traffic_crosses_the_tunnel_with_strict_rp_filter_on(Overlay::Vxlan);
+    traffic_crosses_the_tunnel_with_strict_rp_filter_on(Flannel0::Vxlan);
 }
 
-fn traffic_crosses_the_tunnel_with_strict_rp_filter_on(overlay: Overlay) {
+fn traffic_crosses_the_tunnel_with_strict_rp_filter_on(overlay: Flannel0) {
     require_object();
     let (a_host, b_host) = two_hosts(overlay);
     for h in [&a_host, &b_host] {
@@ -1208,9 +1026,7 @@ fn traffic_crosses_the_tunnel_with_strict_rp_filter_on(overlay: Overlay) {
         .expect("peers of b");
 
     // The first datagram may wait for ARP on the underlay; then every one must pass.
-    wait_for("a first round trip", Duration::from_secs(10), || {
-        round_trip(&a_host, &b_host, Duration::from_millis(500)).then_some(())
-    });
+    wait_for_a_first_round_trip(&a_host, &b_host);
     for _ in 0..5 {
         assert!(round_trip(&a_host, &b_host, Duration::from_secs(2)));
     }
@@ -1236,14 +1052,7 @@ fn traffic_crosses_the_tunnel_with_strict_rp_filter_on(overlay: Overlay) {
 fn reload_adopts_pinned_state_and_unload_removes_it() {
     require_object();
     // Persistent TUNs without a reader, as the agent creates them.
-    let (a_host, b_host) = two_hosts(Overlay::Tun);
-    let mut dpa = a_host.load();
-    let mut dpb = b_host.load();
-    dpa.set_peer(b_host.subnet, b_host.ip).expect("peer");
-    dpb.set_peer(a_host.subnet, a_host.ip).expect("peer");
-    wait_for("a first round trip", Duration::from_secs(10), || {
-        round_trip(&a_host, &b_host, Duration::from_millis(500)).then_some(())
-    });
+    let (a_host, b_host, dpa, _dpb) = tunnel_between_two_hosts(Flannel0::Tun);
 
     // The agent exits: everything stays in the kernel and traffic still flows.
     drop(dpa);
@@ -1298,15 +1107,15 @@ fn reload_adopts_pinned_state_and_unload_removes_it() {
 
 #[test]
 fn decap_leaves_a_checksum_state_nat_can_update() {
-    decap_leaves_a_checksum_state_nat_can_update_on(Overlay::Tun);
+    decap_leaves_a_checksum_state_nat_can_update_on(Flannel0::Tun);
 }
 
 #[test]
 fn decap_leaves_a_checksum_state_nat_can_update_over_an_ifb() {
-    decap_leaves_a_checksum_state_nat_can_update_on(Overlay::Ifb);
+    decap_leaves_a_checksum_state_nat_can_update_on(Flannel0::Ifb);
 }
 
-fn decap_leaves_a_checksum_state_nat_can_update_on(overlay: Overlay) {
+fn decap_leaves_a_checksum_state_nat_can_update_on(overlay: Flannel0) {
     require_object();
     // b is a plain upstream-style sender: a UDP socket on the underlay, whose kernel leaves the
     // outer UDP checksum to the veth (CHECKSUM_PARTIAL arrives at a).
@@ -1374,29 +1183,22 @@ fn decap_leaves_a_checksum_state_nat_can_update_on(overlay: Overlay) {
 
 #[test]
 fn bulk_tcp_keeps_gso_super_packets_whole_and_data_intact() {
-    bulk_tcp_keeps_gso_super_packets_whole_and_data_intact_on(Overlay::Tun);
+    bulk_tcp_keeps_gso_super_packets_whole_and_data_intact_on(Flannel0::Tun);
 }
 
 #[test]
 fn bulk_tcp_keeps_gso_super_packets_whole_and_data_intact_over_an_ifb() {
-    bulk_tcp_keeps_gso_super_packets_whole_and_data_intact_on(Overlay::Ifb);
+    bulk_tcp_keeps_gso_super_packets_whole_and_data_intact_on(Flannel0::Ifb);
 }
 
 #[test]
 fn bulk_tcp_keeps_gso_super_packets_whole_and_data_intact_over_kernel_vxlan() {
-    bulk_tcp_keeps_gso_super_packets_whole_and_data_intact_on(Overlay::Vxlan);
+    bulk_tcp_keeps_gso_super_packets_whole_and_data_intact_on(Flannel0::Vxlan);
 }
 
-fn bulk_tcp_keeps_gso_super_packets_whole_and_data_intact_on(overlay: Overlay) {
+fn bulk_tcp_keeps_gso_super_packets_whole_and_data_intact_on(overlay: Flannel0) {
     require_object();
-    let (a_host, b_host) = two_hosts(overlay);
-    let mut dpa = a_host.load();
-    let mut dpb = b_host.load();
-    dpa.set_peer(b_host.subnet, b_host.ip).expect("peer");
-    dpb.set_peer(a_host.subnet, a_host.ip).expect("peer");
-    wait_for("a first round trip", Duration::from_secs(10), || {
-        round_trip(&a_host, &b_host, Duration::from_millis(500)).then_some(())
-    });
+    let (a_host, b_host, _dpa, _dpb) = tunnel_between_two_hosts(overlay);
 
     const LEN: usize = 16 << 20;
     let data: Vec<u8> = (0..LEN).map(|i| (i * 7 + i / 4093) as u8).collect();

@@ -33,6 +33,29 @@ fn lease_of(cluster: &Cluster, public_ip: Ipv4Addr) -> (String, String, serde_js
     panic!("no lease for {public_ip}");
 }
 
+/// Deletes host 2's lease in etcd; within 1 s of that, `removed` must hold on hosts 0 and 1
+/// (`what` it waits for; `left` says what a host still has when it does not).
+fn delete_host2_lease_then_within_a_second_on_the_others(
+    net: &Overlay,
+    what: &str,
+    removed: impl Fn(&Netns) -> bool,
+    left: impl Fn(&Netns) -> String,
+) {
+    let (key, _, _) = lease_of(&net.cluster, net.cluster.hosts[2].ip);
+    assert!(key.starts_with(SUBNETS));
+    net.cluster.etcd.del(&key).unwrap();
+    let t = Instant::now();
+    for h in 0..2 {
+        let ns = &net.cluster.hosts[h].ns;
+        let r = wait_for(
+            Duration::from_secs(1).saturating_sub(t.elapsed()),
+            what,
+            || removed(ns).then_some(()),
+        );
+        assert!(r.is_ok(), "host {h} {}\n{}", left(ns), net.agents[h].log());
+    }
+}
+
 fn device_mac(ns: &Netns, dev: &str) -> String {
     let out = ns.ip(&["-j", "link", "show", "dev", dev]).unwrap();
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -102,24 +125,15 @@ fn vxlan_three_hosts_full_mesh_and_peers_follow_etcd() {
             (true, true, true)
         );
     }
-    let (key, _, _) = lease_of(&net.cluster, net.cluster.hosts[2].ip);
-    assert!(key.starts_with(SUBNETS));
-    net.cluster.etcd.del(&key).unwrap();
-    let t = Instant::now();
-    for h in 0..2 {
-        let ns = &net.cluster.hosts[h].ns;
-        let r = wait_for(
-            Duration::from_secs(1).saturating_sub(t.elapsed()),
-            "peer entries removed",
-            || (vxlan_entries(ns, &gone_subnet, &gone_mac) == (false, false, false)).then_some(()),
-        );
-        assert!(
-            r.is_ok(),
-            "host {h} still has {:?} for {gone_subnet}\n{}",
-            vxlan_entries(ns, &gone_subnet, &gone_mac),
-            net.agents[h].log()
-        );
-    }
+    delete_host2_lease_then_within_a_second_on_the_others(
+        &net,
+        "peer entries removed",
+        |ns| vxlan_entries(ns, &gone_subnet, &gone_mac) == (false, false, false),
+        |ns| {
+            let left = vxlan_entries(ns, &gone_subnet, &gone_mac);
+            format!("still has {left:?} for {gone_subnet}")
+        },
+    );
     // Deleting its own key makes that node exit (by design); the others keep working.
     net.agents[2].wait_exit(Duration::from_secs(5)).unwrap();
     assert!(net.containers[0].ping(net.containers[1].ip, 2, 2).unwrap());
@@ -294,22 +308,12 @@ fn hostgw_three_hosts_full_mesh_and_routes_follow_etcd() {
     // Host 2's lease deleted: its routes disappear from the others within 1 s.
     let s2 = net.agents[2].subnet().unwrap();
     let ip2 = net.cluster.hosts[2].ip;
-    let (key, _, _) = lease_of(&net.cluster, ip2);
-    net.cluster.etcd.del(&key).unwrap();
-    let t = Instant::now();
-    for h in 0..2 {
-        let ns = &net.cluster.hosts[h].ns;
-        let r = wait_for(
-            Duration::from_secs(1).saturating_sub(t.elapsed()),
-            "route removed",
-            || (!hostgw_route(ns, &s2, ip2)).then_some(()),
-        );
-        assert!(
-            r.is_ok(),
-            "host {h} still routes {s2}\n{}",
-            net.agents[h].log()
-        );
-    }
+    delete_host2_lease_then_within_a_second_on_the_others(
+        &net,
+        "route removed",
+        |ns| !hostgw_route(ns, &s2, ip2),
+        |_| format!("still routes {s2}"),
+    );
     net.agents[2].wait_exit(Duration::from_secs(5)).unwrap();
 
     // host-gw refuses a public IP that is not the interface's address.

@@ -7,7 +7,8 @@
 use std::time::Duration;
 
 use flannel_tests::dual_stack::{
-    check_all_pairs, ipv6_underlay, DualPod as Pod, V6Pod, V6SubnetEnv,
+    check_all_pairs, dual_stack_lease, ipv6_underlay, on_ipv6_underlay, DualPod as Pod, V6Pod,
+    V6SubnetEnv,
 };
 use flannel_tests::traffic::tcp_send_ip;
 use flannel_tests::{wait_for, Cluster, Netns, Overlay};
@@ -61,11 +62,7 @@ fn v6_entries(ns: &Netns, subnet: &str, mac: &str, public_ipv6: &str) -> (bool, 
 
 #[test]
 fn dual_stack_vxlan_three_hosts_pods_talk_over_both_families_and_v6_entries_follow_etcd() {
-    let mut o = Overlay::builder(DUAL_VXLAN, 3)
-        .containers_per_host(0)
-        .before_agents(ipv6_underlay)
-        .start()
-        .unwrap();
+    let mut o = on_ipv6_underlay(DUAL_VXLAN, 3).unwrap();
 
     // Leases: upstream's dual-stack key and JSON (BackendV6Data after BackendData), devices.
     let leases = o.cluster.leases().unwrap();
@@ -75,14 +72,7 @@ fn dual_stack_vxlan_three_hosts_pods_talk_over_both_families_and_v6_entries_foll
     for (i, a) in o.agents.iter().enumerate() {
         let host = &o.cluster.hosts[i];
         let v4 = a.subnet().unwrap();
-        let lease = leases
-            .iter()
-            .find(|kv| kv.key.contains(&format!("/{}&", v4.replace('/', "-"))))
-            .unwrap_or_else(|| panic!("no dual-stack key for {v4}: {leases:?}"));
-        let name = lease.key.rsplit('/').next().unwrap();
-        let (_, v6) = name.split_once('&').unwrap();
-        let (v6_ip, v6_len) = v6.rsplit_once('-').unwrap();
-        assert_eq!(v6_len, "64");
+        let (lease, v6_ip) = dual_stack_lease(&leases, &v4);
         let mac4 = device_mac(&host.ns, "flannel.1");
         let mac6 = device_mac(&host.ns, V6_DEV);
         assert_ne!(mac4, mac6);
