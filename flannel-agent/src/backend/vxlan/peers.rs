@@ -4,7 +4,7 @@
 //! current peer owns.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnetwork::Ipv4Network;
 use rtnetlink::packet_route::AddressFamily;
@@ -12,17 +12,123 @@ use rtnetlink::Handle;
 
 use super::neigh::{self, Table};
 use super::{LeaseDataError, Mac, VxlanError, VxlanLeaseData, BACKEND_TYPE};
-use crate::backend::route::{self, Route};
+use crate::backend::route::{self, Route, RouteFamily};
 use crate::lease::Lease;
 use crate::subnet::PeerEvent;
 
-/// How one peer subnet is reached.
+/// How one peer subnet is reached (`A`: the family of the subnet and the peer's address).
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum PeerPath {
+pub(super) enum PeerPath<A: RouteFamily> {
     /// Through the VXLAN device: neighbour, FDB and onlink route.
-    Vxlan { mac: Mac, public_ip: Ipv4Addr },
+    Vxlan { mac: Mac, public_ip: A },
     /// DirectRouting to a peer on our L2 network: a plain route via its public IP.
-    Direct(Route),
+    Direct(Route<A>),
+}
+
+/// A family of vxlan peers: what their messages call them.
+pub(super) trait PeerFamily: RouteFamily + Into<IpAddr> {
+    const PEER: &'static str;
+}
+
+impl PeerFamily for Ipv4Addr {
+    const PEER: &'static str = "peer";
+}
+
+impl PeerFamily for Ipv6Addr {
+    const PEER: &'static str = "IPv6 peer";
+}
+
+impl<A: PeerFamily> PeerPath<A> {
+    /// `<subnet> via <its network address> dev <dev> onlink`: the VTEP neighbour is the way.
+    fn vxlan_route(dev: u32, subnet: A::Network) -> Route<A> {
+        Route {
+            dst: subnet,
+            gateway: A::split(subnet).0,
+            oif: dev,
+            onlink: true,
+        }
+    }
+
+    /// Upstream's order: neighbour, FDB, route (the route is usable once it exists).
+    async fn install(
+        &self,
+        handle: &Handle,
+        dev: u32,
+        subnet: A::Network,
+    ) -> Result<(), rtnetlink::Error> {
+        match self {
+            PeerPath::Direct(r) => r.replace(handle).await,
+            PeerPath::Vxlan { mac, public_ip } => {
+                let vtep = A::split(subnet).0.into();
+                neigh::replace_neighbour(handle, dev, vtep, *mac).await?;
+                neigh::replace_fdb(handle, dev, *mac, (*public_ip).into()).await?;
+                Self::vxlan_route(dev, subnet).replace(handle).await
+            }
+        }
+    }
+
+    /// Undo `install`: route first, so nothing is sent through half-removed entries.
+    async fn uninstall(
+        &self,
+        handle: &Handle,
+        dev: u32,
+        subnet: A::Network,
+    ) -> Result<(), rtnetlink::Error> {
+        match self {
+            PeerPath::Direct(r) => r.delete(handle).await,
+            PeerPath::Vxlan { mac, public_ip } => {
+                Self::vxlan_route(dev, subnet).delete(handle).await?;
+                neigh::delete_fdb(handle, dev, *mac, (*public_ip).into()).await?;
+                neigh::delete_neighbour(handle, dev, A::split(subnet).0.into()).await
+            }
+        }
+    }
+}
+
+/// Make what `dev` has for `subnet` the `wanted` path (`None`: nothing), replacing what
+/// `paths` says is installed; a path that stays the same is left alone.
+pub(super) async fn set_path<A: PeerFamily>(
+    paths: &mut BTreeMap<A::Network, PeerPath<A>>,
+    handle: &Handle,
+    dev: u32,
+    subnet: A::Network,
+    wanted: Option<PeerPath<A>>,
+) -> Result<(), VxlanError> {
+    if let Some(old) = paths.get(&subnet).cloned() {
+        if Some(&old) == wanted.as_ref() {
+            return Ok(());
+        }
+        paths.remove(&subnet);
+        old.uninstall(handle, dev, subnet)
+            .await
+            .map_err(|source| VxlanError::Netlink {
+                what: format!("removing {} {subnet}", A::PEER),
+                source,
+            })?;
+    }
+    if let Some(path) = wanted {
+        paths.insert(subnet, path.clone());
+        path.install(handle, dev, subnet)
+            .await
+            .map_err(|source| VxlanError::Netlink {
+                what: format!("adding {} {subnet}", A::PEER),
+                source,
+            })?;
+    }
+    Ok(())
+}
+
+/// Install every peer's entries again (a recreated device, or entries deleted by hand).
+pub(super) async fn restore_paths<A: PeerFamily>(
+    paths: &BTreeMap<A::Network, PeerPath<A>>,
+    handle: &Handle,
+    dev: u32,
+) {
+    for (subnet, path) in paths {
+        if let Err(e) = path.install(handle, dev, *subnet).await {
+            log::warn!("vxlan: restoring {} {subnet}: {e}", A::PEER);
+        }
+    }
 }
 
 /// The IPv4 peers and what is installed for each.
@@ -32,7 +138,7 @@ pub struct Peers {
     ext_index: u32,
     /// The Network (for recognising stale DirectRouting routes on the external interface).
     network: Ipv4Network,
-    paths: BTreeMap<Ipv4Network, PeerPath>,
+    paths: BTreeMap<Ipv4Network, PeerPath<Ipv4Addr>>,
 }
 
 impl Peers {
@@ -53,7 +159,11 @@ impl Peers {
         self.paths.is_empty()
     }
 
-    async fn path_for(&self, handle: &Handle, lease: &Lease) -> Result<PeerPath, LeaseDataError> {
+    async fn path_for(
+        &self,
+        handle: &Handle,
+        lease: &Lease,
+    ) -> Result<PeerPath<Ipv4Addr>, LeaseDataError> {
         let mac = VxlanLeaseData::peer_mac(&lease.attrs)?;
         let public_ip = lease.attrs.public_ip;
         if self.direct_routing {
@@ -68,49 +178,6 @@ impl Peers {
             }
         }
         Ok(PeerPath::Vxlan { mac, public_ip })
-    }
-
-    fn vxlan_route(dev: u32, subnet: Ipv4Network) -> Route {
-        Route {
-            dst: subnet,
-            gateway: subnet.network(),
-            oif: dev,
-            onlink: true,
-        }
-    }
-
-    /// Upstream's order: neighbour, FDB, route (the route is usable once it exists).
-    async fn install(
-        handle: &Handle,
-        dev: u32,
-        subnet: Ipv4Network,
-        path: &PeerPath,
-    ) -> Result<(), rtnetlink::Error> {
-        match path {
-            PeerPath::Direct(r) => r.replace(handle).await,
-            PeerPath::Vxlan { mac, public_ip } => {
-                neigh::replace_neighbour(handle, dev, IpAddr::V4(subnet.network()), *mac).await?;
-                neigh::replace_fdb(handle, dev, *mac, IpAddr::V4(*public_ip)).await?;
-                Self::vxlan_route(dev, subnet).replace(handle).await
-            }
-        }
-    }
-
-    /// Undo `install`: route first, so nothing is sent through half-removed entries.
-    async fn uninstall(
-        handle: &Handle,
-        dev: u32,
-        subnet: Ipv4Network,
-        path: &PeerPath,
-    ) -> Result<(), rtnetlink::Error> {
-        match path {
-            PeerPath::Direct(r) => r.delete(handle).await,
-            PeerPath::Vxlan { mac, public_ip } => {
-                Self::vxlan_route(dev, subnet).delete(handle).await?;
-                neigh::delete_fdb(handle, dev, *mac, IpAddr::V4(*public_ip)).await?;
-                neigh::delete_neighbour(handle, dev, IpAddr::V4(subnet.network())).await
-            }
-        }
     }
 
     /// Follow one peer event on device `dev`.
@@ -143,42 +210,17 @@ impl Peers {
                 }
             }
         };
-        if let Some(old) = self.paths.get(&subnet).cloned() {
-            if Some(&old) == wanted.as_ref() {
-                return Ok(());
-            }
-            self.paths.remove(&subnet);
-            Self::uninstall(handle, dev, subnet, &old)
-                .await
-                .map_err(|source| VxlanError::Netlink {
-                    what: format!("removing peer {subnet}"),
-                    source,
-                })?;
-        }
-        if let Some(path) = wanted {
-            self.paths.insert(subnet, path.clone());
-            Self::install(handle, dev, subnet, &path)
-                .await
-                .map_err(|source| VxlanError::Netlink {
-                    what: format!("adding peer {subnet}"),
-                    source,
-                })?;
-        }
-        Ok(())
+        set_path(&mut self.paths, handle, dev, subnet, wanted).await
     }
 
     /// Install every peer's entries again (a recreated device, or entries deleted by hand).
     pub async fn restore(&self, handle: &Handle, dev: u32) {
-        for (subnet, path) in &self.paths {
-            if let Err(e) = Self::install(handle, dev, *subnet, path).await {
-                log::warn!("vxlan: restoring peer {subnet}: {e}");
-            }
-        }
+        restore_paths(&self.paths, handle, dev).await
     }
 
     /// A route into the Network via the external interface that no DirectRouting peer owns
     /// (a peer that left, or moved off our L2 network, while we were not looking).
-    fn is_stale_direct_route(&self, r: &Route) -> bool {
+    fn is_stale_direct_route(&self, r: &Route<Ipv4Addr>) -> bool {
         let network = self.network;
         self.direct_routing
             && r.oif == self.ext_index
@@ -196,7 +238,7 @@ impl Peers {
                 vxlan_peers.insert(*subnet, (*mac, *public_ip));
             }
         }
-        for r in route::list_gateway_routes(handle).await? {
+        for r in route::list_gateway_routes::<Ipv4Addr>(handle).await? {
             if r.oif == dev && !vxlan_peers.contains_key(&r.dst) {
                 log::info!("removing stale route {} via {}", r.dst, r.gateway);
                 r.delete(handle).await?;
