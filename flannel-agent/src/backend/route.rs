@@ -37,6 +37,7 @@ pub trait RouteFamily: Copy + Eq + fmt::Debug + fmt::Display {
     fn builder(dst: Option<(Self, u8)>, gateway: Option<Self>) -> RouteMessageBuilder<Self>;
     fn split(net: Self::Network) -> (Self, u8);
     fn network(ip: Self, prefix: u8) -> Option<Self::Network>;
+    fn contains(net: Self::Network, ip: Self) -> bool;
     /// An address of this family in a route attribute.
     fn address(a: &RouteAddress) -> Option<Self>;
     /// A gateway given as RTA_VIA: the kernel may report IPv6 gateways so; IPv4 routes are
@@ -66,6 +67,10 @@ impl RouteFamily for Ipv4Addr {
 
     fn network(ip: Self, prefix: u8) -> Option<Ipv4Network> {
         Ipv4Network::new(ip, prefix).ok()
+    }
+
+    fn contains(net: Ipv4Network, ip: Self) -> bool {
+        net.contains(ip)
     }
 
     fn address(a: &RouteAddress) -> Option<Self> {
@@ -102,6 +107,10 @@ impl RouteFamily for Ipv6Addr {
 
     fn network(ip: Self, prefix: u8) -> Option<Ipv6Network> {
         Ipv6Network::new(ip, prefix).ok()
+    }
+
+    fn contains(net: Ipv6Network, ip: Self) -> bool {
+        net.contains(ip)
     }
 
     fn address(a: &RouteAddress) -> Option<Self> {

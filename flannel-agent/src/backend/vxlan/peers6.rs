@@ -4,14 +4,11 @@
 //! DirectRouting a plain route via its PublicIPv6 when it shares our L2 network. Peers without
 //! IPv6 get nothing here; their IPv4 side is unaffected.
 
-use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::Ipv6Addr;
 
-use ipnetwork::Ipv6Network;
-use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::Handle;
 
-use super::peers::{prune_entries, restore_paths, set_path, PeerPath};
+use super::peers::{FamilyPeers, PeerPath};
 use super::{LeaseDataError, VxlanError, VxlanLeaseData, BACKEND_TYPE};
 use crate::backend::route::{self, Route};
 use crate::lease::Lease;
@@ -28,32 +25,10 @@ enum NoIpv6 {
     Data(#[from] LeaseDataError),
 }
 
-/// The IPv6 peers and what is installed for each, keyed by their IPv6 subnet.
-pub struct Peers6 {
-    direct_routing: bool,
-    ext_index: u32,
-    network: Option<Ipv6Network>,
-    paths: BTreeMap<Ipv6Network, PeerPath<Ipv6Addr>>,
-}
+/// The IPv6 peers, keyed by their IPv6 subnet.
+pub type Peers6 = FamilyPeers<Ipv6Addr>;
 
 impl Peers6 {
-    pub fn new(direct_routing: bool, ext_index: u32, network: Option<Ipv6Network>) -> Self {
-        Peers6 {
-            direct_routing,
-            ext_index,
-            network,
-            paths: BTreeMap::new(),
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.paths.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.paths.is_empty()
-    }
-
     async fn path_for(&self, handle: &Handle, lease: &Lease) -> Result<PeerPath<Ipv6Addr>, NoIpv6> {
         let subnet = lease.key.ipv6.ok_or(NoIpv6::NoSubnet)?;
         let public_ipv6 = lease.attrs.public_ipv6.ok_or(NoIpv6::NoPublicIpv6)?;
@@ -103,50 +78,7 @@ impl Peers6 {
         let Some(subnet) = lease.key.ipv6 else {
             return Ok(());
         };
-        set_path(&mut self.paths, handle, dev, subnet, wanted).await
-    }
-
-    /// Install every IPv6 peer's entries again.
-    pub async fn restore(&self, handle: &Handle, dev: u32) {
-        restore_paths(&self.paths, handle, dev).await
-    }
-
-    /// A route into the IPv6 Network via the external interface no DirectRouting peer owns.
-    fn is_stale_direct_route(&self, r: &Route<Ipv6Addr>) -> bool {
-        let Some(network) = self.network.filter(|_| self.direct_routing) else {
-            return false;
-        };
-        r.oif == self.ext_index
-            && network.contains(r.dst.network())
-            && r.dst.prefix() >= network.prefix()
-            && !matches!(self.paths.get(&r.dst), Some(PeerPath::Direct(d)) if d.gateway == r.gateway)
-    }
-
-    /// Remove IPv6 neighbours, FDB entries and routes on `dev` that no current peer owns.
-    pub async fn prune(&self, handle: &Handle, dev: u32) -> Result<(), rtnetlink::Error> {
-        let mut neigh_ips = Vec::new();
-        let mut fdb = Vec::new();
-        for (subnet, path) in &self.paths {
-            if let PeerPath::Vxlan { mac, public_ip } = path {
-                neigh_ips.push(IpAddr::V6(subnet.network()));
-                fdb.push((*mac, IpAddr::V6(*public_ip)));
-            }
-        }
-        for r in route::list_gateway_routes::<Ipv6Addr>(handle).await? {
-            let owned_vxlan = matches!(self.paths.get(&r.dst), Some(PeerPath::Vxlan { .. }));
-            if r.oif == dev && !owned_vxlan {
-                log::info!("removing stale IPv6 route {} via {}", r.dst, r.gateway);
-                r.delete(handle).await?;
-            } else if self.is_stale_direct_route(&r) {
-                log::info!(
-                    "removing stale direct IPv6 route {} via {}",
-                    r.dst,
-                    r.gateway
-                );
-                r.delete(handle).await?;
-            }
-        }
-        prune_entries(handle, dev, AddressFamily::Inet6, &neigh_ips, &fdb).await
+        self.set_path(handle, dev, subnet, wanted).await
     }
 }
 
@@ -154,6 +86,7 @@ impl Peers6 {
 mod tests {
     use super::*;
     use crate::backend::vxlan::Mac;
+    use ipnetwork::Ipv6Network;
 
     const EXT: u32 = 2;
 
