@@ -66,56 +66,69 @@ impl Link {
             IpAddr::V6(a) => self.ipv6.contains(&a),
         }
     }
+}
 
-    fn first_usable_v4(&self) -> Option<Ipv4Addr> {
-        self.ipv4
-            .iter()
-            .copied()
-            .find(|a| unusable_address(*a).is_none())
-    }
+/// What the address checks need to know of one family; the rest is shared.
+trait Family: Copy + Into<IpAddr> {
+    /// The flag that overrides this family's public address.
+    const PUBLIC_FLAG: &'static str;
+    const NAME: &'static str;
+    /// Where to give an address of the other family instead.
+    const OTHER_FLAG_HINT: &'static str;
 
-    fn first_usable_v6(&self) -> Option<Ipv6Addr> {
-        self.ipv6
-            .iter()
-            .copied()
-            .find(|a| unusable_address_v6(*a).is_none())
+    fn of(ip: IpAddr) -> Option<Self>;
+}
+
+impl Family for Ipv4Addr {
+    const PUBLIC_FLAG: &'static str = "--public-ip";
+    const NAME: &'static str = "IPv4";
+    const OTHER_FLAG_HINT: &'static str = " (use --public-ipv6 for IPv6)";
+
+    fn of(ip: IpAddr) -> Option<Self> {
+        match ip {
+            IpAddr::V4(a) => Some(a),
+            IpAddr::V6(_) => None,
+        }
     }
 }
 
-/// Why an address cannot be the one other hosts send to (`None`: it can).
-pub fn unusable_address(ip: Ipv4Addr) -> Option<&'static str> {
+impl Family for Ipv6Addr {
+    const PUBLIC_FLAG: &'static str = "--public-ipv6";
+    const NAME: &'static str = "IPv6";
+    const OTHER_FLAG_HINT: &'static str = " (use --public-ip for IPv4)";
+
+    fn of(ip: IpAddr) -> Option<Self> {
+        match ip {
+            IpAddr::V6(a) => Some(a),
+            IpAddr::V4(_) => None,
+        }
+    }
+}
+
+fn first_usable<A: Family>(addrs: &[A]) -> Option<A> {
+    addrs
+        .iter()
+        .copied()
+        .find(|a| unusable_address((*a).into()).is_none())
+}
+
+/// Why an address cannot be the one other hosts send to (`None`: it can). For IPv6 only
+/// global unicast addresses (ULAs included) qualify.
+pub fn unusable_address(ip: IpAddr) -> Option<&'static str> {
     if ip.is_loopback() {
         Some("a loopback address, which other hosts cannot reach")
     } else if ip.is_unspecified() {
         Some("the unspecified address")
     } else if ip.is_multicast() {
         Some("a multicast address")
-    } else if ip.is_broadcast() {
-        Some("the broadcast address")
     } else {
-        None
-    }
-}
-
-/// The same for IPv6: only global unicast addresses (ULAs included) qualify.
-pub fn unusable_address_v6(ip: Ipv6Addr) -> Option<&'static str> {
-    if ip.is_loopback() {
-        Some("a loopback address, which other hosts cannot reach")
-    } else if ip.is_unspecified() {
-        Some("the unspecified address")
-    } else if ip.is_multicast() {
-        Some("a multicast address")
-    } else if (ip.segments()[0] & 0xffc0) == 0xfe80 {
-        Some("a link-local address, which other hosts cannot route to")
-    } else {
-        None
-    }
-}
-
-fn unusable_ip(ip: IpAddr) -> Option<&'static str> {
-    match ip {
-        IpAddr::V4(a) => unusable_address(a),
-        IpAddr::V6(a) => unusable_address_v6(a),
+        match ip {
+            IpAddr::V4(a) if a.is_broadcast() => Some("the broadcast address"),
+            IpAddr::V6(a) if (a.segments()[0] & 0xffc0) == 0xfe80 => {
+                Some("a link-local address, which other hosts cannot route to")
+            }
+            _ => None,
+        }
     }
 }
 
@@ -293,7 +306,9 @@ pub fn select_by_options(
         for v6 in [false, true] {
             for l in links.iter().filter(|l| !l.loopback) {
                 if let Some(ip) = addresses(l).into_iter().find(|ip| {
-                    ip.is_ipv6() == v6 && unusable_ip(*ip).is_none() && re.is_match(&ip.to_string())
+                    ip.is_ipv6() == v6
+                        && unusable_address(*ip).is_none()
+                        && re.is_match(&ip.to_string())
                 }) {
                     return Ok(Some((l.clone(), Some(ip))));
                 }
@@ -323,50 +338,31 @@ fn why_unusable(link: &Link, addr: Option<IpAddr>) -> Option<String> {
         ));
     }
     match addr {
-        Some(a) => unusable_ip(a).map(|why| format!("{a} is {why}")),
-        None if link.first_usable_v4().is_none() && link.first_usable_v6().is_none() => {
+        Some(a) => unusable_address(a).map(|why| format!("{a} is {why}")),
+        None if first_usable(&link.ipv4).is_none() && first_usable(&link.ipv6).is_none() => {
             Some(format!("{} has no usable IPv4 or IPv6 address", link.name))
         }
         None => None,
     }
 }
 
-/// `--public-ip`: an IPv4 address other hosts can reach.
-fn public_v4(value: IpAddr) -> Result<Ipv4Addr, IfaceError> {
-    const FLAG: &str = "--public-ip";
-    match value {
-        IpAddr::V4(a) => usable_public(FLAG, value).map(|()| a),
-        IpAddr::V6(_) => Err(IfaceError::WrongFamily {
-            flag: FLAG,
+/// `--public-ip` / `--public-ipv6`: an address of that flag's family other hosts can reach.
+fn public_address<A: Family>(value: IpAddr) -> Result<A, IfaceError> {
+    let Some(addr) = A::of(value) else {
+        return Err(IfaceError::WrongFamily {
+            flag: A::PUBLIC_FLAG,
             value,
-            want: "IPv4",
-            hint: " (use --public-ipv6 for IPv6)",
-        }),
-    }
-}
-
-/// `--public-ipv6`: an IPv6 address other hosts can reach.
-fn public_v6(value: IpAddr) -> Result<Ipv6Addr, IfaceError> {
-    const FLAG: &str = "--public-ipv6";
-    match value {
-        IpAddr::V6(a) => usable_public(FLAG, value).map(|()| a),
-        IpAddr::V4(_) => Err(IfaceError::WrongFamily {
-            flag: FLAG,
-            value,
-            want: "IPv6",
-            hint: " (use --public-ip for IPv4)",
-        }),
-    }
-}
-
-fn usable_public(flag: &'static str, value: IpAddr) -> Result<(), IfaceError> {
-    match unusable_ip(value) {
+            want: A::NAME,
+            hint: A::OTHER_FLAG_HINT,
+        });
+    };
+    match unusable_address(value) {
         Some(why) => Err(IfaceError::Unusable {
-            flag,
+            flag: A::PUBLIC_FLAG,
             value: value.to_string(),
             why: why.into(),
         }),
-        None => Ok(()),
+        None => Ok(addr),
     }
 }
 
@@ -378,9 +374,9 @@ pub fn external_interface(
     sel: &IfaceSelector,
 ) -> Result<ExternalInterface, IfaceError> {
     let (iface_addr, iface_v6_addr) = match addr {
-        Some(IpAddr::V4(a)) => (Some(a), link.first_usable_v6()),
-        Some(IpAddr::V6(a)) => (link.first_usable_v4(), Some(a)),
-        None => (link.first_usable_v4(), link.first_usable_v6()),
+        Some(IpAddr::V4(a)) => (Some(a), first_usable(&link.ipv6)),
+        Some(IpAddr::V6(a)) => (first_usable(&link.ipv4), Some(a)),
+        None => (first_usable(&link.ipv4), first_usable(&link.ipv6)),
     };
     if iface_addr.is_none() && iface_v6_addr.is_none() {
         return Err(IfaceError::NoAddress(link.name));
@@ -388,11 +384,11 @@ pub fn external_interface(
     let iface_addr = iface_addr.unwrap_or(Ipv4Addr::UNSPECIFIED);
     let ext_addr = match sel.public_ip {
         None => iface_addr,
-        Some(ip) => public_v4(ip)?,
+        Some(ip) => public_address(ip)?,
     };
     let ext_v6_addr = match sel.public_ipv6 {
         None => iface_v6_addr,
-        Some(ip) => Some(public_v6(ip)?),
+        Some(ip) => Some(public_address(ip)?),
     };
     Ok(ExternalInterface {
         name: link.name,

@@ -121,11 +121,15 @@ fn forward_rules_for(n: &str) -> Vec<Rule> {
 
 /// Upstream's masquerade rules for `network` and our `subnet`, in upstream's order.
 pub fn masq_rules(network: Ipv4Network, subnet: Ipv4Network, random_fully: bool) -> Vec<Rule> {
-    masq_rules_for(
-        &network.to_string(),
-        &subnet.to_string(),
-        "224.0.0.0/4",
+    let (n, sn) = (network.to_string(), subnet.to_string());
+    masq_chain(
         random_fully,
+        &[
+            (&["-s", &n, "-d", &n], Masq::Return),
+            (&["-s", &n, "!", "-d", "224.0.0.0/4"], Masq::Masquerade),
+            (&["!", "-s", &n, "-d", &sn], Masq::Return),
+            (&["!", "-s", &n, "-d", &n], Masq::Masquerade),
+        ],
     )
 }
 
@@ -138,40 +142,16 @@ pub fn masq_rules_v6(
     random_fully: bool,
 ) -> Vec<Rule> {
     let (n, sn) = (network.to_string(), subnet.to_string());
-    let c = MASQ_COMMENT;
-    let masq: &[&str] = if random_fully {
-        &["-j", "MASQUERADE", "--random-fully"]
-    } else {
-        &["-j", "MASQUERADE"]
-    };
-    let rule = |head: &[&str], tail: &[&str]| Rule {
-        table: "nat",
-        position: Position::Append,
-        chain: MASQ_CHAIN,
-        spec: head
-            .iter()
-            .chain(["-m", "comment", "--comment", c].iter())
-            .chain(tail)
-            .map(|s| s.to_string())
-            .collect(),
-    };
-    vec![
-        Rule::new(
-            "nat",
-            Position::Insert,
-            "POSTROUTING",
-            &["-m", "comment", "--comment", c, "-j", MASQ_CHAIN],
-        ),
-        rule(
-            &["-m", "mark", "--mark", KUBE_PROXY_MARK],
-            &["-j", "RETURN"],
-        ),
-        rule(&["-s", &sn, "-d", &n], &["-j", "RETURN"]),
-        rule(&["-s", &n, "-d", &sn], &["-j", "RETURN"]),
-        rule(&["!", "-s", &n, "-d", &sn], &["-j", "RETURN"]),
-        rule(&["-s", &n, "!", "-d", "ff00::/8"], masq),
-        rule(&["!", "-s", &n, "-d", &n], masq),
-    ]
+    masq_chain(
+        random_fully,
+        &[
+            (&["-s", &sn, "-d", &n], Masq::Return),
+            (&["-s", &n, "-d", &sn], Masq::Return),
+            (&["!", "-s", &n, "-d", &sn], Masq::Return),
+            (&["-s", &n, "!", "-d", "ff00::/8"], Masq::Masquerade),
+            (&["!", "-s", &n, "-d", &n], Masq::Masquerade),
+        ],
+    )
 }
 
 /// Install and keep the ip6tables rules for a dual-stack node (IPv6Network, our IPv6 subnet).
@@ -183,19 +163,13 @@ pub async fn install_and_keep_v6(
     if !opts.ip_masq && !opts.forward {
         return Ok(());
     }
-    let random_fully = opts.ip_masq && !opts.random_fully_disable && {
-        let version = iptables(IP6TABLES, &["--version"]).await?;
-        version_supports_random_fully(&String::from_utf8_lossy(&version.stdout))
-    };
+    let random_fully = random_fully(IP6TABLES, &opts).await?;
     let want = move |subnet| {
-        let mut rules = Vec::new();
-        if opts.forward {
-            rules.extend(forward_rules_v6(network));
-        }
-        if opts.ip_masq {
-            rules.extend(masq_rules_v6(network, subnet, random_fully));
-        }
-        rules
+        rules_for_flags(
+            &opts,
+            || forward_rules_v6(network),
+            || masq_rules_v6(network, subnet, random_fully),
+        )
     };
     let set = RuleSet::with_command(IP6TABLES, want(subnet));
     set.ensure().await?;
@@ -206,43 +180,47 @@ pub async fn install_and_keep_v6(
     Ok(())
 }
 
-fn masq_rules_for(n: &str, sn: &str, multicast: &str, random_fully: bool) -> Vec<Rule> {
-    let (n, sn) = (n.to_owned(), sn.to_owned());
+/// What a rule of our masquerade chain does with the packets it matches.
+#[derive(Debug, Clone, Copy)]
+enum Masq {
+    Return,
+    Masquerade,
+}
+
+/// Either family's masquerade rules: POSTROUTING's jump into our chain (inserted: ahead of
+/// other NAT rules), RETURN for what kube-proxy marked, then `rules` (match, action) in order.
+fn masq_chain(random_fully: bool, rules: &[(&[&str], Masq)]) -> Vec<Rule> {
     let c = MASQ_COMMENT;
-    let masq: &[&str] = if random_fully {
+    let masquerade: &[&str] = if random_fully {
         &["-j", "MASQUERADE", "--random-fully"]
     } else {
         &["-j", "MASQUERADE"]
     };
-    let with = |head: &[&str], tail: &[&str]| -> Vec<String> {
-        head.iter()
-            .chain(["-m", "comment", "--comment", c].iter())
-            .chain(tail)
-            .map(|s| s.to_string())
-            .collect()
-    };
-    let rule = |spec: Vec<String>| Rule {
-        table: "nat",
-        position: Position::Append,
-        chain: MASQ_CHAIN,
-        spec,
-    };
-    vec![
-        Rule::new(
-            "nat",
-            Position::Insert,
-            "POSTROUTING",
-            &["-m", "comment", "--comment", c, "-j", MASQ_CHAIN],
-        ),
-        rule(with(
-            &["-m", "mark", "--mark", KUBE_PROXY_MARK],
-            &["-j", "RETURN"],
-        )),
-        rule(with(&["-s", &n, "-d", &n], &["-j", "RETURN"])),
-        rule(with(&["-s", &n, "!", "-d", multicast], masq)),
-        rule(with(&["!", "-s", &n, "-d", &sn], &["-j", "RETURN"])),
-        rule(with(&["!", "-s", &n, "-d", &n], masq)),
-    ]
+    let marked: (&[&str], Masq) = (&["-m", "mark", "--mark", KUBE_PROXY_MARK], Masq::Return);
+    let chain_rules = std::iter::once(&marked).chain(rules).map(|(head, action)| {
+        let tail = match action {
+            Masq::Return => &["-j", "RETURN"][..],
+            Masq::Masquerade => masquerade,
+        };
+        Rule {
+            table: "nat",
+            position: Position::Append,
+            chain: MASQ_CHAIN,
+            spec: head
+                .iter()
+                .chain(["-m", "comment", "--comment", c].iter())
+                .chain(tail)
+                .map(|s| s.to_string())
+                .collect(),
+        }
+    });
+    let jump = Rule::new(
+        "nat",
+        Position::Insert,
+        "POSTROUTING",
+        &["-m", "comment", "--comment", c, "-j", MASQ_CHAIN],
+    );
+    std::iter::once(jump).chain(chain_rules).collect()
 }
 
 /// `--random-fully` exists since iptables 1.6.2.
@@ -414,14 +392,39 @@ pub fn wanted_rules(
     subnet: Ipv4Network,
     random_fully: bool,
 ) -> Vec<Rule> {
+    rules_for_flags(
+        opts,
+        || forward_rules(network),
+        || masq_rules(network, subnet, random_fully),
+    )
+}
+
+/// Either family's rule set for the flags, from its forward and masquerade rules.
+fn rules_for_flags(
+    opts: &RuleOptions,
+    forward: impl FnOnce() -> Vec<Rule>,
+    masq: impl FnOnce() -> Vec<Rule>,
+) -> Vec<Rule> {
     let mut rules = Vec::new();
     if opts.forward {
-        rules.extend(forward_rules(network));
+        rules.extend(forward());
     }
     if opts.ip_masq {
-        rules.extend(masq_rules(network, subnet, random_fully));
+        rules.extend(masq());
     }
     rules
+}
+
+/// Whether masquerading uses `--random-fully`: asked for, and `bin` supports it (only then
+/// is `bin` run).
+async fn random_fully(bin: &'static str, opts: &RuleOptions) -> Result<bool, IptablesError> {
+    if !opts.ip_masq || opts.random_fully_disable {
+        return Ok(false);
+    }
+    let version = iptables(bin, &["--version"]).await?;
+    Ok(version_supports_random_fully(&String::from_utf8_lossy(
+        &version.stdout,
+    )))
 }
 
 /// What the flags ask of the traffic rules (iptables or nftables alike).
@@ -462,10 +465,7 @@ pub async fn install_and_keep(
     if !opts.ip_masq && !opts.forward {
         return Ok(());
     }
-    let random_fully = opts.ip_masq && !opts.random_fully_disable && {
-        let version = iptables(IPTABLES, &["--version"]).await?;
-        version_supports_random_fully(&String::from_utf8_lossy(&version.stdout))
-    };
+    let random_fully = random_fully(IPTABLES, &opts).await?;
     let want = move |subnet| wanted_rules(&opts, network, subnet, random_fully);
     let rules = want(*subnet.borrow());
     for stale in stale_rules(previous, &rules) {

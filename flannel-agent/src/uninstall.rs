@@ -134,7 +134,7 @@ async fn remove_peer_routes(
 ) -> anyhow::Result<()> {
     let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
     tokio::spawn(conn);
-    let routes = route::list_gateway_routes(&handle)
+    let routes = route::list_gateway_routes::<std::net::Ipv4Addr>(&handle)
         .await
         .context("listing routes")?;
     for r in routes

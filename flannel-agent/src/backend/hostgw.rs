@@ -2,13 +2,13 @@
 //! on the external interface (all nodes must share one L2 network).
 
 use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::{bail, Context};
 use ipnetwork::{Ipv4Network, Ipv6Network};
 use rtnetlink::Handle;
 
 use super::route::{self, Route};
-use super::route6::{self, Route6};
 use super::{Backend, BackendNetwork};
 use crate::config::NetworkConfig;
 use crate::iface::ExternalInterface;
@@ -33,11 +33,11 @@ pub struct HostGwNetwork {
     network: Ipv4Network,
     handle: Handle,
     /// The route each peer subnet should have.
-    routes: BTreeMap<Ipv4Network, Route>,
+    routes: BTreeMap<Ipv4Network, Route<Ipv4Addr>>,
     /// Peers whose public IP is not on our link: reported once each, re-checked on resync.
     off_link: BTreeMap<Ipv4Network, Lease>,
     /// With EnableIPv6: the IPv6 route of each peer with IPv6, keyed by its lease key.
-    routes6: BTreeMap<SubnetKey, Route6>,
+    routes6: BTreeMap<SubnetKey, Route<Ipv6Addr>>,
     /// EnableIPv4: false in an IPv6-only network, where the IPv4 side (routes, pruning of
     /// routes into the 0.0.0.0/0 "Network") must not run at all.
     ipv4: bool,
@@ -56,8 +56,8 @@ impl HostGwNetwork {
     }
 
     /// `<v6 subnet> via <PublicIPv6> dev <ext>` for a dual-stack peer.
-    fn route6_for(&self, lease: &Lease) -> Option<Route6> {
-        Some(Route6 {
+    fn route6_for(&self, lease: &Lease) -> Option<Route<Ipv6Addr>> {
+        Some(Route {
             dst: lease.key.ipv6?,
             gateway: lease.attrs.public_ipv6?,
             oif: self.ext.index,
@@ -89,7 +89,7 @@ impl HostGwNetwork {
         }
     }
 
-    fn route_for(&self, lease: &Lease) -> Route {
+    fn route_for(&self, lease: &Lease) -> Route<Ipv4Addr> {
         Route {
             dst: lease.subnet(),
             gateway: lease.attrs.public_ip,
@@ -116,7 +116,7 @@ pub fn check_public_ip(ext: &ExternalInterface) -> anyhow::Result<()> {
 impl Backend for HostGwBackend {
     type Network = HostGwNetwork;
 
-    fn lease_attrs(&self, public_ip: std::net::Ipv4Addr) -> LeaseAttrs {
+    fn lease_attrs(&self, public_ip: Ipv4Addr) -> LeaseAttrs {
         let mut attrs = LeaseAttrs::new(public_ip);
         attrs.backend_type = BACKEND_TYPE.into();
         attrs
@@ -243,7 +243,7 @@ impl HostGwNetwork {
             let route = self.route_for(&lease);
             self.routes.insert(route.dst, route);
         }
-        let present = route::list_gateway_routes(&handle).await?;
+        let present = route::list_gateway_routes::<Ipv4Addr>(&handle).await?;
         for want in self.routes.values() {
             let installed = present
                 .iter()
@@ -286,7 +286,7 @@ impl HostGwNetwork {
             return Ok(());
         }
         let handle = self.handle.clone();
-        let present6 = route6::list_gateway_routes(&handle).await?;
+        let present6 = route::list_gateway_routes::<Ipv6Addr>(&handle).await?;
         for want in self.routes6.values() {
             if !present6.contains(want) {
                 log::info!(

@@ -12,7 +12,6 @@ pub mod dataplane;
 pub mod hostgw;
 pub mod network;
 pub mod route;
-pub mod route6;
 pub mod udp;
 pub mod vxlan;
 

@@ -387,7 +387,11 @@ impl Backend for VxlanBackend {
                 let mut dev =
                     VxlanDevice::new(self.spec.clone(), IpAddr::V4(own.subnet().network()));
                 dev.ensure(&handle).await?;
-                let peers = Peers::new(self.cfg.direct_routing, self.ext.index, config.network);
+                let peers = Peers::new(
+                    self.cfg.direct_routing,
+                    self.ext.index,
+                    Some(config.network),
+                );
                 Some(V4Side { dev, peers })
             }
             false => None,

@@ -1,43 +1,110 @@
-//! The IPv4 side of each peer on `flannel.<VNI>`: how its subnet is reached (through the
-//! device, or with DirectRouting a plain route when it shares our L2 network), installing and
-//! removing its neighbour, FDB entry and route in upstream's order, and pruning entries that no
-//! current peer owns.
+//! vxlan peers of either family (`FamilyPeers`: how each subnet is reached, through the
+//! device or with DirectRouting a plain route when the peer shares our L2 network; installing
+//! and removing its neighbour, FDB entry and route in upstream's order; pruning entries that no
+//! current peer owns), and the IPv4 side of each peer on `flannel.<VNI>` (`Peers`).
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use ipnetwork::Ipv4Network;
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::Handle;
 
 use super::neigh::{self, Table};
 use super::{LeaseDataError, Mac, VxlanError, VxlanLeaseData, BACKEND_TYPE};
-use crate::backend::route::{self, Route};
+use crate::backend::route::{self, Route, RouteFamily};
 use crate::lease::Lease;
 use crate::subnet::PeerEvent;
 
-/// How one peer subnet is reached.
+/// How one peer subnet is reached (`A`: the family of the subnet and the peer's address).
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum PeerPath {
+pub(super) enum PeerPath<A: RouteFamily> {
     /// Through the VXLAN device: neighbour, FDB and onlink route.
-    Vxlan { mac: Mac, public_ip: Ipv4Addr },
+    Vxlan { mac: Mac, public_ip: A },
     /// DirectRouting to a peer on our L2 network: a plain route via its public IP.
-    Direct(Route),
+    Direct(Route<A>),
 }
 
-/// The IPv4 peers and what is installed for each.
-pub struct Peers {
-    direct_routing: bool,
+/// A family of vxlan peers: what their messages call them, their neighbours' family.
+pub trait PeerFamily: RouteFamily + Into<IpAddr> {
+    const PEER: &'static str;
+    const ROUTE: &'static str;
+    const NEIGH_FAMILY: AddressFamily;
+}
+
+impl PeerFamily for Ipv4Addr {
+    const PEER: &'static str = "peer";
+    const ROUTE: &'static str = "route";
+    const NEIGH_FAMILY: AddressFamily = AddressFamily::Inet;
+}
+
+impl PeerFamily for Ipv6Addr {
+    const PEER: &'static str = "IPv6 peer";
+    const ROUTE: &'static str = "IPv6 route";
+    const NEIGH_FAMILY: AddressFamily = AddressFamily::Inet6;
+}
+
+impl<A: PeerFamily> PeerPath<A> {
+    /// `<subnet> via <its network address> dev <dev> onlink`: the VTEP neighbour is the way.
+    fn vxlan_route(dev: u32, subnet: A::Network) -> Route<A> {
+        Route {
+            dst: subnet,
+            gateway: A::split(subnet).0,
+            oif: dev,
+            onlink: true,
+        }
+    }
+
+    /// Upstream's order: neighbour, FDB, route (the route is usable once it exists).
+    async fn install(
+        &self,
+        handle: &Handle,
+        dev: u32,
+        subnet: A::Network,
+    ) -> Result<(), rtnetlink::Error> {
+        match self {
+            PeerPath::Direct(r) => r.replace(handle).await,
+            PeerPath::Vxlan { mac, public_ip } => {
+                let vtep = A::split(subnet).0.into();
+                neigh::replace_neighbour(handle, dev, vtep, *mac).await?;
+                neigh::replace_fdb(handle, dev, *mac, (*public_ip).into()).await?;
+                Self::vxlan_route(dev, subnet).replace(handle).await
+            }
+        }
+    }
+
+    /// Undo `install`: route first, so nothing is sent through half-removed entries.
+    async fn uninstall(
+        &self,
+        handle: &Handle,
+        dev: u32,
+        subnet: A::Network,
+    ) -> Result<(), rtnetlink::Error> {
+        match self {
+            PeerPath::Direct(r) => r.delete(handle).await,
+            PeerPath::Vxlan { mac, public_ip } => {
+                Self::vxlan_route(dev, subnet).delete(handle).await?;
+                neigh::delete_fdb(handle, dev, *mac, (*public_ip).into()).await?;
+                neigh::delete_neighbour(handle, dev, A::split(subnet).0.into()).await
+            }
+        }
+    }
+}
+
+/// One family's peers on one device and what is installed for each, keyed by their subnet
+/// of that family.
+pub struct FamilyPeers<A: PeerFamily> {
+    pub(super) direct_routing: bool,
     /// The external interface (DirectRouting routes go out through it).
-    ext_index: u32,
-    /// The Network (for recognising stale DirectRouting routes on the external interface).
-    network: Ipv4Network,
-    paths: BTreeMap<Ipv4Network, PeerPath>,
+    pub(super) ext_index: u32,
+    /// The Network of this family (for recognising stale DirectRouting routes on the
+    /// external interface); an IPv6 one only with EnableIPv6.
+    pub(super) network: Option<A::Network>,
+    pub(super) paths: BTreeMap<A::Network, PeerPath<A>>,
 }
 
-impl Peers {
-    pub fn new(direct_routing: bool, ext_index: u32, network: Ipv4Network) -> Self {
-        Peers {
+impl<A: PeerFamily> FamilyPeers<A> {
+    pub fn new(direct_routing: bool, ext_index: u32, network: Option<A::Network>) -> Self {
+        FamilyPeers {
             direct_routing,
             ext_index,
             network,
@@ -53,7 +120,100 @@ impl Peers {
         self.paths.is_empty()
     }
 
-    async fn path_for(&self, handle: &Handle, lease: &Lease) -> Result<PeerPath, LeaseDataError> {
+    /// Make what `dev` has for `subnet` the `wanted` path (`None`: nothing), replacing what
+    /// is installed; a path that stays the same is left alone.
+    pub(super) async fn set_path(
+        &mut self,
+        handle: &Handle,
+        dev: u32,
+        subnet: A::Network,
+        wanted: Option<PeerPath<A>>,
+    ) -> Result<(), VxlanError> {
+        if let Some(old) = self.paths.get(&subnet).cloned() {
+            if Some(&old) == wanted.as_ref() {
+                return Ok(());
+            }
+            self.paths.remove(&subnet);
+            old.uninstall(handle, dev, subnet)
+                .await
+                .map_err(|source| VxlanError::Netlink {
+                    what: format!("removing {} {subnet}", A::PEER),
+                    source,
+                })?;
+        }
+        if let Some(path) = wanted {
+            self.paths.insert(subnet, path.clone());
+            path.install(handle, dev, subnet)
+                .await
+                .map_err(|source| VxlanError::Netlink {
+                    what: format!("adding {} {subnet}", A::PEER),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Install every peer's entries again (a recreated device, or entries deleted by hand).
+    pub async fn restore(&self, handle: &Handle, dev: u32) {
+        for (subnet, path) in &self.paths {
+            if let Err(e) = path.install(handle, dev, *subnet).await {
+                log::warn!("vxlan: restoring {} {subnet}: {e}", A::PEER);
+            }
+        }
+    }
+
+    /// A route into the Network via the external interface that no DirectRouting peer owns
+    /// (a peer that left, or moved off our L2 network, while we were not looking).
+    pub(super) fn is_stale_direct_route(&self, r: &Route<A>) -> bool {
+        let Some(network) = self.network.filter(|_| self.direct_routing) else {
+            return false;
+        };
+        let (dst, dst_prefix) = A::split(r.dst);
+        r.oif == self.ext_index
+            && A::contains(network, dst)
+            && dst_prefix >= A::split(network).1
+            && !matches!(self.paths.get(&r.dst), Some(PeerPath::Direct(d)) if d.gateway == r.gateway)
+    }
+
+    /// Remove neighbours, FDB entries and routes on device `dev` that no current peer owns
+    /// (left by an earlier run while peers went away).
+    pub async fn prune(&self, handle: &Handle, dev: u32) -> Result<(), rtnetlink::Error> {
+        let mut neigh_ips = Vec::new();
+        let mut fdb = Vec::new();
+        for (subnet, path) in &self.paths {
+            if let PeerPath::Vxlan { mac, public_ip } = path {
+                neigh_ips.push(A::split(*subnet).0.into());
+                fdb.push((*mac, (*public_ip).into()));
+            }
+        }
+        for r in route::list_gateway_routes::<A>(handle).await? {
+            let owned_vxlan = matches!(self.paths.get(&r.dst), Some(PeerPath::Vxlan { .. }));
+            if r.oif == dev && !owned_vxlan {
+                log::info!("removing stale {} {} via {}", A::ROUTE, r.dst, r.gateway);
+                r.delete(handle).await?;
+            } else if self.is_stale_direct_route(&r) {
+                log::info!(
+                    "removing stale direct {} {} via {}",
+                    A::ROUTE,
+                    r.dst,
+                    r.gateway
+                );
+                r.delete(handle).await?;
+            }
+        }
+        prune_entries(handle, dev, A::NEIGH_FAMILY, &neigh_ips, &fdb).await
+    }
+}
+
+/// The IPv4 peers.
+pub type Peers = FamilyPeers<Ipv4Addr>;
+
+impl Peers {
+    async fn path_for(
+        &self,
+        handle: &Handle,
+        lease: &Lease,
+    ) -> Result<PeerPath<Ipv4Addr>, LeaseDataError> {
         let mac = VxlanLeaseData::peer_mac(&lease.attrs)?;
         let public_ip = lease.attrs.public_ip;
         if self.direct_routing {
@@ -68,49 +228,6 @@ impl Peers {
             }
         }
         Ok(PeerPath::Vxlan { mac, public_ip })
-    }
-
-    fn vxlan_route(dev: u32, subnet: Ipv4Network) -> Route {
-        Route {
-            dst: subnet,
-            gateway: subnet.network(),
-            oif: dev,
-            onlink: true,
-        }
-    }
-
-    /// Upstream's order: neighbour, FDB, route (the route is usable once it exists).
-    async fn install(
-        handle: &Handle,
-        dev: u32,
-        subnet: Ipv4Network,
-        path: &PeerPath,
-    ) -> Result<(), rtnetlink::Error> {
-        match path {
-            PeerPath::Direct(r) => r.replace(handle).await,
-            PeerPath::Vxlan { mac, public_ip } => {
-                neigh::replace_neighbour(handle, dev, IpAddr::V4(subnet.network()), *mac).await?;
-                neigh::replace_fdb(handle, dev, *mac, IpAddr::V4(*public_ip)).await?;
-                Self::vxlan_route(dev, subnet).replace(handle).await
-            }
-        }
-    }
-
-    /// Undo `install`: route first, so nothing is sent through half-removed entries.
-    async fn uninstall(
-        handle: &Handle,
-        dev: u32,
-        subnet: Ipv4Network,
-        path: &PeerPath,
-    ) -> Result<(), rtnetlink::Error> {
-        match path {
-            PeerPath::Direct(r) => r.delete(handle).await,
-            PeerPath::Vxlan { mac, public_ip } => {
-                Self::vxlan_route(dev, subnet).delete(handle).await?;
-                neigh::delete_fdb(handle, dev, *mac, IpAddr::V4(*public_ip)).await?;
-                neigh::delete_neighbour(handle, dev, IpAddr::V4(subnet.network())).await
-            }
-        }
     }
 
     /// Follow one peer event on device `dev`.
@@ -143,77 +260,7 @@ impl Peers {
                 }
             }
         };
-        if let Some(old) = self.paths.get(&subnet).cloned() {
-            if Some(&old) == wanted.as_ref() {
-                return Ok(());
-            }
-            self.paths.remove(&subnet);
-            Self::uninstall(handle, dev, subnet, &old)
-                .await
-                .map_err(|source| VxlanError::Netlink {
-                    what: format!("removing peer {subnet}"),
-                    source,
-                })?;
-        }
-        if let Some(path) = wanted {
-            self.paths.insert(subnet, path.clone());
-            Self::install(handle, dev, subnet, &path)
-                .await
-                .map_err(|source| VxlanError::Netlink {
-                    what: format!("adding peer {subnet}"),
-                    source,
-                })?;
-        }
-        Ok(())
-    }
-
-    /// Install every peer's entries again (a recreated device, or entries deleted by hand).
-    pub async fn restore(&self, handle: &Handle, dev: u32) {
-        for (subnet, path) in &self.paths {
-            if let Err(e) = Self::install(handle, dev, *subnet, path).await {
-                log::warn!("vxlan: restoring peer {subnet}: {e}");
-            }
-        }
-    }
-
-    /// A route into the Network via the external interface that no DirectRouting peer owns
-    /// (a peer that left, or moved off our L2 network, while we were not looking).
-    fn is_stale_direct_route(&self, r: &Route) -> bool {
-        let network = self.network;
-        self.direct_routing
-            && r.oif == self.ext_index
-            && network.contains(r.dst.network())
-            && r.dst.prefix() >= network.prefix()
-            && !matches!(self.paths.get(&r.dst), Some(PeerPath::Direct(d)) if d.gateway == r.gateway)
-    }
-
-    /// Remove neighbours, FDB entries and routes on device `dev` that no current peer owns
-    /// (left by an earlier run while peers went away).
-    pub async fn prune(&self, handle: &Handle, dev: u32) -> Result<(), rtnetlink::Error> {
-        let mut vxlan_peers: BTreeMap<Ipv4Network, (Mac, Ipv4Addr)> = BTreeMap::new();
-        for (subnet, path) in &self.paths {
-            if let PeerPath::Vxlan { mac, public_ip } = path {
-                vxlan_peers.insert(*subnet, (*mac, *public_ip));
-            }
-        }
-        for r in route::list_gateway_routes(handle).await? {
-            if r.oif == dev && !vxlan_peers.contains_key(&r.dst) {
-                log::info!("removing stale route {} via {}", r.dst, r.gateway);
-                r.delete(handle).await?;
-            } else if self.is_stale_direct_route(&r) {
-                log::info!("removing stale direct route {} via {}", r.dst, r.gateway);
-                r.delete(handle).await?;
-            }
-        }
-        let neigh_ips: Vec<IpAddr> = vxlan_peers
-            .keys()
-            .map(|s| IpAddr::V4(s.network()))
-            .collect();
-        let fdb: Vec<(Mac, IpAddr)> = vxlan_peers
-            .values()
-            .map(|(m, ip)| (*m, IpAddr::V4(*ip)))
-            .collect();
-        prune_entries(handle, dev, AddressFamily::Inet, &neigh_ips, &fdb).await
+        self.set_path(handle, dev, subnet, wanted).await
     }
 }
 

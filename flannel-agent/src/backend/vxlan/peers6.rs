@@ -4,25 +4,15 @@
 //! DirectRouting a plain route via its PublicIPv6 when it shares our L2 network. Peers without
 //! IPv6 get nothing here; their IPv4 side is unaffected.
 
-use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::Ipv6Addr;
 
-use ipnetwork::Ipv6Network;
-use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::Handle;
 
-use super::neigh;
-use super::peers::prune_entries;
-use super::{LeaseDataError, Mac, VxlanError, VxlanLeaseData, BACKEND_TYPE};
-use crate::backend::route6::{self, Route6};
+use super::peers::{FamilyPeers, PeerPath};
+use super::{LeaseDataError, VxlanError, VxlanLeaseData, BACKEND_TYPE};
+use crate::backend::route::{self, Route};
 use crate::lease::Lease;
 use crate::subnet::PeerEvent;
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum PeerPath6 {
-    Vxlan { mac: Mac, public_ipv6: Ipv6Addr },
-    Direct(Route6),
-}
 
 /// Why a vxlan peer has no IPv6 path (a v4-only peer is normal in a dual-stack cluster).
 #[derive(Debug, thiserror::Error)]
@@ -35,95 +25,28 @@ enum NoIpv6 {
     Data(#[from] LeaseDataError),
 }
 
-/// The IPv6 peers and what is installed for each, keyed by their IPv6 subnet.
-pub struct Peers6 {
-    direct_routing: bool,
-    ext_index: u32,
-    network: Option<Ipv6Network>,
-    paths: BTreeMap<Ipv6Network, PeerPath6>,
-}
+/// The IPv6 peers, keyed by their IPv6 subnet.
+pub type Peers6 = FamilyPeers<Ipv6Addr>;
 
 impl Peers6 {
-    pub fn new(direct_routing: bool, ext_index: u32, network: Option<Ipv6Network>) -> Self {
-        Peers6 {
-            direct_routing,
-            ext_index,
-            network,
-            paths: BTreeMap::new(),
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.paths.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.paths.is_empty()
-    }
-
-    async fn path_for(
-        &self,
-        handle: &Handle,
-        lease: &Lease,
-    ) -> Result<(Ipv6Network, PeerPath6), NoIpv6> {
+    async fn path_for(&self, handle: &Handle, lease: &Lease) -> Result<PeerPath<Ipv6Addr>, NoIpv6> {
         let subnet = lease.key.ipv6.ok_or(NoIpv6::NoSubnet)?;
         let public_ipv6 = lease.attrs.public_ipv6.ok_or(NoIpv6::NoPublicIpv6)?;
         let mac = VxlanLeaseData::peer_mac_v6(&lease.attrs)?;
         if self.direct_routing {
-            if let Ok((None, Some(oif))) = route6::lookup(handle, public_ipv6).await {
-                return Ok((
-                    subnet,
-                    PeerPath6::Direct(Route6 {
-                        dst: subnet,
-                        gateway: public_ipv6,
-                        oif,
-                        onlink: false,
-                    }),
-                ));
+            if let Ok((None, Some(oif))) = route::lookup(handle, public_ipv6).await {
+                return Ok(PeerPath::Direct(Route {
+                    dst: subnet,
+                    gateway: public_ipv6,
+                    oif,
+                    onlink: false,
+                }));
             }
         }
-        Ok((subnet, PeerPath6::Vxlan { mac, public_ipv6 }))
-    }
-
-    fn vxlan_route(dev: u32, subnet: Ipv6Network) -> Route6 {
-        Route6 {
-            dst: subnet,
-            gateway: subnet.network(),
-            oif: dev,
-            onlink: true,
-        }
-    }
-
-    async fn install(
-        handle: &Handle,
-        dev: u32,
-        subnet: Ipv6Network,
-        path: &PeerPath6,
-    ) -> Result<(), rtnetlink::Error> {
-        match path {
-            PeerPath6::Direct(r) => r.replace(handle).await,
-            PeerPath6::Vxlan { mac, public_ipv6 } => {
-                neigh::replace_neighbour(handle, dev, IpAddr::V6(subnet.network()), *mac).await?;
-                neigh::replace_fdb(handle, dev, *mac, IpAddr::V6(*public_ipv6)).await?;
-                Self::vxlan_route(dev, subnet).replace(handle).await
-            }
-        }
-    }
-
-    async fn uninstall(
-        handle: &Handle,
-        dev: u32,
-        subnet: Ipv6Network,
-        path: &PeerPath6,
-    ) -> Result<(), rtnetlink::Error> {
-        match path {
-            PeerPath6::Direct(r) => r.delete(handle).await,
-            PeerPath6::Vxlan { mac, public_ipv6 } => {
-                Self::vxlan_route(dev, subnet).delete(handle).await?;
-                neigh::delete_fdb(handle, dev, *mac, IpAddr::V6(*public_ipv6)).await?;
-                neigh::delete_neighbour(handle, dev, IpAddr::V6(subnet.network())).await
-            }
-        }
+        Ok(PeerPath::Vxlan {
+            mac,
+            public_ip: public_ipv6,
+        })
     }
 
     /// Follow one peer event on device `dev`.
@@ -155,81 +78,15 @@ impl Peers6 {
         let Some(subnet) = lease.key.ipv6 else {
             return Ok(());
         };
-        if let Some(old) = self.paths.get(&subnet).cloned() {
-            if wanted.as_ref().map(|(_, p)| p) == Some(&old) {
-                return Ok(());
-            }
-            self.paths.remove(&subnet);
-            Self::uninstall(handle, dev, subnet, &old)
-                .await
-                .map_err(|source| VxlanError::Netlink {
-                    what: format!("removing IPv6 peer {subnet}"),
-                    source,
-                })?;
-        }
-        if let Some((subnet, path)) = wanted {
-            self.paths.insert(subnet, path.clone());
-            Self::install(handle, dev, subnet, &path)
-                .await
-                .map_err(|source| VxlanError::Netlink {
-                    what: format!("adding IPv6 peer {subnet}"),
-                    source,
-                })?;
-        }
-        Ok(())
-    }
-
-    /// Install every IPv6 peer's entries again.
-    pub async fn restore(&self, handle: &Handle, dev: u32) {
-        for (subnet, path) in &self.paths {
-            if let Err(e) = Self::install(handle, dev, *subnet, path).await {
-                log::warn!("vxlan: restoring IPv6 peer {subnet}: {e}");
-            }
-        }
-    }
-
-    /// A route into the IPv6 Network via the external interface no DirectRouting peer owns.
-    fn is_stale_direct_route(&self, r: &Route6) -> bool {
-        let Some(network) = self.network.filter(|_| self.direct_routing) else {
-            return false;
-        };
-        r.oif == self.ext_index
-            && network.contains(r.dst.network())
-            && r.dst.prefix() >= network.prefix()
-            && !matches!(self.paths.get(&r.dst), Some(PeerPath6::Direct(d)) if d.gateway == r.gateway)
-    }
-
-    /// Remove IPv6 neighbours, FDB entries and routes on `dev` that no current peer owns.
-    pub async fn prune(&self, handle: &Handle, dev: u32) -> Result<(), rtnetlink::Error> {
-        let mut neigh_ips = Vec::new();
-        let mut fdb = Vec::new();
-        for (subnet, path) in &self.paths {
-            if let PeerPath6::Vxlan { mac, public_ipv6 } = path {
-                neigh_ips.push(IpAddr::V6(subnet.network()));
-                fdb.push((*mac, IpAddr::V6(*public_ipv6)));
-            }
-        }
-        for r in route6::list_gateway_routes(handle).await? {
-            let owned_vxlan = matches!(self.paths.get(&r.dst), Some(PeerPath6::Vxlan { .. }));
-            if r.oif == dev && !owned_vxlan {
-                log::info!("removing stale IPv6 route {} via {}", r.dst, r.gateway);
-                r.delete(handle).await?;
-            } else if self.is_stale_direct_route(&r) {
-                log::info!(
-                    "removing stale direct IPv6 route {} via {}",
-                    r.dst,
-                    r.gateway
-                );
-                r.delete(handle).await?;
-            }
-        }
-        prune_entries(handle, dev, AddressFamily::Inet6, &neigh_ips, &fdb).await
+        self.set_path(handle, dev, subnet, wanted).await
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::vxlan::Mac;
+    use ipnetwork::Ipv6Network;
 
     const EXT: u32 = 2;
 
@@ -237,8 +94,8 @@ mod tests {
         s.parse().unwrap()
     }
 
-    fn route(dst: &str, gateway: &str, oif: u32) -> Route6 {
-        Route6 {
+    fn route(dst: &str, gateway: &str, oif: u32) -> Route<Ipv6Addr> {
+        Route {
             dst: net(dst),
             gateway: gateway.parse().unwrap(),
             oif,
@@ -251,12 +108,12 @@ mod tests {
     fn peers(direct_routing: bool, network: Option<&str>) -> Peers6 {
         let mut p = Peers6::new(direct_routing, EXT, network.map(net));
         let direct = route("fd00:10:244:1::/64", "2001:db8::11", EXT);
-        p.paths.insert(direct.dst, PeerPath6::Direct(direct));
+        p.paths.insert(direct.dst, PeerPath::Direct(direct));
         p.paths.insert(
             net("fd00:10:244:2::/64"),
-            PeerPath6::Vxlan {
+            PeerPath::Vxlan {
                 mac: Mac([0x0e, 0, 0, 0, 0, 2]),
-                public_ipv6: "2001:db8:1::12".parse().unwrap(),
+                public_ip: "2001:db8:1::12".parse().unwrap(),
             },
         );
         p
