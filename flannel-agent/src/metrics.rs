@@ -181,14 +181,14 @@ fn render_dataplane(out: &mut String, dp: &DataplaneSample) {
         out,
         "flannel_dataplane_info",
         "gauge",
-        "The udp data plane in use (always 1).",
+        "The udp data plane in use (always 1); for eBPF also how its programs are attached (tcx, or tc: clsact cls_bpf) and where it decapsulates (xdp or tc).",
     );
-    sample(
-        out,
-        "flannel_dataplane_info",
-        &[("kind", dp.kind.label())],
-        1,
-    );
+    let mut labels = vec![("kind", dp.kind.label())];
+    if let Some(p) = dp.paths {
+        labels.push(("attach", p.attach.label()));
+        labels.push(("decap", p.decap.label()));
+    }
+    sample(out, "flannel_dataplane_info", &labels, 1);
     // Every counter of the table, family by family; no made-up zeros for counters this data
     // plane does not have.
     for f in counters::FAMILIES {

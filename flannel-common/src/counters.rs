@@ -187,7 +187,7 @@ counters! {
     drop_other_host => DropOtherHost, DROPS = "other_host", Ebpf,
         "Decap: the frame was addressed to another host's MAC (pkt_type other-host, seen in promiscuous mode or on a flooding switch), which the stack drops.";
     drop_unverified => DropUnverified, DROPS = "unverified", Ebpf,
-        "Overlay device: a packet reached flannel0's VXLAN receive without passing decap's checks (VXLAN sent to the udp port other than through the external device).";
+        "A packet posed as checked by decap without having been: on flannel0, VXLAN sent to the udp port other than through the external device; on the external device, a frame arriving with XDP decap's mark as its source MAC.";
 }
 
 #[cfg(test)]

@@ -33,7 +33,18 @@ pub mod prog_names {
     pub const DECAP_XDP: &str = "flannel_decap_xdp";
     /// TC ingress on the overlay device: lets in only what decap handed it.
     pub const OVERLAY_IN: &str = "flannel_overlay_in";
+    /// Never attached: test-run once at start to learn what the kernel's helpers take.
+    pub const PROBE: &str = "flannel_probe";
+    /// The programs that are attached (and pinned).
     pub const ALL: [&str; 4] = [ENCAP, DECAP, DECAP_XDP, OVERLAY_IN];
+}
+
+/// What `flannel_probe` returns: a bit per `bpf_skb_adjust_room` form the kernel took.
+pub mod probe {
+    /// Encapsulation: grow by outer IPv4 + UDP with `ENCAP_L3_IPV4 | ENCAP_L4_UDP`.
+    pub const ENCAP_UDP: i32 = 1 << 0;
+    /// Decapsulation that also clears the UDP tunnel state (`BPF_F_ADJ_ROOM_DECAP_L4_UDP`).
+    pub const DECAP_L4_UDP: i32 = 1 << 1;
 }
 
 /// What decap leaves in `skb->tc_index` (unused by the kernel since tcindex and dsmark are
@@ -41,11 +52,6 @@ pub mod prog_names {
 /// VXLAN receive; `flannel_overlay_in` drops what arrives without it (VXLAN sent to the udp
 /// port from anywhere but the external device, past decap's checks) and clears it.
 pub const DECAP_TOKEN: u16 = 0x464c;
-
-/// What XDP decap writes into the packet's metadata area (4 bytes, native endian) so that the
-/// TC program on the same device, which sees the packet after GRO, hands it to the overlay
-/// device like one it decapsulated itself.
-pub const XDP_DECAP_MARK: u32 = 0x464c_4e31;
 
 /// Capacity of the peer table (a /16 network split into /24s has 256 subnets; /8 into /24s
 /// has 65536).
@@ -122,6 +128,15 @@ pub struct Config {
     /// tells frames for another host by their destination address itself.
     pub ext_mac: [u8; 6],
     pub _reserved2: u16,
+    /// With [`CONFIG_F_XDP_DECAP`]: the source MAC XDP decap writes on the frames it
+    /// decapsulated, which tells the TC program on the same device (after GRO) to hand them to
+    /// the overlay device without checking them again. XDP metadata would say it out of band,
+    /// but drivers and kernels refuse it; so XDP drops every arriving frame that already
+    /// carries this address, and it is random per pin directory (locally administered).
+    pub xdp_mark: [u8; 6],
+    /// `PATH_*` bits: how the agent attached the programs and what the kernel offered, for
+    /// `flanneld dataplane` (the programs do not read it).
+    pub paths: u16,
 }
 
 /// [`Config::flags`]: the external device is a virtual wire (veth, virtio, ...) that hands
@@ -142,6 +157,19 @@ pub const CONFIG_F_OVERLAY_L2: u32 = 1 << 1;
 /// software, and its GRO merges MTU-sized arrivals.
 pub const CONFIG_F_KERNEL_RX: u32 = 1 << 2;
 
+/// [`Config::flags`]: XDP decap runs on the external device and marks what it decapsulated
+/// with [`Config::xdp_mark`]; the TC decap delivers frames so marked as they are.
+pub const CONFIG_F_XDP_DECAP: u32 = 1 << 3;
+
+/// [`Config::paths`]: the TC programs hang on clsact cls_bpf filters (no TCX on this kernel,
+/// or `--udp-attach=tc`); clear: on TCX links.
+pub const PATH_ATTACH_TC: u16 = 1 << 0;
+/// [`Config::paths`]: decap runs as native XDP on the external device.
+pub const PATH_DECAP_XDP: u16 = 1 << 1;
+/// [`Config::paths`]: the kernel takes `BPF_F_ADJ_ROOM_DECAP_L4_UDP`, so TC decap clears a
+/// super-packet's UDP tunnel state itself.
+pub const PATH_ADJ_ROOM_DECAP_L4_UDP: u16 = 1 << 2;
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all of these are #[repr(C)], Copy, and made of integers with no padding.
@@ -160,7 +188,7 @@ const _: () = {
     assert!(core::mem::size_of::<PeerValue>() == 4);
     assert!(core::mem::size_of::<SenderKey>() == 4);
     assert!(core::mem::size_of::<SenderValue>() == 4);
-    assert!(core::mem::size_of::<Config>() == 48);
+    assert!(core::mem::size_of::<Config>() == 56);
     // One u64 per counter, nothing else.
     assert!(core::mem::size_of::<Stats>() == Counter::ALL.len() * 8);
 };

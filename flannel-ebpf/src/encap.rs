@@ -12,7 +12,7 @@ use aya_ebpf::{
 };
 use flannel_common::{Config, Counter, CONFIG_F_COMPLETE_CSUM};
 
-use crate::frame::{bytes_at, change_tail, store_saved};
+use crate::frame::{bytes_at, change_tail, nonzero_len, store_saved};
 use crate::hdr::{self, addr, be16, eth, fold, ipv4, put16, tcp, udp};
 use crate::maps::{peer_of, SCRATCH};
 use crate::stats::count_tx;
@@ -230,6 +230,9 @@ fn complete_l4_checksum(
         }
         let n = if left < CSUM_CHUNK { left } else { CSUM_CHUNK };
         left -= n;
+        // The same n, bounded 1..=CSUM_CHUNK where the verifier can see it (5.10 to 6.1 do not
+        // follow the min above).
+        let n = nonzero_len::<CSUM_CHUNK>(n);
         // The padding up to the next 4 bytes must be zero: clear the last word first.
         let last = (n - 1) & (CSUM_CHUNK - 4);
         // SAFETY: last + 4 <= CSUM_CHUNK; this CPU's scratch slot, nobody else's meanwhile.
@@ -268,13 +271,18 @@ fn complete_l4_checksum(
         let padded = (l2 + cut + ipv4::MIN_LEN) as u32;
         change_tail(ctx, padded)?;
     }
-    // SAFETY: saved holds SAVED_MAX >= cut bytes.
+    // cut <= SAVED_MAX < 128: bounded again for the verifier.
+    let cut_len = nonzero_len::<128>(cut);
+    if cut_len > SAVED_MAX {
+        return Ok(0);
+    }
+    // SAFETY: saved holds SAVED_MAX >= cut_len bytes.
     let rc = unsafe {
         bpf_skb_load_bytes(
             ctx.skb.skb as *const _,
             l2 as u32,
             saved.as_mut_ptr().cast(),
-            cut as u32,
+            cut_len as u32,
         )
     };
     if rc != 0 {

@@ -49,14 +49,29 @@ impl Frame for XdpContext {
 }
 
 /// The first `N` bytes at `offset`, if the linear part of the packet holds them.
+///
+/// Pointer arithmetic rather than integers: the compiler then adds the offset to the packet
+/// pointer (`ptr += off`), the form every verifier follows. As `off += ptr` the 6.12
+/// verifier loses the pointer and refuses the read.
 #[inline(always)]
 pub fn bytes_at<F: Frame, const N: usize>(ctx: &F, offset: usize) -> Option<*mut [u8; N]> {
-    let start = ctx.start();
-    let end = ctx.end();
-    if start + offset + N > end {
+    let start = ctx.start() as *mut u8;
+    let end = ctx.end() as *const u8;
+    let at = start.wrapping_add(offset);
+    if at.wrapping_add(N).cast_const() > end {
         return None;
     }
-    Some((start + offset) as *mut [u8; N])
+    Some(at.cast())
+}
+
+/// `n` (1..=`MAX`, a power of two) in a form the verifier can bound from below as well: a
+/// helper's size argument must be provably non-zero, and the compiler would fold a plain
+/// `(n - 1) % MAX + 1` away as it knows the range. The volatile read hides it.
+#[inline(always)]
+pub fn nonzero_len<const MAX: usize>(n: usize) -> usize {
+    // SAFETY: reads a local.
+    let n = unsafe { core::ptr::read_volatile(&n) };
+    (n.wrapping_sub(1) & (MAX - 1)) + 1
 }
 
 /// Grows (zero-filled) or trims the packet to `len` bytes.
@@ -78,6 +93,11 @@ pub fn store_saved<const N: usize>(
     len: usize,
 ) -> Result<(), Counter> {
     if len == 0 || len > N {
+        return Err(Counter::DropHelperError);
+    }
+    // Every caller's N is below 128; bounded again where the verifier sees it.
+    let len = nonzero_len::<128>(len);
+    if len > N {
         return Err(Counter::DropHelperError);
     }
     // SAFETY: saved holds N >= len bytes.

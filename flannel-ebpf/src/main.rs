@@ -7,6 +7,8 @@
 //!   device, `decap::tc`) and `flannel_decap_xdp` (native XDP there, `decap::xdp`), and
 //!   `flannel_overlay_in` (TC ingress on the overlay device, `decap::overlay_in`), which lets
 //!   in only what decap handed it.
+//! - `probe`: `flannel_probe`, never attached, test-run by the agent to learn what this
+//!   kernel's helpers take.
 //! - `maps` (the maps shared with the agent and their lookups), `stats` (counters),
 //!   `hdr` (header offsets, checksum arithmetic), `frame` (packet access for TC and XDP).
 #![no_std]
@@ -17,6 +19,7 @@ mod encap;
 mod frame;
 mod hdr;
 mod maps;
+mod probe;
 mod stats;
 
 use aya_ebpf::{
@@ -70,6 +73,11 @@ pub fn flannel_decap_xdp(ctx: XdpContext) -> u32 {
             XDP_DROP
         }
     }
+}
+
+#[classifier]
+pub fn flannel_probe(ctx: TcContext) -> i32 {
+    probe::run(&ctx)
 }
 
 #[cfg(not(test))]

@@ -141,6 +141,16 @@ pub fn decap_program(pin_dir: &Path, xdp: bool) -> PinnedProgram {
     }
 }
 
+/// The config entry the loader wrote (the pinned `flannel_config`).
+pub fn pinned_config(pin_dir: &Path) -> flannel_common::Config {
+    use aya::maps::{Array, Map, MapData};
+    let path = pin_dir.join(flannel_common::map_names::CONFIG);
+    let data = MapData::from_pin(&path).expect("pinned config map");
+    let array: Array<MapData, flannel_common::Config> =
+        Array::try_from(Map::Array(data)).expect("config array");
+    array.get(&0, 0).expect("config entry")
+}
+
 /// `aa:bb:..`, as `ip` takes a MAC.
 pub fn mac(m: [u8; 6]) -> String {
     m.map(|b| format!("{b:02x}")).join(":")

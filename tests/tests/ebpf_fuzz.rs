@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use flannel_agent::backend::udp::ebpf::{read_pinned_stats, EbpfDataplane, EbpfOptions};
 use flannel_agent::backend::udp::UdpDataplane;
 use flannel_agent::cli::UdpDecap;
-use flannel_common::{Stats, XDP_DECAP_MARK};
+use flannel_common::Stats;
 use flannel_tests::bpf::PinnedProgram;
 use flannel_tests::ebpf_host::{
     self, add_ext0_pair, add_flannel0, decap_program, Flannel0, NETWORK, OUR_IP, OUR_SUBNET,
@@ -245,6 +245,7 @@ fn fuzz(decap: UdpDecap, kernel_rx: bool) {
     let xdp = decap == UdpDecap::Xdp;
     let prog = decap_program(&host.pin_dir, xdp);
     let ext0 = host.ns.ifindex("ext0").expect("ext0");
+    let mark = ebpf_host::pinned_config(&host.pin_dir).xdp_mark;
 
     let mut seen = [0usize; 3]; // pass, drop, redirect
     let mut before = host.stats();
@@ -257,7 +258,11 @@ fn fuzz(decap: UdpDecap, kernel_rx: bool) {
                 mutate(&mut rng, valid)
             }
         };
-        let frame = fit_for_test_run(&mut rng, frame);
+        let mut frame = fit_for_test_run(&mut rng, frame);
+        if rng.below(8) == 0 {
+            // Posing as a frame XDP decap marked.
+            frame[6..12].copy_from_slice(&mark);
+        }
         // Run as received by ext0, so pkt_type comes from its MAC as for a frame off the wire.
         let (verdict, out) = {
             let prog = prog.clone();
@@ -275,19 +280,22 @@ fn fuzz(decap: UdpDecap, kernel_rx: bool) {
         );
         assert_eq!(after.tx_packets, before.tx_packets, "decap sent: {}", ctx());
         if xdp {
+            if frame[6..12] == mark {
+                assert_eq!(
+                    verdict,
+                    XDP_DROP,
+                    "a frame with the mark from the wire: {}",
+                    ctx()
+                );
+            }
             match verdict {
                 XDP_PASS if rx == 1 => {
                     seen[2] += 1;
                     assert_eq!(dropped, 0, "{}", ctx());
-                    assert_eq!(&out[4..16], &frame[..12], "MACs kept: {}", ctx());
+                    assert_eq!(&out[..6], &frame[..6], "destination MAC kept: {}", ctx());
                     // XDP strips before GRO even with a VXLAN flannel0 (kernel_rx): marked
-                    // for TC, which redirects it to flannel0.
-                    assert_eq!(
-                        &out[..4],
-                        &XDP_DECAP_MARK.to_ne_bytes(),
-                        "marked: {}",
-                        ctx()
-                    );
+                    // for TC (its source MAC), which redirects it to flannel0.
+                    assert_eq!(&out[6..12], &mark, "marked: {}", ctx());
                 }
                 XDP_PASS => {
                     seen[0] += 1;

@@ -15,12 +15,11 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use aya::maps::{Array, Map, MapData};
 use aya::programs::{SchedClassifier, TcAttachType};
 use flannel_agent::backend::udp::ebpf::{read_pinned_stats, EbpfDataplane, EbpfOptions};
 use flannel_agent::backend::udp::UdpDataplane;
 use flannel_agent::cli::UdpDecap;
-use flannel_common::{map_names, Config, Stats, CONFIG_F_KERNEL_RX, XDP_DECAP_MARK};
+use flannel_common::{Config, Stats, CONFIG_F_KERNEL_RX, CONFIG_F_XDP_DECAP};
 use flannel_tests::bpf::PinnedProgram;
 use flannel_tests::ebpf_host::{
     self, add_ext0_pair, add_flannel0, decap_program, Flannel0, NETWORK, OUR_IP, OUR_SUBNET,
@@ -732,6 +731,8 @@ fn decap_drops_and_counts_by_reason_with(decap: UdpDecap, overlay: Flannel0) {
 struct DecapProg {
     prog: PinnedProgram,
     xdp: bool,
+    /// XDP decap's mark (the source MAC of what it decapsulated), from the pinned config.
+    mark: [u8; 6],
 }
 
 impl DecapProg {
@@ -740,7 +741,8 @@ impl DecapProg {
         let dp = host.load_with(decap);
         let xdp = decap == UdpDecap::Xdp;
         let prog = decap_program(&host.pin_dir, xdp);
-        (dp, DecapProg { prog, xdp })
+        let mark = pinned_config(host).xdp_mark;
+        (dp, DecapProg { prog, xdp, mark })
     }
 
     fn run(&self, host: &Host, frame: &[u8]) -> (u32, Vec<u8>) {
@@ -765,21 +767,16 @@ impl DecapProg {
     }
 
     /// Checks what a delivered frame looks like: TC redirects Ethernet + inner packet to
-    /// flannel0; XDP passes the same to the stack with its mark in the metadata in front.
+    /// flannel0; XDP passes the same to the stack, marked by its source MAC for TC.
     fn assert_delivered(&self, name: &str, verdict: u32, out: &[u8], frame: &[u8], inner: &[u8]) {
-        let out = if self.xdp {
+        if self.xdp {
             assert_eq!(verdict, XDP_PASS, "{name}: passed on to GRO and TC");
-            assert_eq!(
-                &out[..4],
-                &XDP_DECAP_MARK.to_ne_bytes(),
-                "{name}: marked for TC"
-            );
-            &out[4..]
+            assert_eq!(&out[..6], &frame[..6], "{name}: destination MAC kept");
+            assert_eq!(&out[6..12], &self.mark, "{name}: marked for TC");
         } else {
             assert_eq!(verdict, TC_ACT_REDIRECT, "{name}: delivered to flannel0");
-            out
-        };
-        assert_eq!(&out[..12], &frame[..12], "{name}: Ethernet addresses kept");
+            assert_eq!(&out[..12], &frame[..12], "{name}: Ethernet addresses kept");
+        }
         assert_eq!(&out[12..14], &[0x08, 0x00], "{name}: IPv4 ethertype");
         assert_eq!(&out[14..], inner, "{name}: inner packet intact");
     }
@@ -800,6 +797,91 @@ fn xdp_decap_drops_and_counts_by_reason() {
     decap_drops_and_counts_by_reason_with(UdpDecap::Xdp, Flannel0::TunRead);
 }
 
+/// XDP decap marks what it decapsulated by the frame's source MAC (no XDP metadata: some
+/// kernels and most NIC drivers refuse it). The mark must be unforgeable from the wire: XDP
+/// drops every frame that arrives already carrying it, and TC honours it only while XDP decap
+/// is on (the config flag), delivering such frames without a second check.
+#[test]
+fn xdp_decap_mark_is_honoured_by_tc_and_dropped_when_it_comes_from_the_wire() {
+    require_object();
+    let (host, _dp, xdp) = decap_host(UdpDecap::Xdp, Flannel0::TunRead);
+    let cfg = pinned_config(&host);
+    assert_ne!(cfg.flags & CONFIG_F_XDP_DECAP, 0, "XDP decap flag: {cfg:?}");
+    let mark = cfg.xdp_mark;
+    assert!(
+        mark != [0; 6] && mark[0] & 0x03 == 0x02,
+        "a locally administered unicast mark: {mark:02x?}"
+    );
+    let ext0_mac = {
+        let frame = from_peer(&from_peer_pod());
+        let mut m = [0u8; 6];
+        m.copy_from_slice(&frame[..6]);
+        m
+    };
+    let plain = from_peer_pod();
+    let forged = [
+        // A decapsulated-looking frame, straight from the wire.
+        ether_between(ext0_mac, mark, ETH_P_IP, &plain),
+        // A real tunnel frame from a peer, but with the mark as its source.
+        {
+            let mut f = from_peer(&plain);
+            f[6..12].copy_from_slice(&mark);
+            f
+        },
+    ];
+    for frame in &forged {
+        let (verdict, _) = xdp.run(&host, frame);
+        assert_eq!(
+            verdict, XDP_DROP,
+            "a frame posing as XDP decap's: {frame:02x?}"
+        );
+    }
+    let s = host.stats();
+    assert_eq!(s.drop_unverified, 2, "{s:?}");
+    assert_eq!(s.rx_packets, 0, "{s:?}");
+
+    // What XDP passes on (after GRO) reaches TC decap, which hands it to flannel0 as it is.
+    let (verdict, out) = xdp.run(&host, &from_peer(&plain));
+    xdp.assert_delivered("plain", verdict, &out, &from_peer(&plain), &plain);
+    let tc = decap_program(&host.pin_dir, false);
+    let (verdict, handed) = host.run_on_ext0(&tc, &out);
+    assert_eq!(
+        verdict, TC_ACT_REDIRECT,
+        "TC delivers XDP's frame to flannel0"
+    );
+    assert_eq!(&handed[14..], &plain[..], "inner packet intact");
+    let s = host.stats();
+    assert_eq!(
+        (s.rx_packets, s.drops()),
+        (1, 2),
+        "counted once, by XDP: {s:?}"
+    );
+
+    // The same frame with another source MAC is just an overlay packet on the wire: not ours.
+    let mut unmarked = out.clone();
+    unmarked[6..12].copy_from_slice(&SRC_MAC);
+    assert_eq!(host.run_on_ext0(&tc, &unmarked).0, TCX_NEXT);
+}
+
+/// With decap on TC there is no XDP to vouch for a mark: TC ignores it (the flag is clear),
+/// so a frame carrying the old mark is not delivered unchecked.
+#[test]
+fn tc_decap_ignores_the_mark_when_xdp_decap_is_off() {
+    require_object();
+    let host = Host::alone_with(Flannel0::TunRead);
+    // XDP first (sets the mark), then TC only: the pinned mark stays, the flag goes.
+    let (dp, _) = DecapProg::load(&host, UdpDecap::Xdp);
+    drop(dp);
+    let (mut dp, tc) = DecapProg::load(&host, UdpDecap::Tc);
+    dp.set_peer(net(PEER_SUBNET), PEER_IP).expect("set peer");
+    let cfg = pinned_config(&host);
+    assert_eq!(cfg.flags & CONFIG_F_XDP_DECAP, 0, "{cfg:?}");
+    assert_eq!(cfg.xdp_mark, tc.mark, "the mark is kept across loads");
+    let frame = ether_between([0x02, 0, 0, 0, 0, 1], tc.mark, ETH_P_IP, &from_peer_pod());
+    assert_eq!(tc.run(&host, &frame).0, TCX_NEXT, "not delivered unchecked");
+    assert_eq!(host.stats().rx_packets, 0);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tests: decap into flannel0's kernel VXLAN receive (CONFIG_F_KERNEL_RX) and flannel0's guard
 
@@ -808,10 +890,7 @@ const KERNEL_RX_SRC_MAC: [u8; 6] = [0x02, 0x66, 0x6c, 0x00, 0x00, 0x01];
 
 /// The config entry the loader wrote (the pinned `flannel_config`).
 fn pinned_config(host: &Host) -> Config {
-    let path = host.pin_dir.join(map_names::CONFIG);
-    let data = MapData::from_pin(&path).expect("pinned config map");
-    let array: Array<MapData, Config> = Array::try_from(Map::Array(data)).expect("config array");
-    array.get(&0, 0).expect("config entry")
+    ebpf_host::pinned_config(&host.pin_dir)
 }
 
 /// What flannel0's VXLAN receive must get for `inner` sent by PEER_IP as `tunnelled` frames

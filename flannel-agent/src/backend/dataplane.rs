@@ -19,11 +19,56 @@ impl DataplaneKind {
     }
 }
 
+/// How the eBPF programs hang on their hooks: TCX links, or clsact cls_bpf filters where the
+/// kernel has no TCX (or `--udp-attach=tc`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachMode {
+    Tcx,
+    Tc,
+}
+
+/// Where decapsulation happens: native XDP on the external device, or its TC ingress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecapMode {
+    Xdp,
+    Tc,
+}
+
+/// The paths the eBPF data plane took on this host after probing the kernel and the driver:
+/// labels of `flannel_dataplane_info`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataplanePaths {
+    pub attach: AttachMode,
+    pub decap: DecapMode,
+}
+
+impl AttachMode {
+    /// The `attach` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            AttachMode::Tcx => "tcx",
+            AttachMode::Tc => "tc",
+        }
+    }
+}
+
+impl DecapMode {
+    /// The `decap` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            DecapMode::Xdp => "xdp",
+            DecapMode::Tc => "tc",
+        }
+    }
+}
+
 /// One reading of a data plane's counters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DataplaneSample {
     pub kind: DataplaneKind,
     pub stats: DataplaneStats,
+    /// The eBPF data plane's paths (`None` for the TUN forwarder).
+    pub paths: Option<DataplanePaths>,
 }
 
 impl DataplaneSample {

@@ -15,7 +15,7 @@ pub mod route;
 pub mod udp;
 pub mod vxlan;
 
-pub use dataplane::{DataplaneKind, DataplaneSample};
+pub use dataplane::{AttachMode, DataplaneKind, DataplanePaths, DataplaneSample, DecapMode};
 pub use udp::DataplaneStats;
 
 /// Settings from flags that backends need.

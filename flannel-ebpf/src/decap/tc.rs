@@ -9,7 +9,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use flannel_common::{
-    Config, Counter, CONFIG_F_KERNEL_RX, CONFIG_F_OVERLAY_L2, DECAP_TOKEN, XDP_DECAP_MARK,
+    Config, Counter, CONFIG_F_KERNEL_RX, CONFIG_F_OVERLAY_L2, CONFIG_F_XDP_DECAP, DECAP_TOKEN,
 };
 
 use super::{check_ingress, kernel_rx, DECAP_RESET_EXTRA};
@@ -28,9 +28,7 @@ pub const NOT_OURS: i32 = -1;
 const DECAP_PULL_LEN: usize = eth::LEN + ipv4::MAX_LEN + udp::LEN + ipv4::MIN_LEN;
 /// `bpf_skb_adjust_room` flag of newer kernels (bpf-next 2026, not in 6.18): the removed
 /// header was a UDP tunnel's; resets skb->encapsulation and the tunnel GSO type.
-const BPF_F_ADJ_ROOM_DECAP_L4_UDP: u64 = 1 << 10;
-/// Bytes of metadata XDP decap puts in front of the packet.
-pub const XDP_META_LEN: usize = 4;
+pub const BPF_F_ADJ_ROOM_DECAP_L4_UDP: u64 = 1 << 10;
 
 /// TC ingress on the external device: `data` starts at the Ethernet header.
 #[inline(always)]
@@ -41,11 +39,10 @@ pub fn decap(ctx: &TcContext) -> Result<i32, Counter> {
     let Some(cfg) = config() else {
         return Ok(NOT_OURS);
     };
-    match xdp_mark(ctx) {
+    if cfg.flags & CONFIG_F_XDP_DECAP != 0 && xdp_marked(ctx, &cfg) {
         // XDP decap already checked, stripped and counted it, and GRO merged the inner stream
         // since: nothing left for the kernel's VXLAN receive to do.
-        Some(XDP_DECAP_MARK) => return deliver(ctx, &cfg),
-        _ => {}
+        return deliver(ctx, &cfg);
     }
     let len = ctx.len() as usize;
     // Make the headers we may read linear (a no-op for the usual veth/NIC skbs).
@@ -170,15 +167,11 @@ fn pass_to_kernel(ctx: &TcContext) -> i32 {
     TC_ACT_OK
 }
 
-/// The mark XDP decap on this device left in the packet's metadata, if any.
+/// Whether XDP decap on this device marked the frame as one it decapsulated (its source MAC).
 #[inline(always)]
-fn xdp_mark(ctx: &TcContext) -> Option<u32> {
-    // SAFETY: ctx.skb.skb is the program's context pointer.
-    let meta = unsafe { (*ctx.skb.skb).data_meta } as usize;
-    let data = ctx.data();
-    if meta + XDP_META_LEN > data {
-        return None;
+fn xdp_marked(ctx: &TcContext, cfg: &Config) -> bool {
+    match ctx.load::<[u8; eth::ADDRS_LEN]>(0) {
+        Ok(addrs) => addrs[eth::DST_LEN..] == cfg.xdp_mark[..],
+        Err(_) => false,
     }
-    // SAFETY: the 4 bytes lie inside the metadata area, checked against data above.
-    Some(unsafe { (meta as *const u32).read_unaligned() })
 }

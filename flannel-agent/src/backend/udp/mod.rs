@@ -28,6 +28,10 @@ pub trait UdpDataplane: Send {
     fn stats(&self) -> anyhow::Result<DataplaneStats>;
     /// Which data plane this is (what `/metrics` reports).
     fn kind(&self) -> super::DataplaneKind;
+    /// The eBPF data plane's paths on this host.
+    fn paths(&self) -> Option<super::DataplanePaths> {
+        None
+    }
 }
 
 /// Default udp port, as upstream.
@@ -236,6 +240,7 @@ impl super::BackendNetwork for UdpNetwork {
         Some(super::DataplaneSample {
             kind: d.kind(),
             stats: d.stats().ok()?,
+            paths: d.paths(),
         })
     }
 }

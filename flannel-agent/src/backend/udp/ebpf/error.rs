@@ -52,13 +52,8 @@ pub enum EbpfError {
     NoSuchInterface(u32),
     #[error("subnet {subnet} is not a /{expected} like every subnet of the network")]
     SubnetLength { subnet: Ipv4Network, expected: u8 },
-    #[error("--udp-decap=xdp: {ifname} (driver {driver}) has no native XDP: {source}")]
-    NoNativeXdp {
-        ifname: String,
-        driver: String,
-        #[source]
-        source: Box<EbpfError>,
-    },
+    #[error("--udp-decap=xdp: XDP decap cannot run on {ifname}: {reason}")]
+    XdpDecap { ifname: String, reason: String },
     #[error("{0} leftover entries remain in {1}")]
     NotEmpty(usize, PathBuf),
 }
@@ -87,5 +82,49 @@ pub(super) fn pin_err(path: &Path) -> impl FnOnce(aya::pin::PinError) -> EbpfErr
     move |source| EbpfError::Pin {
         path: path.to_path_buf(),
         source,
+    }
+}
+
+/// A program load or attach error in one line: for a verifier refusal the verifier's own last
+/// words (e.g. `program of this type cannot use helper bpf_xdp_adjust_meta#54`), not its
+/// whole log.
+pub fn verifier_reason(e: &ProgramError) -> String {
+    match e {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            let log = format!("{verifier_log:?}");
+            let said = log
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !is_verifier_summary(l))
+                .next_back();
+            match said {
+                Some(line) => format!("the verifier refused it: {line} ({io_error})"),
+                None => format!("loading it failed: {io_error}"),
+            }
+        }
+        other => other.to_string(),
+    }
+}
+
+/// The statistics lines the verifier ends every log with.
+fn is_verifier_summary(line: &str) -> bool {
+    [
+        "verification time",
+        "stack depth",
+        "processed ",
+        "-- END PROG LOAD LOG --",
+    ]
+    .iter()
+    .any(|p| line.starts_with(p))
+}
+
+/// [`EbpfError`] in one line, with [`verifier_reason`] for program errors.
+pub fn one_line(e: &EbpfError) -> String {
+    match e {
+        EbpfError::Program { name, source } => format!("{name}: {}", verifier_reason(source)),
+        other => other.to_string(),
     }
 }

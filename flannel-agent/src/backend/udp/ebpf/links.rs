@@ -17,7 +17,7 @@ use aya::Ebpf;
 use flannel_common::prog_names;
 
 use super::bpf_sys::{self, LinkTarget};
-use super::error::{io_err, link_err, pin_err, prog_err};
+use super::error::{io_err, link_err, one_line, pin_err, prog_err, verifier_reason};
 use super::loader::remove_pin;
 use super::{EbpfError, EbpfOptions};
 use crate::cli::UdpDecap;
@@ -50,7 +50,11 @@ trait Hook {
 macro_rules! load_and_replace {
     ($link:ty) => {
         fn load_and_pin(&mut self, name: &'static str, path: &Path) -> Result<(), EbpfError> {
-            self.program.load().map_err(prog_err(name))?;
+            match self.program.load() {
+                // XDP decap is loaded before its hook, to tell the verifier from the driver.
+                Ok(()) | Err(ProgramError::AlreadyLoaded) => {}
+                Err(e) => return Err(prog_err(name)(e)),
+            }
             remove_pin(path)?;
             self.program.pin(path).map_err(pin_err(path))
         }
@@ -234,16 +238,10 @@ pub(super) fn attach_tc(
     Ok(())
 }
 
-/// Attaches (or adopts) XDP decap on the external device when `opts.decap` asks for it or
-/// `auto` finds it worthwhile, else removes an XDP link an earlier run left.
-pub(super) fn set_up_xdp_decap(
-    bpf: &mut Ebpf,
-    opts: &EbpfOptions,
-    ext_name: &str,
-    driver: &str,
-    gro: Option<bool>,
-) -> Result<(), EbpfError> {
-    let want_xdp = match opts.decap {
+/// Whether decap should run as native XDP on the external device (`--udp-decap`, or `auto`:
+/// where GRO is on, which XDP's stripping lets merge the inner stream). Logs why not.
+pub(super) fn wants_xdp(decap: UdpDecap, ext_name: &str, gro: Option<bool>) -> bool {
+    match decap {
         UdpDecap::Tc => {
             log::info!("decapsulating on TC ingress of {ext_name} (--udp-decap=tc)");
             false
@@ -256,45 +254,75 @@ pub(super) fn set_up_xdp_decap(
             );
             false
         }
-    };
-    if want_xdp {
-        match attach_xdp(bpf, opts) {
-            Ok(()) => {
-                log::info!(
-                    "decapsulating with native XDP on {ext_name} (driver {driver}, --udp-decap={}): before GRO, which then merges the stream",
-                    if opts.decap == UdpDecap::Xdp { "xdp" } else { "auto, GRO on" }
-                );
-                return Ok(());
-            }
-            Err(source) if opts.decap == UdpDecap::Auto => {
-                log::info!(
-                    "decapsulating on TC ingress of {ext_name}: driver {driver} has no native XDP ({source})"
-                );
-            }
-            Err(source) => {
-                return Err(EbpfError::NoNativeXdp {
-                    ifname: ext_name.to_string(),
-                    driver: driver.to_string(),
-                    source: Box::new(source),
-                })
-            }
-        }
     }
-    let link_path = opts.pin_dir.join(DECAP_XDP_LINK);
+}
+
+/// Attaches (or adopts) XDP decap on the external device. `Ok(false)`: it cannot run here
+/// and `--udp-decap=auto` decapsulates on TC instead (logged with the kernel's reason:
+/// the verifier's words when the program does not load, the driver's when it does not
+/// attach); with `--udp-decap=xdp` that is an error.
+pub(super) fn attach_xdp_decap(
+    bpf: &mut Ebpf,
+    opts: &EbpfOptions,
+    ext_name: &str,
+    driver: &str,
+) -> Result<bool, EbpfError> {
+    let reason = match attach_xdp(bpf, opts) {
+        Ok(()) => {
+            log::info!(
+                "decapsulating with native XDP on {ext_name} (driver {driver}, --udp-decap={}): before GRO, which then merges the stream",
+                if opts.decap == UdpDecap::Xdp { "xdp" } else { "auto, GRO on" }
+            );
+            return Ok(true);
+        }
+        Err(XdpFailure::Load(e)) => format!("{}: {}", prog_names::DECAP_XDP, verifier_reason(&e)),
+        Err(XdpFailure::Attach(e)) => {
+            format!("driver {driver} has no native XDP ({})", one_line(&e))
+        }
+        Err(XdpFailure::Other(e)) => one_line(&e),
+    };
+    if opts.decap == UdpDecap::Xdp {
+        return Err(EbpfError::XdpDecap {
+            ifname: ext_name.to_string(),
+            reason,
+        });
+    }
+    log::info!("decapsulating on TC ingress of {ext_name}: {reason}");
+    remove_xdp_decap(&opts.pin_dir)?;
+    Ok(false)
+}
+
+/// Detaches and unpins XDP decap (an earlier run's, or one that half attached).
+pub(super) fn remove_xdp_decap(pin_dir: &Path) -> Result<(), EbpfError> {
+    let link_path = pin_dir.join(DECAP_XDP_LINK);
     if link_path.exists() {
         let _ = detach(&link_path);
         remove_pin(&link_path)?;
     }
-    remove_pin(&opts.pin_dir.join(prog_names::DECAP_XDP))
+    remove_pin(&pin_dir.join(prog_names::DECAP_XDP))
 }
 
-fn attach_xdp(bpf: &mut Ebpf, opts: &EbpfOptions) -> Result<(), EbpfError> {
+/// Why XDP decap did not attach: the program did not load (verifier), or the device took no
+/// native XDP, or something else (pins).
+enum XdpFailure {
+    Load(ProgramError),
+    Attach(EbpfError),
+    Other(EbpfError),
+}
+
+fn attach_xdp(bpf: &mut Ebpf, opts: &EbpfOptions) -> Result<(), XdpFailure> {
     let name = prog_names::DECAP_XDP;
+    let program: &mut Xdp = program_mut(bpf, name).map_err(XdpFailure::Other)?;
+    // Loaded here first, so a refusal by the verifier is told apart from the driver's.
+    program.load().map_err(XdpFailure::Load)?;
     let mut hook = XdpDriver {
-        program: program_mut(bpf, name)?,
+        program,
         ifindex: opts.ext_ifindex,
     };
-    attach_pinned(&mut hook, name, &opts.pin_dir, DECAP_XDP_LINK)
+    attach_pinned(&mut hook, name, &opts.pin_dir, DECAP_XDP_LINK).map_err(|e| match e {
+        EbpfError::Program { .. } | EbpfError::Link { .. } => XdpFailure::Attach(e),
+        other => XdpFailure::Other(other),
+    })
 }
 
 /// Detaches and unpins every link this data plane pinned in `pin_dir`.

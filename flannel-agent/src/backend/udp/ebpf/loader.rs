@@ -52,6 +52,7 @@ pub(super) fn config(
     kernel_rx: bool,
     overlay_mac: Option<[u8; 6]>,
     ext_mac: Option<[u8; 6]>,
+    xdp_mark: [u8; 6],
 ) -> Config {
     let mut flags = 0;
     if complete_csum {
@@ -77,6 +78,26 @@ pub(super) fn config(
         _reserved: 0,
         ext_mac: ext_mac.unwrap_or_default(),
         _reserved2: 0,
+        xdp_mark,
+        paths: 0,
+    }
+}
+
+/// XDP decap's mark (see `Config::xdp_mark`): the one the pinned configuration holds, so that
+/// frames in flight across a restart keep theirs, else a new random locally administered
+/// unicast address.
+pub(super) fn xdp_mark(bpf: &mut Ebpf) -> [u8; 6] {
+    let pinned = bpf.map_mut(map_names::CONFIG).and_then(|map| {
+        let array: Array<&mut MapData, Config> = Array::try_from(map).ok()?;
+        array.get(&0, 0).ok()
+    });
+    match pinned {
+        Some(c) if c.xdp_mark != [0; 6] => c.xdp_mark,
+        _ => {
+            let mut mark: [u8; 6] = rand::random();
+            mark[0] = (mark[0] | 0x02) & !0x01;
+            mark
+        }
     }
 }
 

@@ -27,6 +27,7 @@ mod links;
 mod loader;
 mod netdev;
 mod peers;
+mod probe;
 mod stats;
 
 use std::collections::BTreeMap;
@@ -34,13 +35,16 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use aya::maps::{MapData, PerCpuArray};
-use flannel_common::{map_names, Stats};
+use flannel_common::{
+    map_names, Stats, CONFIG_F_XDP_DECAP, PATH_ADJ_ROOM_DECAP_L4_UDP, PATH_DECAP_XDP,
+};
 use ipnetwork::Ipv4Network;
 
 use super::{DataplaneStats, UdpDataplane};
+use crate::backend::{AttachMode, DataplanePaths, DecapMode};
 use crate::cli::UdpDecap;
 use error::map_err;
-pub use error::EbpfError;
+pub use error::{one_line, verifier_reason, EbpfError};
 pub use links::{xdp_decap_ifindex, DECAP_LINK, DECAP_XDP_LINK, ENCAP_LINK, OVERLAY_IN_LINK};
 pub use loader::DEFAULT_PIN_DIR;
 use peers::PeerTable;
@@ -70,6 +74,7 @@ pub struct EbpfOptions {
 pub struct EbpfDataplane {
     peers: PeerTable,
     stats: PerCpuArray<MapData, Stats>,
+    paths: DataplanePaths,
 }
 
 impl EbpfDataplane {
@@ -92,6 +97,19 @@ impl EbpfDataplane {
         let ext_name = netdev::interface_name(opts.ext_ifindex)?;
         let mut bpf = loader::load_with_pinned_maps(object, &opts.pin_dir)?;
 
+        let helpers = probe::helper_forms(&mut bpf);
+        match &helpers.decap_l4_udp {
+            Ok(true) => log::info!(
+                "TC decap clears the UDP tunnel state of super-packets itself: the kernel takes BPF_F_ADJ_ROOM_DECAP_L4_UDP"
+            ),
+            Ok(false) => log::info!(
+                "TC decap hands packets to flannel0's VXLAN receive to clear their UDP tunnel state: the kernel refuses BPF_F_ADJ_ROOM_DECAP_L4_UDP"
+            ),
+            Err(why) => log::info!(
+                "TC decap hands packets to flannel0's VXLAN receive: probing bpf_skb_adjust_room failed ({why})"
+            ),
+        }
+
         let driver = netdev::driver_name(&ext_name);
         let complete_csum = driver
             .as_deref()
@@ -102,25 +120,47 @@ impl EbpfDataplane {
                 driver.as_deref().unwrap_or("?")
             );
         }
-        // An Ethernet overlay device (the ifb): its frames carry a MAC header, and delivered
-        // frames must be addressed to it.
-        let config = loader::config(
+        // An Ethernet overlay device (the kernel VXLAN device): delivered frames must be
+        // addressed to it.
+        let xdp_mark = loader::xdp_mark(&mut bpf);
+        let mut config = loader::config(
             opts,
             complete_csum,
             netdev::driver_name(&overlay_name).as_deref() == Some("vxlan"),
             netdev::ethernet_address(&overlay_name),
             netdev::ethernet_address(&ext_name),
+            xdp_mark,
         );
+        if helpers.decap_l4_udp == Ok(true) {
+            config.paths |= PATH_ADJ_ROOM_DECAP_L4_UDP;
+        }
+        let want_xdp = links::wants_xdp(opts.decap, &ext_name, netdev::gro_enabled(&ext_name));
+        // TC honours XDP decap's mark from before XDP attaches (only XDP makes it, and it is
+        // random), so no frame XDP decapsulated is missed.
+        if want_xdp {
+            config.flags |= CONFIG_F_XDP_DECAP;
+        }
         loader::write_config(&mut bpf, config)?;
 
         links::attach_tc(&mut bpf, opts, &overlay_name, &ext_name)?;
-        links::set_up_xdp_decap(
-            &mut bpf,
-            opts,
-            &ext_name,
-            driver.as_deref().unwrap_or("?"),
-            netdev::gro_enabled(&ext_name),
-        )?;
+        let driver = driver.as_deref().unwrap_or("?");
+        let xdp = if want_xdp {
+            links::attach_xdp_decap(&mut bpf, opts, &ext_name, driver)?
+        } else {
+            links::remove_xdp_decap(&opts.pin_dir)?;
+            false
+        };
+        if xdp {
+            config.paths |= PATH_DECAP_XDP;
+        } else {
+            // XDP is detached by now: nothing makes the mark any more.
+            config.flags &= !CONFIG_F_XDP_DECAP;
+        }
+        loader::write_config(&mut bpf, config)?;
+        let paths = DataplanePaths {
+            attach: AttachMode::Tcx,
+            decap: if xdp { DecapMode::Xdp } else { DecapMode::Tc },
+        };
 
         let peers = PeerTable::adopt(
             loader::take_map(&mut bpf, map_names::PEERS)?,
@@ -138,7 +178,11 @@ impl EbpfDataplane {
             peers.peers().len()
         );
         // `bpf` drops here: the programs live on through their pinned links.
-        Ok(EbpfDataplane { peers, stats })
+        Ok(EbpfDataplane {
+            peers,
+            stats,
+            paths,
+        })
     }
 
     /// Detaches the programs and removes everything this data plane pinned in `pin_dir`, then
@@ -180,5 +224,9 @@ impl UdpDataplane for EbpfDataplane {
 
     fn stats(&self) -> anyhow::Result<DataplaneStats> {
         Ok(stats::total(&self.stats)?)
+    }
+
+    fn paths(&self) -> Option<DataplanePaths> {
+        Some(self.paths)
     }
 }
