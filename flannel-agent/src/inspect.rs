@@ -11,7 +11,10 @@ use aya::maps::{Array, HashMap, Map, MapData};
 use aya::programs::{tc::TcAttachType, SchedClassifier};
 use flannel_agent::backend::udp::ebpf::{read_pinned_stats, DEFAULT_PIN_DIR};
 use flannel_agent::backend::udp::pin_lock::NETNS_MARKER;
-use flannel_common::{map_names, prog_names, Config, Counter, PeerKey, PeerValue, Stats};
+use flannel_common::{
+    map_names, prog_names, Config, Counter, PeerKey, PeerValue, Stats, PATH_ADJ_ROOM_DECAP_L4_UDP,
+    PATH_ATTACH_TC, PATH_DECAP_XDP,
+};
 
 /// The udp backend's overlay device (upstream's name, fixed).
 const OVERLAY_DEVICE: &str = "flannel0";
@@ -78,6 +81,7 @@ pub fn render(pin_dir: &Path) -> anyhow::Result<Report> {
             "NOT configured"
         }
     )?;
+    writeln!(out, "{}", paths_line(&config))?;
     writeln!(out)?;
     writeln!(out, "{:<30} PROGRAMS", "HOOK")?;
     let wrong_namespace = foreign_namespace(pin_dir, config.decap_ifindex);
@@ -127,6 +131,31 @@ pub fn render(pin_dir: &Path) -> anyhow::Result<Report> {
         text: out,
         wrong_namespace,
     })
+}
+
+/// The paths the agent chose after probing the kernel (`Config::paths`), as
+/// `flannel_dataplane_info` labels them.
+fn paths_line(config: &Config) -> String {
+    let attach = if config.paths & PATH_ATTACH_TC != 0 {
+        "tc (clsact cls_bpf)"
+    } else {
+        "tcx"
+    };
+    let decap = if config.paths & PATH_DECAP_XDP != 0 {
+        format!("xdp (marked {})", mac(config.xdp_mark))
+    } else {
+        "tc".to_owned()
+    };
+    let l4 = if config.paths & PATH_ADJ_ROOM_DECAP_L4_UDP != 0 {
+        "yes"
+    } else {
+        "no"
+    };
+    format!("paths: attach {attach}, decap {decap}; kernel takes BPF_F_ADJ_ROOM_DECAP_L4_UDP: {l4}")
+}
+
+fn mac(m: [u8; 6]) -> String {
+    m.map(|b| format!("{b:02x}")).join(":")
 }
 
 /// Why this is not the namespace of the agent that pinned the data plane (`None`: it is).

@@ -10,11 +10,14 @@ use aya_ebpf::{
 use flannel_common::Counter;
 
 /// What the shared ingress checks need from a program context: the directly accessible
-/// packet bytes, and a bounds-checked read for the (rare) outer IP options.
+/// packet bytes, and a copy of bytes at a variable offset (behind outer IP options).
 pub trait Frame {
     fn start(&self) -> usize;
     fn end(&self) -> usize;
-    fn word(&self, offset: usize) -> Option<[u8; 4]>;
+    /// `N` bytes at a variable `offset`, copied by a helper (no packet pointer arithmetic
+    /// with a variable offset, which the 6.12 verifier mistracks). `None`: out of the packet,
+    /// or a context without such a helper (XDP before 5.18), which leaves those packets to TC.
+    fn load_at<const N: usize>(&self, offset: usize) -> Option<[u8; N]>;
 }
 
 impl Frame for TcContext {
@@ -27,8 +30,8 @@ impl Frame for TcContext {
         self.data_end()
     }
     #[inline(always)]
-    fn word(&self, offset: usize) -> Option<[u8; 4]> {
-        self.load::<[u8; 4]>(offset).ok()
+    fn load_at<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
+        self.load::<[u8; N]>(offset).ok()
     }
 }
 
@@ -42,9 +45,8 @@ impl Frame for XdpContext {
         self.data_end()
     }
     #[inline(always)]
-    fn word(&self, offset: usize) -> Option<[u8; 4]> {
-        // SAFETY: bounds checked against data_end by bytes_at.
-        bytes_at::<_, 4>(self, offset).map(|p| unsafe { *p })
+    fn load_at<const N: usize>(&self, _offset: usize) -> Option<[u8; N]> {
+        None
     }
 }
 

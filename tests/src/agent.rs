@@ -176,6 +176,50 @@ impl Agent {
         Ok((status, body))
     }
 
+    /// The labels of `flannel_dataplane_info` on /metrics (`kind`; for eBPF also `attach`
+    /// and `decap`), once the sampler has reported the data plane (it samples every second).
+    pub fn dataplane_info(&self) -> Result<std::collections::BTreeMap<String, String>> {
+        crate::wait_for(Duration::from_secs(5), "flannel_dataplane_info", || {
+            let (_, body) = self.http_get("/metrics").ok()?;
+            let line = body
+                .lines()
+                .find(|l| l.starts_with("flannel_dataplane_info{"))?;
+            let labels = line
+                .strip_prefix("flannel_dataplane_info{")?
+                .split_once('}')?
+                .0;
+            Some(
+                labels
+                    .split(',')
+                    .filter_map(|kv| kv.split_once('='))
+                    .map(|(k, v)| (k.to_owned(), v.trim_matches('"').to_owned()))
+                    .collect(),
+            )
+        })
+        .with_context(|| format!("--- flanneld log ---\n{}", self.log()))
+    }
+
+    /// Checks that the eBPF paths `/metrics` reports are the ones the agent logged choosing
+    /// (one INFO line per choice, with its reason).
+    pub fn assert_logged_paths(&self, info: &std::collections::BTreeMap<String, String>) {
+        let log = self.log();
+        let decap = match info.get("decap").map(String::as_str) {
+            Some("xdp") => "decapsulating with native XDP on ",
+            Some("tc") => "decapsulating on TC ingress of ",
+            other => panic!("decap label {other:?} in {info:?}"),
+        };
+        assert!(log.contains(decap), "expected {decap:?} in the log:\n{log}");
+        let attach = match info.get("attach").map(String::as_str) {
+            Some("tcx") => "attaching with TCX",
+            Some("tc") => "attaching with classic TC (clsact + cls_bpf)",
+            other => panic!("attach label {other:?} in {info:?}"),
+        };
+        assert!(
+            log.contains(attach),
+            "expected {attach:?} in the log:\n{log}"
+        );
+    }
+
     /// This agent's view of its peers: sorted (subnet, public IP).
     pub fn peers(&self) -> Result<Vec<(String, String)>> {
         let (status, body) = self.http_get("/peers")?;

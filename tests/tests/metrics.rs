@@ -44,11 +44,13 @@ fn metrics_show_lease_peers_and_dataplane_counters() {
         assert!(lease.contains(&format!("subnet=\"{subnet}\"")), "{lease}");
         assert!(lease.ends_with(" 1"), "{lease}");
         assert_eq!(value(&body, "flannel_peers"), Some(1.0), "{body}");
+        let info = a.dataplane_info().unwrap();
         assert_eq!(
-            value(&body, "flannel_dataplane_info{kind=\"ebpf\"}"),
-            Some(1.0),
-            "{body}"
+            info.get("kind").map(String::as_str),
+            Some("ebpf"),
+            "{info:?}"
         );
+        a.assert_logged_paths(&info);
         let expiry = value(&body, "flannel_lease_expiry_timestamp_seconds").expect("expiry");
         assert!(expiry > 1.0e9, "lease expiry {expiry}");
         assert!(

@@ -38,17 +38,12 @@ fn overlay(extra: &[&'static str]) -> Overlay {
         .unwrap();
     for (h, a) in o.agents.iter().enumerate() {
         // The eBPF data plane is the one in use, as /metrics reports it.
-        wait_for(
-            Duration::from_secs(5),
-            "the eBPF data plane in /metrics",
-            || {
-                let (_, body) = a.http_get("/metrics").ok()?;
-                body.lines()
-                    .any(|l| l == "flannel_dataplane_info{kind=\"ebpf\"} 1")
-                    .then_some(())
-            },
-        )
-        .unwrap_or_else(|e| panic!("{e}\n{}", a.log()));
+        let info = a.dataplane_info().unwrap();
+        assert_eq!(
+            info.get("kind").map(String::as_str),
+            Some("ebpf"),
+            "{info:?}"
+        );
         wait_for(Duration::from_secs(5), "both peers in the map", || {
             (pinned_peer_subnets(&o, h).len() == 2).then_some(())
         })

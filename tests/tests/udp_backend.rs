@@ -18,17 +18,21 @@ fn overlay(dataplanes: &[&str]) -> Overlay {
     let o = b.start().unwrap();
     for (i, a) in o.agents.iter().enumerate() {
         assert_eq!(a.mtu().expect("FLANNEL_MTU in subnet.env"), 1500 - 28);
-        // The data plane in use, as /metrics reports it (sampled once a second).
-        let want = format!("flannel_dataplane_info{{kind=\"{}\"}} 1", dataplanes[i]);
-        wait_for(
-            Duration::from_secs(5),
-            "the data plane kind in /metrics",
-            || {
-                let (_, body) = a.http_get("/metrics").ok()?;
-                body.lines().any(|l| l == want).then_some(())
-            },
-        )
-        .unwrap_or_else(|e| panic!("host {i}: expected {want}: {e}\n{}", a.log()));
+        // The data plane in use, as /metrics reports it, and for eBPF the paths it chose
+        // here, each logged with its reason.
+        let info = a
+            .dataplane_info()
+            .unwrap_or_else(|e| panic!("host {i}: {e}"));
+        assert_eq!(
+            info.get("kind").map(String::as_str),
+            Some(dataplanes[i]),
+            "host {i}: {info:?}"
+        );
+        if dataplanes[i] == "ebpf" {
+            a.assert_logged_paths(&info);
+        } else {
+            assert_eq!(info.len(), 1, "TUN has no eBPF paths: {info:?}");
+        }
     }
     o
 }
