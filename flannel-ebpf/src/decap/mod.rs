@@ -77,21 +77,31 @@ pub fn check_ingress<F: Frame>(
     // offsets; behind options through a helper, so that no packet pointer ever moves by a
     // variable amount (the 6.12 verifier loses such pointers). XDP leaves those to TC.
     let udp_off = eth::LEN + ihl;
-    let (udp, inner) = if ihl == ipv4::MIN_LEN {
+    // The inner header is read before the checks below, which decide whether it must exist;
+    // zeroed first, since the 5.10 verifier refuses reads of stack it saw no write to.
+    let mut inner = [0u8; ipv4::MIN_LEN];
+    let mut have_inner = false;
+    let udp = if ihl == ipv4::MIN_LEN {
         let Some(udp) = bytes_at::<_, { udp::LEN }>(ctx, eth::LEN + ipv4::MIN_LEN) else {
             return Ok(None);
         };
-        // SAFETY: bounds checked against data_end above.
-        let udp = unsafe { *udp };
-        let inner = bytes_at::<_, { ipv4::MIN_LEN }>(ctx, eth::LEN + ipv4::MIN_LEN + udp::LEN)
+        let at = eth::LEN + ipv4::MIN_LEN + udp::LEN;
+        if let Some(p) = bytes_at::<_, { ipv4::MIN_LEN }>(ctx, at) {
             // SAFETY: bounds checked against data_end.
-            .map(|p| unsafe { *p });
-        (udp, inner)
+            inner = unsafe { *p };
+            have_inner = true;
+        }
+        // SAFETY: bounds checked against data_end above.
+        unsafe { *udp }
     } else {
         let Some(udp) = ctx.load_at::<{ udp::LEN }>(udp_off) else {
             return Ok(None);
         };
-        (udp, ctx.load_at::<{ ipv4::MIN_LEN }>(udp_off + udp::LEN))
+        if let Some(h) = ctx.load_at::<{ ipv4::MIN_LEN }>(udp_off + udp::LEN) {
+            inner = h;
+            have_inner = true;
+        }
+        udp
     };
     if be16(&udp, udp::DPORT) != cfg.port {
         return Ok(None);
@@ -119,7 +129,9 @@ pub fn check_ingress<F: Frame>(
     if udp_len != outer_total - ihl {
         return Err(Counter::DropMalformed);
     }
-    let inner = inner.ok_or(Counter::DropMalformed)?;
+    if !have_inner {
+        return Err(Counter::DropMalformed);
+    }
     let inner_ver_ihl = inner[ipv4::VER_IHL];
     let inner_total = usize::from(be16(&inner, ipv4::TOT_LEN));
     if ipv4::version(inner_ver_ihl) != ipv4::VERSION
