@@ -357,6 +357,49 @@ fn an_ipv6_only_interface_in_an_ipv4_network_is_one_line_naming_it() {
     assert!(cluster.leases().unwrap().is_empty());
 }
 
+/// `--udp-decap=xdp` on an interface whose driver has no native XDP (a bridge): one line that
+/// names the interface and the kernel's reason, no fallback to TC decap or to the TUN data
+/// plane (the operator asked for XDP), and nothing left attached.
+#[test]
+fn forced_xdp_decap_where_xdp_cannot_attach_is_one_line_with_the_reason() {
+    let cluster = Cluster::new(1).unwrap();
+    cluster.set_config(CONFIG).unwrap();
+    let host = &cluster.hosts[0];
+    host.ns
+        .ip(&["link", "add", "brx", "type", "bridge"])
+        .unwrap();
+    host.ns
+        .ip(&["addr", "add", "198.51.100.1/24", "dev", "brx"])
+        .unwrap();
+    host.ns.ip(&["link", "set", "brx", "up"]).unwrap();
+    let mut flags: Vec<String> = Agent::harness_flags(host, &cluster.etcd.endpoint())
+        .into_iter()
+        .map(|f| {
+            if f == "--iface=eth0" {
+                "--iface=brx".into()
+            } else {
+                f
+            }
+        })
+        .collect();
+    flags.push("--udp-decap=xdp".into());
+    let mut agent = Agent::spawn(host, &flags, &[]).unwrap();
+    let st = agent.wait_exit(Duration::from_secs(20)).unwrap();
+    assert_eq!(st.code(), Some(1), "{}", agent.log());
+    let errors = messages(&agent, "ERROR");
+    assert_eq!(errors.len(), 1, "{errors:?}\n{}", agent.log());
+    println!("the line: {}", errors[0]);
+    assert!(
+        errors[0].contains(
+            "--udp-decap=xdp: XDP decap cannot run on brx: driver bridge has no native XDP ("
+        ),
+        "{errors:?}"
+    );
+    assert!(!agent.log().contains("falling back"), "{}", agent.log());
+    let links = host.ns.exec("bpftool", &["link", "show"]).unwrap();
+    assert!(!links.contains("flannel"), "left attached: {links}");
+}
+
 #[test]
 fn a_second_agent_for_the_same_network_refuses_to_start() {
     let cluster = Cluster::new(1).unwrap();

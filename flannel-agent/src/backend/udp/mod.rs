@@ -149,12 +149,16 @@ impl UdpBackend {
     }
 }
 
-/// Whether `e` says another program holds the udp port.
-fn is_port_in_use(e: &anyhow::Error) -> bool {
+/// Whether `e` rules out the TUN fallback: another program holds the udp port (TUN needs it
+/// too), or a path the operator forced (`--udp-decap=xdp`) cannot run, which TUN would not
+/// honour either.
+fn rules_out_fallback(e: &anyhow::Error) -> bool {
     matches!(
         e.downcast_ref::<device::DeviceError>(),
         Some(device::DeviceError::PortInUse { .. })
-    )
+    ) || e
+        .downcast_ref::<ebpf::EbpfError>()
+        .is_some_and(ebpf::EbpfError::is_forced_path)
 }
 
 impl super::Backend for UdpBackend {
@@ -183,9 +187,9 @@ impl super::Backend for UdpBackend {
             UdpDataplaneKind::Auto => {
                 match self.start_ebpf(&handle, own, config).await {
                     Ok(dp) => (dp, "eBPF"),
-                    // The TUN data plane needs the same port: falling back would only fail
-                    // again, with a less telling error.
-                    Err(e) if is_port_in_use(&e) => return Err(e),
+                    // The TUN data plane needs the same port, or would ignore what the
+                    // operator forced: falling back would only fail again, or mislead.
+                    Err(e) if rules_out_fallback(&e) => return Err(e),
                     Err(e) => {
                         log::warn!("eBPF data plane unavailable ({e:#}); falling back to the TUN data plane");
                         (self.start_tun(&handle, own, config).await?, "TUN")

@@ -58,6 +58,13 @@ pub enum EbpfError {
     NotEmpty(usize, PathBuf),
 }
 
+impl EbpfError {
+    /// A path the operator forced cannot run here (no fallback may replace it).
+    pub fn is_forced_path(&self) -> bool {
+        matches!(self, EbpfError::XdpDecap { .. })
+    }
+}
+
 pub(super) fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> EbpfError {
     let context = context.into();
     move |source| EbpfError::Io { context, source }
