@@ -268,6 +268,10 @@ mod tests {
                 drop_other_host: 10,
                 drop_unverified: 11,
             },
+            paths: Some(crate::backend::DataplanePaths {
+                attach: crate::backend::AttachMode::Tc,
+                decap: crate::backend::DecapMode::Xdp,
+            }),
         });
         let body = render(&state, dataplane.as_ref());
         let expect = [
@@ -279,7 +283,10 @@ mod tests {
             ("flannel_watch_reconnects_total", "3"),
             ("flannel_watch_relists_total", "2"),
             ("flannel_watch_revision", "1234"),
-            ("flannel_dataplane_info{kind=\"ebpf\"}", "1"),
+            (
+                "flannel_dataplane_info{kind=\"ebpf\",attach=\"tc\",decap=\"xdp\"}",
+                "1",
+            ),
             ("flannel_dataplane_packets_total{direction=\"tx\"}", "10"),
             ("flannel_dataplane_packets_total{direction=\"rx\"}", "9"),
             ("flannel_dataplane_bytes_total{direction=\"tx\"}", "1000"),
@@ -342,6 +349,7 @@ mod tests {
         let dataplane = Some(DataplaneSample {
             kind: DataplaneKind::Tun,
             stats: DataplaneStats::default(),
+            paths: None,
         });
         let body = render(&state, dataplane.as_ref());
         let mut typed = Vec::new();

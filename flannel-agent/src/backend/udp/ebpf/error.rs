@@ -102,18 +102,35 @@ pub fn verifier_reason(e: &ProgramError) -> String {
             verifier_log,
         } => {
             let log = format!("{verifier_log:?}");
-            let said = log
-                .lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty() && !is_verifier_summary(l))
-                .next_back();
-            match said {
+            match verifier_last_words(&log) {
                 Some(line) => format!("the verifier refused it: {line} ({io_error})"),
                 None => format!("loading it failed: {io_error}"),
             }
         }
-        other => other.to_string(),
+        other => with_sources(other),
     }
+}
+
+/// `e` and the errors under it, as "a: b: c" (aya's syscall errors keep the errno there).
+fn with_sources(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let said = s.to_string();
+        if !line.contains(&said) {
+            line.push_str(": ");
+            line.push_str(&said);
+        }
+        source = s.source();
+    }
+    line
+}
+
+/// The verifier's verdict: the last line of its log before the statistics it ends with.
+fn verifier_last_words(log: &str) -> Option<&str> {
+    log.lines()
+        .map(str::trim)
+        .rfind(|l| !l.is_empty() && !is_verifier_summary(l))
 }
 
 /// The statistics lines the verifier ends every log with.
@@ -132,6 +149,27 @@ fn is_verifier_summary(line: &str) -> bool {
 pub fn one_line(e: &EbpfError) -> String {
     match e {
         EbpfError::Program { name, source } => format!("{name}: {}", verifier_reason(source)),
-        other => other.to_string(),
+        other => with_sources(other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::verifier_last_words;
+
+    #[test]
+    fn the_verifiers_verdict_is_its_last_line_before_the_statistics() {
+        // As 6.18 (one build of it) and 5.10 ended their logs for programs they refused.
+        let helper = "614: (18) r2 = 0xfffffffc\n615: (85) call bpf_xdp_adjust_meta#54\nprogram of this type cannot use helper bpf_xdp_adjust_meta#54\nverification time 6630 usec\nstack depth 152+0\nprocessed 658 insns (limit 1000000) max_states_per_insn 1 total_states 28 peak_states 28 mark_read 0\n";
+        assert_eq!(
+            verifier_last_words(helper),
+            Some("program of this type cannot use helper bpf_xdp_adjust_meta#54")
+        );
+        let too_large = "1029: (79) r1 = *(u64 *)(r10 -184)\nBPF program is too large. Processed 1000001 insn\nprocessed 1000001 insns (limit 1000000) max_states_per_insn 15 total_states 12146 peak_states 1602 mark_read 29\n\n";
+        assert_eq!(
+            verifier_last_words(too_large),
+            Some("BPF program is too large. Processed 1000001 insn")
+        );
+        assert_eq!(verifier_last_words("\n  \n"), None);
     }
 }
