@@ -93,3 +93,16 @@ pub fn link_detach(fd: BorrowedFd<'_>) -> io::Result<()> {
     attr.put_u32(0, fd.as_raw_fd() as u32);
     sys_bpf(BPF_LINK_DETACH, &mut attr).map(|_| ())
 }
+
+/// The BTF object id of the map `fd` (0: created without BTF), from `struct bpf_map_info`.
+pub fn map_btf_id(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    // struct bpf_map_info: type, id, key_size, value_size, max_entries, map_flags, name[16],
+    // ifindex, btf_vmlinux_value_type_id, netns_dev (u64), netns_ino (u64), btf_id (byte 64).
+    let mut info = [0u32; 24];
+    let mut attr = BpfAttr::new();
+    attr.put_u32(0, fd.as_raw_fd() as u32);
+    attr.put_u32(4, size_of_val(&info) as u32);
+    attr.put_u64(8, info.as_mut_ptr() as u64);
+    sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(info[16])
+}

@@ -110,6 +110,14 @@ impl EbpfDataplane {
             ),
         }
 
+        match probe::maps_have_btf(&opts.pin_dir) {
+            Ok(true) => log::info!("maps carry their BTF: `bpftool map dump` shows field names"),
+            Ok(false) => log::info!(
+                "maps without BTF (the kernel did not take it): `bpftool map dump` shows bytes"
+            ),
+            Err(why) => log::info!("map BTF unknown: {why}"),
+        }
+
         let driver = netdev::driver_name(&ext_name);
         let complete_csum = driver
             .as_deref()

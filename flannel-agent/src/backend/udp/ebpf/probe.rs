@@ -1,17 +1,31 @@
 //! What this kernel offers the data plane, found by trying (never by version): the
 //! `bpf_skb_adjust_room` forms, by test-running `flannel_probe` once on a made-up packet.
-//! Loading the programs is itself the probe for the verifier and for map BTF; attaching is the
-//! probe for TCX and native XDP (links.rs).
+//! Loading the programs is itself the probe for the verifier; the maps say whether the kernel
+//! took their BTF; attaching is the probe for TCX and native XDP (links.rs).
+
+use std::os::fd::AsFd;
+use std::path::Path;
 
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use aya::Ebpf;
-use flannel_common::{probe, prog_names};
+use flannel_common::{map_names, probe, prog_names};
+
+use super::bpf_sys;
 
 /// What `flannel_probe` found; `Err` says why the probe itself could not run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HelperForms {
     /// `BPF_F_ADJ_ROOM_DECAP_L4_UDP`: TC decap clears a super-packet's UDP tunnel state.
     pub decap_l4_udp: Result<bool, String>,
+}
+
+/// Whether the kernel holds the maps pinned in `pin_dir` with their BTF (what lets `bpftool
+/// map dump` show field names); `Err` says why that could not be read.
+pub(super) fn maps_have_btf(pin_dir: &Path) -> Result<bool, String> {
+    let path = pin_dir.join(map_names::PEERS);
+    let fd = bpf_sys::obj_get(&path).map_err(|e| format!("opening {}: {e}", path.display()))?;
+    let id = bpf_sys::map_btf_id(fd.as_fd()).map_err(|e| format!("map info: {e}"))?;
+    Ok(id != 0)
 }
 
 /// Test-runs `flannel_probe` (loaded, never attached or pinned).
