@@ -19,7 +19,7 @@ use aya::maps::{Array, Map, MapData};
 use aya::programs::{SchedClassifier, TcAttachType};
 use flannel_agent::backend::udp::ebpf::{read_pinned_stats, EbpfDataplane, EbpfOptions};
 use flannel_agent::backend::udp::UdpDataplane;
-use flannel_agent::cli::UdpDecap;
+use flannel_agent::cli::{UdpAttach, UdpDecap};
 use flannel_common::{map_names, Config, Stats, CONFIG_F_KERNEL_RX, XDP_DECAP_MARK};
 use flannel_tests::bpf::PinnedProgram;
 use flannel_tests::ebpf_host::{
@@ -111,6 +111,7 @@ impl Host {
             network: net(NETWORK),
             own_subnet: self.subnet,
             decap: UdpDecap::Tc,
+            attach: UdpAttach::Auto,
         }
     }
 

@@ -28,6 +28,10 @@ pub trait UdpDataplane: Send {
     fn stats(&self) -> anyhow::Result<DataplaneStats>;
     /// Which data plane this is (what `/metrics` reports).
     fn kind(&self) -> super::DataplaneKind;
+    /// eBPF: how its TC programs are attached (TCX or classic TC) and why.
+    fn attachment(&self) -> Option<&ebpf::Attachment> {
+        None
+    }
 }
 
 /// Default udp port, as upstream.
@@ -113,6 +117,7 @@ impl UdpBackend {
             network: config.network,
             own_subnet: own.subnet(),
             decap: self.opts.udp_decap,
+            attach: self.opts.udp_attach,
         };
         match ebpf::EbpfDataplane::load(&opts) {
             Ok(dp) => Ok(Box::new(dp)),
@@ -153,6 +158,14 @@ fn is_port_in_use(e: &anyhow::Error) -> bool {
     )
 }
 
+/// Whether `e` is a forced `--udp-attach=tcx` the kernel refused.
+fn is_tcx_refused(e: &anyhow::Error) -> bool {
+    matches!(
+        e.downcast_ref::<ebpf::EbpfError>(),
+        Some(ebpf::EbpfError::TcxRefused { .. })
+    )
+}
+
 impl super::Backend for UdpBackend {
     type Network = UdpNetwork;
     fn lease_attrs(&self, public_ip: Ipv4Addr) -> crate::lease::LeaseAttrs {
@@ -180,8 +193,9 @@ impl super::Backend for UdpBackend {
                 match self.start_ebpf(&handle, own, config).await {
                     Ok(dp) => (dp, "eBPF"),
                     // The TUN data plane needs the same port: falling back would only fail
-                    // again, with a less telling error.
-                    Err(e) if is_port_in_use(&e) => return Err(e),
+                    // again, with a less telling error. A forced --udp-attach=tcx asked for
+                    // the eBPF data plane with TCX: say why there is none rather than run TUN.
+                    Err(e) if is_port_in_use(&e) || is_tcx_refused(&e) => return Err(e),
                     Err(e) => {
                         log::warn!("eBPF data plane unavailable ({e:#}); falling back to the TUN data plane");
                         (self.start_tun(&handle, own, config).await?, "TUN")
