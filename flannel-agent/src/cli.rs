@@ -29,6 +29,18 @@ pub enum UdpDecap {
     Tc,
 }
 
+/// How the eBPF udp data plane attaches its TC programs (see the README, "TCX or classic TC").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum UdpAttach {
+    /// TCX links where the kernel accepts one (Linux 6.6 and later), classic TC otherwise:
+    /// found by trying, never by the kernel version; the agent logs which and why.
+    Auto,
+    /// TCX links only (the agent exits where the kernel refuses them).
+    Tcx,
+    /// Classic TC: a clsact qdisc and one direct-action cls_bpf filter per hook.
+    Tc,
+}
+
 /// Go's strconv.ParseBool, which upstream uses for flags and FLANNELD_* variables alike.
 fn go_bool(s: &str) -> Result<bool, String> {
     match s {
@@ -190,6 +202,10 @@ pub struct Flags {
     /// device supports it and has GRO on, else TC)
     #[arg(long, env = "FLANNELD_UDP_DECAP", value_enum, default_value = "auto")]
     pub udp_decap: UdpDecap,
+    /// eBPF udp data plane: attach the TC programs through TCX links, classic TC (clsact +
+    /// cls_bpf), or auto (TCX where the kernel accepts it, else classic TC)
+    #[arg(long, env = "FLANNELD_UDP_ATTACH", value_enum, default_value = "auto")]
+    pub udp_attach: UdpAttach,
     /// bpffs directory where the eBPF maps, programs and links are pinned
     #[arg(
         long,
@@ -440,6 +456,7 @@ mod tests {
             &["--no-such-flag"],
             &["--subnet-lease-ttl=soon"],
             &["--udp-dataplane=gpu"],
+            &["--udp-attach=netlink"],
             &["-vmodule=foo"],
             &["-log_backtrace_at=main.go"],
         ] {
@@ -497,6 +514,19 @@ mod tests {
         assert!(!f.ip_blackhole_route && !f.ip_masq_fully_random_disable);
         let f = parse(&["-ip-blackhole-route", "--ip-masq-fully-random-disable=true"]).unwrap();
         assert!(f.ip_blackhole_route && f.ip_masq_fully_random_disable);
+    }
+
+    #[test]
+    fn udp_attach_defaults_to_auto_and_takes_the_variable() {
+        assert_eq!(parse(&[]).unwrap().udp_attach, UdpAttach::Auto);
+        assert_eq!(
+            parse(&["--udp-attach=tc"]).unwrap().udp_attach,
+            UdpAttach::Tc
+        );
+        let f = parse_env(&[], &[("FLANNELD_UDP_ATTACH", "tcx")]).unwrap();
+        assert_eq!(f.udp_attach, UdpAttach::Tcx);
+        let f = parse_env(&["--udp-attach=tc"], &[("FLANNELD_UDP_ATTACH", "tcx")]).unwrap();
+        assert_eq!(f.udp_attach, UdpAttach::Tc);
     }
 
     #[test]

@@ -1,6 +1,6 @@
-//! `flanneld dataplane`: the pinned eBPF data plane as a table (configuration, peers, summed
-//! counters), for hosts without bpftool. Reads the pins only; works with or without a running
-//! agent.
+//! `flanneld dataplane`: the pinned eBPF data plane as a table (configuration, hooks, peers,
+//! summed counters), for hosts without bpftool. Reads the pins and the devices' hooks (TCX
+//! and classic TC) only; works with or without a running agent.
 
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use aya::maps::{Array, HashMap, Map, MapData};
 use aya::programs::{tc::TcAttachType, SchedClassifier};
-use flannel_agent::backend::udp::ebpf::{read_pinned_stats, DEFAULT_PIN_DIR};
+use flannel_agent::backend::udp::ebpf::{
+    read_pinned_stats, tc_filters, TcFilter, DEFAULT_PIN_DIR, TCX_LINKS,
+};
 use flannel_agent::backend::udp::pin_lock::NETNS_MARKER;
 use flannel_common::{
     map_names, prog_names, Config, Counter, PeerKey, PeerValue, Stats, PATH_ADJ_ROOM_DECAP_L4_UDP,
@@ -94,16 +96,16 @@ pub fn render(pin_dir: &Path) -> anyhow::Result<Report> {
             )?;
         }
         None => {
-            for (ifindex, attach, what) in [
-                (config.decap_ifindex, TcAttachType::Egress, "egress"),
-                (config.decap_ifindex, TcAttachType::Ingress, "ingress"),
-                (config.ext_ifindex, TcAttachType::Ingress, "ingress"),
+            // TCX links pinned: the programs hang on TCX, else on classic TC (cls_bpf).
+            let tcx_pinned = TCX_LINKS.iter().any(|l| pin_dir.join(l).exists());
+            for (ifindex, attach) in [
+                (config.decap_ifindex, TcAttachType::Egress),
+                (config.decap_ifindex, TcAttachType::Ingress),
+                (config.ext_ifindex, TcAttachType::Ingress),
             ] {
-                let hook = match interface_name(ifindex) {
-                    Some(name) => format!("tcx {what} of {name}"),
-                    None => format!("tcx {what} of ifindex {ifindex}"),
-                };
-                writeln!(out, "{hook:<30} {}", attached(ifindex, attach))?;
+                for (hook, programs) in hook_lines(ifindex, attach, tcx_pinned) {
+                    writeln!(out, "{hook:<30} {programs}")?;
+                }
             }
             let xdp = flannel_agent::backend::udp::ebpf::xdp_decap_ifindex(pin_dir);
             let device = interface_name(config.ext_ifindex)
@@ -196,22 +198,63 @@ fn interface_name(ifindex: u32) -> Option<String> {
     Some(name.to_string_lossy().into_owned())
 }
 
-/// The programs attached to a TCX hook, in order ("2: flannel_decap, other"): more than one
-/// of ours would mean a restart attached instead of replacing.
-fn attached(ifindex: u32, attach: TcAttachType) -> String {
-    let Some(name) = interface_name(ifindex) else {
-        return "(device not in this network namespace)".into();
+/// The lines of one hook: "tcx ingress of eth0" or "tc ingress of eth0" as the data plane is
+/// attached, and the other mode's line as well where one of ours sits there too (a restart
+/// that switched modes should have removed it).
+fn hook_lines(ifindex: u32, attach: TcAttachType, tcx_pinned: bool) -> Vec<(String, String)> {
+    let what = match attach {
+        TcAttachType::Egress => "egress",
+        _ => "ingress",
     };
-    match SchedClassifier::query_tcx(&name, attach) {
-        Ok((_, progs)) => {
-            let names: Vec<String> = progs
-                .iter()
-                .map(|p| p.name_as_str().unwrap_or("?").to_owned())
-                .collect();
-            format!("{}: {}", names.len(), names.join(", "))
-        }
-        Err(e) => format!("(query failed: {e})"),
+    let Some(name) = interface_name(ifindex) else {
+        let mode = if tcx_pinned { "tcx" } else { "tc" };
+        return vec![(
+            format!("{mode} {what} of ifindex {ifindex}"),
+            "(device not in this network namespace)".into(),
+        )];
+    };
+    let tcx = tcx_programs(&name, attach);
+    let classic = tc_filters(ifindex, attach);
+    let mut lines = Vec::new();
+    let tcx_has_ours = tcx.as_ref().is_ok_and(|p| p.iter().any(|n| is_ours(n)));
+    if tcx_pinned || tcx_has_ours {
+        let programs = match tcx {
+            Ok(names) => format!("{}: {}", names.len(), names.join(", ")),
+            Err(e) => format!("(query failed: {e})"),
+        };
+        lines.push((format!("tcx {what} of {name}"), programs));
     }
+    let classic_has_ours = classic
+        .as_ref()
+        .is_ok_and(|f| f.iter().any(TcFilter::is_ours));
+    if !tcx_pinned || classic_has_ours {
+        let filters = match classic {
+            Ok(filters) => {
+                let described: Vec<String> = filters.iter().map(TcFilter::describe).collect();
+                format!("{}: {}", filters.len(), described.join(", "))
+            }
+            Err(e) => format!("(listing failed: {e})"),
+        };
+        lines.push((format!("tc {what} of {name}"), filters));
+    }
+    lines
+}
+
+/// Whether `kernel_name` is one of our TC programs (the kernel keeps 15 bytes of a name).
+fn is_ours(kernel_name: &str) -> bool {
+    [prog_names::ENCAP, prog_names::DECAP, prog_names::OVERLAY_IN]
+        .iter()
+        .any(|p| p.get(..15).unwrap_or(p) == kernel_name)
+}
+
+/// The programs attached to a TCX hook, in order: more than one of ours would mean a restart
+/// attached instead of replacing.
+fn tcx_programs(ifname: &str, attach: TcAttachType) -> Result<Vec<String>, String> {
+    let (_, progs) = SchedClassifier::query_tcx(ifname, attach).map_err(|e| e.to_string())?;
+    Ok(progs
+        .iter()
+        .map(|p| p.name_as_str().unwrap_or("?").to_owned())
+        .collect())
 }
 
 fn counters(s: &Stats) -> impl Iterator<Item = (&'static str, u64)> + '_ {

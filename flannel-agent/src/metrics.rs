@@ -185,7 +185,7 @@ fn render_dataplane(out: &mut String, dp: &DataplaneSample) {
     );
     let mut labels = vec![("kind", dp.kind.label())];
     if let Some(p) = dp.paths {
-        labels.push(("attach", p.attach.label()));
+        labels.push(("attach", p.attach.as_str()));
         labels.push(("decap", p.decap.label()));
     }
     sample(out, "flannel_dataplane_info", &labels, 1);

@@ -90,6 +90,7 @@ pub async fn network_config(
     let opts = BackendOptions {
         udp_dataplane: flags.udp_dataplane,
         udp_decap: flags.udp_decap,
+        udp_attach: flags.udp_attach,
         bpf_pin_dir: flags.bpf_pin_dir.clone(),
     };
     let (config, backend) = wait_for_config(registry, |c| {

@@ -2,6 +2,12 @@
 //! be returned to how it was: the pinned eBPF data plane, the overlay devices, upstream's
 //! iptables chains, host-gw routes and subnet.env. Run it after stopping flanneld (it refuses
 //! while an agent holds the subnet file's lock, unless forced); traffic over the overlay stops.
+//!
+//! With classic TC (`--udp-attach`), exactly flannel's cls_bpf filters go (our pref, handle and
+//! program names; other tools' filters stay). A clsact qdisc stays too, even one flannel added:
+//! the kernel cannot delete it only if empty, so deleting it could take a filter another tool
+//! added meanwhile. An empty clsact costs next to nothing (`tc qdisc del dev eth0 clsact`
+//! removes it when nothing else uses it). flannel0's goes with the device.
 
 use std::path::PathBuf;
 

@@ -16,6 +16,7 @@ pub mod overlay;
 pub mod pki;
 pub mod pktgen;
 pub mod rng;
+pub mod tc;
 pub mod tls;
 pub mod traffic;
 

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 
 use flannel_agent::backend::udp::ebpf::{read_pinned_stats, EbpfDataplane, EbpfOptions};
 use flannel_agent::backend::udp::UdpDataplane;
-use flannel_agent::cli::UdpDecap;
+use flannel_agent::cli::{UdpAttach, UdpDecap};
 use flannel_common::Stats;
 use flannel_tests::bpf::PinnedProgram;
 use flannel_tests::ebpf_host::{
@@ -78,6 +78,7 @@ impl Host {
             network: net(NETWORK),
             own_subnet: net(OUR_SUBNET),
             decap,
+            attach: UdpAttach::Auto,
         };
         self.ns
             .enter(move || EbpfDataplane::load(&opts))

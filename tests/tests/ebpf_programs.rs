@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use aya::programs::{SchedClassifier, TcAttachType};
 use flannel_agent::backend::udp::ebpf::{read_pinned_stats, EbpfDataplane, EbpfOptions};
 use flannel_agent::backend::udp::UdpDataplane;
-use flannel_agent::cli::UdpDecap;
+use flannel_agent::cli::{UdpAttach, UdpDecap};
 use flannel_common::{Config, Stats, CONFIG_F_KERNEL_RX, CONFIG_F_XDP_DECAP};
 use flannel_tests::bpf::PinnedProgram;
 use flannel_tests::ebpf_host::{
@@ -110,6 +110,7 @@ impl Host {
             network: net(NETWORK),
             own_subnet: self.subnet,
             decap: UdpDecap::Tc,
+            attach: UdpAttach::Auto,
         }
     }
 

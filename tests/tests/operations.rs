@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use flannel_tests::{wait_for, Container, Overlay};
+use flannel_tests::{tc, wait_for, Container, Overlay};
 use nix::sys::signal::Signal;
 
 const UDP: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#;
@@ -120,11 +120,11 @@ fn dataplane_report(o: &Overlay, host: usize) -> String {
 }
 
 /// Program counts on the hooks, from `flanneld dataplane` ("tcx egress of flannel0  1: ...",
-/// "xdp of eth0  0 (decap on TC)").
+/// "tc ingress of eth0  1: flannel_decap (pref ...)", "xdp of eth0  0 (decap on TC)").
 fn hook_program_counts(report: &str) -> Vec<(String, u32)> {
     report
         .lines()
-        .filter(|l| l.starts_with("tcx ") || l.starts_with("xdp "))
+        .filter(|l| ["tcx ", "tc ", "xdp "].iter().any(|p| l.starts_with(p)))
         .map(|l| {
             let (hook, progs) = l.split_at(30);
             let digits: String = progs
@@ -138,20 +138,69 @@ fn hook_program_counts(report: &str) -> Vec<(String, u32)> {
         .collect()
 }
 
+/// What `flanneld dataplane` lists with TCX: one program per hook, `xdp_progs` on XDP.
+fn tcx_hooks(xdp_progs: u32) -> Vec<(String, u32)> {
+    [
+        ("tcx egress of flannel0", 1),
+        ("tcx ingress of flannel0", 1),
+        ("tcx ingress of eth0", 1),
+        ("xdp of eth0", xdp_progs),
+    ]
+    .map(|(h, n)| (h.to_owned(), n))
+    .to_vec()
+}
+
+/// What `flanneld dataplane` lists with classic TC and `filters_on_eth0` filters (ours
+/// included) on eth0's ingress.
+fn classic_hooks(filters_on_eth0: u32) -> Vec<(String, u32)> {
+    [
+        ("tc egress of flannel0", 1),
+        ("tc ingress of flannel0", 1),
+        ("tc ingress of eth0", filters_on_eth0),
+        ("xdp of eth0", 0),
+    ]
+    .map(|(h, n)| (h.to_owned(), n))
+    .to_vec()
+}
+
+/// flanneld's cls_bpf filters on host `host`'s three hooks, with the hook.
+fn flannel_filters(o: &Overlay, host: usize) -> Vec<(&'static str, tc::Filter)> {
+    let ns = &o.cluster.hosts[host].ns;
+    let mut found = Vec::new();
+    for (hook, dev, dir) in [
+        ("flannel0 egress", "flannel0", "egress"),
+        ("flannel0 ingress", "flannel0", "ingress"),
+        ("eth0 ingress", "eth0", "ingress"),
+    ] {
+        for f in tc::flannels(ns, dev, dir).unwrap() {
+            found.push((hook, f));
+        }
+    }
+    found
+}
+
 #[test]
 fn sigkill_and_restart_lose_no_packets_and_drop_peers_deleted_meanwhile() {
-    sigkill_and_restart(&["--udp-decap=tc"], 0);
+    sigkill_and_restart(&["--udp-decap=tc"], &tcx_hooks(0));
 }
 
 #[test]
 fn sigkill_and_restart_with_xdp_decap_lose_no_packets() {
-    sigkill_and_restart(&["--udp-decap=xdp"], 1);
+    sigkill_and_restart(&["--udp-decap=xdp"], &tcx_hooks(1));
 }
 
-/// `xdp_progs`: programs expected on eth0's XDP hook.
-fn sigkill_and_restart(extra: &[&'static str], xdp_progs: u32) {
+/// Classic TC: the new agent swaps its programs into our filters (same pref and handle, a new
+/// program id), never without one.
+#[test]
+fn sigkill_and_restart_with_classic_tc_lose_no_packets_and_replace_programs_in_place() {
+    sigkill_and_restart(&["--udp-decap=tc", "--udp-attach=tc"], &classic_hooks(1));
+}
+
+/// `hooks`: what `flanneld dataplane` lists on the hooks afterwards.
+fn sigkill_and_restart(extra: &[&'static str], hooks: &[(String, u32)]) {
     let mut o = overlay(extra);
     let dst = o.containers[1].ip;
+    let filters_before = flannel_filters(&o, 0);
     // 10 s of pings at 100/s; the agent is killed and back well within that.
     let mut ping = Reaper(Some(start_ping(&o.containers[0], dst, 1000)));
     wait_for(Duration::from_secs(5), "pings flowing", || {
@@ -179,19 +228,29 @@ fn sigkill_and_restart(extra: &[&'static str], xdp_progs: u32) {
         o.agents[0].log()
     );
     assert_eq!(peers.len(), 1, "{peers:?}");
-    // The programs were replaced through the pinned links, not attached a second time.
+    // The programs were replaced through the pinned links or in our filters, not attached a
+    // second time.
     let report = dataplane_report(&o, 0);
-    let hooks = hook_program_counts(&report);
+    assert_eq!(hook_program_counts(&report), hooks, "{report}");
+    let filters_after = flannel_filters(&o, 0);
+    let classic = extra.contains(&"--udp-attach=tc");
     assert_eq!(
-        hooks,
-        [
-            ("tcx egress of flannel0".to_owned(), 1),
-            ("tcx ingress of flannel0".to_owned(), 1),
-            ("tcx ingress of eth0".to_owned(), 1),
-            ("xdp of eth0".to_owned(), xdp_progs),
-        ],
-        "{report}"
+        filters_after.len(),
+        if classic { 3 } else { 0 },
+        "{filters_after:?}"
     );
+    assert_eq!(
+        filters_before.len(),
+        filters_after.len(),
+        "{filters_before:?}"
+    );
+    for ((hook, before), (hook_after, after)) in filters_before.iter().zip(&filters_after) {
+        assert_eq!(hook, hook_after);
+        assert_ne!(
+            before.prog_id, after.prog_id,
+            "{hook}: the restarted agent's program is not in our filter"
+        );
+    }
 
     let out = ping.wait();
     let (sent, received) = ping_summary(&out);
@@ -335,4 +394,133 @@ fn dataplane_lists_peers_and_uninstall_removes_everything() {
     assert!(again.status.success());
     // The other host is untouched.
     assert_eq!(pinned_peer_subnets(&o, 1).len(), 2);
+}
+
+/// Another tool's cls_bpf filter on eth0's ingress, there before the agent: with classic TC
+/// it keeps running ahead of ours (it sees and counts each tunnelled packet, which ours then
+/// still decapsulates), and `flanneld uninstall` removes exactly our filters, leaving it and
+/// the clsact qdisc.
+#[test]
+fn classic_tc_keeps_a_foreign_filter_working_and_uninstall_removes_only_ours() {
+    let mut o = Overlay::builder(UDP, 2)
+        .flags(&agent_flags(&["--udp-attach=tc"]))
+        .before_agents(|c| {
+            let ns = &c.hosts[0].ns;
+            // Classic BPF (tcpdump compiles it) matching what arrives for UDP port 8285; its
+            // action counts (mirroring to a device that drops the copies) and continues with
+            // the next filter.
+            let insns = ns.exec("tcpdump", &["-i", "eth0", "-ddd", "udp dst port 8285"])?;
+            let bytecode: String = insns.lines().map(|l| format!("{},", l.trim())).collect();
+            ns.ip(&["link", "add", "sink0", "type", "ifb"])?;
+            ns.ip(&["link", "set", "sink0", "up"])?;
+            ns.exec("tc", &["qdisc", "add", "dev", "eth0", "clsact"])?;
+            ns.exec(
+                "tc",
+                &[
+                    "filter", "add", "dev", "eth0", "ingress", "pref", "7", "handle", "7", "bpf",
+                    "bytecode", &bytecode, "action", "mirred", "egress", "mirror", "dev", "sink0",
+                    "continue",
+                ],
+            )?;
+            Ok(())
+        })
+        .start()
+        .unwrap();
+    let foreign = |o: &Overlay| -> Vec<tc::Filter> {
+        tc::filters(&o.cluster.hosts[0].ns, "eth0", "ingress")
+            .unwrap()
+            .into_iter()
+            .filter(|f| f.pref == 7)
+            .collect()
+    };
+    let counted = |f: &[tc::Filter]| f.first().and_then(|f| f.action_packets).unwrap_or(0);
+    let before = foreign(&o);
+    assert_eq!(before.len(), 1, "{before:?}");
+
+    // Every echo request to host 0's pod arrives tunnelled on eth0.
+    let out = start_ping(&o.containers[1], o.containers[0].ip, 20)
+        .wait_with_output()
+        .unwrap();
+    assert_eq!(ping_summary(&out), (20, 20));
+    let after = foreign(&o);
+    assert!(
+        counted(&after) >= counted(&before) + 20,
+        "the foreign filter did not see the tunnelled packets: {before:?} then {after:?}"
+    );
+    let report = dataplane_report(&o, 0);
+    assert!(
+        report.contains(&format!(
+            "{:<30} 2: bpf (pref 7 handle 0x7), flannel_decap (pref 17996 handle 0x464c)",
+            "tc ingress of eth0"
+        )),
+        "{report}"
+    );
+    o.check_all_pairs(1 << 20).unwrap();
+
+    let out = o.uninstall(0).unwrap();
+    assert!(
+        out.status.success(),
+        "flanneld uninstall: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ns = &o.cluster.hosts[0].ns;
+    let left = tc::filters(ns, "eth0", "ingress").unwrap();
+    assert_eq!(left.len(), 1, "only the foreign filter stays: {left:?}");
+    assert_eq!((left[0].pref, left[0].handle.as_str()), (7, "0x7"));
+    assert!(
+        tc::has_clsact(ns, "eth0").unwrap(),
+        "the clsact qdisc stays"
+    );
+    let links = ns.ip(&["-o", "link", "show"]).unwrap();
+    assert!(!links.contains("flannel0"), "{links}");
+    // The other host keeps its filters.
+    assert_eq!(flannel_filters(&o, 1).len(), 3);
+}
+
+/// Switching modes across restarts, TCX (auto, this kernel has it) to classic TC and back to
+/// TCX, under continuous pings: none lost, and each time exactly one of ours per hook, in the
+/// new mode only.
+#[test]
+fn switching_between_tcx_and_classic_tc_on_restart_keeps_one_of_ours_per_hook() {
+    let mut o = overlay(&["--udp-decap=tc"]);
+    assert_eq!(hook_program_counts(&dataplane_report(&o, 0)), tcx_hooks(0));
+    // 30 s of pings at 100/s; both restarts are done well within that.
+    let mut ping = Reaper(Some(start_ping(&o.containers[0], o.containers[1].ip, 3000)));
+    let steps = [
+        (
+            ["--udp-decap=tc", "--udp-attach=tc"],
+            classic_hooks(1),
+            "attaching with classic TC (clsact + cls_bpf): --udp-attach=tc",
+        ),
+        (
+            ["--udp-decap=tc", "--udp-attach=tcx"],
+            tcx_hooks(0),
+            "attaching with TCX: --udp-attach=tcx",
+        ),
+    ];
+    for (flags, hooks, choice) in steps {
+        o.agents[0].stop().unwrap();
+        let mut agent = o.cluster.start_agent(0, &agent_flags(&flags)).unwrap();
+        agent.wait_ready(Duration::from_secs(20)).unwrap();
+        o.agents[0] = agent;
+        let log = o.agents[0].own_log();
+        assert!(log.contains(choice), "{log}");
+        let report = dataplane_report(&o, 0);
+        assert_eq!(hook_program_counts(&report), hooks, "{flags:?}\n{report}");
+        let classic = flags[1] == "--udp-attach=tc";
+        let filters = flannel_filters(&o, 0);
+        assert_eq!(filters.len(), if classic { 3 } else { 0 }, "{filters:?}");
+        let link = std::path::Path::new(&pin_dir(&o, 0)).join("flannel_decap_link");
+        assert_eq!(link.exists(), !classic, "{}", link.display());
+    }
+    assert!(ping.running(), "the restarts must happen while pinging");
+    let (sent, received) = ping_summary(&ping.wait());
+    assert_eq!((sent, received), (3000, 3000), "{}", o.agents[0].log());
+    // No packet met two guards (the second would drop what the first admitted).
+    let report = dataplane_report(&o, 0);
+    let unverified = report
+        .lines()
+        .find_map(|l| l.strip_prefix("drop_unverified"))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    assert_eq!(unverified, Some(0), "{report}");
 }

@@ -135,6 +135,7 @@ impl Topology {
                 network: network(),
                 own_subnet: subnet(i),
                 decap: flannel_agent::cli::UdpDecap::Auto,
+                attach: flannel_agent::cli::UdpAttach::Auto,
             };
             let mut dp = EbpfDataplane::load(&opts)?;
             dp.set_peer(subnet(peer), peer_ip)?;

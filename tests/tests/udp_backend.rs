@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use flannel_tests::pktgen::{ether_between, ipv4, udp, vxlan, ETH_P_IP, PROTO_UDP, SRC_MAC};
-use flannel_tests::{wait_for, Agent, Cluster, Overlay};
+use flannel_tests::{tc, wait_for, Agent, Cluster, Overlay};
 
 const UDP: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#;
 const SUBNETS: &str = "/coreos.com/network/subnets/";
@@ -274,6 +274,73 @@ fn a_pod_cannot_inject_vxlan_posing_as_a_peers_pod() {
     let got = wait_for(Duration::from_secs(5), "the genuine datagram", recv).unwrap();
     assert_eq!(got, (b"genuine".to_vec(), std::net::IpAddr::V4(peer_ip)));
     o.check_all_pairs(1 << 20).unwrap();
+}
+
+/// The names of the TCX programs on `dir` of `dev` in `ns`.
+fn tcx_programs(ns: &flannel_tests::Netns, dev: &str, dir: &str) -> Vec<String> {
+    use aya::programs::{SchedClassifier, TcAttachType};
+    let attach = match dir {
+        "egress" => TcAttachType::Egress,
+        _ => TcAttachType::Ingress,
+    };
+    let dev = dev.to_owned();
+    ns.enter(move || {
+        let (_, progs) = SchedClassifier::query_tcx(&dev, attach).expect("query tcx");
+        progs
+            .iter()
+            .map(|p| p.name_as_str().unwrap_or("?").to_owned())
+            .collect()
+    })
+}
+
+/// Classic TC (`--udp-attach=tc`, what `auto` picks on kernels without TCX): every pair talks,
+/// each hook carries exactly our cls_bpf filter and no TCX program, each agent logs the choice,
+/// and flannel0's guard still works: decap's token reaches it through `tc_index` (cls_bpf
+/// direct-action sets it on TC_ACT_OK, as TCX does), so real traffic is never dropped as
+/// unverified while forged VXLAN is.
+#[test]
+fn ebpf_with_classic_tc_all_pairs_ping_and_tcp_and_the_guard_holds() {
+    let o = Overlay::builder(UDP, 3)
+        .flags(&["--udp-dataplane=ebpf", "--udp-attach=tc"])
+        .start()
+        .unwrap();
+    for (h, a) in o.agents.iter().enumerate() {
+        let log = a.log();
+        assert!(
+            log.contains("attaching with classic TC (clsact + cls_bpf): --udp-attach=tc"),
+            "host {h}: {log}"
+        );
+        let ns = &o.cluster.hosts[h].ns;
+        for (dev, dir, program) in [
+            ("flannel0", "egress", "flannel_encap"),
+            ("flannel0", "ingress", "flannel_overlay_in"),
+            ("eth0", "ingress", "flannel_decap"),
+        ] {
+            let ours = tc::flannels(ns, dev, dir).unwrap();
+            let names: Vec<_> = ours.iter().map(|f| f.bpf_name.as_deref()).collect();
+            assert_eq!(
+                names,
+                [Some(program)],
+                "host {h}: tc {dir} of {dev}: {ours:?}"
+            );
+            let tcx = tcx_programs(ns, dev, dir);
+            assert!(
+                tcx.is_empty(),
+                "host {h}: TCX programs on {dev} {dir}: {tcx:?}"
+            );
+        }
+        let pins = std::fs::read_dir(o.cluster.hosts[h].pin_dir()).unwrap();
+        let links: Vec<_> = pins
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.ends_with("_link"))
+            .collect();
+        assert!(links.is_empty(), "host {h}: TCX links pinned: {links:?}");
+    }
+    o.check_all_pairs(4 << 20).unwrap();
+    for h in 0..3 {
+        assert_eq!(metric(&o, h, UNVERIFIED), Some(0), "{}", o.agent_log(h));
+    }
+    assert_guard_holds_on_host0(&o);
 }
 
 /// `sent, received` of a finished `ping -q`.

@@ -19,13 +19,7 @@ impl DataplaneKind {
     }
 }
 
-/// How the eBPF programs hang on their hooks: TCX links, or clsact cls_bpf filters where the
-/// kernel has no TCX (or `--udp-attach=tc`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AttachMode {
-    Tcx,
-    Tc,
-}
+pub use super::udp::ebpf::AttachMode;
 
 /// Where decapsulation happens: native XDP on the external device, or its TC ingress.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,16 +34,6 @@ pub enum DecapMode {
 pub struct DataplanePaths {
     pub attach: AttachMode,
     pub decap: DecapMode,
-}
-
-impl AttachMode {
-    /// The `attach` label.
-    pub fn label(self) -> &'static str {
-        match self {
-            AttachMode::Tcx => "tcx",
-            AttachMode::Tc => "tc",
-        }
-    }
 }
 
 impl DecapMode {

@@ -23,6 +23,7 @@ pub use udp::DataplaneStats;
 pub struct BackendOptions {
     pub udp_dataplane: crate::cli::UdpDataplaneKind,
     pub udp_decap: crate::cli::UdpDecap,
+    pub udp_attach: crate::cli::UdpAttach,
     pub bpf_pin_dir: std::path::PathBuf,
 }
 

@@ -117,6 +117,7 @@ impl UdpBackend {
             network: config.network,
             own_subnet: own.subnet(),
             decap: self.opts.udp_decap,
+            attach: self.opts.udp_attach,
         };
         match ebpf::EbpfDataplane::load(&opts) {
             Ok(dp) => Ok(Box::new(dp)),
@@ -150,8 +151,8 @@ impl UdpBackend {
 }
 
 /// Whether `e` rules out the TUN fallback: another program holds the udp port (TUN needs it
-/// too), or a path the operator forced (`--udp-decap=xdp`) cannot run, which TUN would not
-/// honour either.
+/// too), or a path the operator forced (`--udp-decap=xdp`, `--udp-attach=tcx`) cannot run,
+/// which TUN would not honour either.
 fn rules_out_fallback(e: &anyhow::Error) -> bool {
     matches!(
         e.downcast_ref::<device::DeviceError>(),

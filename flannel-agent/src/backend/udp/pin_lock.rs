@@ -72,6 +72,33 @@ fn current_netns() -> Result<String, PinLockError> {
         .map_err(io_err(format!("reading {link}")))
 }
 
+/// Which network namespace the data plane pinned in a directory belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PinnedNamespace {
+    /// This thread's.
+    This,
+    /// Another one (`theirs`), not this thread's (`ours`).
+    Other { theirs: String, ours: String },
+    /// Not recorded (no marker: not pinned by an agent), or unreadable.
+    Unknown,
+}
+
+/// Whose data plane `pin_dir` holds, by the marker an agent writes there.
+pub fn pinned_namespace(pin_dir: &Path) -> PinnedNamespace {
+    let (Ok(theirs), Ok(ours)) = (
+        std::fs::read_link(pin_dir.join(NETNS_MARKER)),
+        current_netns(),
+    ) else {
+        return PinnedNamespace::Unknown;
+    };
+    let theirs = theirs.to_string_lossy().into_owned();
+    if theirs == ours {
+        PinnedNamespace::This
+    } else {
+        PinnedNamespace::Other { theirs, ours }
+    }
+}
+
 fn check_namespace(pin_dir: &Path) -> Result<(), PinLockError> {
     let ours = current_netns()?;
     let marker = pin_dir.join(NETNS_MARKER);
@@ -116,6 +143,14 @@ mod tests {
         std::os::unix::fs::symlink("net:[1]", &marker).unwrap();
         let err = PinDirLock::acquire(&dir).unwrap_err();
         assert!(err.to_string().contains("net:[1]"), "{err}");
+        assert!(matches!(
+            pinned_namespace(&dir),
+            PinnedNamespace::Other { theirs, .. } if theirs == "net:[1]"
+        ));
+        std::fs::remove_file(&marker).unwrap();
+        assert_eq!(pinned_namespace(&dir), PinnedNamespace::Unknown);
+        drop(PinDirLock::acquire(&dir).unwrap());
+        assert_eq!(pinned_namespace(&dir), PinnedNamespace::This);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -54,6 +54,29 @@ pub enum EbpfError {
     SubnetLength { subnet: Ipv4Network, expected: u8 },
     #[error("--udp-decap=xdp: XDP decap cannot run on {ifname}: {reason}")]
     XdpDecap { ifname: String, reason: String },
+    /// `--udp-attach=tcx` where the kernel refuses TCX links: `reason` is the kernel's answer.
+    #[error("--udp-attach=tcx: the kernel refused a TCX link on {hook} ({reason}); TCX needs Linux 6.6 or later, --udp-attach=auto or tc attaches with classic TC (clsact + cls_bpf)")]
+    TcxRefused { hook: String, reason: String },
+    #[error("adding a clsact qdisc to {ifname}: {source}")]
+    Clsact {
+        ifname: String,
+        #[source]
+        source: aya::programs::tc::TcError,
+    },
+    #[error("{hook}: pref {pref} handle {handle:#x}, where flannel puts its cls_bpf filter, holds another filter ({holder}): remove it, or attach with --udp-attach=tcx", pref = super::cls_bpf::PREF, handle = super::cls_bpf::HANDLE)]
+    TcSlotTaken { hook: String, holder: String },
+    #[error("deleting flannel's cls_bpf filter on {hook}: {source}")]
+    TcFilter {
+        hook: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("--bpf-pin-dir {dir} holds the data plane of network namespace {theirs}, but this is {ours}: run this in that namespace (its devices and TC filters are there)")]
+    OtherNamespace {
+        dir: PathBuf,
+        theirs: String,
+        ours: String,
+    },
     #[error("{0} leftover entries remain in {1}")]
     NotEmpty(usize, PathBuf),
 }
@@ -61,7 +84,10 @@ pub enum EbpfError {
 impl EbpfError {
     /// A path the operator forced cannot run here (no fallback may replace it).
     pub fn is_forced_path(&self) -> bool {
-        matches!(self, EbpfError::XdpDecap { .. })
+        matches!(
+            self,
+            EbpfError::XdpDecap { .. } | EbpfError::TcxRefused { .. }
+        )
     }
 }
 

@@ -133,9 +133,8 @@ impl Hook for XdpDriver<'_> {
     }
 }
 
-/// Loads program `name`, pins it, and attaches it through the link pinned as `link_file`:
-/// replacing the program of that link atomically when it is still on `hook`, else creating a
-/// new link (and dropping the stale one).
+/// Loads program `name`, pins it, and attaches it through the link pinned as `link_file`
+/// ([`link_pinned`]).
 fn attach_pinned(
     hook: &mut impl Hook,
     name: &'static str,
@@ -143,6 +142,18 @@ fn attach_pinned(
     link_file: &str,
 ) -> Result<(), EbpfError> {
     hook.load_and_pin(name, &pin_dir.join(name))?;
+    link_pinned(hook, name, pin_dir, link_file)
+}
+
+/// Attaches the loaded program `name` through the link pinned as `link_file`: replacing the
+/// program of that link atomically when it is still on `hook`, else creating a new link (and
+/// dropping the stale one).
+fn link_pinned(
+    hook: &mut impl Hook,
+    name: &'static str,
+    pin_dir: &Path,
+    link_file: &str,
+) -> Result<(), EbpfError> {
     let link_path = pin_dir.join(link_file);
     if link_path.exists() {
         match adopt_link(&link_path, hook.target()) {
@@ -187,7 +198,10 @@ pub(super) fn detach(path: &Path) -> Result<(), EbpfError> {
 }
 
 /// Program `name` of the object, as its type (`SchedClassifier`, `Xdp`).
-fn program_mut<'a, P>(bpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, EbpfError>
+pub(super) fn program_mut<'a, P>(
+    bpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut P, EbpfError>
 where
     &'a mut P: TryFrom<&'a mut Program, Error = ProgramError>,
 {
@@ -195,47 +209,76 @@ where
     program.try_into().map_err(prog_err(name))
 }
 
-/// Attaches encap to the overlay's egress, decap to the external device's ingress and the
-/// overlay's ingress guard (TCX).
-pub(super) fn attach_tc(
-    bpf: &mut Ebpf,
+/// A TC program on one hook, and the file of its TCX link.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct TcHook<'a> {
+    pub program: &'static str,
+    pub ifname: &'a str,
+    pub ifindex: u32,
+    pub direction: TcAttachType,
+    pub link_file: &'static str,
+}
+
+/// The TC programs' hooks: encap on the overlay's egress, decap on the external device's
+/// ingress, and the overlay's ingress guard.
+pub(super) fn tc_hooks<'a>(
     opts: &EbpfOptions,
-    overlay_name: &str,
-    ext_name: &str,
-) -> Result<(), EbpfError> {
-    let hooks = [
-        (
+    overlay_name: &'a str,
+    ext_name: &'a str,
+) -> [TcHook<'a>; 3] {
+    let hook = |program, ifname, ifindex, direction, link_file| TcHook {
+        program,
+        ifname,
+        ifindex,
+        direction,
+        link_file,
+    };
+    [
+        hook(
             prog_names::ENCAP,
             overlay_name,
             opts.overlay_ifindex,
             TcAttachType::Egress,
             ENCAP_LINK,
         ),
-        (
+        hook(
             prog_names::DECAP,
             ext_name,
             opts.ext_ifindex,
             TcAttachType::Ingress,
             DECAP_LINK,
         ),
-        (
+        hook(
             prog_names::OVERLAY_IN,
             overlay_name,
             opts.overlay_ifindex,
             TcAttachType::Ingress,
             OVERLAY_IN_LINK,
         ),
-    ];
-    for (name, ifname, ifindex, direction, link_file) in hooks {
-        let mut hook = Tcx {
-            program: program_mut(bpf, name)?,
-            ifname,
-            ifindex,
-            direction,
-        };
-        attach_pinned(&mut hook, name, &opts.pin_dir, link_file)?;
-    }
-    Ok(())
+    ]
+}
+
+fn tcx<'a>(bpf: &'a mut Ebpf, hook: &TcHook<'a>) -> Result<Tcx<'a>, EbpfError> {
+    Ok(Tcx {
+        program: program_mut(bpf, hook.program)?,
+        ifname: hook.ifname,
+        ifindex: hook.ifindex,
+        direction: hook.direction,
+    })
+}
+
+/// Loads the program of `hook` and pins it (whichever way it is attached then).
+pub(super) fn load_tc(bpf: &mut Ebpf, hook: &TcHook<'_>, pin_dir: &Path) -> Result<(), EbpfError> {
+    tcx(bpf, hook)?.load_and_pin(hook.program, &pin_dir.join(hook.program))
+}
+
+/// Attaches the loaded program of `hook` through its pinned TCX link (adopting it).
+pub(super) fn attach_tcx(
+    bpf: &mut Ebpf,
+    hook: &TcHook<'_>,
+    pin_dir: &Path,
+) -> Result<(), EbpfError> {
+    link_pinned(&mut tcx(bpf, hook)?, hook.program, pin_dir, hook.link_file)
 }
 
 /// Whether decap should run as native XDP on the external device (`--udp-decap`, or `auto`:
@@ -327,7 +370,27 @@ fn attach_xdp(bpf: &mut Ebpf, opts: &EbpfOptions) -> Result<(), XdpFailure> {
 
 /// Detaches and unpins every link this data plane pinned in `pin_dir`.
 pub(super) fn remove_links(pin_dir: &Path) -> Result<(), EbpfError> {
-    for link in [DECAP_XDP_LINK, ENCAP_LINK, DECAP_LINK, OVERLAY_IN_LINK] {
+    remove_pinned_links(
+        pin_dir,
+        &[DECAP_XDP_LINK, ENCAP_LINK, DECAP_LINK, OVERLAY_IN_LINK],
+    )
+}
+
+/// Detaches and unpins the TCX links of the TC programs (attached with classic TC now).
+pub(super) fn remove_tcx_links(pin_dir: &Path) -> Result<(), EbpfError> {
+    remove_pinned_links(pin_dir, &TCX_LINKS)
+}
+
+/// Detaches and unpins the TCX link `link_file`, if there is one.
+pub(super) fn remove_tcx_link(pin_dir: &Path, link_file: &str) -> Result<(), EbpfError> {
+    remove_pinned_links(pin_dir, &[link_file])
+}
+
+/// The TCX links' files.
+pub const TCX_LINKS: [&str; 3] = [ENCAP_LINK, DECAP_LINK, OVERLAY_IN_LINK];
+
+fn remove_pinned_links(pin_dir: &Path, links: &[&str]) -> Result<(), EbpfError> {
+    for link in links {
         let path = pin_dir.join(link);
         if path.exists() {
             if let Err(e) = detach(&path) {

@@ -1,19 +1,23 @@
 //! The eBPF data plane of the udp backend: loads `flannel-ebpf`, pins its maps, programs and
-//! TCX links under a pin directory, and keeps the peer map in step with the leases.
+//! TCX links under a pin directory (or attaches with classic TC where the kernel has no TCX,
+//! `attach.rs`), and keeps the peer map in step with the leases.
 //!
 //! Pin layout (`<pin_dir>`, default /sys/fs/bpf/flannel):
 //! - maps `flannel_peers`, `flannel_senders`, `flannel_config`, `flannel_stats`
 //!   (`bpftool map dump pinned <pin_dir>/flannel_peers` shows field names);
 //! - programs `flannel_encap` (TC egress of the overlay TUN) and `flannel_decap` (TC ingress of
 //!   the external device);
-//! - TCX links `flannel_encap_link`, `flannel_decap_link`;
+//! - TCX links `flannel_encap_link`, `flannel_decap_link`, `flannel_overlay_in_link`; with
+//!   classic TC (`--udp-attach`) no links: cls_bpf filters at our pref and handle hold the
+//!   programs instead (`cls_bpf.rs`), and live in the network namespace, not the pin dir;
 //! - with XDP decap (`--udp-decap`), program `flannel_decap_xdp` and its XDP link
 //!   `flannel_decap_xdp_link` on the external device. The TC decap stays attached then: it
 //!   hands the packets XDP decapsulated (and GRO merged) to the overlay device.
 //!
 //! Everything stays in the kernel when the agent exits. A new agent adopts it: maps are reused
 //! (peers survive; sizes are checked), programs replace the old ones atomically through the
-//! pinned links (`bpf_link_update`), so traffic keeps flowing across a restart.
+//! pinned links (`bpf_link_update`) or in our cls_bpf filters (a netlink change), so traffic
+//! keeps flowing across a restart.
 //! [`EbpfDataplane::unload`] removes it all.
 //!
 //! Delivery of decapsulated packets: redirected to the ingress of the overlay TUN, so the host
@@ -21,7 +25,9 @@
 //! and iptables rules written for upstream (`-i flannel0`) still match. The caller still needs
 //! IPv4 forwarding on.
 
+mod attach;
 mod bpf_sys;
+mod cls_bpf;
 mod error;
 mod links;
 mod loader;
@@ -36,16 +42,21 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::{MapData, PerCpuArray};
 use flannel_common::{
-    map_names, Stats, CONFIG_F_XDP_DECAP, PATH_ADJ_ROOM_DECAP_L4_UDP, PATH_DECAP_XDP,
+    map_names, Stats, CONFIG_F_XDP_DECAP, PATH_ADJ_ROOM_DECAP_L4_UDP, PATH_ATTACH_TC,
+    PATH_DECAP_XDP,
 };
 use ipnetwork::Ipv4Network;
 
 use super::{DataplaneStats, UdpDataplane};
-use crate::backend::{AttachMode, DataplanePaths, DecapMode};
-use crate::cli::UdpDecap;
+use crate::backend::{DataplanePaths, DecapMode};
+use crate::cli::{UdpAttach, UdpDecap};
+pub use attach::{AttachMode, Attachment};
+pub use cls_bpf::{filters as tc_filters, TcFilter};
 use error::map_err;
 pub use error::{one_line, verifier_reason, EbpfError};
-pub use links::{xdp_decap_ifindex, DECAP_LINK, DECAP_XDP_LINK, ENCAP_LINK, OVERLAY_IN_LINK};
+pub use links::{
+    xdp_decap_ifindex, DECAP_LINK, DECAP_XDP_LINK, ENCAP_LINK, OVERLAY_IN_LINK, TCX_LINKS,
+};
 pub use loader::DEFAULT_PIN_DIR;
 use peers::PeerTable;
 pub use stats::read_pinned_stats;
@@ -68,12 +79,15 @@ pub struct EbpfOptions {
     pub own_subnet: Ipv4Network,
     /// Where to decapsulate: XDP, TC, or chosen per device.
     pub decap: UdpDecap,
+    /// How the TC programs attach: TCX links, classic TC, or TCX where the kernel has it.
+    pub attach: UdpAttach,
 }
 
 /// The loaded data plane: handles on the pinned maps plus our view of the peer table.
 pub struct EbpfDataplane {
     peers: PeerTable,
     stats: PerCpuArray<MapData, Stats>,
+    attachment: Attachment,
     paths: DataplanePaths,
 }
 
@@ -150,7 +164,10 @@ impl EbpfDataplane {
         }
         loader::write_config(&mut bpf, config)?;
 
-        links::attach_tc(&mut bpf, opts, &overlay_name, &ext_name)?;
+        let attachment = attach::attach_tc(&mut bpf, opts, &overlay_name, &ext_name)?;
+        if attachment.mode == AttachMode::Tc {
+            config.paths |= PATH_ATTACH_TC;
+        }
         let driver = driver.as_deref().unwrap_or("?");
         let xdp = if want_xdp {
             links::attach_xdp_decap(&mut bpf, opts, &ext_name, driver)?
@@ -166,7 +183,7 @@ impl EbpfDataplane {
         }
         loader::write_config(&mut bpf, config)?;
         let paths = DataplanePaths {
-            attach: AttachMode::Tcx,
+            attach: attachment.mode,
             decap: if xdp { DecapMode::Xdp } else { DecapMode::Tc },
         };
 
@@ -185,22 +202,46 @@ impl EbpfDataplane {
             opts.pin_dir.display(),
             peers.peers().len()
         );
-        // `bpf` drops here: the programs live on through their pinned links.
+        // `bpf` drops here: the programs live on through their pinned links (or filters).
         Ok(EbpfDataplane {
             peers,
             stats,
+            attachment,
             paths,
         })
     }
 
     /// Detaches the programs and removes everything this data plane pinned in `pin_dir`, then
     /// the directory itself. Succeeds when there is nothing to remove.
+    ///
+    /// Classic TC filters belong to a network namespace, not to the pin dir: they are removed
+    /// (all of ours in this namespace) when the pin dir's namespace marker, which the agent
+    /// writes, names this namespace, and a pin dir of another namespace is refused. Without a
+    /// marker (a data plane loaded through this library) only the pins and links go.
     pub fn unload(pin_dir: &Path) -> Result<(), EbpfError> {
         if !pin_dir.exists() {
             return Ok(());
         }
+        match super::pin_lock::pinned_namespace(pin_dir) {
+            super::pin_lock::PinnedNamespace::This => {
+                cls_bpf::remove_ours(&[])?;
+            }
+            super::pin_lock::PinnedNamespace::Other { theirs, ours } => {
+                return Err(EbpfError::OtherNamespace {
+                    dir: pin_dir.to_path_buf(),
+                    theirs,
+                    ours,
+                })
+            }
+            super::pin_lock::PinnedNamespace::Unknown => {}
+        }
         links::remove_links(pin_dir)?;
         loader::remove_pins(pin_dir)
+    }
+
+    /// How the TC programs were attached (TCX or classic TC) and why.
+    pub fn attachment(&self) -> &Attachment {
+        &self.attachment
     }
 
     /// The peer table as the kernel map holds it.
