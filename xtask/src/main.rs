@@ -6,11 +6,19 @@
 mod bench;
 mod build_ebpf;
 mod demo;
+mod guest_env;
+mod kernels;
+mod libtest;
+mod matrix;
+mod runner;
 mod setup;
 mod setup_ebpf;
+mod vm;
 mod workspace;
 
-use anyhow::Result;
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 use workspace::{cargo, flanneld_release, run};
 
@@ -39,12 +47,23 @@ enum Cmd {
     },
     /// Build the eBPF object and `target/release/flanneld` with it embedded.
     Build,
-    /// Set up, build, then run every test (unit, BPF_PROG_TEST_RUN, netns + etcd integration).
+    /// Set up, build, then run every test (unit, BPF_PROG_TEST_RUN, netns + etcd integration)
+    /// on this machine, and the kernel selection (eBPF programs, udp netns tests) on Debian's
+    /// 6.1 in a VM. With --kernel: only the kernel selection, on the kernels named.
     Test {
-        /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
+        /// Run the kernel selection on this kernel (repeatable): 5.10, 6.1, 6.12 (Debian's, in
+        /// a qemu VM), host (this machine's), or all.
+        #[arg(long = "kernel", value_name = "KERNEL")]
+        kernels: Vec<String>,
+        /// Extra arguments for `cargo test` of the full suite (after `--`), e.g. a test name
+        /// filter.
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Inside a kernel-matrix VM: prepare the guest and run the plan's test executables
+    /// (started by `test --kernel`).
+    #[command(hide = true)]
+    GuestRun { plan: PathBuf },
     /// Set up, build, then bring up a demo cluster (etcd + three hosts in namespaces).
     Demo,
     /// Set up, build, then measure throughput and latency of every data path (table with ratios).
@@ -73,15 +92,43 @@ fn build_all() -> Result<()> {
     run(cargo().args(["build", "--release", "-p", "flannel-agent"]))
 }
 
-fn test(args: &[String]) -> Result<()> {
+/// Plain: lints, the full host suite and the default kernel leg. With `--kernel`: only the
+/// kernel legs named. Every leg runs; the report at the end says which failed.
+fn test(kernels: &[String], args: &[String]) -> Result<()> {
+    let full_suite = kernels.is_empty();
+    let legs = if full_suite {
+        vec![kernels::series(matrix::DEFAULT_KERNEL)]
+    } else {
+        if !args.is_empty() {
+            bail!(
+                "test arguments ({}) filter the full host suite; they do not go with --kernel",
+                args.join(" ")
+            );
+        }
+        matrix::parse_kernels(kernels)?
+    };
     setup::ensure()?;
     build_all()?;
-    run(cargo().args(["fmt", "--all", "--check"]))?;
-    run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
-    run(cargo()
-        .env("FLANNELD_BIN", flanneld_release())
-        .args(["test", "--release"])
-        .args(args))
+    if full_suite {
+        run(cargo().args(["fmt", "--all", "--check"]))?;
+        run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+    }
+    let exes = matrix::test_executables()?;
+    let mut reports = Vec::new();
+    if full_suite {
+        reports.push(matrix::full_host_suite(args)?);
+    }
+    for leg in legs {
+        let report = match leg {
+            None => matrix::selection_leg(&matrix::Target::Host, &exes),
+            Some(series) => kernels::ensure(series)
+                .and_then(|k| matrix::selection_leg(&matrix::Target::Vm(k), &exes)),
+        };
+        reports.push(report.unwrap_or_else(|e| {
+            matrix::LegReport::broken(leg.map_or("host", |s| s.name), format!("{e:#}"))
+        }));
+    }
+    matrix::report(&reports)
 }
 
 /// `setup --from-scratch`: the check that does not depend on what happens to be installed.
@@ -134,7 +181,8 @@ fn main() -> Result<()> {
             setup::ensure()?;
             build_all()
         }
-        Cmd::Test { args } => test(&args),
+        Cmd::Test { kernels, args } => test(&kernels, &args),
+        Cmd::GuestRun { plan } => runner::run_plan(&plan),
         Cmd::Demo => {
             setup::ensure()?;
             build_all()?;

@@ -1,11 +1,12 @@
-//! Machine setup, idempotent: Debian packages, a mounted bpffs, the eBPF toolchain.
+//! Machine setup, idempotent: Debian packages, a mounted bpffs, the eBPF toolchain, and what
+//! the kernel legs of the tests need (virtme-ng, the default Debian kernel).
 
 use std::process::Command;
 
 use anyhow::{bail, Result};
 
-use crate::setup_ebpf;
 use crate::workspace::run;
+use crate::{kernels, matrix, setup_ebpf, vm};
 
 /// Debian packages the build, the tests and the demo use.
 const PACKAGES: &[&str] = &[
@@ -25,6 +26,11 @@ const PACKAGES: &[&str] = &[
     "util-linux",        // nsenter
     "iputils-ping",
     "openssl", // certificates for the etcd TLS tests
+    // The kernel legs of the tests (a Debian kernel booted by virtme-ng):
+    "qemu-system-x86", // the VM (TCG: there is no KVM here)
+    "kmod",            // depmod: the guest's modprobe finds the kernel's modules
+    "busybox-static",  // virtme-ng builds its initramfs from busybox
+    "python3-venv",    // virtme-ng's own virtualenv
 ];
 
 /// Packages of the base system that `--from-scratch` leaves in place (apt, ssh and the
@@ -72,6 +78,14 @@ fn verify() -> Result<()> {
         ("openssl", "openssl", vec!["version"], "openssl"),
         ("nsenter", "nsenter", vec!["--version"], "util-linux"),
         (
+            "qemu",
+            "qemu-system-x86_64",
+            vec!["--version"],
+            "qemu-system-x86",
+        ),
+        ("depmod", "depmod", vec!["-V"], "kmod"),
+        ("busybox", "busybox", vec!["true"], "busybox-static"),
+        (
             "CNI bridge plugin",
             "/usr/lib/cni/bridge",
             vec!["--version"],
@@ -118,7 +132,7 @@ fn verify() -> Result<()> {
             linker.display()
         );
     }
-    eprintln!("setup: every tool checked (protoc + descriptor.proto, etcd, etcdctl, bpftool, iperf3, tcpdump, ethtool, iptables, nft, openssl, nsenter, CNI plugins, bpffs, bpf-linker)");
+    eprintln!("setup: every tool checked (protoc + descriptor.proto, etcd, etcdctl, bpftool, iperf3, tcpdump, ethtool, iptables, nft, openssl, nsenter, qemu, depmod, busybox, CNI plugins, bpffs, bpf-linker, virtme-ng, Debian kernel {})", matrix::DEFAULT_KERNEL);
     Ok(())
 }
 
@@ -158,7 +172,10 @@ pub fn purge() -> Result<Vec<String>> {
     let cache = setup_ebpf::cache_dir()?;
     if cache.exists() {
         std::fs::remove_dir_all(&cache)?;
-        removed.push(format!("{} (bpf-linker, LLVM links)", cache.display()));
+        removed.push(format!(
+            "{} (bpf-linker, LLVM links, virtme-ng, kernels)",
+            cache.display()
+        ));
     }
     Ok(removed)
 }
@@ -179,5 +196,9 @@ pub fn ensure() -> Result<()> {
         run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
     }
     setup_ebpf::ensure_toolchain()?;
+    vm::ensure_virtme_ng()?;
+    if let Some(series) = kernels::series(matrix::DEFAULT_KERNEL) {
+        kernels::ensure(series)?;
+    }
     verify()
 }

@@ -1,0 +1,435 @@
+//! `cargo xtask test`: the legs of the test run and their report.
+//!
+//! A leg is the full host suite (`cargo test`), or the kernel selection (`SELECTION`) on one
+//! kernel: a Debian kernel booted in a VM (`--kernel 5.10|6.1|6.12`) or this machine's kernel
+//! (`--kernel host`). Every leg runs even when an earlier one failed; at the end each leg's test
+//! count, failures and wall time are printed, and the command fails if any leg did (a leg that
+//! ran no test counts as failed: nothing is skipped silently).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use crate::kernels::{self, Kernel, Series};
+use crate::libtest::{self, Outcome, Totals};
+use crate::runner::{Plan, Results, Run};
+use crate::vm;
+use crate::workspace::{cargo, flanneld_release, root, target_dir};
+
+/// What every kernel leg runs, in this order: the smallest set that covers the eBPF data plane
+/// on a kernel. Each leg boots under qemu TCG (5-20x slower than the host), so this list is
+/// what keeps the VM leg of `cargo xtask test` short. (test target, one test or all, why)
+pub const SELECTION: &[(&str, Option<&str>, &str)] = &[
+    (
+        "ebpf_programs",
+        None,
+        "every program through this kernel's verifier, then byte-exact BPF_PROG_TEST_RUN cases",
+    ),
+    (
+        "udp_backend",
+        Some("mixed_ebpf_and_tun_hosts_interoperate"),
+        "CNI pods on two eBPF hosts and a TUN host (upstream's wire format): ping and hashed \
+         TCP between every pair, eBPF-eBPF, eBPF-TUN and TUN-eBPF",
+    ),
+    (
+        "operations",
+        Some("sigkill_and_restart_lose_no_packets_and_drop_peers_deleted_meanwhile"),
+        "the agent killed and restarted under a 100/s ping: pinned maps and links adopted, \
+         no packet lost",
+    ),
+];
+
+/// The kernel leg plain `cargo xtask test` runs besides the full host suite: Debian stable's
+/// kernel, without TCX (classic TC attach), the oldest most hosts run.
+pub const DEFAULT_KERNEL: &str = "6.1";
+
+/// Per executable of the selection: generous for TCG, still bounded.
+const VM_RUN_TIMEOUT: Duration = Duration::from_secs(900);
+const HOST_RUN_TIMEOUT: Duration = Duration::from_secs(300);
+/// Boot, module loading and shutdown of a VM, on top of its runs.
+const VM_OVERHEAD: Duration = Duration::from_secs(300);
+
+/// Which kernel a selection leg runs on.
+#[derive(Clone, Debug)]
+pub enum Target {
+    Vm(Kernel),
+    Host,
+}
+
+/// `--kernel` values in the order the legs run: `all` is every series, then `host`.
+pub fn parse_kernels(names: &[String]) -> Result<Vec<Option<Series>>> {
+    let mut out: Vec<Option<Series>> = Vec::new();
+    let mut add = |k: Option<Series>| {
+        if !out.contains(&k) {
+            out.push(k);
+        }
+    };
+    for name in names {
+        match name.as_str() {
+            "all" => {
+                kernels::SERIES.iter().for_each(|s| add(Some(*s)));
+                add(None);
+            }
+            "host" => add(None),
+            other => match kernels::series(other) {
+                Some(s) => add(Some(s)),
+                None => bail!(
+                    "--kernel {other}: expected one of {}, host or all",
+                    kernels::SERIES
+                        .iter()
+                        .map(|s| s.name)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            },
+        }
+    }
+    Ok(out)
+}
+
+/// One leg's outcome.
+pub struct LegReport {
+    pub name: String,
+    pub detail: String,
+    pub passed: u32,
+    pub failed: u32,
+    pub ignored: u32,
+    pub wall: Duration,
+    /// (test, why) of each failed test.
+    pub failures: Vec<(String, String)>,
+    /// What went wrong with the leg itself (no boot, guest setup, timeout).
+    pub error: Option<String>,
+    pub logs: PathBuf,
+}
+
+impl LegReport {
+    /// A leg that could not run at all (its kernel could not be fetched, ...).
+    pub fn broken(name: &str, error: String) -> Self {
+        LegReport {
+            name: name.to_owned(),
+            detail: String::new(),
+            passed: 0,
+            failed: 0,
+            ignored: 0,
+            wall: Duration::ZERO,
+            failures: Vec::new(),
+            error: Some(error),
+            logs: target_dir().join("kernel-matrix"),
+        }
+    }
+
+    pub fn ok(&self) -> bool {
+        self.error.is_none() && self.failed == 0 && self.passed > 0
+    }
+}
+
+/// The full host suite: `cargo test --release --no-fail-fast [args]`, its output passed through
+/// and counted.
+pub fn full_host_suite(args: &[String]) -> Result<LegReport> {
+    let started = Instant::now();
+    let mut child = cargo()
+        .env("FLANNELD_BIN", flanneld_release())
+        .args(["test", "--release", "--no-fail-fast"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting cargo test")?;
+    let mut totals = Totals::default();
+    let mut output = String::new();
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).lines() {
+            let line = line.unwrap_or_default();
+            println!("{line}");
+            totals.add_line(&line);
+            output.push_str(&line);
+            output.push('\n');
+        }
+    }
+    let status = child.wait()?;
+    let failures = libtest::parse(&output, "did not finish")
+        .into_iter()
+        .filter(|c| c.outcome == Outcome::Failed)
+        .map(|c| (c.name, c.reason.unwrap_or_default()))
+        .collect();
+    Ok(LegReport {
+        name: "host, full suite".to_owned(),
+        detail: format!("cargo test, {} test executables", totals.results),
+        passed: totals.passed,
+        failed: totals.failed,
+        ignored: totals.ignored,
+        wall: started.elapsed(),
+        failures,
+        error: (!status.success() && totals.failed == 0)
+            .then(|| format!("cargo test failed ({status}) without a failed test: see above")),
+        logs: PathBuf::from("(above)"),
+    })
+}
+
+/// Builds the test executables (the same build `cargo test --release` uses) and returns the
+/// path of each integration test target of flannel-tests.
+pub fn test_executables() -> Result<Vec<(String, PathBuf)>> {
+    let out = cargo()
+        .args(["test", "--release", "--no-run", "--message-format=json"])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running cargo test --no-run")?;
+    if !out.status.success() {
+        bail!("building the test executables failed: {}", out.status);
+    }
+    let mut exes = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(v) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        let is_flannel_tests = v["package_id"]
+            .as_str()
+            .is_some_and(|p| p.contains("flannel-tests"));
+        let is_test = v["target"]["kind"]
+            .as_array()
+            .is_some_and(|k| k.iter().any(|k| k == "test"));
+        if let (true, true, Some(exe), Some(name)) = (
+            is_flannel_tests,
+            is_test,
+            v["executable"].as_str(),
+            v["target"]["name"].as_str(),
+        ) {
+            exes.push((name.to_owned(), PathBuf::from(exe)));
+        }
+    }
+    Ok(exes)
+}
+
+/// Directories a VM does not share with the host (fresh tmpfs inside the guest).
+const GUEST_PRIVATE: &[&str] = &["/tmp", "/run", "/var/tmp", "/var/cache"];
+
+fn shared_with_guest(path: &Path) -> Result<()> {
+    if let Some(d) = GUEST_PRIVATE.iter().find(|d| path.starts_with(d)) {
+        bail!(
+            "{} is under {d}, which is a fresh tmpfs inside the VM: put the target dir elsewhere \
+             (CARGO_TARGET_DIR)",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+fn format_wall(d: Duration) -> String {
+    let s = d.as_secs();
+    format!("{}m{:02}s", s / 60, s % 60)
+}
+
+/// The selection on `target`, its files in `target/kernel-matrix/<release or host>/`.
+pub fn selection_leg(target: &Target, exes: &[(String, PathBuf)]) -> Result<LegReport> {
+    let (name, detail, leg_dir_name, timeout) = match target {
+        Target::Vm(k) => (
+            k.series.name.to_owned(),
+            format!("{} ({} {}), VM", k.release, k.series.suite, k.version),
+            k.release.clone(),
+            VM_RUN_TIMEOUT,
+        ),
+        Target::Host => (
+            "host".to_owned(),
+            format!("{}, this machine", kernel_release()),
+            "host".to_owned(),
+            HOST_RUN_TIMEOUT,
+        ),
+    };
+    let dir = target_dir().join("kernel-matrix").join(&leg_dir_name);
+    shared_with_guest(&dir)?;
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(&dir)?;
+
+    let mut runs = Vec::new();
+    for (test_target, test, _why) in SELECTION {
+        let exe = exes
+            .iter()
+            .find(|(n, _)| n == test_target)
+            .map(|(_, p)| p.clone())
+            .with_context(|| format!("no test executable for tests/tests/{test_target}.rs"))?;
+        let mut args: Vec<String> = Vec::new();
+        let run_name = match test {
+            Some(t) => {
+                args.extend(["--exact".to_owned(), (*t).to_owned()]);
+                format!("{test_target}.{t}")
+            }
+            None => (*test_target).to_owned(),
+        };
+        // One at a time: 2 vCPUs under TCG, and plain output to parse.
+        args.push("--test-threads=1".to_owned());
+        runs.push(Run {
+            name: run_name,
+            exe,
+            args,
+            timeout,
+        });
+    }
+    let mut env = vec![(
+        "FLANNELD_BIN".to_owned(),
+        flanneld_release().to_string_lossy().into_owned(),
+    )];
+    if let Ok(u) = std::env::var("FLANNEL_TEST_UNDERLAY") {
+        env.push(("FLANNEL_TEST_UNDERLAY".to_owned(), u));
+    }
+    let plan = Plan {
+        dir: dir.clone(),
+        prepare_guest: matches!(target, Target::Vm(_)),
+        cwd: root().join("tests"),
+        env,
+        runs,
+    };
+    plan.write()?;
+
+    println!(
+        "\n== kernel leg {name}: {detail}; files in {}",
+        dir.display()
+    );
+    let started = Instant::now();
+    let mut shown = 0;
+    let mut show_progress = || {
+        if let Some(r) = Results::read(&dir) {
+            for run in &r.runs[shown.min(r.runs.len())..] {
+                let count = |o| run.cases.iter().filter(|c| c.outcome == o).count();
+                println!(
+                    "[{name}] {}: {} passed, {} failed ({:.0} s)",
+                    run.name,
+                    count(Outcome::Passed),
+                    count(Outcome::Failed),
+                    run.wall.as_secs_f64()
+                );
+            }
+            shown = r.runs.len();
+        }
+    };
+    let mut error = None;
+    let console_log = dir.join("console.log");
+    match target {
+        Target::Host => {
+            crate::runner::run_plan(&Plan::path(&dir))?;
+            show_progress();
+        }
+        Target::Vm(k) => {
+            let exe = std::env::current_exe().context("locating the xtask executable")?;
+            shared_with_guest(&exe)?;
+            let command = format!(
+                "'{}' guest-run '{}'",
+                exe.display(),
+                Plan::path(&dir).display()
+            );
+            let vm_timeout = timeout * SELECTION.len() as u32 + VM_OVERHEAD;
+            let exit = vm::run_in_vm(k, &command, vm_timeout, &console_log, &mut show_progress)?;
+            if matches!(exit, vm::Exit::TimedOut) {
+                error = Some(format!(
+                    "the VM was still running after {} s: killed",
+                    vm_timeout.as_secs()
+                ));
+            }
+        }
+    }
+    let wall = started.elapsed();
+    let results = Results::read(&dir);
+    match &results {
+        None => {
+            error.get_or_insert_with(|| {
+                format!(
+                    "the guest wrote no results (did not boot or did not start the runner); \
+                     last console lines:\n{}",
+                    vm::console_tail(&console_log, 15)
+                )
+            });
+        }
+        Some(r) => {
+            if let Some(e) = &r.environment_error {
+                error = Some(e.clone());
+            } else if !r.finished && error.is_none() {
+                error = Some(format!(
+                    "the guest stopped after {} of {} test runs; last console lines:\n{}",
+                    r.runs.len(),
+                    SELECTION.len(),
+                    vm::console_tail(&console_log, 15)
+                ));
+            }
+        }
+    }
+    let cases: Vec<_> = results
+        .iter()
+        .flat_map(|r| r.runs.iter())
+        .flat_map(|r| r.cases.iter())
+        .collect();
+    let count = |o| cases.iter().filter(|c| c.outcome == o).count() as u32;
+    let detail = match (&results, target) {
+        (Some(r), Target::Vm(_)) if !r.kernel.is_empty() && !detail.starts_with(&r.kernel) => {
+            format!("{detail}; guest said {}", r.kernel)
+        }
+        _ => detail,
+    };
+    Ok(LegReport {
+        name,
+        detail,
+        passed: count(Outcome::Passed),
+        failed: count(Outcome::Failed),
+        ignored: count(Outcome::Ignored),
+        wall,
+        failures: cases
+            .iter()
+            .filter(|c| c.outcome == Outcome::Failed)
+            .map(|c| (c.name.clone(), c.reason.clone().unwrap_or_default()))
+            .collect(),
+        error,
+        logs: dir,
+    })
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown kernel".to_owned())
+}
+
+/// Prints every leg's count, failures and wall time; an error if any leg failed.
+pub fn report(legs: &[LegReport]) -> Result<()> {
+    println!("\n== test legs");
+    println!(
+        "{:<18} {:>6} {:>7} {:>7} {:>8} {:>9}  kernel",
+        "leg", "tests", "passed", "failed", "ignored", "wall"
+    );
+    for l in legs {
+        println!(
+            "{:<18} {:>6} {:>7} {:>7} {:>8} {:>9}  {}{}",
+            l.name,
+            l.passed + l.failed,
+            l.passed,
+            l.failed,
+            l.ignored,
+            format_wall(l.wall),
+            l.detail,
+            if l.ok() { "" } else { "  FAILED" }
+        );
+    }
+    for l in legs.iter().filter(|l| !l.ok()) {
+        println!("\n-- {} failed (logs: {})", l.name, l.logs.display());
+        if let Some(e) = &l.error {
+            println!("   leg: {e}");
+        }
+        if l.passed + l.failed == 0 && l.error.is_none() {
+            println!("   no test ran");
+        }
+        for (test, why) in &l.failures {
+            println!("   {test}: {why}");
+        }
+    }
+    let failed: Vec<&str> = legs
+        .iter()
+        .filter(|l| !l.ok())
+        .map(|l| l.name.as_str())
+        .collect();
+    if !failed.is_empty() {
+        bail!("test legs failed: {}", failed.join(", "));
+    }
+    Ok(())
+}
