@@ -37,6 +37,8 @@ pub struct Plan {
     pub dir: PathBuf,
     /// Load modules, mount bpffs, set sysctls first (a bare VM kernel).
     pub prepare_guest: bool,
+    /// With `prepare_guest`: files to keep in the guest's RAM (see `guest_env`).
+    pub ram_files: Vec<PathBuf>,
     /// Working directory of the executables (cargo runs them in their package's dir).
     pub cwd: PathBuf,
     pub env: Vec<(String, String)>,
@@ -52,6 +54,7 @@ impl Plan {
         let v = json!({
             "dir": self.dir,
             "prepare_guest": self.prepare_guest,
+            "ram_files": self.ram_files,
             "cwd": self.cwd,
             "env": self.env,
             "runs": self.runs.iter().map(|r| json!({
@@ -74,6 +77,12 @@ impl Plan {
         Ok(Plan {
             dir: PathBuf::from(s(&v["dir"])?),
             prepare_guest: v["prepare_guest"].as_bool().unwrap_or(false),
+            ram_files: v["ram_files"]
+                .as_array()
+                .context("plan: ram_files")?
+                .iter()
+                .map(|f| s(f).map(PathBuf::from))
+                .collect::<Result<_>>()?,
             cwd: PathBuf::from(s(&v["cwd"])?),
             env: v["env"]
                 .as_array()
@@ -119,6 +128,10 @@ pub struct RunResult {
 #[derive(Clone, Debug, Default)]
 pub struct Results {
     pub kernel: String,
+    /// The kernel's uptime when the runner started (in a VM: how long the boot took).
+    pub uptime_at_start: Duration,
+    /// How long preparing the guest took.
+    pub prepare: Duration,
     /// Why the guest could not be prepared (then nothing ran).
     pub environment_error: Option<String>,
     pub runs: Vec<RunResult>,
@@ -133,6 +146,8 @@ impl Results {
     fn write(&self, dir: &Path) -> Result<()> {
         let v = json!({
             "kernel": self.kernel,
+            "uptime_at_start_s": self.uptime_at_start.as_secs_f64(),
+            "prepare_s": self.prepare.as_secs_f64(),
             "environment_error": self.environment_error,
             "finished": self.finished,
             "runs": self.runs.iter().map(|r| json!({
@@ -150,6 +165,10 @@ impl Results {
             serde_json::from_str(&std::fs::read_to_string(Results::path(dir)).ok()?).ok()?;
         Some(Results {
             kernel: v["kernel"].as_str().unwrap_or_default().to_owned(),
+            uptime_at_start: Duration::from_secs_f64(
+                v["uptime_at_start_s"].as_f64().unwrap_or(0.0),
+            ),
+            prepare: Duration::from_secs_f64(v["prepare_s"].as_f64().unwrap_or(0.0)),
             environment_error: v["environment_error"].as_str().map(str::to_owned),
             finished: v["finished"].as_bool().unwrap_or(false),
             runs: v["runs"]
@@ -187,11 +206,19 @@ pub fn run_plan(plan_path: &Path) -> Result<()> {
         kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .map(|s| s.trim().to_owned())
             .unwrap_or_default(),
+        uptime_at_start: std::fs::read_to_string("/proc/uptime")
+            .ok()
+            .and_then(|u| u.split_whitespace().next()?.parse::<f64>().ok())
+            .map(Duration::from_secs_f64)
+            .unwrap_or_default(),
         ..Results::default()
     };
     results.write(&plan.dir)?;
     if plan.prepare_guest {
-        if let Err(e) = guest_env::prepare() {
+        let started = Instant::now();
+        let prepared = guest_env::prepare(&plan.ram_files);
+        results.prepare = started.elapsed();
+        if let Err(e) = prepared {
             results.environment_error = Some(format!("{e:#}"));
             results.finished = true;
             return results.write(&plan.dir);
