@@ -480,3 +480,27 @@ pub fn report(legs: &[LegReport]) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(args: &[&str]) -> Result<Vec<&'static str>> {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        Ok(parse_kernels(&args)?
+            .into_iter()
+            .map(|k| k.map_or("host", |s| s.name))
+            .collect())
+    }
+
+    #[test]
+    fn kernel_legs_in_order_without_repeats() {
+        assert_eq!(names(&["all"]).unwrap(), ["5.10", "6.1", "6.12", "host"]);
+        assert_eq!(names(&["6.12", "host", "6.12"]).unwrap(), ["6.12", "host"]);
+        let err = names(&["4.19"]).unwrap_err().to_string();
+        assert!(
+            err.contains("--kernel 4.19: expected one of 5.10, 6.1, 6.12"),
+            "{err}"
+        );
+    }
+}

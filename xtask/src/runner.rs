@@ -294,7 +294,17 @@ fn run_one(plan: &Plan, run: &Run) -> Result<RunResult> {
     // An executable that failed without reporting a failed test (did not start its tests,
     // crashed between them) fails as a whole: never counted as passed.
     let reported_failure = cases.iter().any(|c| c.outcome == libtest::Outcome::Failed);
-    if exit != Some(0) && !reported_failure {
+    if exit == Some(0) && cases.is_empty() {
+        // A filter that matches nothing passes: that would be a test skipped silently.
+        cases.push(TestCase {
+            name: format!("{} (executable)", run.name),
+            outcome: libtest::Outcome::Failed,
+            reason: Some(format!(
+                "no test ran ({} matched nothing)",
+                run.args.join(" ")
+            )),
+        });
+    } else if exit != Some(0) && !reported_failure {
         let last = output
             .lines()
             .rev()
