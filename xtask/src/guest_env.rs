@@ -12,6 +12,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use nix::mount::{mount, MsFlags};
@@ -161,45 +162,73 @@ fn keep_in_ram(files: &[PathBuf]) -> Result<()> {
     Ok(())
 }
 
-/// Loads the modules, mounts bpffs, sets the sysctls, keeps `ram_files` in RAM. Fails on the
-/// first that does not work, naming it.
-pub fn prepare(ram_files: &[PathBuf]) -> Result<()> {
-    for (module, why) in MODULES {
-        let out = Command::new("modprobe")
-            .arg(module)
-            .output()
-            .context("running modprobe")?;
-        if !out.status.success() {
-            bail!(
-                "guest setup: modprobe {module} ({why}) failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-    }
-    if !std::path::Path::new("/dev/net/tun").exists() {
-        bail!("guest setup: /dev/net/tun is missing after modprobe tun");
-    }
+/// Keeps `ram_files` in RAM, loads the modules, mounts bpffs, sets the sysctls. Fails on the
+/// first that does not work, naming it. Returns how long each step took.
+pub fn prepare(ram_files: &[PathBuf]) -> Result<Vec<(&'static str, Duration)>> {
+    let mut steps = Vec::new();
+    let mut t = Instant::now();
+    let mut done = |step: &'static str, t: &mut Instant| {
+        steps.push((step, t.elapsed()));
+        *t = Instant::now();
+    };
+    // First: modprobe itself then runs from RAM.
+    keep_in_ram(ram_files).context("guest setup: keeping the tools in RAM")?;
+    done("tools into RAM", &mut t);
+    load_modules()?;
+    done("modules", &mut t);
     if !mounted("/sys/fs/bpf") {
-        check(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
-            .context("guest setup: mounting bpffs on /sys/fs/bpf")?;
+        mount(
+            Some("bpf"),
+            "/sys/fs/bpf",
+            Some("bpf"),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .context("guest setup: mounting bpffs on /sys/fs/bpf")?;
     }
     for (key, value) in SYSCTLS {
-        check(Command::new("sysctl").args(["-qw", &format!("{key}={value}")]))
+        let file = Path::new("/proc/sys").join(key.replace('.', "/"));
+        std::fs::write(&file, value)
             .with_context(|| format!("guest setup: sysctl {key}={value}"))?;
     }
-    keep_in_ram(ram_files).context("guest setup: keeping the tools in RAM")
+    done("bpffs, sysctls", &mut t);
+    Ok(steps)
+}
+
+/// All modules with one modprobe (each exec is slow under TCG); if that fails, one by one to
+/// name the module that does not load.
+fn load_modules() -> Result<()> {
+    let all = Command::new("modprobe")
+        .arg("-a")
+        .args(MODULES.iter().map(|(m, _)| m))
+        .output()
+        .context("guest setup: running modprobe")?;
+    if !all.status.success() {
+        for (module, why) in MODULES {
+            let out = Command::new("modprobe")
+                .arg(module)
+                .output()
+                .context("guest setup: running modprobe")?;
+            if !out.status.success() {
+                bail!(
+                    "guest setup: modprobe {module} ({why}) failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+        }
+        bail!(
+            "guest setup: modprobe -a failed: {}",
+            String::from_utf8_lossy(&all.stderr).trim()
+        );
+    }
+    if !Path::new("/dev/net/tun").exists() {
+        bail!("guest setup: /dev/net/tun is missing after modprobe tun");
+    }
+    Ok(())
 }
 
 fn mounted(path: &str) -> bool {
     std::fs::read_to_string("/proc/mounts")
         .map(|m| m.lines().any(|l| l.split_whitespace().nth(1) == Some(path)))
         .unwrap_or(false)
-}
-
-fn check(cmd: &mut Command) -> Result<()> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    if !out.status.success() {
-        bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(())
 }

@@ -360,10 +360,15 @@ pub fn selection_leg(target: &Target, exes: &[(String, PathBuf)]) -> Result<LegR
                     format!("the VM booted {}, not {}", r.kernel, k.release)
                 });
             }
+            let steps: Vec<String> = r
+                .prepare
+                .iter()
+                .map(|(step, d)| format!("{step} {:.0} s", d.as_secs_f64()))
+                .collect();
             format!(
-                "{detail}: boot {:.0} s, guest setup {:.0} s",
+                "{detail}: boot {:.0} s, {}",
                 r.uptime_at_start.as_secs_f64(),
-                r.prepare.as_secs_f64()
+                steps.join(", ")
             )
         }
         _ => detail,

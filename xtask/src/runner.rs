@@ -130,8 +130,8 @@ pub struct Results {
     pub kernel: String,
     /// The kernel's uptime when the runner started (in a VM: how long the boot took).
     pub uptime_at_start: Duration,
-    /// How long preparing the guest took.
-    pub prepare: Duration,
+    /// How long preparing the guest took, step by step.
+    pub prepare: Vec<(String, Duration)>,
     /// Why the guest could not be prepared (then nothing ran).
     pub environment_error: Option<String>,
     pub runs: Vec<RunResult>,
@@ -147,7 +147,7 @@ impl Results {
         let v = json!({
             "kernel": self.kernel,
             "uptime_at_start_s": self.uptime_at_start.as_secs_f64(),
-            "prepare_s": self.prepare.as_secs_f64(),
+            "prepare_s": self.prepare.iter().map(|(step, d)| json!([step, d.as_secs_f64()])).collect::<Vec<_>>(),
             "environment_error": self.environment_error,
             "finished": self.finished,
             "runs": self.runs.iter().map(|r| json!({
@@ -168,7 +168,18 @@ impl Results {
             uptime_at_start: Duration::from_secs_f64(
                 v["uptime_at_start_s"].as_f64().unwrap_or(0.0),
             ),
-            prepare: Duration::from_secs_f64(v["prepare_s"].as_f64().unwrap_or(0.0)),
+            prepare: v["prepare_s"]
+                .as_array()
+                .map(|steps| {
+                    steps
+                        .iter()
+                        .filter_map(|s| {
+                            let d = Duration::from_secs_f64(s[1].as_f64()?);
+                            Some((s[0].as_str()?.to_owned(), d))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
             environment_error: v["environment_error"].as_str().map(str::to_owned),
             finished: v["finished"].as_bool().unwrap_or(false),
             runs: v["runs"]
@@ -215,13 +226,15 @@ pub fn run_plan(plan_path: &Path) -> Result<()> {
     };
     results.write(&plan.dir)?;
     if plan.prepare_guest {
-        let started = Instant::now();
-        let prepared = guest_env::prepare(&plan.ram_files);
-        results.prepare = started.elapsed();
-        if let Err(e) = prepared {
-            results.environment_error = Some(format!("{e:#}"));
-            results.finished = true;
-            return results.write(&plan.dir);
+        match guest_env::prepare(&plan.ram_files) {
+            Ok(steps) => {
+                results.prepare = steps.into_iter().map(|(s, d)| (s.to_owned(), d)).collect();
+            }
+            Err(e) => {
+                results.environment_error = Some(format!("{e:#}"));
+                results.finished = true;
+                return results.write(&plan.dir);
+            }
         }
     }
     for run in &plan.runs {
