@@ -34,12 +34,25 @@ pub use traffic::{tcp_send, tcp_transfer, Transfer};
 
 pub type Result<T> = anyhow::Result<T>;
 
-/// Poll `probe` until it returns `Some`, or fail after `timeout` saying what we waited for.
+/// `$FLANNEL_TEST_TIME_SCALE` (default 1): how much longer than on this machine things may take
+/// where the tests run. The kernel matrix sets it for its VMs (qemu without KVM runs 5-20x
+/// slower): three agents starting at once there need more than `overlay::READY` to be ready.
+pub fn time_scale() -> f64 {
+    std::env::var("FLANNEL_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|s| s.parse::<f64>().ok())
+        .filter(|f| f.is_finite() && *f >= 1.0)
+        .unwrap_or(1.0)
+}
+
+/// Poll `probe` until it returns `Some`, or fail after `timeout` (times `time_scale()`) saying
+/// what we waited for.
 pub fn wait_for<T>(
     timeout: Duration,
     what: &str,
     mut probe: impl FnMut() -> Option<T>,
 ) -> Result<T> {
+    let timeout = timeout.mul_f64(time_scale());
     let deadline = Instant::now() + timeout;
     let mut pause = Duration::from_millis(5);
     loop {

@@ -101,7 +101,10 @@ impl Totals {
 pub fn parse(output: &str, unfinished: &str) -> Vec<TestCase> {
     let mut cases: Vec<TestCase> = Vec::new();
     let mut pending: Option<String> = None;
-    let mut failed_list = false;
+    // The `failures:` block that only lists names (the one before `test result:`), not the
+    // one with each failure's output (which may hold indented lines of its own).
+    let mut in_failures = false;
+    let mut failure_names: Vec<String> = Vec::new();
     let mut listed_failed: Vec<String> = Vec::new();
     for line in output.lines() {
         if let Some(rest) = line.strip_prefix("test ") {
@@ -111,7 +114,7 @@ pub fn parse(output: &str, unfinished: &str) -> Vec<TestCase> {
                     Some(o) => push(&mut cases, name, o),
                     None => pending = Some(name),
                 }
-                failed_list = false;
+                in_failures = false;
                 continue;
             }
         }
@@ -133,11 +136,20 @@ pub fn parse(output: &str, unfinished: &str) -> Vec<TestCase> {
             }
         }
         if line == "failures:" {
-            failed_list = true;
-        } else if failed_list && line.starts_with("    ") && !line.trim().is_empty() {
-            listed_failed.push(line.trim().to_owned());
+            in_failures = true;
+            failure_names.clear();
         } else if line.starts_with("test result:") {
-            failed_list = false;
+            listed_failed.append(&mut failure_names);
+            in_failures = false;
+        } else if in_failures {
+            let name = line.trim();
+            if line.starts_with("    ") && !name.is_empty() && !name.contains(char::is_whitespace) {
+                failure_names.push(name.to_owned());
+            } else if !name.is_empty() {
+                // Output of a failure, not the list of names.
+                in_failures = false;
+                failure_names.clear();
+            }
         }
     }
     if let Some(name) = pending {
@@ -171,19 +183,57 @@ fn push(cases: &mut Vec<TestCase>, name: String, outcome: Outcome) {
     });
 }
 
-/// The first line of `name`'s panic message in its `---- NAME stdout ----` section.
+/// `name`'s panic message (from its `---- NAME stdout ----` section), summarised.
 fn panic_message(output: &str, name: &str) -> Option<String> {
     let header = format!("---- {name} stdout ----");
     let section = &output[output.find(&header)? + header.len()..];
     let mut lines = section.lines().skip_while(|l| !l.contains("panicked at"));
     let at = lines.next()?;
-    // Since Rust 1.73: `thread 'x' panicked at file:line:col:` then the message.
-    let msg = if at.trim_end().ends_with(':') {
-        lines.find(|l| !l.trim().is_empty())?.trim().to_owned()
+    // Since Rust 1.73: `thread 'x' panicked at file:line:col:` then the message, which ends
+    // where the backtrace note, the backtrace or the next test's section begins.
+    let mut message: Vec<&str> = if at.trim_end().ends_with(':') {
+        Vec::new()
     } else {
-        at.trim().to_owned()
+        vec![at.split_once("panicked at ").map_or(at, |(_, m)| m)]
     };
-    Some(truncate(&msg, 300))
+    message.extend(lines.take_while(|l| {
+        !l.starts_with("note: run with")
+            && !l.starts_with("stack backtrace:")
+            && !l.starts_with("---- ")
+            && !l.starts_with("failures:")
+    }));
+    summarize(&message)
+}
+
+/// One line from a panic message: its first line, the first ERROR line of an agent log quoted
+/// in it, and what the verifier said last if a verifier log is in it (the line before
+/// `verification time`).
+pub fn summarize(message: &[&str]) -> Option<String> {
+    let mut lines = message.iter().map(|l| l.trim()).filter(|l| !l.is_empty());
+    let first = lines.next()?;
+    let mut out = truncate(first, 200);
+    if let Some(err) = message
+        .iter()
+        .find_map(|l| l.split_once(" ERROR ").map(|(_, e)| e.trim()))
+    {
+        out.push_str(" | ");
+        out.push_str(&truncate(err, 200));
+    }
+    let all = message.join(" ");
+    if let Some(at) = all.find("verification time") {
+        let before: String = all[..at].split_whitespace().collect::<Vec<_>>().join(" ");
+        let tail: String = before
+            .chars()
+            .rev()
+            .take(200)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        out.push_str(" | verifier: ...");
+        out.push_str(&tail);
+    }
+    Some(out)
 }
 
 pub fn truncate(s: &str, max: usize) -> String {
@@ -210,7 +260,10 @@ failures:
 ---- a::two stdout ----
 thread 'a::two' panicked at tests/tests/x.rs:10:5:
 the verifier rejected flannel_encap: R3 min value is outside
-note: run with `RUST_BACKTRACE=1` environment variable to display a backtrace
+stack backtrace:
+   0: std::panicking::begin_panic
+             at /rustc/library/std/src/panicking.rs:1:1
+    indented_output_of_the_test
 
 
 failures:
@@ -237,6 +290,7 @@ test result: FAILED. 1 passed; 1 failed; 1 ignored; 0 measured; 0 filtered out; 
             cases[1].reason.as_deref(),
             Some("the verifier rejected flannel_encap: R3 min value is outside")
         );
+        assert_eq!(cases[0].reason, None);
         let mut t = Totals::default();
         for l in OUT.lines() {
             t.add_line(l);
@@ -249,6 +303,24 @@ test result: FAILED. 1 passed; 1 failed; 1 ignored; 0 measured; 0 filtered out; 
                 ignored: 1,
                 results: 1
             }
+        );
+    }
+
+    #[test]
+    fn a_verifier_verdict_and_an_agent_error_are_kept() {
+        let msg = [
+            "flanneld exited (exit status: 1) before ready:",
+            "[2026-12-07T19:01:26Z INFO  flannel_agent::startup] using interface eth0",
+            "[2026-12-07T19:01:32Z ERROR flanneld] starting the udp backend: program flannel_encap: rejected",
+            "1074: (85) call bpf_skb_load_bytes#26 invalid access to map value",
+            "R3 min value is outside of the allowed memory range",
+            "verification time 239042 usec",
+        ];
+        let s = summarize(&msg).unwrap();
+        assert!(s.starts_with("flanneld exited (exit status: 1) before ready: | flanneld] starting the udp backend: program flannel_encap: rejected | verifier: ..."), "{s}");
+        assert!(
+            s.ends_with("R3 min value is outside of the allowed memory range"),
+            "{s}"
         );
     }
 

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
+use crate::guest_env;
 use crate::kernels::{self, Kernel, Series};
 use crate::libtest::{self, Outcome, Totals};
 use crate::runner::{Plan, Results, Run};
@@ -28,6 +29,12 @@ pub const SELECTION: &[(&str, Option<&str>, &str)] = &[
         "ebpf_programs",
         None,
         "every program through this kernel's verifier, then byte-exact BPF_PROG_TEST_RUN cases",
+    ),
+    (
+        "udp_backend",
+        Some("tun_all_pairs_ping_and_tcp"),
+        "the same overlay without eBPF (etcd, CNI pods, TUN data plane): tells a guest that \
+         cannot run the netns tests from eBPF programs this kernel rejects",
     ),
     (
         "udp_backend",
@@ -46,6 +53,11 @@ pub const SELECTION: &[(&str, Option<&str>, &str)] = &[
 /// The kernel leg plain `cargo xtask test` runs besides the full host suite: Debian stable's
 /// kernel, without TCX (classic TC attach), the oldest most hosts run.
 pub const DEFAULT_KERNEL: &str = "6.1";
+
+/// How much longer the harness waits inside a VM (`FLANNEL_TEST_TIME_SCALE`): three agents
+/// starting at once took more than the harness's 20 s to be ready there (iptables calls,
+/// serialized by the xtables lock, at TCG speed).
+const VM_TIME_SCALE: u32 = 4;
 
 /// Per executable of the selection: generous for TCG, still bounded.
 const VM_RUN_TIMEOUT: Duration = Duration::from_secs(900);
@@ -222,6 +234,68 @@ fn format_wall(d: Duration) -> String {
     format!("{}m{:02}s", s / 60, s % 60)
 }
 
+/// The selection as test runs: one per entry, tests one at a time (2 vCPUs under TCG, and
+/// plain output to parse).
+fn selection_runs(exes: &[(String, PathBuf)], timeout: Duration) -> Result<Vec<Run>> {
+    SELECTION
+        .iter()
+        .map(|(test_target, test, _why)| {
+            let exe = exes
+                .iter()
+                .find(|(n, _)| n == test_target)
+                .map(|(_, p)| p.clone())
+                .with_context(|| format!("no test executable for tests/tests/{test_target}.rs"))?;
+            let (name, mut args) = match test {
+                Some(t) => (
+                    format!("{test_target}.{t}"),
+                    vec!["--exact".to_owned(), (*t).to_owned()],
+                ),
+                None => ((*test_target).to_owned(), Vec::new()),
+            };
+            args.push("--test-threads=1".to_owned());
+            Ok(Run {
+                name,
+                exe,
+                args,
+                timeout,
+            })
+        })
+        .collect()
+}
+
+fn plan(target: &Target, dir: &Path, runs: Vec<Run>) -> Result<Plan> {
+    let vm = matches!(target, Target::Vm(_));
+    let mut env = vec![(
+        "FLANNELD_BIN".to_owned(),
+        flanneld_release().to_string_lossy().into_owned(),
+    )];
+    if let Ok(u) = std::env::var("FLANNEL_TEST_UNDERLAY") {
+        env.push(("FLANNEL_TEST_UNDERLAY".to_owned(), u));
+    }
+    if vm {
+        // Symbolizing a backtrace from these executables' debug info takes seconds per failed
+        // test under TCG; the panic message is in the log either way.
+        env.push(("RUST_BACKTRACE".to_owned(), "0".to_owned()));
+        // The harness's deadlines are for this machine; TCG is 5-20x slower.
+        env.push((
+            "FLANNEL_TEST_TIME_SCALE".to_owned(),
+            VM_TIME_SCALE.to_string(),
+        ));
+    }
+    Ok(Plan {
+        dir: dir.to_path_buf(),
+        prepare_guest: vm,
+        ram_files: if vm {
+            guest_env::ram_files(&flanneld_release())?
+        } else {
+            Vec::new()
+        },
+        cwd: root().join("tests"),
+        env,
+        runs,
+    })
+}
+
 /// The selection on `target`, its files in `target/kernel-matrix/<release or host>/`.
 pub fn selection_leg(target: &Target, exes: &[(String, PathBuf)]) -> Result<LegReport> {
     let (name, detail, leg_dir_name, timeout) = match target {
@@ -244,45 +318,7 @@ pub fn selection_leg(target: &Target, exes: &[(String, PathBuf)]) -> Result<LegR
         std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
     }
     std::fs::create_dir_all(&dir)?;
-
-    let mut runs = Vec::new();
-    for (test_target, test, _why) in SELECTION {
-        let exe = exes
-            .iter()
-            .find(|(n, _)| n == test_target)
-            .map(|(_, p)| p.clone())
-            .with_context(|| format!("no test executable for tests/tests/{test_target}.rs"))?;
-        let mut args: Vec<String> = Vec::new();
-        let run_name = match test {
-            Some(t) => {
-                args.extend(["--exact".to_owned(), (*t).to_owned()]);
-                format!("{test_target}.{t}")
-            }
-            None => (*test_target).to_owned(),
-        };
-        // One at a time: 2 vCPUs under TCG, and plain output to parse.
-        args.push("--test-threads=1".to_owned());
-        runs.push(Run {
-            name: run_name,
-            exe,
-            args,
-            timeout,
-        });
-    }
-    let mut env = vec![(
-        "FLANNELD_BIN".to_owned(),
-        flanneld_release().to_string_lossy().into_owned(),
-    )];
-    if let Ok(u) = std::env::var("FLANNEL_TEST_UNDERLAY") {
-        env.push(("FLANNEL_TEST_UNDERLAY".to_owned(), u));
-    }
-    let plan = Plan {
-        dir: dir.clone(),
-        prepare_guest: matches!(target, Target::Vm(_)),
-        cwd: root().join("tests"),
-        env,
-        runs,
-    };
+    let plan = plan(target, &dir, selection_runs(exes, timeout)?)?;
     plan.write()?;
 
     println!(
@@ -290,49 +326,10 @@ pub fn selection_leg(target: &Target, exes: &[(String, PathBuf)]) -> Result<LegR
         dir.display()
     );
     let started = Instant::now();
-    let mut shown = 0;
-    let mut show_progress = || {
-        if let Some(r) = Results::read(&dir) {
-            for run in &r.runs[shown.min(r.runs.len())..] {
-                let count = |o| run.cases.iter().filter(|c| c.outcome == o).count();
-                println!(
-                    "[{name}] {}: {} passed, {} failed ({:.0} s)",
-                    run.name,
-                    count(Outcome::Passed),
-                    count(Outcome::Failed),
-                    run.wall.as_secs_f64()
-                );
-            }
-            shown = r.runs.len();
-        }
-    };
-    let mut error = None;
-    let console_log = dir.join("console.log");
-    match target {
-        Target::Host => {
-            crate::runner::run_plan(&Plan::path(&dir))?;
-            show_progress();
-        }
-        Target::Vm(k) => {
-            let exe = std::env::current_exe().context("locating the xtask executable")?;
-            shared_with_guest(&exe)?;
-            let command = format!(
-                "'{}' guest-run '{}'",
-                exe.display(),
-                Plan::path(&dir).display()
-            );
-            let vm_timeout = timeout * SELECTION.len() as u32 + VM_OVERHEAD;
-            let exit = vm::run_in_vm(k, &command, vm_timeout, &console_log, &mut show_progress)?;
-            if matches!(exit, vm::Exit::TimedOut) {
-                error = Some(format!(
-                    "the VM was still running after {} s: killed",
-                    vm_timeout.as_secs()
-                ));
-            }
-        }
-    }
+    let mut error = run_plan_on(target, &plan, &name)?;
     let wall = started.elapsed();
     let results = Results::read(&dir);
+    let console_log = dir.join("console.log");
     match &results {
         None => {
             error.get_or_insert_with(|| {
@@ -343,31 +340,45 @@ pub fn selection_leg(target: &Target, exes: &[(String, PathBuf)]) -> Result<LegR
                 )
             });
         }
-        Some(r) => {
-            if let Some(e) = &r.environment_error {
-                error = Some(e.clone());
-            } else if !r.finished && error.is_none() {
-                error = Some(format!(
+        Some(r) if r.environment_error.is_some() => error = r.environment_error.clone(),
+        Some(r) if !r.finished => {
+            error.get_or_insert_with(|| {
+                format!(
                     "the guest stopped after {} of {} test runs; last console lines:\n{}",
                     r.runs.len(),
-                    SELECTION.len(),
+                    plan.runs.len(),
                     vm::console_tail(&console_log, 15)
-                ));
-            }
+                )
+            });
         }
+        Some(_) => {}
     }
+    let detail = match (&results, target) {
+        (Some(r), Target::Vm(k)) => {
+            if r.kernel != k.release {
+                error.get_or_insert_with(|| {
+                    format!("the VM booted {}, not {}", r.kernel, k.release)
+                });
+            }
+            let steps: Vec<String> = r
+                .prepare
+                .iter()
+                .map(|(step, d)| format!("{step} {:.0} s", d.as_secs_f64()))
+                .collect();
+            format!(
+                "{detail}: boot {:.0} s, {}",
+                r.uptime_at_start.as_secs_f64(),
+                steps.join(", ")
+            )
+        }
+        _ => detail,
+    };
     let cases: Vec<_> = results
         .iter()
         .flat_map(|r| r.runs.iter())
         .flat_map(|r| r.cases.iter())
         .collect();
     let count = |o| cases.iter().filter(|c| c.outcome == o).count() as u32;
-    let detail = match (&results, target) {
-        (Some(r), Target::Vm(_)) if !r.kernel.is_empty() && !detail.starts_with(&r.kernel) => {
-            format!("{detail}; guest said {}", r.kernel)
-        }
-        _ => detail,
-    };
     Ok(LegReport {
         name,
         detail,
@@ -383,6 +394,53 @@ pub fn selection_leg(target: &Target, exes: &[(String, PathBuf)]) -> Result<LegR
         error,
         logs: dir,
     })
+}
+
+/// Runs `plan` here or in a VM, printing each test run's outcome as it lands. Returns what
+/// went wrong with the VM itself, if anything (the tests' outcomes are in `results.json`).
+fn run_plan_on(target: &Target, plan: &Plan, leg: &str) -> Result<Option<String>> {
+    let mut shown = 0;
+    let mut show_progress = || {
+        if let Some(r) = Results::read(&plan.dir) {
+            for run in r.runs.iter().skip(shown) {
+                let count = |o| run.cases.iter().filter(|c| c.outcome == o).count();
+                println!(
+                    "[{leg}] {}: {} passed, {} failed ({:.0} s)",
+                    run.name,
+                    count(Outcome::Passed),
+                    count(Outcome::Failed),
+                    run.wall.as_secs_f64()
+                );
+            }
+            shown = r.runs.len();
+        }
+    };
+    let Target::Vm(kernel) = target else {
+        crate::runner::run_plan(&Plan::path(&plan.dir))?;
+        show_progress();
+        return Ok(None);
+    };
+    // A copy: rebuilding xtask while the guest runs must not pull it from under it.
+    let exe = plan.dir.join("xtask");
+    std::fs::copy(
+        std::env::current_exe().context("locating the xtask executable")?,
+        &exe,
+    )
+    .with_context(|| format!("copying xtask to {}", exe.display()))?;
+    let command = format!(
+        "'{}' guest-run '{}'",
+        exe.display(),
+        Plan::path(&plan.dir).display()
+    );
+    let timeout = plan.runs.iter().map(|r| r.timeout).sum::<Duration>() + VM_OVERHEAD;
+    let console_log = plan.dir.join("console.log");
+    match vm::run_in_vm(kernel, &command, timeout, &console_log, &mut show_progress)? {
+        vm::Exit::Ended => Ok(None),
+        vm::Exit::TimedOut => Ok(Some(format!(
+            "the VM was still running after {} s: killed",
+            timeout.as_secs()
+        ))),
+    }
 }
 
 fn kernel_release() -> String {
@@ -419,8 +477,21 @@ pub fn report(legs: &[LegReport]) -> Result<()> {
         if l.passed + l.failed == 0 && l.error.is_none() {
             println!("   no test ran");
         }
+        // Failures with the same reason together (a verifier rejection fails every test
+        // that loads the programs).
+        let mut reasons: Vec<(&str, Vec<&str>)> = Vec::new();
         for (test, why) in &l.failures {
-            println!("   {test}: {why}");
+            match reasons.iter_mut().find(|(r, _)| r == why) {
+                Some((_, tests)) => tests.push(test),
+                None => reasons.push((why, vec![test])),
+            }
+        }
+        for (why, tests) in reasons {
+            if tests.len() == 1 {
+                println!("   {}: {why}", tests[0]);
+            } else {
+                println!("   {} tests ({}): {why}", tests.len(), tests.join(", "));
+            }
         }
     }
     let failed: Vec<&str> = legs
@@ -432,4 +503,28 @@ pub fn report(legs: &[LegReport]) -> Result<()> {
         bail!("test legs failed: {}", failed.join(", "));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(args: &[&str]) -> Result<Vec<&'static str>> {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        Ok(parse_kernels(&args)?
+            .into_iter()
+            .map(|k| k.map_or("host", |s| s.name))
+            .collect())
+    }
+
+    #[test]
+    fn kernel_legs_in_order_without_repeats() {
+        assert_eq!(names(&["all"]).unwrap(), ["5.10", "6.1", "6.12", "host"]);
+        assert_eq!(names(&["6.12", "host", "6.12"]).unwrap(), ["6.12", "host"]);
+        let err = names(&["4.19"]).unwrap_err().to_string();
+        assert!(
+            err.contains("--kernel 4.19: expected one of 5.10, 6.1, 6.12"),
+            "{err}"
+        );
+    }
 }

@@ -37,6 +37,8 @@ pub struct Plan {
     pub dir: PathBuf,
     /// Load modules, mount bpffs, set sysctls first (a bare VM kernel).
     pub prepare_guest: bool,
+    /// With `prepare_guest`: files to keep in the guest's RAM (see `guest_env`).
+    pub ram_files: Vec<PathBuf>,
     /// Working directory of the executables (cargo runs them in their package's dir).
     pub cwd: PathBuf,
     pub env: Vec<(String, String)>,
@@ -52,6 +54,7 @@ impl Plan {
         let v = json!({
             "dir": self.dir,
             "prepare_guest": self.prepare_guest,
+            "ram_files": self.ram_files,
             "cwd": self.cwd,
             "env": self.env,
             "runs": self.runs.iter().map(|r| json!({
@@ -74,6 +77,12 @@ impl Plan {
         Ok(Plan {
             dir: PathBuf::from(s(&v["dir"])?),
             prepare_guest: v["prepare_guest"].as_bool().unwrap_or(false),
+            ram_files: v["ram_files"]
+                .as_array()
+                .context("plan: ram_files")?
+                .iter()
+                .map(|f| s(f).map(PathBuf::from))
+                .collect::<Result<_>>()?,
             cwd: PathBuf::from(s(&v["cwd"])?),
             env: v["env"]
                 .as_array()
@@ -119,6 +128,10 @@ pub struct RunResult {
 #[derive(Clone, Debug, Default)]
 pub struct Results {
     pub kernel: String,
+    /// The kernel's uptime when the runner started (in a VM: how long the boot took).
+    pub uptime_at_start: Duration,
+    /// How long preparing the guest took, step by step.
+    pub prepare: Vec<(String, Duration)>,
     /// Why the guest could not be prepared (then nothing ran).
     pub environment_error: Option<String>,
     pub runs: Vec<RunResult>,
@@ -133,6 +146,8 @@ impl Results {
     fn write(&self, dir: &Path) -> Result<()> {
         let v = json!({
             "kernel": self.kernel,
+            "uptime_at_start_s": self.uptime_at_start.as_secs_f64(),
+            "prepare_s": self.prepare.iter().map(|(step, d)| json!([step, d.as_secs_f64()])).collect::<Vec<_>>(),
             "environment_error": self.environment_error,
             "finished": self.finished,
             "runs": self.runs.iter().map(|r| json!({
@@ -150,6 +165,21 @@ impl Results {
             serde_json::from_str(&std::fs::read_to_string(Results::path(dir)).ok()?).ok()?;
         Some(Results {
             kernel: v["kernel"].as_str().unwrap_or_default().to_owned(),
+            uptime_at_start: Duration::from_secs_f64(
+                v["uptime_at_start_s"].as_f64().unwrap_or(0.0),
+            ),
+            prepare: v["prepare_s"]
+                .as_array()
+                .map(|steps| {
+                    steps
+                        .iter()
+                        .filter_map(|s| {
+                            let d = Duration::from_secs_f64(s[1].as_f64()?);
+                            Some((s[0].as_str()?.to_owned(), d))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
             environment_error: v["environment_error"].as_str().map(str::to_owned),
             finished: v["finished"].as_bool().unwrap_or(false),
             runs: v["runs"]
@@ -187,14 +217,24 @@ pub fn run_plan(plan_path: &Path) -> Result<()> {
         kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .map(|s| s.trim().to_owned())
             .unwrap_or_default(),
+        uptime_at_start: std::fs::read_to_string("/proc/uptime")
+            .ok()
+            .and_then(|u| u.split_whitespace().next()?.parse::<f64>().ok())
+            .map(Duration::from_secs_f64)
+            .unwrap_or_default(),
         ..Results::default()
     };
     results.write(&plan.dir)?;
     if plan.prepare_guest {
-        if let Err(e) = guest_env::prepare() {
-            results.environment_error = Some(format!("{e:#}"));
-            results.finished = true;
-            return results.write(&plan.dir);
+        match guest_env::prepare(&plan.ram_files) {
+            Ok(steps) => {
+                results.prepare = steps.into_iter().map(|(s, d)| (s.to_owned(), d)).collect();
+            }
+            Err(e) => {
+                results.environment_error = Some(format!("{e:#}"));
+                results.finished = true;
+                return results.write(&plan.dir);
+            }
         }
     }
     for run in &plan.runs {
@@ -267,7 +307,17 @@ fn run_one(plan: &Plan, run: &Run) -> Result<RunResult> {
     // An executable that failed without reporting a failed test (did not start its tests,
     // crashed between them) fails as a whole: never counted as passed.
     let reported_failure = cases.iter().any(|c| c.outcome == libtest::Outcome::Failed);
-    if exit != Some(0) && !reported_failure {
+    if exit == Some(0) && cases.is_empty() {
+        // A filter that matches nothing passes: that would be a test skipped silently.
+        cases.push(TestCase {
+            name: format!("{} (executable)", run.name),
+            outcome: libtest::Outcome::Failed,
+            reason: Some(format!(
+                "no test ran ({} matched nothing)",
+                run.args.join(" ")
+            )),
+        });
+    } else if exit != Some(0) && !reported_failure {
         let last = output
             .lines()
             .rev()
