@@ -74,11 +74,7 @@ pub fn link_target(fd: BorrowedFd<'_>) -> io::Result<LinkTarget> {
     // struct bpf_link_info: type, id, prog_id, then an 8-aligned union whose tcx and xdp members
     // start with ifindex (tcx: then attach_type).
     let mut info = [0u32; 32];
-    let mut attr = BpfAttr::new();
-    attr.put_u32(0, fd.as_raw_fd() as u32);
-    attr.put_u32(4, size_of_val(&info) as u32);
-    attr.put_u64(8, info.as_mut_ptr() as u64);
-    sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    obj_info(fd, &mut info)?;
     Ok(LinkTarget {
         link_type: info[0],
         ifindex: info[4],
@@ -99,10 +95,15 @@ pub fn map_btf_id(fd: BorrowedFd<'_>) -> io::Result<u32> {
     // struct bpf_map_info: type, id, key_size, value_size, max_entries, map_flags, name[16],
     // ifindex, btf_vmlinux_value_type_id, netns_dev (u64), netns_ino (u64), btf_id (byte 64).
     let mut info = [0u32; 24];
+    obj_info(fd, &mut info)?;
+    Ok(info[16])
+}
+
+/// Fills `info` with the object's `struct bpf_*_info` (BPF_OBJ_GET_INFO_BY_FD), as 32-bit words.
+fn obj_info(fd: BorrowedFd<'_>, info: &mut [u32]) -> io::Result<()> {
     let mut attr = BpfAttr::new();
     attr.put_u32(0, fd.as_raw_fd() as u32);
-    attr.put_u32(4, size_of_val(&info) as u32);
+    attr.put_u32(4, size_of_val(info) as u32);
     attr.put_u64(8, info.as_mut_ptr() as u64);
-    sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
-    Ok(info[16])
+    sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).map(|_| ())
 }
