@@ -295,21 +295,26 @@ fn auth_mistakes_each_get_one_line_and_the_right_password_works() {
     let _ = &mut cluster;
 }
 
+/// The harness's flags for host `i`, with `--iface=<iface>` instead of its eth0.
+fn flags_with_iface(cluster: &Cluster, i: usize, iface: &str) -> Vec<String> {
+    Agent::harness_flags(&cluster.hosts[i], &cluster.etcd.endpoint())
+        .into_iter()
+        .map(|f| {
+            if f == "--iface=eth0" {
+                format!("--iface={iface}")
+            } else {
+                f
+            }
+        })
+        .collect()
+}
+
 #[test]
 fn loopback_interface_is_refused() {
     let cluster = Cluster::new(1).unwrap();
     cluster.set_config(CONFIG).unwrap();
     let host = &cluster.hosts[0];
-    let flags: Vec<String> = Agent::harness_flags(host, &cluster.etcd.endpoint())
-        .into_iter()
-        .map(|f| {
-            if f == "--iface=eth0" {
-                "--iface=lo".into()
-            } else {
-                f
-            }
-        })
-        .collect();
+    let flags = flags_with_iface(&cluster, 0, "lo");
     let mut agent = Agent::spawn(host, &flags, &[]).unwrap();
     let st = agent.wait_exit(Duration::from_secs(20)).unwrap();
     assert_eq!(st.code(), Some(1));
@@ -372,23 +377,13 @@ fn forced_xdp_decap_where_xdp_cannot_attach_is_one_line_with_the_reason() {
         .ip(&["addr", "add", "198.51.100.1/24", "dev", "brx"])
         .unwrap();
     host.ns.ip(&["link", "set", "brx", "up"]).unwrap();
-    let mut flags: Vec<String> = Agent::harness_flags(host, &cluster.etcd.endpoint())
-        .into_iter()
-        .map(|f| {
-            if f == "--iface=eth0" {
-                "--iface=brx".into()
-            } else {
-                f
-            }
-        })
-        .collect();
+    let mut flags = flags_with_iface(&cluster, 0, "brx");
     flags.push("--udp-decap=xdp".into());
     let mut agent = Agent::spawn(host, &flags, &[]).unwrap();
     let st = agent.wait_exit(Duration::from_secs(20)).unwrap();
     assert_eq!(st.code(), Some(1), "{}", agent.log());
     let errors = messages(&agent, "ERROR");
     assert_eq!(errors.len(), 1, "{errors:?}\n{}", agent.log());
-    println!("the line: {}", errors[0]);
     assert!(
         errors[0].contains(
             "--udp-decap=xdp: XDP decap cannot run on brx: driver bridge has no native XDP ("

@@ -50,11 +50,7 @@ trait Hook {
 macro_rules! load_and_replace {
     ($link:ty) => {
         fn load_and_pin(&mut self, name: &'static str, path: &Path) -> Result<(), EbpfError> {
-            match self.program.load() {
-                // XDP decap is loaded before its hook, to tell the verifier from the driver.
-                Ok(()) | Err(ProgramError::AlreadyLoaded) => {}
-                Err(e) => return Err(prog_err(name)(e)),
-            }
+            self.program.load().map_err(prog_err(name))?;
             remove_pin(path)?;
             self.program.pin(path).map_err(pin_err(path))
         }
@@ -131,18 +127,6 @@ impl Hook for XdpDriver<'_> {
         let link = self.program.take_link(id).map_err(prog_err(name))?;
         link.try_into().map_err(link_err(path))
     }
-}
-
-/// Loads program `name`, pins it, and attaches it through the link pinned as `link_file`
-/// ([`link_pinned`]).
-fn attach_pinned(
-    hook: &mut impl Hook,
-    name: &'static str,
-    pin_dir: &Path,
-    link_file: &str,
-) -> Result<(), EbpfError> {
-    hook.load_and_pin(name, &pin_dir.join(name))?;
-    link_pinned(hook, name, pin_dir, link_file)
 }
 
 /// Attaches the loaded program `name` through the link pinned as `link_file`: replacing the
@@ -355,14 +339,18 @@ enum XdpFailure {
 
 fn attach_xdp(bpf: &mut Ebpf, opts: &EbpfOptions) -> Result<(), XdpFailure> {
     let name = prog_names::DECAP_XDP;
-    let program: &mut Xdp = program_mut(bpf, name).map_err(XdpFailure::Other)?;
-    // Loaded here first, so a refusal by the verifier is told apart from the driver's.
-    program.load().map_err(XdpFailure::Load)?;
     let mut hook = XdpDriver {
-        program,
+        program: program_mut(bpf, name).map_err(XdpFailure::Other)?,
         ifindex: opts.ext_ifindex,
     };
-    attach_pinned(&mut hook, name, &opts.pin_dir, DECAP_XDP_LINK).map_err(|e| match e {
+    // Loaded on its own first, so a refusal by the verifier is told apart from the driver's
+    // (a program error from load_and_pin is the load's; pinning fails as EbpfError::Pin).
+    hook.load_and_pin(name, &opts.pin_dir.join(name))
+        .map_err(|e| match e {
+            EbpfError::Program { source, .. } => XdpFailure::Load(source),
+            other => XdpFailure::Other(other),
+        })?;
+    link_pinned(&mut hook, name, &opts.pin_dir, DECAP_XDP_LINK).map_err(|e| match e {
         EbpfError::Program { .. } | EbpfError::Link { .. } => XdpFailure::Attach(e),
         other => XdpFailure::Other(other),
     })

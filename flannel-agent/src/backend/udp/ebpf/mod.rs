@@ -53,7 +53,7 @@ use crate::cli::{UdpAttach, UdpDecap};
 pub use attach::{AttachMode, Attachment};
 pub use cls_bpf::{filters as tc_filters, TcFilter};
 use error::map_err;
-pub use error::{one_line, verifier_reason, EbpfError};
+pub use error::EbpfError;
 pub use links::{
     xdp_decap_ifindex, DECAP_LINK, DECAP_XDP_LINK, ENCAP_LINK, OVERLAY_IN_LINK, TCX_LINKS,
 };
