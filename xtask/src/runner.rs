@@ -278,6 +278,7 @@ fn run_one(plan: &Plan, run: &Run) -> Result<RunResult> {
             })
         }
     };
+    let _ended_if_interrupted = crate::child_group::register(child.id());
     let deadline = started + run.timeout;
     let (status, timed_out) = loop {
         if let Some(st) = child.try_wait()? {

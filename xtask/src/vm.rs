@@ -118,6 +118,7 @@ pub fn run_in_vm(
     let mut child = cmd
         .spawn()
         .with_context(|| format!("starting {}", vng_bin().unwrap_or_default().display()))?;
+    let _ended_if_interrupted = crate::child_group::register(child.id());
     let pgid = Pid::from_raw(child.id() as i32);
     let deadline = Instant::now() + timeout;
     loop {
