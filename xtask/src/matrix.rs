@@ -330,6 +330,9 @@ pub fn selection_leg(target: &Target, exes: &[(String, PathBuf)]) -> Result<LegR
     let wall = started.elapsed();
     let results = Results::read(&dir);
     let console_log = dir.join("console.log");
+    if let Some(crash) = vm::guest_crash(&console_log) {
+        error = Some(format!("the guest kernel crashed: {crash}"));
+    }
     match &results {
         None => {
             error.get_or_insert_with(|| {
