@@ -229,6 +229,7 @@ pub fn run_plan(plan_path: &Path) -> Result<()> {
         match guest_env::prepare(&plan.ram_files) {
             Ok(steps) => {
                 results.prepare = steps.into_iter().map(|(s, d)| (s.to_owned(), d)).collect();
+                results.write(&plan.dir)?;
             }
             Err(e) => {
                 results.environment_error = Some(format!("{e:#}"));
