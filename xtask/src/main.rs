@@ -5,6 +5,7 @@
 
 mod bench;
 mod build_ebpf;
+mod child_group;
 mod demo;
 mod guest_env;
 mod kernels;

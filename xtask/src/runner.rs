@@ -229,6 +229,7 @@ pub fn run_plan(plan_path: &Path) -> Result<()> {
         match guest_env::prepare(&plan.ram_files) {
             Ok(steps) => {
                 results.prepare = steps.into_iter().map(|(s, d)| (s.to_owned(), d)).collect();
+                results.write(&plan.dir)?;
             }
             Err(e) => {
                 results.environment_error = Some(format!("{e:#}"));
@@ -278,6 +279,7 @@ fn run_one(plan: &Plan, run: &Run) -> Result<RunResult> {
             })
         }
     };
+    let _ended_if_interrupted = crate::child_group::register(child.id());
     let deadline = started + run.timeout;
     let (status, timed_out) = loop {
         if let Some(st) = child.try_wait()? {
