@@ -71,3 +71,35 @@ pub fn has_clsact(ns: &Netns, dev: &str) -> Result<bool> {
     let out = ns.exec("tc", &["qdisc", "show", "dev", dev])?;
     Ok(out.lines().any(|l| l.starts_with("qdisc clsact ")))
 }
+
+/// The names of the eBPF programs on `direction` of `dev` in `ns`, TCX links first, then
+/// cls_bpf filters: one list whichever way the data plane attached (TCX where the kernel has
+/// it, classic TC where it does not). A kernel without TCX refuses the query with EINVAL.
+pub fn attached_programs(ns: &Netns, dev: &str, direction: &str) -> Result<Vec<String>> {
+    use aya::programs::{ProgramError, SchedClassifier, TcAttachType};
+    let attach = match direction {
+        "egress" => TcAttachType::Egress,
+        "ingress" => TcAttachType::Ingress,
+        other => anyhow::bail!("direction {other}: expected ingress or egress"),
+    };
+    let (owned, dir) = (dev.to_owned(), direction.to_owned());
+    let mut names: Vec<String> =
+        ns.enter(move || match SchedClassifier::query_tcx(&owned, attach) {
+            Ok((_, progs)) => Ok(progs
+                .iter()
+                .map(|p| p.name_as_str().unwrap_or("?").to_owned())
+                .collect()),
+            Err(ProgramError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::EINVAL) =>
+            {
+                Ok(Vec::new())
+            }
+            Err(e) => Err(anyhow::anyhow!("query tcx {dir} of {owned}: {e}")),
+        })?;
+    names.extend(
+        filters(ns, dev, direction)?
+            .into_iter()
+            .filter_map(|f| f.bpf_name),
+    );
+    Ok(names)
+}

@@ -15,7 +15,6 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use aya::programs::{SchedClassifier, TcAttachType};
 use flannel_agent::backend::udp::ebpf::{read_pinned_stats, EbpfDataplane, EbpfOptions};
 use flannel_agent::backend::udp::UdpDataplane;
 use flannel_agent::cli::{UdpAttach, UdpDecap};
@@ -32,7 +31,7 @@ use flannel_tests::pktgen::{
     udp_checksum_left_to_device, vxlan, ETH_HLEN, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, IPV4_HLEN,
     IP_DF, IP_MF, PROTO_UDP, SRC_MAC,
 };
-use flannel_tests::Netns;
+use flannel_tests::{tc, Netns};
 use ipnetwork::Ipv4Network;
 
 const OTHER_PEER_SUBNET: &str = "10.244.3.0/24";
@@ -1183,30 +1182,19 @@ fn reload_adopts_pinned_state_and_unload_removes_it() {
     );
     // Exactly one program on each hook: the old ones were replaced, not stacked.
     for (ifname, direction, prog) in [
-        ("flannel0", TcAttachType::Egress, "flannel_encap"),
-        ("ext0", TcAttachType::Ingress, "flannel_decap"),
+        ("flannel0", "egress", "flannel_encap"),
+        ("ext0", "ingress", "flannel_decap"),
     ] {
-        let names: Vec<String> = a_host.ns.enter(move || {
-            let (_, progs) = SchedClassifier::query_tcx(ifname, direction).expect("query tcx");
-            progs
-                .iter()
-                .map(|p| p.name_as_str().unwrap_or("?").to_string())
-                .collect()
-        });
-        assert_eq!(names, vec![prog.to_string()], "{ifname}");
+        let names = tc::attached_programs(&a_host.ns, ifname, direction).expect("programs");
+        assert_eq!(names, vec![prog.to_string()], "{ifname} {direction}");
     }
 
     // Uninstall: no pins left, nothing attached, and the tunnel is gone.
     drop(dpa);
     EbpfDataplane::unload(&a_host.pin_dir).expect("unload");
     assert!(!a_host.pin_dir.exists(), "pin dir removed");
-    let attached = a_host.ns.enter(|| {
-        SchedClassifier::query_tcx("flannel0", TcAttachType::Egress)
-            .expect("query tcx")
-            .1
-            .len()
-    });
-    assert_eq!(attached, 0, "encap detached");
+    let attached = tc::attached_programs(&a_host.ns, "flannel0", "egress").expect("programs");
+    assert!(attached.is_empty(), "encap detached: {attached:?}");
     assert!(
         !round_trip(&a_host, &b_host, Duration::from_millis(300)),
         "no tunnel after unload"

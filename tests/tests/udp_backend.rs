@@ -276,23 +276,6 @@ fn a_pod_cannot_inject_vxlan_posing_as_a_peers_pod() {
     o.check_all_pairs(1 << 20).unwrap();
 }
 
-/// The names of the TCX programs on `dir` of `dev` in `ns`.
-fn tcx_programs(ns: &flannel_tests::Netns, dev: &str, dir: &str) -> Vec<String> {
-    use aya::programs::{SchedClassifier, TcAttachType};
-    let attach = match dir {
-        "egress" => TcAttachType::Egress,
-        _ => TcAttachType::Ingress,
-    };
-    let dev = dev.to_owned();
-    ns.enter(move || {
-        let (_, progs) = SchedClassifier::query_tcx(&dev, attach).expect("query tcx");
-        progs
-            .iter()
-            .map(|p| p.name_as_str().unwrap_or("?").to_owned())
-            .collect()
-    })
-}
-
 /// Classic TC (`--udp-attach=tc`, what `auto` picks on kernels without TCX): every pair talks,
 /// each hook carries exactly our cls_bpf filter and no TCX program, each agent logs the choice,
 /// and flannel0's guard still works: decap's token reaches it through `tc_index` (cls_bpf
@@ -323,11 +306,9 @@ fn ebpf_with_classic_tc_all_pairs_ping_and_tcp_and_the_guard_holds() {
                 [Some(program)],
                 "host {h}: tc {dir} of {dev}: {ours:?}"
             );
-            let tcx = tcx_programs(ns, dev, dir);
-            assert!(
-                tcx.is_empty(),
-                "host {h}: TCX programs on {dev} {dir}: {tcx:?}"
-            );
+            // Our filter and nothing on TCX.
+            let all = tc::attached_programs(ns, dev, dir).unwrap();
+            assert_eq!(all, [program], "host {h}: programs on {dev} {dir}");
         }
         let pins = std::fs::read_dir(o.cluster.hosts[h].pin_dir()).unwrap();
         let links: Vec<_> = pins

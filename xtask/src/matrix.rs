@@ -21,50 +21,64 @@ use crate::runner::{Plan, Results, Run};
 use crate::vm;
 use crate::workspace::{cargo, flanneld_release, root, target_dir};
 
-/// One entry of the selection: a test target of `tests/tests/`, one test of it or all.
+/// One entry of the selection: a test target of `tests/tests/` and the tests of it to run.
 pub struct Selected {
     pub target: &'static str,
-    pub test: Option<&'static str>,
+    /// Exact test names, in the order they run.
+    pub tests: &'static [&'static str],
     /// Deadline inside a VM (several times what it took under TCG on a loaded machine); on
     /// this machine every run gets `HOST_RUN_TIMEOUT`.
     pub vm_timeout: Duration,
 }
 
 /// What every kernel leg runs, in this order: the smallest set that covers the eBPF data plane
-/// on a kernel. Each leg boots under qemu TCG (5-20x slower than the host), so this list is
-/// what keeps the VM leg of `cargo xtask test` short. Times in comments: 6.1 under TCG on a
-/// quiet machine, with the eBPF programs rejected (the eBPF netns tests end at the agent's
-/// first start), and on this machine.
+/// on a kernel. Each leg boots under qemu TCG, where a test that builds namespaces and loads
+/// the programs takes 20-40 s (about 50x this machine: every `ip`/`tc` process and every
+/// aya load runs emulated), so this list is what keeps the VM leg of `cargo xtask test` short.
 pub const SELECTION: &[Selected] = &[
-    // Every program through this kernel's verifier, then byte-exact BPF_PROG_TEST_RUN cases.
-    // 31 tests; 91-118 s (5.10: 445 s with the machine loaded); here 21 s.
+    // Every program through this kernel's verifier (each test loads all five), the
+    // BPF_PROG_TEST_RUN byte-exact and drop cases of each program, XDP decap on veth and its
+    // mark, then traffic, GSO and a reload through real devices.
     Selected {
         target: "ebpf_programs",
-        test: None,
-        vm_timeout: Duration::from_secs(900),
+        tests: &[
+            "encap_output_is_byte_exact",
+            "encap_drops_and_counts_what_it_cannot_send",
+            "encap_completes_checksums_left_to_a_virtual_wire_and_nothing_else",
+            "decap_accepts_peers_and_strips_exactly_the_outer_headers",
+            "decap_drops_and_counts_by_reason",
+            "decap_passes_what_is_not_ours_untouched",
+            "xdp_decap_accepts_peers_and_strips_exactly_the_outer_headers",
+            "xdp_decap_drops_and_counts_by_reason",
+            "xdp_decap_mark_is_honoured_by_tc_and_dropped_when_it_comes_from_the_wire",
+            "kernel_rx_decap_rewrites_accepted_packets_into_vxlan_byte_exact",
+            "overlay_in_drops_and_counts_what_decap_did_not_hand_on",
+            "traffic_crosses_the_tunnel_with_strict_rp_filter",
+            "bulk_tcp_keeps_gso_super_packets_whole_and_data_intact",
+            "reload_adopts_pinned_state_and_unload_removes_it",
+            "bpftool_dumps_the_pinned_maps_with_field_names",
+        ],
+        vm_timeout: Duration::from_secs(1200),
     },
     // The same overlay without eBPF (etcd, CNI pods, TUN data plane): tells a guest that cannot
     // run the netns tests from eBPF programs this kernel rejects.
-    // 30-42 s (87 s loaded); here 2 s.
     Selected {
         target: "udp_backend",
-        test: Some("tun_all_pairs_ping_and_tcp"),
+        tests: &["tun_all_pairs_ping_and_tcp"],
         vm_timeout: Duration::from_secs(400),
     },
     // CNI pods on two eBPF hosts and a TUN host (upstream's wire format): ping and hashed TCP
     // between every pair, eBPF-eBPF, eBPF-TUN and TUN-eBPF.
-    // 11-13 s until the agent exits; here 3 s.
     Selected {
         target: "udp_backend",
-        test: Some("mixed_ebpf_and_tun_hosts_interoperate"),
+        tests: &["mixed_ebpf_and_tun_hosts_interoperate"],
         vm_timeout: Duration::from_secs(400),
     },
     // The agent killed and restarted under a 100/s ping: pinned maps and links adopted, no
     // packet lost.
-    // 8-12 s until the agent exits; here 19 s (10 s of pings at least).
     Selected {
         target: "operations",
-        test: Some("sigkill_and_restart_lose_no_packets_and_drop_peers_deleted_meanwhile"),
+        tests: &["sigkill_and_restart_lose_no_packets_and_drop_peers_deleted_meanwhile"],
         vm_timeout: Duration::from_secs(400),
     },
 ];
@@ -253,32 +267,43 @@ fn format_wall(d: Duration) -> String {
 }
 
 /// The selection as test runs: one per entry, tests one at a time (2 vCPUs under TCG, and
-/// plain output to parse).
-fn selection_runs(exes: &[(String, PathBuf)], vm: bool) -> Result<Vec<Run>> {
-    SELECTION
-        .iter()
-        .map(|sel| {
-            let exe = exes
-                .iter()
-                .find(|(n, _)| n == sel.target)
-                .map(|(_, p)| p.clone())
-                .with_context(|| format!("no test executable for tests/tests/{}.rs", sel.target))?;
-            let (name, mut args) = match sel.test {
-                Some(t) => (
-                    format!("{}.{t}", sel.target),
-                    vec!["--exact".to_owned(), t.to_owned()],
-                ),
-                None => (sel.target.to_owned(), Vec::new()),
-            };
-            args.push("--test-threads=1".to_owned());
-            Ok(Run {
-                name,
-                exe,
-                args,
-                timeout: if vm { sel.vm_timeout } else { HOST_RUN_TIMEOUT },
-            })
-        })
-        .collect()
+/// plain output to parse). `only` (from `cargo xtask test --kernel K -- NAME...`) keeps the
+/// tests whose name contains one of its words; an entry left with none is not run.
+fn selection_runs(exes: &[(String, PathBuf)], vm: bool, only: &[String]) -> Result<Vec<Run>> {
+    let mut runs = Vec::new();
+    for sel in SELECTION {
+        let exe = exes
+            .iter()
+            .find(|(n, _)| n == sel.target)
+            .map(|(_, p)| p.clone())
+            .with_context(|| format!("no test executable for tests/tests/{}.rs", sel.target))?;
+        let tests: Vec<&str> = sel
+            .tests
+            .iter()
+            .copied()
+            .filter(|t| only.is_empty() || only.iter().any(|o| t.contains(o.as_str())))
+            .collect();
+        if tests.is_empty() {
+            continue;
+        }
+        let name = match tests.as_slice() {
+            [one] => format!("{}.{one}", sel.target),
+            _ => sel.target.to_owned(),
+        };
+        let mut args = vec!["--exact".to_owned()];
+        args.extend(tests.iter().map(|t| (*t).to_owned()));
+        args.push("--test-threads=1".to_owned());
+        runs.push(Run {
+            name,
+            exe,
+            args,
+            timeout: if vm { sel.vm_timeout } else { HOST_RUN_TIMEOUT },
+        });
+    }
+    if runs.is_empty() {
+        bail!("no test of the kernel selection matches {}", only.join(" "));
+    }
+    Ok(runs)
 }
 
 fn plan(target: &Target, dir: &Path, runs: Vec<Run>) -> Result<Plan> {
@@ -315,7 +340,11 @@ fn plan(target: &Target, dir: &Path, runs: Vec<Run>) -> Result<Plan> {
 }
 
 /// The selection on `target`, its files in `target/kernel-matrix/<release or host>/`.
-pub fn selection_leg(target: &Target, exes: &[(String, PathBuf)]) -> Result<LegReport> {
+pub fn selection_leg(
+    target: &Target,
+    exes: &[(String, PathBuf)],
+    only: &[String],
+) -> Result<LegReport> {
     let (name, detail, leg_dir_name) = match target {
         Target::Vm(k) => (
             k.series.name.to_owned(),
@@ -335,7 +364,7 @@ pub fn selection_leg(target: &Target, exes: &[(String, PathBuf)]) -> Result<LegR
     }
     std::fs::create_dir_all(&dir)?;
     let vm = matches!(target, Target::Vm(_));
-    let plan = plan(target, &dir, selection_runs(exes, vm)?)?;
+    let plan = plan(target, &dir, selection_runs(exes, vm, only)?)?;
     plan.write()?;
 
     println!(
