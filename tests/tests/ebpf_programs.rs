@@ -16,7 +16,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use flannel_agent::backend::udp::ebpf::{read_pinned_stats, EbpfDataplane, EbpfOptions};
-use flannel_agent::backend::udp::UdpDataplane;
+use flannel_agent::backend::udp::{pin_lock, UdpDataplane};
 use flannel_agent::cli::{UdpAttach, UdpDecap};
 use flannel_common::{Config, Stats, CONFIG_F_KERNEL_RX, CONFIG_F_XDP_DECAP};
 use flannel_tests::bpf::PinnedProgram;
@@ -122,8 +122,13 @@ impl Host {
             decap,
             ..self.options()
         };
+        // As the agent does: the pin dir records whose namespace its TC filters are in, which
+        // is what lets `unload` remove classic TC filters (TCX links are in the pin dir).
         self.ns
-            .enter(move || EbpfDataplane::load(&opts))
+            .enter(move || {
+                pin_lock::PinDirLock::acquire(&opts.pin_dir)?;
+                Ok::<_, anyhow::Error>(EbpfDataplane::load(&opts)?)
+            })
             .expect("load eBPF data plane")
     }
 
@@ -1191,7 +1196,11 @@ fn reload_adopts_pinned_state_and_unload_removes_it() {
 
     // Uninstall: no pins left, nothing attached, and the tunnel is gone.
     drop(dpa);
-    EbpfDataplane::unload(&a_host.pin_dir).expect("unload");
+    let pin_dir = a_host.pin_dir.clone();
+    a_host
+        .ns
+        .enter(move || EbpfDataplane::unload(&pin_dir))
+        .expect("unload");
     assert!(!a_host.pin_dir.exists(), "pin dir removed");
     let attached = tc::attached_programs(&a_host.ns, "flannel0", "egress").expect("programs");
     assert!(attached.is_empty(), "encap detached: {attached:?}");
@@ -1199,7 +1208,11 @@ fn reload_adopts_pinned_state_and_unload_removes_it() {
         !round_trip(&a_host, &b_host, Duration::from_millis(300)),
         "no tunnel after unload"
     );
-    EbpfDataplane::unload(&a_host.pin_dir).expect("unload twice is fine");
+    let pin_dir = a_host.pin_dir.clone();
+    a_host
+        .ns
+        .enter(move || EbpfDataplane::unload(&pin_dir))
+        .expect("unload twice is fine");
 }
 
 #[test]

@@ -62,6 +62,12 @@ fn pinned_peer_subnets(o: &Overlay, host: usize) -> Vec<String> {
 }
 
 /// Ping at 100 packets per second, in the background.
+/// `count` pings at 100/s for what takes `count` / 100 s on this machine: times the harness's
+/// time scale, so that what happens during them (a restart) still does in a slower VM.
+fn scaled_pings(count: u32) -> u32 {
+    (f64::from(count) * flannel_tests::time_scale()).round() as u32
+}
+
 fn start_ping(src: &Container, dst: Ipv4Addr, count: u32) -> Child {
     src.ping_command(dst, count, &["-W", "2"])
         .stdout(Stdio::piped())
@@ -152,12 +158,12 @@ fn tcx_hooks(xdp_progs: u32) -> Vec<(String, u32)> {
 
 /// What `flanneld dataplane` lists with classic TC and `filters_on_eth0` filters (ours
 /// included) on eth0's ingress.
-fn classic_hooks(filters_on_eth0: u32) -> Vec<(String, u32)> {
+fn classic_hooks(filters_on_eth0: u32, xdp_progs: u32) -> Vec<(String, u32)> {
     [
         ("tc egress of flannel0", 1),
         ("tc ingress of flannel0", 1),
         ("tc ingress of eth0", filters_on_eth0),
-        ("xdp of eth0", 0),
+        ("xdp of eth0", xdp_progs),
     ]
     .map(|(h, n)| (h.to_owned(), n))
     .to_vec()
@@ -181,28 +187,41 @@ fn flannel_filters(o: &Overlay, host: usize) -> Vec<(&'static str, tc::Filter)> 
 
 #[test]
 fn sigkill_and_restart_lose_no_packets_and_drop_peers_deleted_meanwhile() {
-    sigkill_and_restart(&["--udp-decap=tc"], &tcx_hooks(0));
+    sigkill_and_restart(&["--udp-decap=tc"], 0);
 }
 
 #[test]
 fn sigkill_and_restart_with_xdp_decap_lose_no_packets() {
-    sigkill_and_restart(&["--udp-decap=xdp"], &tcx_hooks(1));
+    sigkill_and_restart(&["--udp-decap=xdp"], 1);
 }
 
 /// Classic TC: the new agent swaps its programs into our filters (same pref and handle, a new
 /// program id), never without one.
 #[test]
 fn sigkill_and_restart_with_classic_tc_lose_no_packets_and_replace_programs_in_place() {
-    sigkill_and_restart(&["--udp-decap=tc", "--udp-attach=tc"], &classic_hooks(1));
+    sigkill_and_restart(&["--udp-decap=tc", "--udp-attach=tc"], 0);
 }
 
-/// `hooks`: what `flanneld dataplane` lists on the hooks afterwards.
-fn sigkill_and_restart(extra: &[&'static str], hooks: &[(String, u32)]) {
+/// `xdp_progs`: the XDP programs `flanneld dataplane` lists on eth0 afterwards. The TC hooks
+/// are listed as the agent attached (`attach` of `flannel_dataplane_info`): TCX, or classic TC
+/// where it was asked for or where the kernel has no TCX (the kernel matrix's 5.10 and 6.1).
+fn sigkill_and_restart(extra: &[&'static str], xdp_progs: u32) {
     let mut o = overlay(extra);
+    let attach = o.agents[0].dataplane_info().unwrap()["attach"].clone();
+    let classic = attach == "tc";
+    if extra.contains(&"--udp-attach=tc") {
+        assert!(classic, "--udp-attach=tc attached with {attach}");
+    }
+    let hooks = if classic {
+        classic_hooks(1, xdp_progs)
+    } else {
+        tcx_hooks(xdp_progs)
+    };
     let dst = o.containers[1].ip;
     let filters_before = flannel_filters(&o, 0);
     // 10 s of pings at 100/s; the agent is killed and back well within that.
-    let mut ping = Reaper(Some(start_ping(&o.containers[0], dst, 1000)));
+    let count = scaled_pings(1000);
+    let mut ping = Reaper(Some(start_ping(&o.containers[0], dst, count)));
     wait_for(Duration::from_secs(5), "pings flowing", || {
         dataplane_report(&o, 0)
             .lines()
@@ -233,7 +252,6 @@ fn sigkill_and_restart(extra: &[&'static str], hooks: &[(String, u32)]) {
     let report = dataplane_report(&o, 0);
     assert_eq!(hook_program_counts(&report), hooks, "{report}");
     let filters_after = flannel_filters(&o, 0);
-    let classic = extra.contains(&"--udp-attach=tc");
     assert_eq!(
         filters_after.len(),
         if classic { 3 } else { 0 },
@@ -254,7 +272,7 @@ fn sigkill_and_restart(extra: &[&'static str], hooks: &[(String, u32)]) {
 
     let out = ping.wait();
     let (sent, received) = ping_summary(&out);
-    assert_eq!(sent, 1000);
+    assert_eq!(sent, count);
     assert_eq!(received, sent, "packets lost across the restart\n{report}");
     // Still talking both ways afterwards.
     assert!(o.containers[1].ping(o.containers[0].ip, 3, 2).unwrap());
@@ -485,11 +503,16 @@ fn switching_between_tcx_and_classic_tc_on_restart_keeps_one_of_ours_per_hook() 
     let mut o = overlay(&["--udp-decap=tc"]);
     assert_eq!(hook_program_counts(&dataplane_report(&o, 0)), tcx_hooks(0));
     // 30 s of pings at 100/s; both restarts are done well within that.
-    let mut ping = Reaper(Some(start_ping(&o.containers[0], o.containers[1].ip, 3000)));
+    let count = scaled_pings(3000);
+    let mut ping = Reaper(Some(start_ping(
+        &o.containers[0],
+        o.containers[1].ip,
+        count,
+    )));
     let steps = [
         (
             ["--udp-decap=tc", "--udp-attach=tc"],
-            classic_hooks(1),
+            classic_hooks(1, 0),
             "attaching with classic TC (clsact + cls_bpf): --udp-attach=tc",
         ),
         (
@@ -515,7 +538,7 @@ fn switching_between_tcx_and_classic_tc_on_restart_keeps_one_of_ours_per_hook() 
     }
     assert!(ping.running(), "the restarts must happen while pinging");
     let (sent, received) = ping_summary(&ping.wait());
-    assert_eq!((sent, received), (3000, 3000), "{}", o.agents[0].log());
+    assert_eq!((sent, received), (count, count), "{}", o.agents[0].log());
     // No packet met two guards (the second would drop what the first admitted).
     let report = dataplane_report(&o, 0);
     let unverified = report
