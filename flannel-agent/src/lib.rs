@@ -7,6 +7,7 @@ pub mod config;
 pub mod error_line;
 pub mod health;
 pub mod iface;
+pub mod iface_ipv6;
 pub mod instance_lock;
 pub mod iptables;
 pub mod lease;

@@ -1,9 +1,11 @@
 //! What a unit or script written for upstream flanneld (v0.20.2 up to today's) meets here: its
 //! flags and FLANNELD_* variables start ours unchanged, and the flags added upstream since
-//! (--ip-blackhole-route, --ip-masq-fully-random-disable) do what they do there.
+//! (--ip-blackhole-route, --ip-masq-fully-random-disable) do what they do there; the
+//! public IPv6 address is chosen as upstream v0.28 does.
 
 use std::time::Duration;
 
+use flannel_tests::dual_stack::ipv6_underlay;
 use flannel_tests::{wait_for, Agent, Cluster, Overlay};
 
 const HOSTGW: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#;
@@ -133,4 +135,57 @@ fn ip_blackhole_route_drops_our_unused_addresses_and_pods_still_talk() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.trim(), "RTNETLINK answers: Invalid argument");
+}
+
+const V6_ONLY_HOSTGW: &str = r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/48","Backend":{"Type":"host-gw"}}"#;
+
+#[test]
+fn the_public_ipv6_address_is_the_permanent_one_not_a_deprecated_or_dynamic_one() {
+    let o = Overlay::builder(V6_ONLY_HOSTGW, 1)
+        .containers_per_host(0)
+        // 2001:db8::10, configured by hand (permanent).
+        .before_agents(ipv6_underlay)
+        .before_agents(|c| {
+            let ns = &c.hosts[0].ns;
+            // A dynamic address (finite lifetimes, as SLAAC or DHCPv6 give), then a
+            // deprecated one (preferred lifetime over).
+            for (addr, lifetimes) in [
+                (
+                    "2001:db8::aaaa/64",
+                    ["valid_lft", "3600", "preferred_lft", "3600"],
+                ),
+                (
+                    "2001:db8::dead/64",
+                    ["valid_lft", "3600", "preferred_lft", "0"],
+                ),
+            ] {
+                let mut args = vec!["-6", "addr", "add", addr, "dev", "eth0", "nodad"];
+                args.extend(lifetimes);
+                ns.ip(&args)?;
+            }
+            Ok(())
+        })
+        .start()
+        .unwrap();
+    // The kernel lists the newest address first: taking the first global one would be wrong.
+    let listed = o.cluster.hosts[0]
+        .ns
+        .ip(&["-6", "-o", "addr", "show", "dev", "eth0", "scope", "global"])
+        .unwrap();
+    let first = listed.lines().next().unwrap_or_default();
+    assert!(!first.contains("2001:db8::10/"), "{listed}");
+
+    let leases = o.cluster.leases().unwrap();
+    assert_eq!(leases.len(), 1, "{leases:?}");
+    assert!(
+        leases[0].value.contains(r#""PublicIPv6":"2001:db8::10""#),
+        "{}\n{}",
+        leases[0].value,
+        o.agent_log(0)
+    );
+    let log = o.agents[0].own_log();
+    assert!(
+        log.contains("IPv6 address 2001:db8::10, public IPv6 address 2001:db8::10"),
+        "{log}"
+    );
 }
