@@ -2,6 +2,7 @@
 
 pub mod backend;
 pub mod blackhole;
+pub mod br_netfilter;
 pub mod cli;
 pub mod config;
 pub mod error_line;
