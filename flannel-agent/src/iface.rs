@@ -3,7 +3,8 @@
 //! `--iface-can-reach` (an IPv4 or IPv6 route lookup), else the interface of the default route
 //! (IPv4, else IPv6); `--public-ip` / `--public-ipv6` override the addresses other nodes use.
 //! As upstream's ExternalInterface it carries both families' addresses; which are needed
-//! depends on the network config (`check_stack`).
+//! depends on the network config (`check_stack`). Which IPv6 address of the interface:
+//! `iface_ipv6` (no deprecated, tentative or temporary ones; permanent first).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -13,6 +14,8 @@ use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags};
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
 use rtnetlink::{Handle, RouteMessageBuilder};
+
+use crate::iface_ipv6::{self, Ipv6IfAddr};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IfaceError {
@@ -56,14 +59,15 @@ pub struct Link {
     pub up: bool,
     pub loopback: bool,
     pub ipv4: Vec<Ipv4Addr>,
-    pub ipv6: Vec<Ipv6Addr>,
+    /// With their flags and scope: which one is used depends on them (`iface_ipv6`).
+    pub ipv6: Vec<Ipv6IfAddr>,
 }
 
 impl Link {
     fn holds(&self, ip: IpAddr) -> bool {
         match ip {
             IpAddr::V4(a) => self.ipv4.contains(&a),
-            IpAddr::V6(a) => self.ipv6.contains(&a),
+            IpAddr::V6(a) => self.ipv6.iter().any(|x| x.addr == a),
         }
     }
 }
@@ -143,8 +147,8 @@ pub struct ExternalInterface {
     pub iface_addr: Ipv4Addr,
     /// The address other nodes reach us at (`--public-ip`, else `iface_addr`).
     pub ext_addr: Ipv4Addr,
-    /// The interface's IPv6 address (the one `--iface`/`--iface-regex` matched, else its first
-    /// global one).
+    /// The interface's IPv6 address (the one `--iface`/`--iface-regex` matched, else its
+    /// preferred global one: `iface_ipv6::preferred`).
     pub iface_v6_addr: Option<Ipv6Addr>,
     /// The IPv6 address other nodes reach us at (`--public-ipv6`, else `iface_v6_addr`).
     pub ext_v6_addr: Option<Ipv6Addr>,
@@ -209,9 +213,22 @@ pub async fn list_links(handle: &Handle) -> Result<Vec<Link>, IfaceError> {
         let Some(link) = links.iter_mut().find(|l| l.index == msg.header.index) else {
             continue;
         };
+        // IFA_FLAGS carries all 32 bits; older kernels send only the header's 8.
+        let flags = msg
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                AddressAttribute::Flags(f) => Some(f.bits()),
+                _ => None,
+            })
+            .unwrap_or_else(|| u32::from(msg.header.flags.bits()));
         match ip {
             Some(IpAddr::V4(a)) => link.ipv4.push(a),
-            Some(IpAddr::V6(a)) => link.ipv6.push(a),
+            Some(IpAddr::V6(addr)) => link.ipv6.push(Ipv6IfAddr {
+                addr,
+                flags,
+                scope: u8::from(msg.header.scope),
+            }),
             None => {}
         }
     }
@@ -298,10 +315,11 @@ pub fn select_by_options(
     for pattern in &sel.regexes {
         let re = Regex::new(pattern).map_err(|e| IfaceError::BadRegex(pattern.clone(), e))?;
         // Upstream matches addresses (IPv4, then IPv6) first, then names; loopback never
-        // qualifies.
+        // qualifies, nor an IPv6 address `iface_ipv6` would not use.
         let addresses = |l: &Link| -> Vec<IpAddr> {
             let v4 = l.ipv4.iter().map(|a| IpAddr::V4(*a));
-            v4.chain(l.ipv6.iter().map(|a| IpAddr::V6(*a))).collect()
+            let v6 = iface_ipv6::usable_by_preference(&l.ipv6).into_iter();
+            v4.chain(v6.map(IpAddr::V6)).collect()
         };
         for v6 in [false, true] {
             for l in links.iter().filter(|l| !l.loopback) {
@@ -339,7 +357,9 @@ fn why_unusable(link: &Link, addr: Option<IpAddr>) -> Option<String> {
     }
     match addr {
         Some(a) => unusable_address(a).map(|why| format!("{a} is {why}")),
-        None if first_usable(&link.ipv4).is_none() && first_usable(&link.ipv6).is_none() => {
+        None if first_usable(&link.ipv4).is_none()
+            && iface_ipv6::preferred(&link.ipv6).is_none() =>
+        {
             Some(format!("{} has no usable IPv4 or IPv6 address", link.name))
         }
         None => None,
@@ -367,17 +387,24 @@ fn public_address<A: Family>(value: IpAddr) -> Result<A, IfaceError> {
 }
 
 /// The addresses of the chosen `link`: `addr` (what an option matched) for its family, the
-/// link's first usable address for the other; then the public overrides.
+/// link's first usable IPv4 / preferred IPv6 address for the other; then the public overrides.
 pub fn external_interface(
     link: Link,
     addr: Option<IpAddr>,
     sel: &IfaceSelector,
 ) -> Result<ExternalInterface, IfaceError> {
     let (iface_addr, iface_v6_addr) = match addr {
-        Some(IpAddr::V4(a)) => (Some(a), first_usable(&link.ipv6)),
+        Some(IpAddr::V4(a)) => (Some(a), iface_ipv6::preferred(&link.ipv6)),
         Some(IpAddr::V6(a)) => (first_usable(&link.ipv4), Some(a)),
-        None => (first_usable(&link.ipv4), first_usable(&link.ipv6)),
+        None => (first_usable(&link.ipv4), iface_ipv6::preferred(&link.ipv6)),
     };
+    if iface_v6_addr.is_none() {
+        for a in &link.ipv6 {
+            if let Some(why) = iface_ipv6::why_not_public(a) {
+                log::debug!("{}: IPv6 address {} not used: {why}", link.name, a.addr);
+            }
+        }
+    }
     if iface_addr.is_none() && iface_v6_addr.is_none() {
         return Err(IfaceError::NoAddress(link.name));
     }
@@ -455,6 +482,14 @@ pub async fn lookup_external_interface(
 mod tests {
     use super::*;
 
+    /// Addresses configured by hand (permanent).
+    fn v6(addrs: &[&str]) -> Vec<Ipv6IfAddr> {
+        addrs
+            .iter()
+            .map(|a| Ipv6IfAddr::permanent(a.parse().expect("test constant")))
+            .collect()
+    }
+
     fn links() -> Vec<Link> {
         vec![
             Link {
@@ -464,7 +499,7 @@ mod tests {
                 up: true,
                 loopback: true,
                 ipv4: vec![Ipv4Addr::LOCALHOST],
-                ipv6: vec![Ipv6Addr::LOCALHOST],
+                ipv6: v6(&["::1"]),
             },
             Link {
                 index: 2,
@@ -473,10 +508,7 @@ mod tests {
                 up: true,
                 loopback: false,
                 ipv4: vec!["192.0.2.10".parse().unwrap()],
-                ipv6: vec![
-                    "fe80::10".parse().unwrap(),
-                    "2001:db8:1::10".parse().unwrap(),
-                ],
+                ipv6: v6(&["fe80::10", "2001:db8:1::10"]),
             },
             Link {
                 index: 3,
@@ -497,7 +529,7 @@ mod tests {
                 up: true,
                 loopback: false,
                 ipv4: vec![],
-                ipv6: vec!["fe80::6".parse().unwrap(), "2001:db8:6::6".parse().unwrap()],
+                ipv6: v6(&["fe80::6", "2001:db8:6::6"]),
             },
         ]
     }
@@ -656,7 +688,7 @@ mod tests {
             "interface eth1 has no global IPv6 address, which the network config needs (EnableIPv6); add one or pass --public-ipv6"
         );
         let none = Link {
-            ipv6: vec!["fe80::1".parse().unwrap()],
+            ipv6: v6(&["fe80::1"]),
             ..link("eth1")
         };
         let none = Link {
@@ -665,6 +697,63 @@ mod tests {
         };
         assert_eq!(
             external_interface(none, None, &IfaceSelector::default())
+                .unwrap_err()
+                .to_string(),
+            "interface eth1 has no usable IPv4 or IPv6 address"
+        );
+    }
+
+    #[test]
+    fn the_interface_ipv6_address_skips_deprecated_tentative_and_temporary_ones() {
+        use crate::iface_ipv6::{IFA_F_DEPRECATED, IFA_F_PERMANENT, IFA_F_TEMPORARY};
+        use crate::iface_ipv6::{IFA_F_TENTATIVE, RT_SCOPE_UNIVERSE};
+        let flagged = |a: &str, flags| Ipv6IfAddr {
+            addr: a.parse().expect("test constant"),
+            flags,
+            scope: RT_SCOPE_UNIVERSE,
+        };
+        // As the kernel lists them: a privacy address, a SLAAC one, then a static one.
+        let slaac = Link {
+            ipv6: vec![
+                Ipv6IfAddr::permanent("fe80::10".parse().expect("test constant")),
+                flagged("2001:db8:1::aaaa", IFA_F_TEMPORARY),
+                flagged("2001:db8:1::bbbb", 0),
+                flagged("2001:db8:1::dead", IFA_F_PERMANENT | IFA_F_DEPRECATED),
+                flagged("2001:db8:1::10", IFA_F_PERMANENT),
+            ],
+            ..link("eth0")
+        };
+        let ext = external_interface(slaac.clone(), None, &IfaceSelector::default()).unwrap();
+        assert_eq!(ext.iface_v6_addr, Some("2001:db8:1::10".parse().unwrap()));
+        assert_eq!(ext.ext_v6_addr, ext.iface_v6_addr);
+        // A regex over addresses never matches one that would not be used.
+        assert!(select_by_options(
+            std::slice::from_ref(&slaac),
+            &sel(&[], &["^2001:db8:1::(aaaa|dead)$"])
+        )
+        .unwrap()
+        .is_none());
+        // Only unusable global addresses: the same error as with none at all.
+        let unusable = Link {
+            ipv6: vec![
+                flagged("2001:db8:1::aaaa", IFA_F_TEMPORARY),
+                flagged("2001:db8:1::dead", IFA_F_PERMANENT | IFA_F_DEPRECATED),
+                flagged("2001:db8:1::beef", IFA_F_PERMANENT | IFA_F_TENTATIVE),
+            ],
+            ..link("eth1")
+        };
+        let ext = external_interface(unusable.clone(), None, &IfaceSelector::default()).unwrap();
+        assert_eq!(ext.ext_v6_addr, None);
+        assert_eq!(
+            ext.check_stack(true, true).unwrap_err().to_string(),
+            "interface eth1 has no global IPv6 address, which the network config needs (EnableIPv6); add one or pass --public-ipv6"
+        );
+        let nothing = Link {
+            ipv4: vec![],
+            ..unusable
+        };
+        assert_eq!(
+            external_interface(nothing, None, &IfaceSelector::default())
                 .unwrap_err()
                 .to_string(),
             "interface eth1 has no usable IPv4 or IPv6 address"

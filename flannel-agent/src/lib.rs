@@ -2,11 +2,13 @@
 
 pub mod backend;
 pub mod blackhole;
+pub mod br_netfilter;
 pub mod cli;
 pub mod config;
 pub mod error_line;
 pub mod health;
 pub mod iface;
+pub mod iface_ipv6;
 pub mod instance_lock;
 pub mod iptables;
 pub mod lease;

@@ -76,6 +76,7 @@ async fn agent(flags: Flags) -> anyhow::Result<()> {
     let registry = startup::connect_etcd(&flags).await?;
     let (handle, ext) = startup::external_interface(&flags).await?;
     let (config, backend) = startup::network_config(&registry, &ext, &flags).await;
+    startup::check_br_netfilter(&config, &status);
 
     let (ttl, margin) = (flags.subnet_lease_ttl, flags.subnet_lease_renew_margin);
     let attrs = startup::lease_attrs(&config, &backend, &ext)?;

@@ -169,6 +169,22 @@ pub fn render(state: &AgentStatus, dataplane: Option<&DataplaneSample>) -> Strin
         watch.down_for().as_secs(),
     );
 
+    if let Some(checks) = state.bridge_netfilter() {
+        family(
+            &mut out,
+            "flannel_br_netfilter",
+            "gauge",
+            "1 if traffic between pods on one bridge passes through iptables (br_netfilter loaded, net.bridge.bridge-nf-call-ip(6)tables=1), 0 if it bypasses them; per family, checked at start in iptables mode.",
+        );
+        for c in checks {
+            sample(
+                &mut out,
+                "flannel_br_netfilter",
+                &[("family", c.family)],
+                u8::from(c.is_on()),
+            );
+        }
+    }
     if let Some(dp) = dataplane {
         render_dataplane(&mut out, dp);
     }
@@ -234,6 +250,35 @@ mod tests {
         );
         assert!(!body.contains("flannel_lease_info{"), "{body}");
         assert!(!body.contains("flannel_dataplane"), "{body}");
+    }
+
+    #[test]
+    fn br_netfilter_is_a_gauge_per_checked_family_and_absent_when_not_checked() {
+        use crate::br_netfilter::{BridgeNetfilter, SysctlState};
+        let state = AgentStatus::default();
+        assert!(!render(&state, None).contains("flannel_br_netfilter"));
+        state.set_bridge_netfilter(vec![
+            BridgeNetfilter {
+                family: "ipv4",
+                sysctl: "net.bridge.bridge-nf-call-iptables",
+                state: SysctlState::Missing,
+            },
+            BridgeNetfilter {
+                family: "ipv6",
+                sysctl: "net.bridge.bridge-nf-call-ip6tables",
+                state: SysctlState::On,
+            },
+        ]);
+        let body = render(&state, None);
+        assert!(body.contains("# TYPE flannel_br_netfilter gauge"), "{body}");
+        assert_eq!(
+            value(&body, "flannel_br_netfilter{family=\"ipv4\"}").as_deref(),
+            Some("0")
+        );
+        assert_eq!(
+            value(&body, "flannel_br_netfilter{family=\"ipv6\"}").as_deref(),
+            Some("1")
+        );
     }
 
     #[test]

@@ -16,6 +16,7 @@ use crate::cli::Flags;
 use crate::config::NetworkConfig;
 use crate::iface::{lookup_external_interface, ExternalInterface, IfaceSelector};
 use crate::lease::{Lease, LeaseAttrs};
+use crate::status::AgentStatus;
 use crate::subnet::config_wait::wait_for_config;
 use crate::subnet::registry::{explain_with, EtcdSettings};
 use crate::subnet::EtcdRegistry;
@@ -106,6 +107,22 @@ pub async fn network_config(
         config.backend.backend_type
     );
     (config, backend)
+}
+
+/// iptables mode only (as upstream; nftables mode has no such check): whether pod-to-pod
+/// traffic on the bridge passes through iptables, warned about once and recorded for
+/// `/metrics`. Always checked in iptables mode rather than only when a bridge exists: flannel's
+/// CNI plugin always puts pods behind the `bridge` plugin's cni0, which usually appears only
+/// with the first pod, after flanneld started.
+pub fn check_br_netfilter(config: &NetworkConfig, status: &AgentStatus) {
+    if config.enable_nftables {
+        return;
+    }
+    let checks = crate::br_netfilter::check(config.enable_ipv4, config.enable_ipv6);
+    if let Some(line) = crate::br_netfilter::warning(&checks) {
+        log::warn!("{line}");
+    }
+    status.set_bridge_netfilter(checks);
 }
 
 /// What `set_up_host` leaves running: the backend's network for our lease, and the sender

@@ -4,9 +4,10 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::br_netfilter::BridgeNetfilter;
 use crate::lease::{Lease, SubnetKey};
 use crate::subnet::watch::{PeerEvent, WatchStats};
 
@@ -18,6 +19,8 @@ pub struct AgentStatus {
     watch: Arc<WatchStats>,
     /// Unix time our lease expires unless renewed; 0 for a reservation (or no lease yet).
     lease_expiry: AtomicI64,
+    /// What the start-up check found (iptables mode only).
+    bridge_netfilter: OnceLock<Vec<BridgeNetfilter>>,
 }
 
 impl AgentStatus {
@@ -58,6 +61,16 @@ impl AgentStatus {
 
     pub fn lease_expiry(&self) -> i64 {
         self.lease_expiry.load(Ordering::Relaxed)
+    }
+
+    /// Records the start-up `br_netfilter` check (the first call wins: it runs once).
+    pub fn set_bridge_netfilter(&self, checks: Vec<BridgeNetfilter>) {
+        let _ = self.bridge_netfilter.set(checks);
+    }
+
+    /// The `br_netfilter` check, if one ran (not in nftables mode).
+    pub fn bridge_netfilter(&self) -> Option<&[BridgeNetfilter]> {
+        self.bridge_netfilter.get().map(Vec::as_slice)
     }
 
     /// Follow peer changes in the published view.
