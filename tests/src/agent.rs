@@ -203,6 +203,7 @@ impl Agent {
     /// (one INFO line per choice, with its reason).
     pub fn assert_logged_paths(&self, info: &std::collections::BTreeMap<String, String>) {
         let log = self.log();
+        record_paths(&log);
         let decap = match info.get("decap").map(String::as_str) {
             Some("xdp") => "decapsulating with native XDP on ",
             Some("tc") => "decapsulating on TC ingress of ",
@@ -328,5 +329,38 @@ impl Drop for Agent {
                 let _ = c.wait();
             }
         }
+    }
+}
+
+/// The agent's path choices (its INFO lines on attach, decap and what the kernel takes),
+/// appended to `$FLANNEL_TEST_PATHS_FILE` when set: the kernel matrix reports per kernel what
+/// the agents chose there.
+fn record_paths(log: &str) {
+    use std::io::Write;
+    const CHOICES: &[&str] = &[
+        "attaching with ",
+        "decapsulating ",
+        "BPF_F_ADJ_ROOM_DECAP_L4_UDP",
+        "bpf_skb_adjust_room",
+        "BTF",
+    ];
+    let Some(path) = std::env::var_os("FLANNEL_TEST_PATHS_FILE") else {
+        return;
+    };
+    let lines: String = log
+        .lines()
+        .filter(|l| CHOICES.iter().any(|c| l.contains(c)))
+        // Without env_logger's "[time level module] ": the same choice reads the same on
+        // every agent.
+        .map(|l| l.split_once("] ").map_or(l, |(_, message)| message).trim())
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let appended = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| f.write_all(lines.as_bytes()));
+    if let Err(e) = appended {
+        eprintln!("FLANNEL_TEST_PATHS_FILE {}: {e}", path.to_string_lossy());
     }
 }

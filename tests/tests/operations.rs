@@ -420,8 +420,10 @@ fn dataplane_lists_peers_and_uninstall_removes_everything() {
 /// the clsact qdisc.
 #[test]
 fn classic_tc_keeps_a_foreign_filter_working_and_uninstall_removes_only_ours() {
+    // TC decap: where auto picks XDP (eth0 with GRO on, as 5.10's veth), tunnelled packets
+    // are decapsulated before any TC filter sees them.
     let mut o = Overlay::builder(UDP, 2)
-        .flags(&agent_flags(&["--udp-attach=tc"]))
+        .flags(&agent_flags(&["--udp-attach=tc", "--udp-decap=tc"]))
         .before_agents(|c| {
             let ns = &c.hosts[0].ns;
             // Classic BPF (tcpdump compiles it) matching what arrives for UDP port 8285; its

@@ -202,13 +202,23 @@ fn send_forged_vxlan(
     let datagram = vxlan(1, &ether_between(mac, SRC_MAC, ETH_P_IP, &forged_inner));
     let before = metric(o, host, UNVERIFIED).expect("unverified drops in /metrics");
     let dsts = dsts.to_vec();
-    let n = dsts.len() as u64;
-    from.ns.enter(move || {
+    let n = from.ns.enter(move || {
         let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        let mut sent = 0u64;
         for dst in dsts {
-            s.send_to(&datagram, (dst, 8285)).unwrap();
+            match s.send_to(&datagram, (dst, 8285)) {
+                Ok(_) => sent += 1,
+                // Older kernels (5.10 of the matrix) route a subnet's all-zeros address
+                // (flannel0's, 10.244.X.0) as broadcast: no unicast can be sent there.
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    eprintln!("{dst} is a broadcast address on this kernel: not sent")
+                }
+                Err(e) => panic!("sending to {dst}: {e}"),
+            }
         }
+        sent
     });
+    assert!(n > 0, "no forged datagram could be sent");
     wait_for(Duration::from_secs(5), "the unverified drops", || {
         (metric(o, host, UNVERIFIED)? >= before + n).then_some(())
     })
@@ -313,7 +323,9 @@ fn ebpf_with_classic_tc_all_pairs_ping_and_tcp_and_the_guard_holds() {
         let pins = std::fs::read_dir(o.cluster.hosts[h].pin_dir()).unwrap();
         let links: Vec<_> = pins
             .filter_map(|e| e.ok()?.file_name().into_string().ok())
-            .filter(|n| n.ends_with("_link"))
+            // XDP decap's link is not TCX (auto picks XDP where eth0 has GRO on, as on 5.10's
+            // veth).
+            .filter(|n| n.ends_with("_link") && !n.contains("_xdp"))
             .collect();
         assert!(links.is_empty(), "host {h}: TCX links pinned: {links:?}");
     }

@@ -31,6 +31,9 @@ fn mixed_hosts(underlay: Underlay, ip_masq: bool) {
     for i in 0..2 {
         let log = o.agent_log(i);
         assert!(log.contains(picked), "host {i} ({underlay:?}): {log}");
+        // The labels agree with the lines (and the kernel matrix records them).
+        let info = o.agents[i].dataplane_info().unwrap();
+        o.agents[i].assert_logged_paths(&info);
     }
 }
 

@@ -149,6 +149,8 @@ pub struct LegReport {
     /// What went wrong with the leg itself (no boot, guest setup, timeout).
     pub error: Option<String>,
     pub logs: PathBuf,
+    /// The path choices the agents logged on this kernel, each once.
+    pub paths: Vec<String>,
 }
 
 impl LegReport {
@@ -164,6 +166,7 @@ impl LegReport {
             failures: Vec::new(),
             error: Some(error),
             logs: target_dir().join("kernel-matrix"),
+            paths: Vec::new(),
         }
     }
 
@@ -211,6 +214,7 @@ pub fn full_host_suite(args: &[String]) -> Result<LegReport> {
         error: (!status.success() && totals.failed == 0)
             .then(|| format!("cargo test failed ({status}) without a failed test: see above")),
         logs: PathBuf::from("(above)"),
+        paths: Vec::new(),
     })
 }
 
@@ -328,6 +332,10 @@ fn plan(target: &Target, dir: &Path, runs: Vec<Run>) -> Result<Plan> {
             VM_TIME_SCALE.to_string(),
         ));
     }
+    env.push((
+        "FLANNEL_TEST_PATHS_FILE".to_owned(),
+        dir.join(PATHS_FILE).to_string_lossy().into_owned(),
+    ));
     Ok(Plan {
         dir: dir.to_path_buf(),
         prepare_guest: vm,
@@ -444,8 +452,26 @@ pub fn selection_leg(
             .map(|c| (c.name.clone(), c.reason.clone().unwrap_or_default()))
             .collect(),
         error,
+        paths: recorded_paths(&dir.join(PATHS_FILE)),
         logs: dir,
     })
+}
+
+/// Where the harness appends the agents' path choices (`FLANNEL_TEST_PATHS_FILE`), in a leg's
+/// directory.
+const PATHS_FILE: &str = "paths.log";
+
+/// The distinct lines of the paths file, in the order first logged; the interface names and
+/// reasons stay (they say why).
+fn recorded_paths(file: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(file).unwrap_or_default();
+    let mut seen = Vec::new();
+    for line in text.lines() {
+        if !seen.iter().any(|l: &String| l == line) {
+            seen.push(line.to_owned());
+        }
+    }
+    seen
 }
 
 /// Runs `plan` here or in a VM, printing each test run's outcome as it lands. Returns what
@@ -520,6 +546,12 @@ pub fn report(legs: &[LegReport]) -> Result<()> {
             l.detail,
             if l.ok() { "" } else { "  FAILED" }
         );
+    }
+    for l in legs.iter().filter(|l| !l.paths.is_empty()) {
+        println!("\n-- paths the agents chose on {}:", l.name);
+        for p in &l.paths {
+            println!("   {p}");
+        }
     }
     for l in legs.iter().filter(|l| !l.ok()) {
         println!("\n-- {} failed (logs: {})", l.name, l.logs.display());
