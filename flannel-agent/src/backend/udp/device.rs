@@ -346,7 +346,10 @@ pub async fn setup_overlay_device(
 }
 
 /// The ifindex of device `name`, if there is one.
-pub async fn link_index(handle: &rtnetlink::Handle, name: &str) -> Result<Option<u32>, DeviceError> {
+pub async fn link_index(
+    handle: &rtnetlink::Handle,
+    name: &str,
+) -> Result<Option<u32>, DeviceError> {
     Ok(find_link(handle, name).await?.map(|l| l.header.index))
 }
 

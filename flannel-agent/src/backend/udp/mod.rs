@@ -204,8 +204,7 @@ impl UdpNetwork {
         use super::Repair;
         let name = self.device.name.clone();
         let tun = self.dataplane.kind() == super::DataplaneKind::Tun;
-        match device::check_overlay_device(&self.handle, &self.device, self.overlay_ifindex)
-            .await?
+        match device::check_overlay_device(&self.handle, &self.device, self.overlay_ifindex).await?
         {
             None => {
                 let dev = device::setup_overlay_device(&self.handle, &self.device).await?;

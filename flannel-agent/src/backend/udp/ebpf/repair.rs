@@ -106,7 +106,9 @@ fn classic_hook(bpf: &mut Ebpf, hook: &TcHook<'_>, ours: u32) -> Result<Found, E
     };
     let present =
         cls_bpf::filters(hook.ifindex, hook.direction).map_err(io_err(format!("listing {cls}")))?;
-    let slot = present.iter().find(|f| f.pref == PREF && f.handle == HANDLE);
+    let slot = present
+        .iter()
+        .find(|f| f.pref == PREF && f.handle == HANDLE);
     let program: &mut SchedClassifier = links::program_mut(bpf, hook.program)?;
     match slot {
         Some(f) if f.prog_id == Some(ours) => Ok(Found::Ours),
