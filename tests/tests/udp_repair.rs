@@ -162,7 +162,8 @@ fn program_on_our_hook_is_put_back(flags: &[&str], want_attach: &str) {
     let pid = o.agents[0].pid();
     let ns = &o.cluster.hosts[0].ns;
     let (what, logged) = if want_attach == "tc" {
-        // Classic BPF that takes every packet and hands it to the stack undecapsulated.
+        // Classic BPF matching the tunnelled packets, without an action: they go on to the
+        // stack undecapsulated.
         let insns = ns
             .exec("tcpdump", &["-i", "eth0", "-ddd", "udp dst port 8285"])
             .unwrap();
@@ -171,7 +172,7 @@ fn program_on_our_hook_is_put_back(flags: &[&str], want_attach: &str) {
             "tc",
             &[
                 "filter", "replace", "dev", "eth0", "ingress", "pref", "17996", "handle", "0x464c",
-                "bpf", "bytecode", &bytecode, "action", "pass",
+                "bpf", "bytecode", &bytecode,
             ],
         )
         .unwrap();
