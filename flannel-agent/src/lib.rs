@@ -15,6 +15,7 @@ pub mod lease;
 pub mod metrics;
 pub mod nftables;
 pub mod notify;
+pub mod repair;
 pub mod resync;
 pub mod retry;
 pub mod sampling;

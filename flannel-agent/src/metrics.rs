@@ -169,6 +169,26 @@ pub fn render(state: &AgentStatus, dataplane: Option<&DataplaneSample>) -> Strin
         watch.down_for().as_secs(),
     );
 
+    family(
+        &mut out,
+        "flannel_repairs_total",
+        "counter",
+        "Things the backend's periodic resync found missing or wrong and put back (flannel0, the TUN device, the overlay route, the external interface followed to its new ifindex, our programs on their hooks, the config and peer maps, the vxlan device), by what.",
+    );
+    let repairs = state.repairs();
+    for what in crate::repair::Repair::ALL {
+        let n = repairs
+            .iter()
+            .find(|(w, _)| *w == what)
+            .map_or(0, |(_, n)| *n);
+        sample(
+            &mut out,
+            "flannel_repairs_total",
+            &[("what", what.label())],
+            n,
+        );
+    }
+
     if let Some(checks) = state.bridge_netfilter() {
         family(
             &mut out,
@@ -250,6 +270,30 @@ mod tests {
         );
         assert!(!body.contains("flannel_lease_info{"), "{body}");
         assert!(!body.contains("flannel_dataplane"), "{body}");
+        assert_eq!(
+            value(&body, "flannel_repairs_total{what=\"overlay_device\"}").as_deref(),
+            Some("0")
+        );
+    }
+
+    #[test]
+    fn repairs_are_counted_by_what() {
+        use crate::repair::{Repair, Repairs};
+        let state = AgentStatus::default();
+        let mut r = Repairs::default();
+        r.note(Repair::Program);
+        r.note(Repair::ExternalInterface);
+        r.note(Repair::Program);
+        state.count_repairs(&r);
+        let body = render(&state, None);
+        assert!(
+            body.contains("# TYPE flannel_repairs_total counter"),
+            "{body}"
+        );
+        let count = |what: &str| value(&body, &format!("flannel_repairs_total{{what=\"{what}\"}}"));
+        assert_eq!(count("program").as_deref(), Some("2"));
+        assert_eq!(count("external_interface").as_deref(), Some("1"));
+        assert_eq!(count("peer_map").as_deref(), Some("0"));
     }
 
     #[test]

@@ -4,11 +4,12 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::br_netfilter::BridgeNetfilter;
 use crate::lease::{Lease, SubnetKey};
+use crate::repair::{Repair, Repairs};
 use crate::subnet::watch::{PeerEvent, WatchStats};
 
 #[derive(Default)]
@@ -21,6 +22,8 @@ pub struct AgentStatus {
     lease_expiry: AtomicI64,
     /// What the start-up check found (iptables mode only).
     bridge_netfilter: OnceLock<Vec<BridgeNetfilter>>,
+    /// How often the backend's resync repaired each thing.
+    repairs: Mutex<BTreeMap<Repair, u64>>,
 }
 
 impl AgentStatus {
@@ -71,6 +74,23 @@ impl AgentStatus {
     /// The `br_netfilter` check, if one ran (not in nftables mode).
     pub fn bridge_netfilter(&self) -> Option<&[BridgeNetfilter]> {
         self.bridge_netfilter.get().map(Vec::as_slice)
+    }
+
+    /// Counts what a resync repaired.
+    pub fn count_repairs(&self, repaired: &Repairs) {
+        if repaired.is_empty() {
+            return;
+        }
+        let mut counts = self.repairs.lock().unwrap_or_else(|e| e.into_inner());
+        for what in repaired.iter() {
+            *counts.entry(what).or_default() += 1;
+        }
+    }
+
+    /// How often each thing was repaired (only those repaired at least once).
+    pub fn repairs(&self) -> Vec<(Repair, u64)> {
+        let counts = self.repairs.lock().unwrap_or_else(|e| e.into_inner());
+        counts.iter().map(|(w, n)| (*w, *n)).collect()
     }
 
     /// Follow peer changes in the published view.

@@ -199,6 +199,17 @@ impl Agent {
         .with_context(|| format!("--- flanneld log ---\n{}", self.log()))
     }
 
+    /// `flannel_repairs_total{what="<what>"}` on /metrics: how often the resync repaired it.
+    pub fn repairs(&self, what: &str) -> Result<u64> {
+        let (_, body) = self.http_get("/metrics")?;
+        let series = format!("flannel_repairs_total{{what=\"{what}\"}} ");
+        let line = body
+            .lines()
+            .find(|l| l.starts_with(&series))
+            .with_context(|| format!("no {series} in /metrics"))?;
+        Ok(line[series.len()..].trim().parse()?)
+    }
+
     /// Checks that the eBPF paths `/metrics` reports are the ones the agent logged choosing
     /// (one INFO line per choice, with its reason).
     pub fn assert_logged_paths(&self, info: &std::collections::BTreeMap<String, String>) {

@@ -152,8 +152,26 @@ impl Cluster {
         let index = self.hosts.len();
         let ip = Ipv4Addr::new(192, 0, 2, 10 + index as u8);
         let ns = Netns::create(&format!("{}-h{index}", self.tag))?;
+        self.wire_host(&ns, index, ip)?;
+        ns.sysctl("net.ipv4.ip_forward", "1")?;
+        let dir = self.dir.0.join(format!("h{index}"));
+        std::fs::create_dir_all(&dir)?;
+        self.hosts.push(Host { index, ns, ip, dir });
+        self.hosts.last().context("host just added")
+    }
+
+    /// Host `index`'s `eth0` deleted and made again, same name and address, on the same
+    /// switch port (a NIC driver reload, a veth replaced): a new ifindex.
+    pub fn replug_host(&self, index: usize) -> Result<()> {
+        let host = self.hosts.get(index).context("no such host")?;
+        host.ns.ip(&["link", "del", "eth0"])?;
+        self.wire_host(&host.ns, index, host.ip)
+    }
+
+    /// `eth0` of host `index` on the switch, with the underlay's offloads and the default route.
+    fn wire_host(&self, ns: &Netns, index: usize, ip: Ipv4Addr) -> Result<()> {
         let port = format!("h{index}");
-        self.plug(&ns, &port, ip)?;
+        self.plug(ns, &port, ip)?;
         // A veth hands a UDP GSO train to its peer in one piece; a real wire (or NIC) never
         // does. Segment UDP GSO on transmit, as a NIC without UDP segmentation offload would.
         ns.exec("ethtool", &["-K", "eth0", "tx-udp-segmentation", "off"])?;
@@ -174,11 +192,7 @@ impl Cluster {
             ns.exec("ethtool", &["-K", "eth0", "gro", "on"])?;
         }
         ns.ip(&["route", "add", "default", "via", ETCD_IP])?;
-        ns.sysctl("net.ipv4.ip_forward", "1")?;
-        let dir = self.dir.0.join(format!("h{index}"));
-        std::fs::create_dir_all(&dir)?;
-        self.hosts.push(Host { index, ns, ip, dir });
-        self.hosts.last().context("host just added")
+        Ok(())
     }
 
     /// A machine on the underlay outside the overlay (no agent), at `ip`/24 on the switch:

@@ -103,3 +103,35 @@ pub fn attached_programs(ns: &Netns, dev: &str, direction: &str) -> Result<Vec<S
     );
     Ok(names)
 }
+
+/// The eBPF programs on `direction` of `dev` in `ns` as (name, id), TCX links first, then
+/// cls_bpf filters (as [`attached_programs`]): the ids change only when a program is
+/// attached again.
+pub fn attached_program_ids(ns: &Netns, dev: &str, direction: &str) -> Result<Vec<(String, u64)>> {
+    use aya::programs::{ProgramError, SchedClassifier, TcAttachType};
+    let attach = match direction {
+        "egress" => TcAttachType::Egress,
+        "ingress" => TcAttachType::Ingress,
+        other => anyhow::bail!("direction {other}: expected ingress or egress"),
+    };
+    let (owned, dir) = (dev.to_owned(), direction.to_owned());
+    let mut ids: Vec<(String, u64)> =
+        ns.enter(move || match SchedClassifier::query_tcx(&owned, attach) {
+            Ok((_, progs)) => Ok(progs
+                .iter()
+                .map(|p| (p.name_as_str().unwrap_or("?").to_owned(), u64::from(p.id())))
+                .collect()),
+            Err(ProgramError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::EINVAL) =>
+            {
+                Ok(Vec::new())
+            }
+            Err(e) => Err(anyhow::anyhow!("query tcx {dir} of {owned}: {e}")),
+        })?;
+    ids.extend(
+        filters(ns, dev, direction)?
+            .into_iter()
+            .filter_map(|f| Some((f.bpf_name?, f.prog_id?))),
+    );
+    Ok(ids)
+}

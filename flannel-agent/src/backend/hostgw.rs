@@ -214,7 +214,7 @@ impl BackendNetwork for HostGwNetwork {
     }
 
     /// Put back routes someone deleted and drop routes into the network that no peer owns.
-    async fn resync(&mut self) -> anyhow::Result<()> {
+    async fn resync(&mut self, _repaired: &mut super::Repairs) -> anyhow::Result<()> {
         if self.ipv4 {
             self.resync_v4().await?;
         }

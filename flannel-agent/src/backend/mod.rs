@@ -15,6 +15,7 @@ pub mod route;
 pub mod udp;
 pub mod vxlan;
 
+pub use crate::repair::{Repair, Repairs};
 pub use dataplane::{AttachMode, DataplaneKind, DataplanePaths, DataplaneSample, DecapMode};
 pub use udp::DataplaneStats;
 
@@ -66,8 +67,9 @@ pub trait BackendNetwork {
         Ok(())
     }
     /// Periodic repair of what the backend installed (devices, routes), dropping what no
-    /// peer owns: only called once the first full listing has been applied.
-    async fn resync(&mut self) -> anyhow::Result<()> {
+    /// peer owns: only called once the first full listing has been applied. Each repair is
+    /// logged where it is made and noted in `repaired` (counted even when a later step fails).
+    async fn resync(&mut self, _repaired: &mut Repairs) -> anyhow::Result<()> {
         Ok(())
     }
     /// Which data plane runs and its counters, where the backend has a data plane of its own.
@@ -179,8 +181,8 @@ impl BackendNetwork for AnyNetwork {
     async fn sync_peers(&mut self, peers: &[Lease]) -> anyhow::Result<()> {
         dispatch_network!(self, n => n.sync_peers(peers).await)
     }
-    async fn resync(&mut self) -> anyhow::Result<()> {
-        dispatch_network!(self, n => n.resync().await)
+    async fn resync(&mut self, repaired: &mut Repairs) -> anyhow::Result<()> {
+        dispatch_network!(self, n => n.resync(repaired).await)
     }
     fn stats(&self) -> Option<DataplaneSample> {
         dispatch_network!(self, n => n.stats())

@@ -61,7 +61,10 @@ impl<N: BackendNetwork> Network<N> {
                 }
                 // Only with the full peer view may a resync drop what no peer owns.
                 _ = resync.tick(), if listed => {
-                    if let Err(e) = self.backend.resync().await {
+                    let mut repaired = super::Repairs::default();
+                    let result = self.backend.resync(&mut repaired).await;
+                    self.status.count_repairs(&repaired);
+                    if let Err(e) = result {
                         log::warn!("backend resync: {e:#}");
                     }
                 }
@@ -142,7 +145,8 @@ mod tests {
         async fn sync_peers(&mut self, _peers: &[crate::lease::Lease]) -> anyhow::Result<()> {
             self.push("sync_peers")
         }
-        async fn resync(&mut self) -> anyhow::Result<()> {
+        async fn resync(&mut self, repaired: &mut super::super::Repairs) -> anyhow::Result<()> {
+            repaired.note(super::super::Repair::PeerMap);
             self.push("resync")
         }
     }
@@ -168,6 +172,12 @@ mod tests {
         assert!(status.is_ready());
         // Then the periodic repair: one for the ticks missed while waiting, one a period later.
         assert_eq!(calls[2..], ["resync", "resync"], "{calls:?}");
+        // What the resyncs repaired is counted.
+        assert_eq!(
+            status.repairs(),
+            vec![(super::super::Repair::PeerMap, 2)],
+            "{calls:?}"
+        );
 
         drop(peers_tx);
         assert!(matches!(task.await.unwrap(), Err(NetworkError::WatchEnded)));

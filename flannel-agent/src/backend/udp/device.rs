@@ -345,6 +345,121 @@ pub async fn setup_overlay_device(
     })
 }
 
+/// The ifindex of device `name`, if there is one.
+pub async fn link_index(
+    handle: &rtnetlink::Handle,
+    name: &str,
+) -> Result<Option<u32>, DeviceError> {
+    Ok(find_link(handle, name).await?.map(|l| l.header.index))
+}
+
+/// What [`check_overlay_device`] found and put right on an overlay device that exists.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceCheck {
+    /// It was down or had another MTU.
+    pub settings: bool,
+    /// Its address was missing (or others were on it).
+    pub address: bool,
+    /// The overlay network's route through it was missing.
+    pub route: bool,
+}
+
+/// Whether the overlay device `ifindex` is still there as [`setup_overlay_device`] left it
+/// (`None`: gone, replaced or of another kind; set it up again), and if so puts right what
+/// differs: up and MTU, its address, the route. Touches nothing that is as it should be.
+pub async fn check_overlay_device(
+    handle: &rtnetlink::Handle,
+    cfg: &OverlayDeviceConfig,
+    ifindex: u32,
+) -> Result<Option<DeviceCheck>, DeviceError> {
+    let name = cfg.name.as_str();
+    let nl_err = |op: &'static str| {
+        move |source| DeviceError::Netlink {
+            op,
+            name: name.to_string(),
+            source,
+        }
+    };
+    let Some(link) = find_link(handle, name).await? else {
+        return Ok(None);
+    };
+    if link.header.index != ifindex
+        || link_kind(&link) != Some(cfg.kind.info_kind())
+        || !vxlan_settings_match(&link, cfg.kind)
+    {
+        return Ok(None);
+    }
+    let mut check = DeviceCheck::default();
+    let up = link
+        .header
+        .flags
+        .contains(rtnetlink::packet_route::link::LinkFlags::Up);
+    let mtu = link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Mtu(m) => Some(*m),
+        _ => None,
+    });
+    if !up || mtu != Some(cfg.mtu) {
+        let settings = LinkUnspec::new_with_index(ifindex).mtu(cfg.mtu).up();
+        handle
+            .link()
+            .set(settings.build())
+            .execute()
+            .await
+            .map_err(nl_err("set mtu/up"))?;
+        check.settings = true;
+    }
+    check.address = ensure_single_address(handle, ifindex, name, cfg.own_subnet.network()).await?;
+    if !has_network_route(handle, cfg.network, ifindex)
+        .await
+        .map_err(nl_err("list routes"))?
+    {
+        let route = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(cfg.network.network(), cfg.network.prefix())
+            .output_interface(ifindex)
+            .build();
+        handle
+            .route()
+            .add(route)
+            .replace()
+            .execute()
+            .await
+            .map_err(nl_err("route replace"))?;
+        check.route = true;
+    }
+    Ok(Some(check))
+}
+
+/// Whether the main table routes `network` through device `ifindex`.
+async fn has_network_route(
+    handle: &rtnetlink::Handle,
+    network: Ipv4Network,
+    ifindex: u32,
+) -> Result<bool, rtnetlink::Error> {
+    use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute};
+    let mut routes = handle
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute();
+    while let Some(route) = routes.try_next().await? {
+        if route.header.destination_prefix_length != network.prefix() {
+            continue;
+        }
+        let mut dst = None;
+        let mut oif = None;
+        for attr in &route.attributes {
+            match attr {
+                RouteAttribute::Destination(RouteAddress::Inet(ip)) => dst = Some(*ip),
+                RouteAttribute::Oif(i) => oif = Some(*i),
+                _ => {}
+            }
+        }
+        if dst == Some(network.network()) && oif == Some(ifindex) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 async fn find_link(
     handle: &rtnetlink::Handle,
     name: &str,
@@ -400,7 +515,7 @@ async fn ensure_single_address(
     ifindex: u32,
     name: &str,
     address: Ipv4Addr,
-) -> Result<(), DeviceError> {
+) -> Result<bool, DeviceError> {
     let nl_err = |op: &'static str| {
         move |source| DeviceError::Netlink {
             op,
@@ -417,6 +532,7 @@ async fn ensure_single_address(
         .await
         .map_err(nl_err("list addresses"))?;
     let mut present = false;
+    let mut changed = false;
     for msg in current {
         if msg.header.index != ifindex {
             continue;
@@ -441,6 +557,7 @@ async fn ensure_single_address(
                 .execute()
                 .await
                 .map_err(nl_err("delete address"))?;
+            changed = true;
         }
     }
     if !present {
@@ -450,8 +567,9 @@ async fn ensure_single_address(
             .execute()
             .await
             .map_err(nl_err("add address"))?;
+        changed = true;
     }
-    Ok(())
+    Ok(changed)
 }
 
 /// Opens (creating the device if needed) the TUN queues and applies flags, offloads and

@@ -32,6 +32,20 @@ pub trait UdpDataplane: Send {
     fn paths(&self) -> Option<super::DataplanePaths> {
         None
     }
+    /// `flannel0` was re-created (it was deleted): carry on with `device`.
+    fn follow_overlay(&mut self, device: device::OverlayDevice) -> anyhow::Result<()>;
+    /// The external interface was re-created under its name with `ifindex`: follow it.
+    fn follow_external(&mut self, _ifindex: u32) -> anyhow::Result<()> {
+        Ok(())
+    }
+    /// The resync's check of what the data plane installed itself (eBPF: the programs on
+    /// their hooks, the config and peer maps), repairing what is wrong; devices are the
+    /// backend's.
+    fn repair(&mut self, _repaired: &mut super::Repairs) -> anyhow::Result<()> {
+        Ok(())
+    }
+    /// The peer table the data plane sends by.
+    fn peer_table(&self) -> BTreeMap<Ipv4Network, Ipv4Addr>;
 }
 
 /// Default udp port, as upstream.
@@ -45,9 +59,20 @@ pub struct UdpBackend {
     opts: super::BackendOptions,
 }
 
-/// udp started for our lease: the data plane that carries the traffic.
+/// udp started for our lease: the data plane that carries the traffic, and what the resync
+/// checks it against.
 pub struct UdpNetwork {
     dataplane: Box<dyn UdpDataplane>,
+    handle: rtnetlink::Handle,
+    /// `flannel0` as set up at start (the resync re-creates it so).
+    device: device::OverlayDeviceConfig,
+    /// Its ifindex now.
+    overlay_ifindex: u32,
+    /// The external interface's name and its ifindex now.
+    ext_name: String,
+    ext_ifindex: u32,
+    /// The peers in etcd (normalised subnets), what the data plane's table must hold.
+    peers: BTreeMap<Ipv4Network, Ipv4Addr>,
     /// Held while we run: no other agent may use our pin dir. `None` only when the pin dir
     /// could not be made (no bpffs: the TUN data plane runs without pins).
     _pin_lock: Option<pin_lock::PinDirLock>,
@@ -93,7 +118,7 @@ impl UdpBackend {
         handle: &rtnetlink::Handle,
         own: &crate::lease::Lease,
         config: &crate::config::NetworkConfig,
-    ) -> anyhow::Result<Box<dyn UdpDataplane>> {
+    ) -> anyhow::Result<Started> {
         if !ebpf::EbpfDataplane::embedded() {
             anyhow::bail!("this flanneld was built without the eBPF object (run `cargo xtask build-ebpf` before building it)");
         }
@@ -120,7 +145,11 @@ impl UdpBackend {
             attach: self.opts.udp_attach,
         };
         match ebpf::EbpfDataplane::load(&opts) {
-            Ok(dp) => Ok(Box::new(dp)),
+            Ok(dp) => Ok(Started {
+                dataplane: Box::new(dp),
+                device: dev_cfg,
+                ifindex: dev.ifindex,
+            }),
             Err(e) => {
                 // Leave no half-configured device behind for the TUN fallback.
                 if let Err(del) = handle.link().del(dev.ifindex).execute().await {
@@ -136,17 +165,128 @@ impl UdpBackend {
         handle: &rtnetlink::Handle,
         own: &crate::lease::Lease,
         config: &crate::config::NetworkConfig,
-    ) -> anyhow::Result<Box<dyn UdpDataplane>> {
+    ) -> anyhow::Result<Started> {
         // Programs of an earlier eBPF run would otherwise still grab our UDP port.
         if let Err(e) = ebpf::EbpfDataplane::unload(&self.opts.bpf_pin_dir) {
             log::warn!("removing pinned eBPF data plane: {e}");
         }
-        let dev = device::setup_overlay_device(handle, &self.device_config(own, config)).await?;
-        Ok(Box::new(tun::TunDataplane::start(
-            dev,
-            self.ext.iface_addr,
-            self.port,
-        )?))
+        let dev_cfg = self.device_config(own, config);
+        let dev = device::setup_overlay_device(handle, &dev_cfg).await?;
+        let ifindex = dev.ifindex;
+        Ok(Started {
+            dataplane: Box::new(tun::TunDataplane::start(
+                dev,
+                self.ext.iface_addr,
+                self.port,
+            )?),
+            device: dev_cfg,
+            ifindex,
+        })
+    }
+}
+
+/// A data plane just started, on the overlay device `device` made as `ifindex`.
+struct Started {
+    dataplane: Box<dyn UdpDataplane>,
+    device: device::OverlayDeviceConfig,
+    ifindex: u32,
+}
+
+/// A subnet as the data planes key it (host bits cleared).
+fn normalised(subnet: Ipv4Network) -> Ipv4Network {
+    Ipv4Network::new(subnet.network(), subnet.prefix()).unwrap_or(subnet)
+}
+
+impl UdpNetwork {
+    /// `flannel0` and the external interface: re-created, followed or corrected where they
+    /// are not as at start.
+    async fn resync_devices(&mut self, repaired: &mut super::Repairs) -> anyhow::Result<()> {
+        use super::Repair;
+        let name = self.device.name.clone();
+        let tun = self.dataplane.kind() == super::DataplaneKind::Tun;
+        match device::check_overlay_device(&self.handle, &self.device, self.overlay_ifindex).await?
+        {
+            None => {
+                let dev = device::setup_overlay_device(&self.handle, &self.device).await?;
+                log::warn!(
+                    "{name} was gone or replaced (ifindex {} before): re-created as ifindex {} with its address, MTU and route{}",
+                    self.overlay_ifindex,
+                    dev.ifindex,
+                    if tun {
+                        "; the TUN forwarder moves onto it"
+                    } else {
+                        "; the programs on its hooks are attached again"
+                    }
+                );
+                self.overlay_ifindex = dev.ifindex;
+                self.dataplane.follow_overlay(dev)?;
+                repaired.note(if tun {
+                    Repair::TunDevice
+                } else {
+                    Repair::OverlayDevice
+                });
+            }
+            Some(check) => {
+                if check.settings || check.address {
+                    log::warn!(
+                        "{name} was {}: corrected",
+                        match (check.settings, check.address) {
+                            (true, true) => "down or of another MTU, and without its address",
+                            (true, false) => "down or of another MTU",
+                            _ => "without its address",
+                        }
+                    );
+                    repaired.note(Repair::OverlayDevice);
+                }
+                if check.route {
+                    log::warn!(
+                        "the route of {} through {name} was gone: added again",
+                        self.device.network
+                    );
+                    repaired.note(Repair::Route);
+                }
+            }
+        }
+        if tun {
+            // The TUN forwarder's socket is bound to the address, not the device.
+            return Ok(());
+        }
+        match device::link_index(&self.handle, &self.ext_name).await? {
+            Some(index) if index != self.ext_ifindex => {
+                log::warn!(
+                    "external interface {} was re-created (ifindex {} before, {index} now): decap attached there and the config map follows it",
+                    self.ext_name,
+                    self.ext_ifindex
+                );
+                self.dataplane.follow_external(index)?;
+                self.ext_ifindex = index;
+                repaired.note(Repair::ExternalInterface);
+            }
+            Some(_) => {}
+            None => anyhow::bail!(
+                "external interface {} is gone; waiting for it to come back",
+                self.ext_name
+            ),
+        }
+        Ok(())
+    }
+
+    /// The data plane's peer table against the peers in etcd.
+    fn resync_peers(&mut self, repaired: &mut super::Repairs) -> anyhow::Result<()> {
+        let before = self.dataplane.peer_table();
+        if before == self.peers {
+            return Ok(());
+        }
+        // Peers the data plane refuses (another subnet length) stay out: only a change counts.
+        let result = self.dataplane.sync_peers(&self.peers);
+        if self.dataplane.peer_table() != before {
+            log::warn!(
+                "the udp peer table differed from the {} peers in etcd: synced again",
+                self.peers.len()
+            );
+            repaired.note(super::Repair::PeerMap);
+        }
+        result
     }
 }
 
@@ -182,7 +322,7 @@ impl super::Backend for UdpBackend {
         let kind = self.opts.udp_dataplane;
         // Before touching the pins (eBPF adopts them, TUN removes them).
         let mut lock = pin_lock::PinDirLock::acquire(&self.opts.bpf_pin_dir)?;
-        let (dp, name) = match kind {
+        let (started, name) = match kind {
             UdpDataplaneKind::Tun => (self.start_tun(&handle, own, config).await?, "TUN"),
             UdpDataplaneKind::Ebpf => (self.start_ebpf(&handle, own, config).await?, "eBPF"),
             UdpDataplaneKind::Auto => {
@@ -204,7 +344,13 @@ impl super::Backend for UdpBackend {
         }
         log::info!("udp backend: port {}, {name} data plane", self.port);
         Ok(UdpNetwork {
-            dataplane: dp,
+            dataplane: started.dataplane,
+            handle,
+            device: started.device,
+            overlay_ifindex: started.ifindex,
+            ext_name: self.ext.name.clone(),
+            ext_ifindex: self.ext.index,
+            peers: BTreeMap::new(),
             _pin_lock: lock,
         })
     }
@@ -212,6 +358,14 @@ impl super::Backend for UdpBackend {
 
 impl super::BackendNetwork for UdpNetwork {
     async fn handle_events(&mut self, events: &[crate::subnet::PeerEvent]) -> anyhow::Result<()> {
+        for ev in events {
+            match ev {
+                crate::subnet::PeerEvent::Added(l) => {
+                    self.peers.insert(normalised(l.subnet()), l.attrs.public_ip)
+                }
+                crate::subnet::PeerEvent::Removed(l) => self.peers.remove(&normalised(l.subnet())),
+            };
+        }
         let dp = &mut self.dataplane;
         // One bad lease (e.g. another subnet length) must not keep the others out.
         let mut failed = 0;
@@ -236,9 +390,21 @@ impl super::BackendNetwork for UdpNetwork {
     async fn sync_peers(&mut self, peers: &[crate::lease::Lease]) -> anyhow::Result<()> {
         let table: BTreeMap<Ipv4Network, Ipv4Addr> = peers
             .iter()
-            .map(|l| (l.subnet(), l.attrs.public_ip))
+            .map(|l| (normalised(l.subnet()), l.attrs.public_ip))
             .collect();
+        self.peers = table.clone();
         self.dataplane.sync_peers(&table)
+    }
+
+    /// Puts back what udp set up and someone removed or changed: the overlay device (with its
+    /// address, MTU and route), the data plane on a re-created external interface, the
+    /// programs on their hooks and the peer table (see [`UdpNetwork::resync_devices`] and
+    /// `UdpDataplane::repair`).
+    async fn resync(&mut self, repaired: &mut super::Repairs) -> anyhow::Result<()> {
+        let devices = self.resync_devices(repaired).await;
+        let dataplane = self.dataplane.repair(repaired);
+        let peers = self.resync_peers(repaired);
+        devices.and(dataplane).and(peers)
     }
     fn stats(&self) -> Option<super::DataplaneSample> {
         let d = &self.dataplane;

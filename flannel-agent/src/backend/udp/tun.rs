@@ -198,29 +198,81 @@ impl TunDataplane {
             mtu: device.mtu as usize,
             icmp_source: icmp_source(&device),
         });
-        let queues: Vec<Arc<OwnedFd>> = queues.into_iter().map(Arc::new).collect();
         let mut dataplane = Self {
-            shared: shared.clone(),
+            shared,
             threads: Vec::new(),
             device_name: device.name.clone(),
             ifindex: device.ifindex,
             local,
         };
+        dataplane.spawn_threads(queues)?;
+        Ok(dataplane)
+    }
+
+    /// One sending thread per queue, one receiving thread writing to the first queue.
+    fn spawn_threads(&mut self, queues: Vec<OwnedFd>) -> Result<(), TunDataplaneError> {
+        let queues: Vec<Arc<OwnedFd>> = queues.into_iter().map(Arc::new).collect();
+        let Some(first) = queues.first().cloned() else {
+            return Err(TunDataplaneError::NoQueues(self.device_name.clone()));
+        };
         for (i, q) in queues.iter().enumerate() {
-            let (shared, q) = (shared.clone(), q.clone());
+            let (shared, q) = (self.shared.clone(), q.clone());
             let t = std::thread::Builder::new()
                 .name(format!("fl-tun-tx{i}"))
                 .spawn(move || tun_to_udp(&shared, q.as_raw_fd()))
                 .map_err(TunDataplaneError::Thread)?;
-            dataplane.threads.push(t);
+            self.threads.push(t);
         }
-        let (shared, q) = (shared.clone(), queues[0].clone());
+        let shared = self.shared.clone();
         let t = std::thread::Builder::new()
             .name("fl-tun-rx".into())
-            .spawn(move || udp_to_tun(&shared, q.as_raw_fd()))
+            .spawn(move || udp_to_tun(&shared, first.as_raw_fd()))
             .map_err(TunDataplaneError::Thread)?;
-        dataplane.threads.push(t);
-        Ok(dataplane)
+        self.threads.push(t);
+        Ok(())
+    }
+
+    /// Stops the forwarding threads (they leave when the stop event fires).
+    fn stop_threads(&mut self) {
+        self.shared.stopping.store(true, Ordering::Relaxed);
+        self.shared.stop.signal();
+        for t in self.threads.drain(..) {
+            if t.join().is_err() {
+                log::error!("a TUN forwarding thread panicked");
+            }
+        }
+    }
+
+    /// The TUN was re-created (deleted by hand): the forwarding threads move onto the queues of
+    /// `device`, keeping the socket, the peer table and the counters.
+    pub fn move_to(&mut self, mut device: OverlayDevice) -> Result<(), TunDataplaneError> {
+        let queues = device.take_queues();
+        if queues.is_empty() {
+            return Err(TunDataplaneError::NoQueues(device.name));
+        }
+        for q in &queues {
+            sys::set_nonblocking(q.as_raw_fd()).map_err(TunDataplaneError::Queue)?;
+        }
+        self.stop_threads();
+        let stop = StopEvent::new().map_err(TunDataplaneError::Thread)?;
+        // Every thread is joined: ours is the only handle left.
+        let shared = Arc::get_mut(&mut self.shared).ok_or_else(|| {
+            TunDataplaneError::Thread(io::Error::other("forwarding state still shared"))
+        })?;
+        shared.stop = stop;
+        shared.stopping.store(false, Ordering::Relaxed);
+        shared.icmp_source = icmp_source(&device);
+        self.ifindex = device.ifindex;
+        self.spawn_threads(queues)
+    }
+
+    /// Subnets and public IPs the forwarder sends to.
+    pub fn peer_table(&self) -> BTreeMap<Ipv4Network, Ipv4Addr> {
+        self.shared
+            .peers
+            .read()
+            .map(|t| t.by_subnet.iter().map(|(s, ip)| (*s, *ip)).collect())
+            .unwrap_or_default()
     }
 
     /// The bound UDP address (useful when `port` was 0).
@@ -338,17 +390,19 @@ impl UdpDataplane for TunDataplane {
     fn stats(&self) -> anyhow::Result<DataplaneStats> {
         Ok(self.shared.counters.snapshot())
     }
+
+    fn follow_overlay(&mut self, device: OverlayDevice) -> anyhow::Result<()> {
+        Ok(self.move_to(device)?)
+    }
+
+    fn peer_table(&self) -> BTreeMap<Ipv4Network, Ipv4Addr> {
+        TunDataplane::peer_table(self)
+    }
 }
 
 impl Drop for TunDataplane {
     fn drop(&mut self) {
-        self.shared.stopping.store(true, Ordering::Relaxed);
-        self.shared.stop.signal();
-        for t in self.threads.drain(..) {
-            if t.join().is_err() {
-                log::error!("a TUN forwarding thread panicked");
-            }
-        }
+        self.stop_threads();
     }
 }
 

@@ -19,7 +19,7 @@ use rtnetlink::Handle;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::{Backend, BackendError, BackendNetwork};
+use super::{Backend, BackendError, BackendNetwork, Repair, Repairs};
 use crate::config::{BackendConfig, NetworkConfig};
 use crate::iface::ExternalInterface;
 use crate::lease::{Lease, LeaseAttrs};
@@ -283,11 +283,12 @@ impl VxlanBackend {
 
 impl VxlanNetwork {
     /// The IPv4 side of resync.
-    async fn resync_v4(&mut self) -> anyhow::Result<()> {
+    async fn resync_v4(&mut self, repaired: &mut Repairs) -> anyhow::Result<()> {
         let Some(v4) = self.v4.as_mut() else {
             return Ok(());
         };
         if v4.dev.ensure(&self.handle).await? {
+            repaired.note(Repair::VxlanDevice);
             log::info!(
                 "vxlan: device {} (re)created: reinstalling {} peers",
                 v4.dev.name(),
@@ -299,13 +300,14 @@ impl VxlanNetwork {
     }
 
     /// The IPv6 side of resync: failures are logged, never stop the IPv4 side.
-    async fn resync_v6(&mut self) {
+    async fn resync_v6(&mut self, repaired: &mut Repairs) {
         let handle = &self.handle;
         let Some(v6) = self.v6.as_mut() else {
             return;
         };
         match v6.dev.ensure(handle).await {
             Ok(true) => {
+                repaired.note(Repair::VxlanDevice);
                 disable_router_advertisements(v6.dev.name());
                 log::info!(
                     "vxlan: device {} (re)created: reinstalling {} IPv6 peers",
@@ -428,9 +430,9 @@ impl BackendNetwork for VxlanNetwork {
 
     /// Recreate the device if it went away, re-apply every peer's entries, drop stale ones
     /// (resync runs once the first listing is applied: `peers` is the full view).
-    async fn resync(&mut self) -> anyhow::Result<()> {
-        let v4 = self.resync_v4().await;
-        self.resync_v6().await;
+    async fn resync(&mut self, repaired: &mut Repairs) -> anyhow::Result<()> {
+        let v4 = self.resync_v4(repaired).await;
+        self.resync_v6(repaired).await;
         v4
     }
 }

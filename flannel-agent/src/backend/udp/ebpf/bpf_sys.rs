@@ -82,6 +82,13 @@ pub fn link_target(fd: BorrowedFd<'_>) -> io::Result<LinkTarget> {
     })
 }
 
+/// The id of the program the link `fd` runs (`struct bpf_link_info`'s prog_id).
+pub fn link_program(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    let mut info = [0u32; 32];
+    obj_info(fd, &mut info)?;
+    Ok(info[2])
+}
+
 /// Detaches the link `fd` from its hook even while other descriptors keep it open
 /// (BPF_LINK_DETACH).
 pub fn link_detach(fd: BorrowedFd<'_>) -> io::Result<()> {

@@ -155,6 +155,28 @@ pub(super) fn attach(
     Ok(())
 }
 
+/// Puts `program` (`name`) into the filter at our pref and handle on `hook`, whatever holds
+/// it now (a change request without NLM_F_EXCL: the program is swapped in place).
+pub(super) fn take_back(
+    program: &mut SchedClassifier,
+    name: &'static str,
+    hook: Hook<'_>,
+) -> Result<(), EbpfError> {
+    let link = SchedClassifierLink::attached(
+        hook.ifname,
+        hook.direction,
+        PREF,
+        TcHandle::from(HANDLE),
+        None,
+    )
+    .map_err(io_err(format!("{hook}")))?;
+    let id = program.attach_to_link(link).map_err(prog_err(name))?;
+    let link = program.take_link(id).map_err(prog_err(name))?;
+    // As in `attach`: the filter must outlive aya's handle.
+    std::mem::forget(link);
+    Ok(())
+}
+
 /// Deletes every filter of ours in this network namespace except those on `keep`; returns how
 /// many it deleted.
 pub(super) fn remove_ours(keep: &[(u32, TcAttachType)]) -> Result<usize, EbpfError> {

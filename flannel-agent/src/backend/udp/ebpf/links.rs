@@ -78,19 +78,25 @@ struct Tcx<'a> {
     direction: TcAttachType,
 }
 
-impl Hook for Tcx<'_> {
-    load_and_replace!(SchedClassifierLink);
-
-    fn target(&self) -> LinkTarget {
-        let attach_type = match self.direction {
+impl Tcx<'_> {
+    fn target_of(ifindex: u32, direction: TcAttachType) -> LinkTarget {
+        let attach_type = match direction {
             TcAttachType::Egress => bpf_sys::BPF_TCX_EGRESS,
             _ => bpf_sys::BPF_TCX_INGRESS,
         };
         LinkTarget {
             link_type: bpf_sys::BPF_LINK_TYPE_TCX,
-            ifindex: self.ifindex,
+            ifindex,
             attach_type,
         }
+    }
+}
+
+impl Hook for Tcx<'_> {
+    load_and_replace!(SchedClassifierLink);
+
+    fn target(&self) -> LinkTarget {
+        Tcx::target_of(self.ifindex, self.direction)
     }
 
     fn attach_new(&mut self, name: &'static str, path: &Path) -> Result<FdLink, EbpfError> {
@@ -388,6 +394,45 @@ fn remove_pinned_links(pin_dir: &Path, links: &[&str]) -> Result<(), EbpfError> 
         }
     }
     Ok(())
+}
+
+/// Whether the link pinned as `link_file` sits on `hook`'s TCX hook running program `prog_id`.
+pub(super) fn tcx_linked(pin_dir: &Path, hook: &TcHook<'_>, prog_id: u32) -> bool {
+    let target = Tcx::target_of(hook.ifindex, hook.direction);
+    linked(&pin_dir.join(hook.link_file), target, prog_id)
+}
+
+/// Whether XDP decap's pinned link sits on device `ifindex` running program `prog_id`.
+pub(super) fn xdp_linked(pin_dir: &Path, ifindex: u32, prog_id: u32) -> bool {
+    let target = LinkTarget {
+        link_type: bpf_sys::BPF_LINK_TYPE_XDP,
+        ifindex,
+        attach_type: 0,
+    };
+    linked(&pin_dir.join(DECAP_XDP_LINK), target, prog_id)
+}
+
+fn linked(path: &Path, want: LinkTarget, prog_id: u32) -> bool {
+    let Ok(fd) = bpf_sys::obj_get(path) else {
+        return false;
+    };
+    bpf_sys::link_target(fd.as_fd()).is_ok_and(|t| t == want)
+        && bpf_sys::link_program(fd.as_fd()).is_ok_and(|id| id == prog_id)
+}
+
+/// Attaches the already loaded XDP decap to device `ifindex` through its pinned link
+/// (adopting the link when it is still there, else replacing it).
+pub(super) fn relink_xdp_decap(
+    bpf: &mut Ebpf,
+    ifindex: u32,
+    pin_dir: &Path,
+) -> Result<(), EbpfError> {
+    let name = prog_names::DECAP_XDP;
+    let mut hook = XdpDriver {
+        program: program_mut(bpf, name)?,
+        ifindex,
+    };
+    link_pinned(&mut hook, name, pin_dir, DECAP_XDP_LINK)
 }
 
 /// The device XDP decap's pinned link in `pin_dir` is attached to, if any (0: its device is

@@ -110,6 +110,16 @@ pub(super) fn write_config(bpf: &mut Ebpf, config: Config) -> Result<(), EbpfErr
     array.set(0, config, 0).map_err(map_err(map_names::CONFIG))
 }
 
+/// What the config map holds now.
+pub(super) fn read_config(bpf: &Ebpf) -> Result<Config, EbpfError> {
+    let map = bpf
+        .map(map_names::CONFIG)
+        .ok_or(EbpfError::Missing(map_names::CONFIG))?;
+    let array: Array<&MapData, Config> =
+        Array::try_from(map).map_err(map_err(map_names::CONFIG))?;
+    array.get(&0, 0).map_err(map_err(map_names::CONFIG))
+}
+
 pub(super) fn take_map(bpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, EbpfError> {
     bpf.take_map(name).ok_or(EbpfError::Missing(name))
 }

@@ -34,6 +34,7 @@ mod loader;
 mod netdev;
 mod peers;
 mod probe;
+mod repair;
 mod stats;
 
 use std::collections::BTreeMap;
@@ -42,13 +43,13 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::{MapData, PerCpuArray};
 use flannel_common::{
-    map_names, Stats, CONFIG_F_XDP_DECAP, PATH_ADJ_ROOM_DECAP_L4_UDP, PATH_ATTACH_TC,
+    map_names, prog_names, Stats, CONFIG_F_XDP_DECAP, PATH_ADJ_ROOM_DECAP_L4_UDP, PATH_ATTACH_TC,
     PATH_DECAP_XDP,
 };
 use ipnetwork::Ipv4Network;
 
 use super::{DataplaneStats, UdpDataplane};
-use crate::backend::{DataplanePaths, DecapMode};
+use crate::backend::{DataplanePaths, DecapMode, Repair, Repairs};
 use crate::cli::{UdpAttach, UdpDecap};
 pub use attach::{AttachMode, Attachment};
 pub use cls_bpf::{filters as tc_filters, TcFilter};
@@ -89,6 +90,15 @@ pub struct EbpfDataplane {
     stats: PerCpuArray<MapData, Stats>,
     attachment: Attachment,
     paths: DataplanePaths,
+    /// The loaded programs (the resync attaches them again where they went missing) and the
+    /// config map.
+    bpf: aya::Ebpf,
+    /// As loaded, with the devices' current ifindexes.
+    opts: EbpfOptions,
+    overlay_name: String,
+    ext_name: String,
+    /// What we last wrote to the config map.
+    config: flannel_common::Config,
 }
 
 impl EbpfDataplane {
@@ -202,12 +212,17 @@ impl EbpfDataplane {
             opts.pin_dir.display(),
             peers.peers().len()
         );
-        // `bpf` drops here: the programs live on through their pinned links (or filters).
+        // The programs live on through their pinned links (or filters) when `bpf` goes.
         Ok(EbpfDataplane {
             peers,
             stats,
             attachment,
             paths,
+            bpf,
+            opts: opts.clone(),
+            overlay_name,
+            ext_name,
+            config,
         })
     }
 
@@ -248,6 +263,102 @@ impl EbpfDataplane {
     pub fn peers(&self) -> &BTreeMap<Ipv4Network, Ipv4Addr> {
         self.peers.peers()
     }
+
+    /// The overlay device was re-created with `ifindex`: the config map points at it (and its
+    /// MAC); the resync's hook check then attaches the programs there.
+    pub fn follow_overlay(&mut self, ifindex: u32) -> Result<(), EbpfError> {
+        self.opts.overlay_ifindex = ifindex;
+        self.config.decap_ifindex = ifindex;
+        if let Some(mac) = netdev::ethernet_address(&self.overlay_name) {
+            self.config.overlay_mac = mac;
+        }
+        loader::write_config(&mut self.bpf, self.config)
+    }
+
+    /// The external interface is now `ifindex` (re-created under the same name): the config
+    /// map points at it; the hook check attaches decap there.
+    pub fn follow_external(&mut self, ifindex: u32) -> Result<(), EbpfError> {
+        self.opts.ext_ifindex = ifindex;
+        self.config.ext_ifindex = ifindex;
+        if let Some(mac) = netdev::ethernet_address(&self.ext_name) {
+            self.config.ext_mac = mac;
+        }
+        loader::write_config(&mut self.bpf, self.config)
+    }
+
+    /// Checks the config map, the peer maps against our table and each program on its hook,
+    /// and repairs what is wrong: one WARN line and one noted repair each. Goes on past a
+    /// hook it cannot repair; returns the first error.
+    pub fn repair(&mut self, repaired: &mut Repairs) -> Result<(), EbpfError> {
+        let mut first_error = None;
+        let mut failed = |e: EbpfError| {
+            log::warn!("eBPF data plane repair: {}", error::one_line(&e));
+            first_error.get_or_insert(e);
+        };
+        match loader::read_config(&self.bpf) {
+            Ok(c) if c == self.config => {}
+            Ok(_) => match loader::write_config(&mut self.bpf, self.config) {
+                Ok(()) => {
+                    log::warn!(
+                        "eBPF config map {} changed behind our back: written again",
+                        map_names::CONFIG
+                    );
+                    repaired.note(Repair::ConfigMap);
+                }
+                Err(e) => failed(e),
+            },
+            Err(e) => failed(e),
+        }
+        match self.peers.repair() {
+            Ok(false) => {}
+            Ok(true) => {
+                log::warn!(
+                    "eBPF peer maps ({}, {}) differed from the peers in etcd: written again",
+                    map_names::PEERS,
+                    map_names::SENDERS
+                );
+                repaired.note(Repair::PeerMap);
+            }
+            Err(e) => failed(e),
+        }
+        let mode = self.paths.attach;
+        let pin_dir = self.opts.pin_dir.clone();
+        let hooks = links::tc_hooks(&self.opts, &self.overlay_name, &self.ext_name);
+        for hook in &hooks {
+            let place = repair::describe(hook, mode.as_str());
+            match repair::tc_hook(&mut self.bpf, hook, mode, &pin_dir) {
+                Ok(repair::Found::Ours) => {}
+                Ok(repair::Found::Missing) => {
+                    log::warn!("{} was missing from {place}: attached again", hook.program);
+                    repaired.note(Repair::Program);
+                }
+                Ok(repair::Found::Foreign(what)) => {
+                    log::warn!(
+                        "found {what} on {place} where {} belongs: {} put back",
+                        hook.program,
+                        hook.program
+                    );
+                    repaired.note(Repair::ForeignProgram);
+                }
+                Err(e) => failed(e),
+            }
+        }
+        if self.paths.decap == DecapMode::Xdp {
+            match repair::xdp_decap(&mut self.bpf, self.opts.ext_ifindex, &pin_dir) {
+                Ok(repair::Found::Ours) => {}
+                Ok(_) => {
+                    log::warn!(
+                        "{} was missing from XDP of {}: attached again",
+                        prog_names::DECAP_XDP,
+                        self.ext_name
+                    );
+                    repaired.note(Repair::Program);
+                }
+                Err(e) => failed(e),
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
 }
 
 impl UdpDataplane for EbpfDataplane {
@@ -277,5 +388,21 @@ impl UdpDataplane for EbpfDataplane {
 
     fn paths(&self) -> Option<DataplanePaths> {
         Some(self.paths)
+    }
+
+    fn follow_overlay(&mut self, device: super::device::OverlayDevice) -> anyhow::Result<()> {
+        Ok(EbpfDataplane::follow_overlay(self, device.ifindex)?)
+    }
+
+    fn follow_external(&mut self, ifindex: u32) -> anyhow::Result<()> {
+        Ok(EbpfDataplane::follow_external(self, ifindex)?)
+    }
+
+    fn repair(&mut self, repaired: &mut Repairs) -> anyhow::Result<()> {
+        Ok(EbpfDataplane::repair(self, repaired)?)
+    }
+
+    fn peer_table(&self) -> BTreeMap<Ipv4Network, Ipv4Addr> {
+        self.peers.peers().clone()
     }
 }

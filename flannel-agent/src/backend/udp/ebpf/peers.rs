@@ -143,6 +143,52 @@ impl PeerTable {
         Ok(rejected)
     }
 
+    /// Makes the kernel maps hold our table again where they differ from it (entries changed
+    /// or deleted by hand); true if anything had to be written.
+    pub fn repair(&mut self) -> Result<bool, EbpfError> {
+        let mut present = BTreeMap::new();
+        for entry in self.peers.iter() {
+            let (key, value) = entry.map_err(map_err(map_names::PEERS))?;
+            present.insert(key.subnet, value.public_ip);
+        }
+        let wanted: BTreeMap<[u8; 4], [u8; 4]> = self
+            .table
+            .iter()
+            .map(|(s, ip)| (s.network().octets(), ip.octets()))
+            .collect();
+        let senders: BTreeMap<[u8; 4], u32> = self
+            .senders
+            .iter()
+            .map(|e| e.map(|(k, v)| (k.public_ip, v.subnets)))
+            .collect::<Result<_, _>>()
+            .map_err(map_err(map_names::SENDERS))?;
+        let wanted_senders: BTreeMap<[u8; 4], u32> = self
+            .sender_counts
+            .iter()
+            .map(|(ip, n)| (ip.octets(), *n))
+            .collect();
+        if present == wanted && senders == wanted_senders {
+            return Ok(false);
+        }
+        for subnet in present.keys().filter(|s| !wanted.contains_key(*s)) {
+            match self.peers.remove(&PeerKey { subnet: *subnet }) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(map_names::PEERS)(e)),
+            }
+        }
+        for (subnet, ip) in &wanted {
+            if present.get(subnet) != Some(ip) {
+                let key = PeerKey { subnet: *subnet };
+                let value = PeerValue { public_ip: *ip };
+                self.peers
+                    .insert(key, value, 0)
+                    .map_err(map_err(map_names::PEERS))?;
+            }
+        }
+        self.rebuild_senders()?;
+        Ok(true)
+    }
+
     /// Adds `delta` to the number of subnets `public_ip` owns and writes it to the sender map
     /// (removing the entry at 0).
     fn count_sender(&mut self, public_ip: Ipv4Addr, delta: i32) -> Result<(), EbpfError> {
