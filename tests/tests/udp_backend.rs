@@ -228,11 +228,18 @@ fn send_forged_vxlan(
 const UNVERIFIED: &str = "flannel_dataplane_drops_total{reason=\"unverified\"}";
 
 /// flannel0's guard on host 0 works: nothing genuine was dropped as unverified so far, and
-/// VXLAN from host 0's container to flannel0, posing as host 1's container, is.
+/// VXLAN from host 0's container to the host and to flannel0, posing as host 1's container, is.
 fn assert_guard_holds_on_host0(o: &Overlay) {
     assert_eq!(metric(o, 0, UNVERIFIED), Some(0), "{}", o.agent_log(0));
     let (peer_pod, own_pod) = (o.containers[1].ip, o.containers[0].ip);
-    send_forged_vxlan(o, &o.containers[0], peer_pod, own_pod, &[flannel0_ip(o, 0)]);
+    let host_ip = o.cluster.hosts[0].ip;
+    send_forged_vxlan(
+        o,
+        &o.containers[0],
+        peer_pod,
+        own_pod,
+        &[host_ip, flannel0_ip(o, 0)],
+    );
 }
 
 /// flannel0 is a kernel VXLAN device listening on the udp port on every address of the host:
