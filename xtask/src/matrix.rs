@@ -271,6 +271,22 @@ fn format_wall(d: Duration) -> String {
     format!("{}m{:02}s", s / 60, s % 60)
 }
 
+/// The names of the tests in test executable `exe` (`--list`, run here).
+fn list_tests(exe: &Path) -> Result<Vec<String>> {
+    let out = std::process::Command::new(exe)
+        .args(["--list", "--format", "terse"])
+        .output()
+        .with_context(|| format!("listing the tests of {}", exe.display()))?;
+    if !out.status.success() {
+        bail!("{} --list failed: {}", exe.display(), out.status);
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_suffix(": test"))
+        .map(str::to_owned)
+        .collect())
+}
+
 /// The selection as test runs: one per entry, tests one at a time (2 vCPUs under TCG, and
 /// plain output to parse). `only` (from `cargo xtask test --kernel K -- NAME...`) keeps the
 /// tests whose name contains one of its words; an entry left with none is not run.
@@ -283,11 +299,17 @@ fn selection_runs(exes: &[(String, PathBuf)], vm: bool, only: &[String]) -> Resu
             .map(|(_, p)| p.clone())
             .with_context(|| format!("no test executable for tests/tests/{}.rs", sel.target))?;
         let matches = |t: &str| only.is_empty() || only.iter().any(|o| t.contains(o.as_str()));
-        let (name, mut args) = if sel.tests.is_empty() {
-            // The whole target; libtest applies the words itself.
-            (sel.target.to_owned(), only.to_vec())
+        let (name, mut args) = if sel.tests.is_empty() && only.is_empty() {
+            (sel.target.to_owned(), Vec::new())
         } else {
-            let tests: Vec<&str> = sel.tests.iter().copied().filter(|t| matches(t)).collect();
+            let listed;
+            let all: Vec<&str> = if sel.tests.is_empty() {
+                listed = list_tests(&exe)?;
+                listed.iter().map(String::as_str).collect()
+            } else {
+                sel.tests.to_vec()
+            };
+            let tests: Vec<&str> = all.into_iter().filter(|t| matches(t)).collect();
             if tests.is_empty() {
                 continue;
             }
