@@ -19,7 +19,7 @@ use nix::unistd::Pid;
 
 use crate::kernels::Kernel;
 use crate::setup_ebpf::cache_dir;
-use crate::workspace::{root, run};
+use crate::workspace::{root, run, target_dir};
 
 /// virtme-ng release known to boot Debian's kernels here.
 const VIRTME_NG_VERSION: &str = "1.42";
@@ -87,6 +87,27 @@ pub enum Exit {
     TimedOut,
 }
 
+/// Directories the guest does not share with the host: virtme-ng mounts them afresh there
+/// (a tmpfs or an overlay whose writes stay in the guest).
+const GUEST_PRIVATE: &[&str] = &["/tmp", "/run", "/var/tmp", "/var/cache"];
+
+/// `--rwdir` for the checkout and the target dir where they are under a guest-private
+/// directory (a CI clone in /tmp): the guest runs the test executables from there and writes
+/// its results there.
+fn private_shares() -> Vec<String> {
+    let mut shares: Vec<PathBuf> = Vec::new();
+    for dir in [root(), target_dir()] {
+        let private = GUEST_PRIVATE.iter().any(|d| dir.starts_with(d));
+        if private && !shares.iter().any(|s| dir.starts_with(s)) {
+            shares.push(dir);
+        }
+    }
+    shares
+        .iter()
+        .map(|d| format!("--rwdir={}", d.display()))
+        .collect()
+}
+
 /// Boots `kernel` and runs `command` in it as root, with the host's root filesystem shared
 /// writable. vng's console (kernel messages and the command's output) goes to `console_log`.
 /// While it runs, `progress` is called every second (e.g. to report results as they land).
@@ -107,6 +128,7 @@ pub fn run_in_vm(
         .arg(kernel.vmlinuz())
         .args(["--disable-kvm", "--memory", MEMORY, "--cpus", CPUS])
         .args(["--rw", "--verbose", "--exec", command])
+        .args(private_shares())
         // One host thread runs both vCPUs: with one thread per vCPU (MTTCG), Debian's 6.12
         // oopsed once in netif_rx_internal on an int3 the kernel had put there to patch a
         // static key (text_poke_bp), the other vCPU still running the old translation.
