@@ -76,38 +76,24 @@ pub fn has_clsact(ns: &Netns, dev: &str) -> Result<bool> {
 /// cls_bpf filters: one list whichever way the data plane attached (TCX where the kernel has
 /// it, classic TC where it does not). A kernel without TCX refuses the query with EINVAL.
 pub fn attached_programs(ns: &Netns, dev: &str, direction: &str) -> Result<Vec<String>> {
-    use aya::programs::{ProgramError, SchedClassifier, TcAttachType};
-    let attach = match direction {
-        "egress" => TcAttachType::Egress,
-        "ingress" => TcAttachType::Ingress,
-        other => anyhow::bail!("direction {other}: expected ingress or egress"),
-    };
-    let (owned, dir) = (dev.to_owned(), direction.to_owned());
-    let mut names: Vec<String> =
-        ns.enter(move || match SchedClassifier::query_tcx(&owned, attach) {
-            Ok((_, progs)) => Ok(progs
-                .iter()
-                .map(|p| p.name_as_str().unwrap_or("?").to_owned())
-                .collect()),
-            Err(ProgramError::SyscallError(e))
-                if e.io_error.raw_os_error() == Some(libc::EINVAL) =>
-            {
-                Ok(Vec::new())
-            }
-            Err(e) => Err(anyhow::anyhow!("query tcx {dir} of {owned}: {e}")),
-        })?;
-    names.extend(
-        filters(ns, dev, direction)?
-            .into_iter()
-            .filter_map(|f| f.bpf_name),
-    );
-    Ok(names)
+    Ok(programs_on(ns, dev, direction)?
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect())
 }
 
 /// The eBPF programs on `direction` of `dev` in `ns` as (name, id), TCX links first, then
 /// cls_bpf filters (as [`attached_programs`]): the ids change only when a program is
 /// attached again.
 pub fn attached_program_ids(ns: &Netns, dev: &str, direction: &str) -> Result<Vec<(String, u64)>> {
+    Ok(programs_on(ns, dev, direction)?
+        .into_iter()
+        .filter_map(|(name, id)| Some((name, id?)))
+        .collect())
+}
+
+/// (name, id) of each program on the hook, TCX first; a cls_bpf filter's id as tc lists it.
+fn programs_on(ns: &Netns, dev: &str, direction: &str) -> Result<Vec<(String, Option<u64>)>> {
     use aya::programs::{ProgramError, SchedClassifier, TcAttachType};
     let attach = match direction {
         "egress" => TcAttachType::Egress,
@@ -115,11 +101,14 @@ pub fn attached_program_ids(ns: &Netns, dev: &str, direction: &str) -> Result<Ve
         other => anyhow::bail!("direction {other}: expected ingress or egress"),
     };
     let (owned, dir) = (dev.to_owned(), direction.to_owned());
-    let mut ids: Vec<(String, u64)> =
+    let mut found: Vec<(String, Option<u64>)> =
         ns.enter(move || match SchedClassifier::query_tcx(&owned, attach) {
             Ok((_, progs)) => Ok(progs
                 .iter()
-                .map(|p| (p.name_as_str().unwrap_or("?").to_owned(), u64::from(p.id())))
+                .map(|p| {
+                    let name = p.name_as_str().unwrap_or("?").to_owned();
+                    (name, Some(u64::from(p.id())))
+                })
                 .collect()),
             Err(ProgramError::SyscallError(e))
                 if e.io_error.raw_os_error() == Some(libc::EINVAL) =>
@@ -128,10 +117,10 @@ pub fn attached_program_ids(ns: &Netns, dev: &str, direction: &str) -> Result<Ve
             }
             Err(e) => Err(anyhow::anyhow!("query tcx {dir} of {owned}: {e}")),
         })?;
-    ids.extend(
+    found.extend(
         filters(ns, dev, direction)?
             .into_iter()
-            .filter_map(|f| Some((f.bpf_name?, f.prog_id?))),
+            .filter_map(|f| Some((f.bpf_name?, f.prog_id))),
     );
-    Ok(ids)
+    Ok(found)
 }
